@@ -1,0 +1,113 @@
+"""The ``TOLARIA_*`` configuration contract: names, defaults, parsing and validation.
+
+Every variable is read once, when :meth:`SeedLayerSettings.from_env` is called. An empty or
+all-blank value counts as unset, as the OpenTelemetry specification says for ``OTEL_*``
+variables. A bad value fails fast with :class:`SettingsError`, naming the variable, the value
+given and what is accepted, before any training work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: Switches the feature on. Off (the default) means no hooks, buffers, instruments or points.
+ENV_ENABLED = "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED"
+#: How many layers per seed are kept each epoch (largest gradient norm first).
+ENV_TOP_K = "TOLARIA_SEED_LAYER_TOPK"
+#: Compact seed health: per-seed totals only, no per-layer points.
+ENV_COMPACT = "TOLARIA_SEED_HEALTH_COMPACT"
+#: Measure every Nth optimizer step (1 measures every step).
+ENV_SAMPLE_EVERY = "TOLARIA_SEED_LAYER_SAMPLE_EVERY"
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_BOOL_ACCEPTED = "one of true/false, 1/0, yes/no, on/off (any case)"
+
+#: top_k times the number of active seeds must stay within the metric stream's cardinality
+#: limit (2000 points); 100 leaves room for 20 seeds, five times the prototype's four.
+TOP_K_MAX = 100
+SAMPLE_EVERY_MAX = 1_000_000
+
+
+class SettingsError(ValueError):
+    """A ``TOLARIA_*`` value (or a settings field) is not one the contract accepts."""
+
+
+@dataclass(frozen=True)
+class SeedLayerSettings:
+    """Effective configuration of the per-layer seed summaries. Immutable."""
+
+    enabled: bool = False
+    top_k: int = 3
+    compact: bool = False
+    sample_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "compact"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name}={getattr(self, name)!r} is not valid: expected a bool")
+        _check_int("top_k", self.top_k, TOP_K_MAX)
+        _check_int("sample_every", self.sample_every, SAMPLE_EVERY_MAX)
+
+    @property
+    def emits_layers(self) -> bool:
+        """True when per-layer points go out: the feature is on and compact mode is off."""
+        return self.enabled and not self.compact
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SeedLayerSettings:
+        """Read the ``TOLARIA_*`` variables from ``environ`` (default: ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            enabled=_parse_bool(env, ENV_ENABLED, defaults.enabled),
+            top_k=_parse_int(env, ENV_TOP_K, defaults.top_k, TOP_K_MAX),
+            compact=_parse_bool(env, ENV_COMPACT, defaults.compact),
+            sample_every=_parse_int(env, ENV_SAMPLE_EVERY, defaults.sample_every, SAMPLE_EVERY_MAX),
+        )
+
+    def replace(self, **changes: object) -> SeedLayerSettings:
+        """A copy with some fields changed (validated like the original)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or not value.strip():
+        return None
+    return value
+
+
+def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not valid: expected {_BOOL_ACCEPTED}")
+
+
+def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int) -> int:
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    accepted = f"an integer from 1 to {maximum}"
+    # int() would also take "1_000" and " +3"; the contract is plain decimal digits.
+    if not text.isascii() or not text.isdigit():
+        raise SettingsError(f"{name}={raw!r} is not valid: expected {accepted}")
+    value = int(text)
+    if not 1 <= value <= maximum:
+        raise SettingsError(f"{name}={raw!r} is not valid: expected {accepted}")
+    return value
+
+
+def _check_int(name: str, value: object, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise SettingsError(f"{name}={value!r} is not valid: expected an integer from 1 to {maximum}")

@@ -1,0 +1,168 @@
+"""SeedLayerTelemetry: ties the seed source, the reduction, the top-K and the instruments together."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+from opentelemetry import metrics
+from opentelemetry.metrics import MeterProvider
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .instruments import SeedLayerInstruments
+from .norms import GradientSquares, SeedPositions, index_parameters, root_mean_square
+from .seeds import SeedSource, SeedView, discover_layers, read_seeds
+from .settings import SeedLayerSettings
+from .summary import EpochSummary, SeedSummary
+from .topk import top_k
+
+_logger = logging.getLogger(__name__)
+
+
+class SeedLayerTelemetry:
+    """Per-seed, per-layer gradient norms of a training run, summarised per epoch.
+
+    Call :meth:`observe_step` once per optimizer step, after the gradients are final (or let
+    :meth:`attach` do it from an optimizer step pre-hook), and :meth:`end_epoch` at each epoch end.
+    With ``settings.enabled`` false nothing is installed or allocated and both return at once.
+    Telemetry trouble (a failing seed source, an odd gradient) is logged, never raised into the
+    training loop; bad arguments to the constructor are raised at once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        seeds: SeedSource,
+        *,
+        settings: SeedLayerSettings | None = None,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model is {type(model).__name__}: expected a torch.nn.Module")
+        self.settings = SeedLayerSettings.from_env() if settings is None else settings
+        self.model = model
+        self.epoch = 0
+        self.failures = 0
+        self._enabled = self.settings.enabled
+        if not self._enabled:
+            return
+        self._source = seeds
+        self._hooks: list[RemovableHandle] = []
+        self._reported_failures: set[tuple[str, type]] = set()
+        self._countdown = 1  # steps until the next sampled one; the first step is sampled
+        self._sampled_steps = 0
+        self._seeds = read_seeds(seeds)  # fail fast on a malformed source
+        self._use_layout(self._seeds)
+        self._instruments = SeedLayerInstruments(
+            metrics.get_meter_provider() if meter_provider is None else meter_provider,
+            emit_layers=self.settings.emits_layers,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def observe_step(self) -> None:
+        """Queue this optimizer step's gradient norms on the device. No host sync."""
+        if not self._enabled:
+            return
+        self._countdown -= 1
+        if self._countdown:
+            return
+        self._countdown = self.settings.sample_every
+        try:
+            self._squares.add_step()
+            self._sampled_steps += 1
+        except Exception:  # noqa: BLE001 - telemetry must never stop training
+            self._failed("observe_step")
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Observe every step of ``optimizer`` from a step pre-hook; ``handle.remove()`` detaches."""
+        if not self._enabled:
+            return RemovableHandle({})
+        handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self._hooks.append(handle)
+        return handle
+
+    def end_epoch(self) -> EpochSummary | None:
+        """Reduce the epoch (one device-to-host copy), publish its top-K and return the summary."""
+        if not self._enabled:
+            return None
+        summary = EpochSummary(self.epoch, self._sampled_steps, self.settings.top_k, {})
+        try:
+            summary = self._summarise()
+            self._instruments.publish(summary)
+        except Exception:  # noqa: BLE001
+            self._failed("end_epoch")
+        self.epoch += 1
+        self._sampled_steps = 0
+        try:
+            self._use_layout(self._seeds)
+        except Exception:  # noqa: BLE001
+            self._failed("end_epoch")
+        return summary
+
+    def close(self) -> None:
+        """Detach from the optimizers and stop exporting. The meter provider stays the caller's."""
+        if not self._enabled:
+            return
+        for handle in self._hooks:
+            handle.remove()
+        self._instruments.clear()
+        self._enabled = False
+
+    def __enter__(self) -> SeedLayerTelemetry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.observe_step()
+
+    def _use_layout(self, seeds: dict[str, SeedView]) -> None:
+        """Prepare the gradient list once per epoch, so the step path never walks modules."""
+        layouts = [discover_layers(view) for view in seeds.values()]
+        self._layer_counts = {layout.seed_id: len(layout.layers) for layout in layouts}
+        params, self._positions = index_parameters([(layout.seed_id, layout.layers) for layout in layouts])
+        self._squares = GradientSquares(params)
+
+    def _summarise(self) -> EpochSummary:
+        steps = self._sampled_steps
+        sums = self._squares.device_sums().tolist() if steps else []  # the epoch's one host sync
+        try:
+            self._seeds = read_seeds(self._source)
+        except Exception:  # noqa: BLE001 - keep the last known seeds and stages
+            self._failed("seed source")
+        seeds: dict[str, SeedSummary] = {}
+        if steps:
+            for positions in self._positions:
+                view = self._seeds.get(positions.seed_id)
+                if view is not None:  # a seed culled during the epoch is no longer reported
+                    seeds[view.seed_id] = self._seed_summary(view, positions, sums, steps)
+        elif self._positions:
+            _logger.warning("tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
+                            self.epoch, self.settings.sample_every)
+        return EpochSummary(self.epoch, steps, self.settings.top_k, seeds)
+
+    def _seed_summary(self, view: SeedView, positions: SeedPositions, sums: list[float], steps: int) -> SeedSummary:
+        values = {layer: root_mean_square(sums, indices, steps) for layer, indices in positions.layers}
+        return SeedSummary(
+            seed_id=view.seed_id,
+            stage=view.stage,
+            total_norm=root_mean_square(sums, positions.total, steps),
+            top_layers=top_k(values, self.settings.top_k),
+            layer_count=self._layer_counts[view.seed_id],
+        )
+
+    def _failed(self, where: str) -> None:
+        self.failures += 1
+        kind = (where, type(sys.exc_info()[1]))
+        first = kind not in self._reported_failures
+        self._reported_failures.add(kind)
+        _logger.log(logging.WARNING if first else logging.DEBUG,
+                    "tolaria_otel: %s failed; training goes on without this measurement", where,
+                    exc_info=first)

@@ -1,0 +1,123 @@
+"""Shared test helpers: a real training loop, an independent reference, and metric readers."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from torch import nn
+
+from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
+from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+
+
+def metered(settings: SeedLayerSettings) -> tuple[MeterProvider, InMemoryMetricReader]:
+    reader = InMemoryMetricReader()
+    return MeterProvider(metric_readers=[reader], views=seed_layer_views(settings)), reader
+
+
+def collect(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict, float, str]]]:
+    """One collection: metric name -> [(attributes, value, unit)]."""
+    out: dict[str, list[tuple[dict, float, str]]] = defaultdict(list)
+    data = reader.get_metrics_data()
+    if data is None:
+        return out
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                for point in metric.data.data_points:
+                    assert isinstance(point, NumberDataPoint)
+                    out[metric.name].append((dict(point.attributes or {}), point.value, metric.unit))
+    return out
+
+
+def seeded_network(seed_count: int, *, seed: int = 0) -> tuple[SeededMLP, SeedRegistry]:
+    torch.manual_seed(seed)
+    model = SeededMLP()
+    registry = SeedRegistry()
+    for i in range(seed_count):
+        registry.add(f"seed-{i}", model.graft(f"seed_{i}"), "TRAINING")
+    return model, registry
+
+
+class ReferenceNorms:
+    """The contract of DESIGN.md computed the plain way, in float64, from a pre-step hook.
+
+    Registered on the optimizer before the telemetry, it sees exactly the gradients it sees.
+    """
+
+    def __init__(self, registry: SeedRegistry) -> None:
+        self.registry = registry
+        self.squares: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.totals: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    def hook(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self.steps += 1
+        for seed_id, module in self.registry.modules.items():
+            seen: dict[int, torch.Tensor] = {}
+            for name, sub in module.named_modules():
+                grads = [p.grad for p in sub.parameters(recurse=False) if p.requires_grad]
+                if not grads:
+                    continue
+                self.squares[seed_id][name or "(root)"] += sum(
+                    float(g.double().pow(2).sum()) for g in grads if g is not None
+                )
+                for p in sub.parameters(recurse=False):
+                    if p.grad is not None and p.requires_grad:
+                        seen[id(p)] = p.grad
+            self.totals[seed_id] += sum(float(g.double().pow(2).sum()) for g in seen.values())
+
+    def epoch(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """(seed -> layer -> RMS, seed -> total RMS) for the epoch so far, then reset."""
+        layers = {s: {layer: math.sqrt(v / self.steps) for layer, v in d.items()} for s, d in self.squares.items()}
+        totals = {s: math.sqrt(v / self.steps) for s, v in self.totals.items()}
+        self.squares.clear()
+        self.totals.clear()
+        self.steps = 0
+        return layers, totals
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    batch: int = 32,
+    accumulate: int = 1,
+    generator: torch.Generator,
+    before_step: Callable[[], None] | None = None,
+) -> None:
+    """``steps`` optimizer steps of regression to random targets, ``accumulate`` micro-batches each."""
+    for _ in range(steps):
+        for _ in range(accumulate):
+            x = torch.randn(batch, 32, generator=generator)
+            y = torch.randn(batch, 10, generator=generator)
+            loss = nn.functional.mse_loss(model(x), y) / accumulate
+            loss.backward()
+        if before_step is not None:
+            before_step()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def expected_top_k(values: dict[str, float], k: int) -> list[tuple[str, float]]:
+    """Independent top-K: sort all by (non-finite first, value descending, name ascending)."""
+    def key(item: tuple[str, float]) -> tuple[int, float, str]:
+        return (1, -item[1], item[0]) if math.isfinite(item[1]) else (0, 0.0, item[0])
+    return sorted(values.items(), key=key)[:k]
+
+
+def telemetry_for(
+    model: nn.Module, seeds: object, settings: SeedLayerSettings
+) -> tuple[SeedLayerTelemetry, InMemoryMetricReader]:
+    provider, reader = metered(settings)
+    return SeedLayerTelemetry(model, seeds, settings=settings, meter_provider=provider), reader  # type: ignore[arg-type]
+
+
+def layer_points(points: Iterable[tuple[dict, float, str]]) -> dict[tuple[str, str], float]:
+    return {(attrs["seed_id"], attrs["layer"]): value for attrs, value, _ in points}

@@ -1,0 +1,74 @@
+import re
+
+import pytest
+
+from tolaria_otel import SeedLayerSettings, SettingsError
+from tolaria_otel.settings import ENV_COMPACT, ENV_ENABLED, ENV_SAMPLE_EVERY, ENV_TOP_K
+
+
+def test_defaults_with_nothing_set():
+    assert SeedLayerSettings.from_env({}) == SeedLayerSettings(enabled=False, top_k=3, compact=False, sample_every=1)
+
+
+@pytest.mark.parametrize("raw", ["true", "TRUE", "True", "1", "yes", "On", "  on  "])
+def test_bool_true_spellings(raw):
+    assert SeedLayerSettings.from_env({ENV_ENABLED: raw}).enabled is True
+
+
+@pytest.mark.parametrize("raw", ["false", "FALSE", "0", "no", "Off", " off\t"])
+def test_bool_false_spellings(raw):
+    assert SeedLayerSettings.from_env({ENV_ENABLED: raw}).enabled is False
+
+
+@pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT, ENV_TOP_K, ENV_SAMPLE_EVERY])
+@pytest.mark.parametrize("raw", ["", " ", "\t\n"])
+def test_empty_or_blank_counts_as_unset(name, raw):
+    assert SeedLayerSettings.from_env({name: raw}) == SeedLayerSettings()
+
+
+@pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT])
+@pytest.mark.parametrize("raw", ["-1", "3.5", "abc", "2", "tru", "y", "enabled", "１"])
+def test_bad_bool_names_variable_value_and_accepted(name, raw):
+    with pytest.raises(SettingsError, match="^" + re.escape(f"{name}={raw!r} is not valid: expected one of true/false")):
+        SeedLayerSettings.from_env({name: raw})
+
+
+@pytest.mark.parametrize(("name", "maximum"), [(ENV_TOP_K, 100), (ENV_SAMPLE_EVERY, 1_000_000)])
+@pytest.mark.parametrize("raw", ["0", "-1", "3.5", "abc", "+3", "1_0", "1e3", "0x10", "٣", "9" * 40])
+def test_bad_int_names_variable_value_and_accepted(name, maximum, raw):
+    with pytest.raises(SettingsError, match="^" + re.escape(f"{name}={raw!r} is not valid: expected an integer from 1 to {maximum}") + "$"):
+        SeedLayerSettings.from_env({name: raw})
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("1", 1), (" 7 ", 7), ("007", 7), ("100", 100)])
+def test_top_k_accepted(raw, expected):
+    assert SeedLayerSettings.from_env({ENV_TOP_K: raw}).top_k == expected
+
+
+def test_sample_every_and_compact_read():
+    settings = SeedLayerSettings.from_env({ENV_SAMPLE_EVERY: "4", ENV_COMPACT: "yes", ENV_ENABLED: "1"})
+    assert (settings.sample_every, settings.compact, settings.enabled) == (4, True, True)
+    assert settings.emits_layers is False
+
+
+def test_settings_error_is_a_value_error():
+    assert issubclass(SettingsError, ValueError)
+
+
+def test_immutable_and_validated_in_code():
+    settings = SeedLayerSettings()
+    with pytest.raises(AttributeError):
+        settings.top_k = 5  # type: ignore[misc]
+    with pytest.raises(SettingsError, match=r"^top_k=0 is not valid"):
+        SeedLayerSettings(top_k=0)
+    with pytest.raises(SettingsError, match=r"^top_k=True is not valid"):
+        SeedLayerSettings(top_k=True)
+    with pytest.raises(SettingsError, match=r"^enabled='yes' is not valid: expected a bool"):
+        SeedLayerSettings(enabled="yes")  # type: ignore[arg-type]
+    assert settings.replace(top_k=5).top_k == 5
+
+
+def test_reads_os_environ_by_default(monkeypatch):
+    monkeypatch.setenv(ENV_ENABLED, "on")
+    monkeypatch.setenv(ENV_TOP_K, "5")
+    assert SeedLayerSettings.from_env() == SeedLayerSettings(enabled=True, top_k=5)
