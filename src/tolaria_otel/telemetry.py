@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -82,7 +83,7 @@ class SeedLayerTelemetry:
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Observe every step of ``optimizer`` from a step pre-hook; ``handle.remove()`` detaches."""
         if not self._enabled:
-            return RemovableHandle({})
+            return RemovableHandle(OrderedDict())  # a handle whose remove() has nothing to do
         handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
         self._hooks.append(handle)
         return handle

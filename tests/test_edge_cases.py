@@ -1,0 +1,145 @@
+"""Odd seeds, odd names and a misbehaving seed source: handled, never raised into training."""
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tolaria_otel import LAYER_NORM, SEED_NORM, SeedLayerSettings, SeedLayerTelemetry
+
+from .helpers import collect, layer_points, telemetry_for
+
+ON = SeedLayerSettings(enabled=True, top_k=10)
+
+
+def test_seed_without_trainable_parameters_reports_no_layers():
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    telemetry, reader = telemetry_for(frozen, {"frozen": (frozen, "DORMANT"), "empty": (nn.ReLU(), "DORMANT")}, ON)
+    telemetry.observe_step()
+    summary = telemetry.end_epoch()
+    assert {s: (v.top_layers, v.layer_count, v.total_norm) for s, v in summary.seeds.items()} == {
+        "empty": ((), 0, 0.0), "frozen": ((), 0, 0.0)}
+    exported = collect(reader)
+    assert LAYER_NORM not in exported
+    assert {a["seed_id"]: v for a, v, _ in exported[SEED_NORM]} == {"empty": 0.0, "frozen": 0.0}
+
+
+def test_parameters_without_gradient_add_nothing_that_step():
+    seed = nn.ModuleDict({"used": nn.Linear(2, 1, bias=False), "unused": nn.Linear(2, 1, bias=False)})
+    telemetry, _ = telemetry_for(seed, {"s": (seed, "TRAINING")}, ON)
+    seed["used"].weight.grad = torch.tensor([[3.0, 4.0]])
+    telemetry.observe_step()  # "unused" has no gradient at all
+    seed["unused"].weight.grad = torch.tensor([[0.0, 0.0]])
+    telemetry.observe_step()
+    seed["used"].weight.grad = None
+    seed["unused"].weight.grad = torch.tensor([[6.0, 8.0]])
+    telemetry.observe_step()  # and now "used" has none
+    summary = telemetry.end_epoch()
+    values = dict(summary.seeds["s"].top_layers)
+    assert values["used"] == pytest.approx(math.sqrt((25 + 25) / 3))
+    assert values["unused"] == pytest.approx(math.sqrt(100 / 3))
+    assert summary.seeds["s"].total_norm == pytest.approx(math.sqrt((25 + 25 + 100) / 3))
+
+
+def test_parameter_shared_with_host_and_between_seeds_and_tied_within_a_seed():
+    shared = nn.Linear(2, 2, bias=False)
+    seed_a = nn.Sequential(shared, nn.Linear(2, 2, bias=False))
+    seed_b = nn.Module()
+    seed_b.first = shared
+    seed_b.second = nn.Linear(2, 2, bias=False)
+    seed_b.tied = nn.Linear(2, 2, bias=False)
+    seed_b.tied.weight = seed_b.second.weight  # the same Parameter in two layers of one seed
+    host = nn.ModuleDict({"trunk": shared, "a": seed_a, "b": seed_b})
+    telemetry, _ = telemetry_for(host, {"a": (seed_a, "TRAINING"), "b": (seed_b, "TRAINING")}, ON)
+    shared.weight.grad = torch.full((2, 2), 1.0)  # norm 2
+    seed_a[1].weight.grad = torch.full((2, 2), 2.0)  # norm 4
+    seed_b.second.weight.grad = torch.full((2, 2), 3.0)  # norm 6
+    telemetry.observe_step()
+    summary = telemetry.end_epoch()
+    assert dict(summary.seeds["a"].top_layers) == pytest.approx({"0": 2.0, "1": 4.0})
+    assert dict(summary.seeds["b"].top_layers) == pytest.approx({"first": 2.0, "second": 6.0, "tied": 6.0})
+    # each distinct parameter counts once in a seed's total, however many layers hold it
+    assert summary.seeds["b"].total_norm == pytest.approx(math.sqrt(4 + 36))
+
+
+@pytest.mark.parametrize("seed_id", ["séed-ü", "seed with spaces", "种子/7", "s" * 5000, 'q"uo\'te\n'])
+def test_unusual_seed_ids_and_module_names(seed_id):
+    seed = nn.Module()
+    seed.add_module("çouche 1", nn.Linear(2, 2))
+    seed.add_module("x" * 300, nn.Linear(2, 2))
+    telemetry, reader = telemetry_for(seed, {seed_id: (seed, "TRAINING")}, ON)
+    for param in seed.parameters():
+        param.grad = torch.ones_like(param)
+    telemetry.observe_step()
+    telemetry.end_epoch()
+    assert set(layer_points(collect(reader)[LAYER_NORM])) == {(seed_id, "çouche 1"), (seed_id, "x" * 300)}
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ([("s", nn.Linear(1, 1))], "seed source returned list: expected a mapping seed_id -> \\(module, stage\\)"),
+        ({"": (nn.Linear(1, 1), "TRAINING")}, "seed id '' is not valid: expected a non-empty str"),
+        ({3: (nn.Linear(1, 1), "TRAINING")}, "seed id 3 is not valid: expected a non-empty str"),
+        ({"s": nn.Linear(1, 1)}, "seed 's': expected a \\(torch.nn.Module, stage\\) pair"),
+        ({"s": (nn.Linear(1, 1), None)}, "seed 's': stage None is not valid: expected a non-empty str or an Enum"),
+    ],
+)
+def test_malformed_seed_source_fails_fast_at_construction(source, message):
+    with pytest.raises(TypeError, match=message):
+        SeedLayerTelemetry(nn.Linear(1, 1), source, settings=ON)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model is str: expected a torch.nn.Module"):
+        SeedLayerTelemetry("model", {}, settings=ON)  # type: ignore[arg-type]
+
+
+def test_enum_stage_passes_its_name():
+    import enum
+
+    class SeedStage(enum.Enum):
+        SEED_STAGE_BLENDING = 4
+
+    seed = nn.Linear(1, 1)
+    telemetry, _ = telemetry_for(seed, {"s": (seed, SeedStage.SEED_STAGE_BLENDING)}, ON)
+    telemetry.observe_step()
+    assert telemetry.end_epoch().seeds["s"].stage == "SEED_STAGE_BLENDING"
+
+
+def test_seed_source_failing_mid_run_is_logged_and_last_stages_kept(caplog):
+    seed = nn.Linear(1, 1)
+    state = {"fail": False}
+
+    def kasmina():
+        if state["fail"]:
+            raise RuntimeError("kasmina is restarting")
+        return {"s": (seed, "TRAINING")}
+
+    telemetry, reader = telemetry_for(seed, kasmina, ON)
+    seed.weight.grad = torch.ones(1, 1)
+    state["fail"] = True
+    with caplog.at_level(logging.WARNING, logger="tolaria_otel"):
+        telemetry.observe_step()
+        summary = telemetry.end_epoch()
+        telemetry.observe_step()
+        telemetry.end_epoch()
+    assert summary.seeds["s"].stage == "TRAINING"
+    assert telemetry.failures == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "seed source failed" in warnings[0].getMessage()  # logged once, with traceback
+    assert "kasmina is restarting" in caplog.text
+
+
+def test_failing_gradient_read_never_reaches_training(caplog):
+    seed = nn.Linear(2, 2)
+    telemetry, _ = telemetry_for(seed, {"s": (seed, "TRAINING")}, ON)
+    seed.weight.grad = torch.ones(2, 2).to_sparse()  # foreach norm rejects sparse gradients
+    with caplog.at_level(logging.WARNING, logger="tolaria_otel"):
+        telemetry.observe_step()
+        summary = telemetry.end_epoch()
+    assert telemetry.failures == 1
+    assert summary.sampled_steps == 0
+    assert "observe_step failed" in caplog.text
