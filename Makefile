@@ -19,7 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python examples/minimal.py
 
-test: install
+# Real Prometheus, promtool and VictoriaMetrics from Debian 13 packages, into .cache/backends (git-ignored).
+backends:
+	bash devtools/fetch_backends.sh
+
+test: install backends
 	$(BIN)/python -m pytest
 
 clean:

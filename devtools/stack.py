@@ -1,0 +1,460 @@
+"""Start and stop real observability backends (VictoriaMetrics, Prometheus) on loopback.
+
+The binaries come from Debian packages unpacked by ``make backends``
+(devtools/fetch_backends.sh) into ``.cache/backends/root/usr/bin``; no Docker.
+
+Used by the tests (fixtures wrap the context managers below) and by people:
+``python -m devtools.stack`` runs both servers until Ctrl-C.
+
+Stdlib only, so it works in any venv and in CI without extra installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BACKENDS_BIN = REPO_ROOT / ".cache" / "backends" / "root" / "usr" / "bin"
+
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+HTTP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class BackendBinaries:
+    prometheus: Path
+    promtool: Path
+    victoria_metrics: Path
+
+
+def backend_binaries(bin_dir: Path = BACKENDS_BIN) -> BackendBinaries:
+    """Paths of the fetched binaries; a clear error (not a skip) when they are missing."""
+    binaries = BackendBinaries(
+        prometheus=bin_dir / "prometheus",
+        promtool=bin_dir / "promtool",
+        victoria_metrics=bin_dir / "victoria-metrics",
+    )
+    missing = [str(p) for p in vars(binaries).values() if not os.access(p, os.X_OK)]
+    if missing:
+        raise RuntimeError(
+            f"observability backends missing ({', '.join(missing)}); "
+            "run `make backends` (bash devtools/fetch_backends.sh) first"
+        )
+    return binaries
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now.
+
+    There is a small race until the server binds it; acceptable for loopback
+    tests, and the startup error names the port if it ever happens.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.05,
+    message: str = "condition not met",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Polls against a total deadline instead of sleeping a fixed time, so tests
+    are as fast as the backend allows and fail with ``message`` otherwise.
+    Exceptions listed in ``ignore`` count as "not yet" (e.g. a backend that is
+    still restarting); the last one is reported on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except ignore as exc:
+            last_error = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error!r})" if last_error else ""
+            raise TimeoutError(f"{message} after {timeout:.1f}s{detail}")
+        time.sleep(interval)
+
+
+def _get(url: str, params: dict[str, str] | None = None, method: str = "GET") -> bytes:
+    if params:
+        url = f"{url}?{urllib.parse.urlencode(params)}"
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+        return bytes(response.read())
+
+
+def _api(url: str, params: dict[str, str] | None = None) -> Any:
+    """Call a Prometheus-style JSON API and return its ``data``."""
+    try:
+        body = _get(url, params)
+    except urllib.error.HTTPError as exc:
+        # Bad queries come back as 4xx with a JSON error; surface that text.
+        raise RuntimeError(f"{url} {params}: HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
+    payload = json.loads(body)
+    if payload.get("status") != "success":
+        raise RuntimeError(f"{url} {params}: {payload}")
+    return payload["data"]
+
+
+def _die_with_parent() -> None:
+    # Linux: SIGKILL the server if the process that started it dies (e.g. a
+    # killed pytest), so no orphan keeps a port and a data dir busy.
+    # Note: strictly it fires when the *thread* that forked exits.
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Server:
+    """A server process on a fixed port, restartable on that same port and data dir."""
+
+    name = "server"
+    ready_path = "/"
+
+    def __init__(self, binary: Path, tmp_dir: Path, port: int | None = None) -> None:
+        self.binary = binary
+        self.tmp_dir = Path(tmp_dir)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.tmp_dir / f"{self.name}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def _ready(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise RuntimeError(f"exited with code {self._process.returncode}")
+        try:
+            _get(self.url + self.ready_path)
+            return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False  # not listening / not ready (503) yet
+
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        if self.running:
+            return
+        # Append: a restart keeps the earlier run's log for post-mortems.
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.tmp_dir,
+                # Own session: Ctrl-C in a terminal goes to us only, and we
+                # stop the servers in order instead of them dying mid-write.
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        try:
+            wait_until(self._ready, timeout, message=f"{self.name} not ready at {self.url}{self.ready_path}")
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(
+                f"{self.name} failed to start ({exc}); command: {' '.join(self.argv())}\n"
+                f"--- tail of {self.log_path} ---\n{self.log_tail()}"
+            ) from exc
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Graceful stop (SIGTERM lets the server flush its data), SIGKILL if it hangs."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL, no flush): for fault-injection tests."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(STOP_TIMEOUT_S)
+
+    def restart(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        self.stop()
+        self.start(timeout)
+
+
+class VictoriaMetrics(_Server):
+    name = "victoria-metrics"
+    ready_path = "/health"
+
+    def __init__(
+        self, binary: Path, tmp_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
+        super().__init__(binary, tmp_dir, port)
+        self.data_dir = self.tmp_dir / "vm-data"
+        self.extra_args = list(extra_args)
+        self.otlp_metrics_url = f"{self.url}/opentelemetry/v1/metrics"
+
+    def argv(self) -> list[str]:
+        return [
+            str(self.binary),
+            f"-httpListenAddr=127.0.0.1:{self.port}",
+            f"-storageDataPath={self.data_dir}",
+            # OTLP names/labels -> Prometheus style (dots to "_", unit suffix),
+            # the names our dashboards and alert rules use.
+            "-opentelemetry.usePrometheusNaming",
+            # Instant queries default to now-30s; use "now" so a sample that
+            # was just exported is what a query returns.
+            "-search.latencyOffset=0s",
+            # No response cache: a query must reflect every sample ingested
+            # before it, or tests become order dependent.
+            "-search.disableCache",
+            # Persist in-memory parts every second (the minimum), so a
+            # SIGKILL in a fault-injection test loses at most ~1 s of data.
+            "-inmemoryDataFlushInterval=1s",
+            *self.extra_args,
+        ]
+
+    def flush(self) -> None:
+        """Make everything ingested so far searchable now.
+
+        VictoriaMetrics buffers incoming rows (~2 s) and caches index lookups,
+        so without this a fresh series can take seconds (up to ~10 s for regex
+        matchers) to appear; /internal/force_flush is its documented test hook.
+        """
+        _get(self.url + "/internal/force_flush")
+
+    def query(self, promql: str, at: float | None = None, flush: bool = True) -> list[dict[str, Any]]:
+        """Instant query at ``at`` (default: now); returns the ``result`` list."""
+        if flush:
+            self.flush()
+        # Always send the time: VM rounds an omitted "now" down to the whole
+        # second, which hides a sample exported <1 s ago for up to a second.
+        params = {"query": promql, "time": f"{time.time() if at is None else at:.3f}"}
+        return list(_api(self.url + "/api/v1/query", params)["result"])
+
+    def series(self, match: str, flush: bool = True) -> list[dict[str, str]]:
+        """Label sets of the series matching ``match`` (a series selector)."""
+        if flush:
+            self.flush()
+        return list(_api(self.url + "/api/v1/series", {"match[]": match}))
+
+
+class Prometheus(_Server):
+    name = "prometheus"
+    ready_path = "/-/ready"
+
+    def __init__(
+        self,
+        binary: Path,
+        tmp_dir: Path,
+        config_file: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(binary, tmp_dir, port)
+        self.config_file = config_file
+        self.data_dir = self.tmp_dir / "prometheus-data"
+        self.extra_args = list(extra_args)
+
+    def argv(self) -> list[str]:
+        return [
+            str(self.binary),
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            f"--storage.tsdb.path={self.data_dir}",
+            f"--config.file={self.config_file}",
+            # POST /-/reload, so a test can change rules without a restart.
+            "--web.enable-lifecycle",
+            *self.extra_args,
+        ]
+
+    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+        params = {"query": promql}
+        if at is not None:
+            params["time"] = str(at)
+        return list(_api(self.url + "/api/v1/query", params)["result"])
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return list(_api(self.url + "/api/v1/alerts")["alerts"])
+
+    def targets(self) -> list[dict[str, Any]]:
+        """The active scrape targets (with ``health``, ``lastError``, ``labels``)."""
+        return list(_api(self.url + "/api/v1/targets")["activeTargets"])
+
+    def reload(self) -> None:
+        """Re-read the config and rule files (edit them in place first)."""
+        _get(self.url + "/-/reload", method="POST")
+
+    def wait_for(
+        self, predicate: Callable[[], T], timeout: float = 30.0, message: str = "prometheus condition not met"
+    ) -> T:
+        """``wait_until`` with defaults suited to scrape / rule-evaluation intervals.
+
+        Prometheus 2.53 applies new scrape targets at most every 5 s (a fixed
+        throttle; its hidden --scrape.discovery-reload-interval cannot go
+        lower), so the first scrape lands ~5 s after start whatever the
+        scrape_interval: keep timeouts well above that.
+        """
+        return wait_until(predicate, timeout, interval=0.1, message=message)
+
+
+S = TypeVar("S", bound=_Server)
+
+
+@contextmanager
+def _running(server: S) -> Iterator[S]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def victoria_metrics(
+    tmp_dir: Path | str, *, port: int | None = None, extra_args: Sequence[str] = ()
+) -> Iterator[VictoriaMetrics]:
+    """A running VictoriaMetrics with its data in ``tmp_dir``; stopped on exit."""
+    server = VictoriaMetrics(backend_binaries().victoria_metrics, Path(tmp_dir), port, extra_args)
+    with _running(server):
+        yield server
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@contextmanager
+def prometheus(
+    config: str | Path,
+    tmp_dir: Path | str,
+    *,
+    rule_files: Sequence[str | Path] = (),
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[Prometheus]:
+    """A running Prometheus with its data in ``tmp_dir``; stopped on exit.
+
+    ``config`` and each of ``rule_files``: a ``Path`` is a file, a ``str`` is
+    YAML text written into ``tmp_dir``. Rule files are appended to the config
+    as a ``rule_files:`` section (so the config must not have one).
+    """
+    tmp = Path(tmp_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    if isinstance(config, Path) and not rule_files:
+        # Used in place: relative paths inside it (rule files) resolve against
+        # its own folder, and editing it + reload() works as users expect.
+        config_file = config.resolve()
+    else:
+        config_text = config.read_text() if isinstance(config, Path) else config
+        if not config_text.strip():
+            # An empty config skips Prometheus' defaults (it even sets GOGC=0).
+            config_text = "global: {}\n"
+        rule_paths = [
+            rule.resolve() if isinstance(rule, Path) else _write_text(tmp / f"rules_{i}.yml", rule)
+            for i, rule in enumerate(rule_files)
+        ]
+        if rule_paths:
+            if "rule_files:" in config_text:
+                raise ValueError("pass rule files either in the config or as rule_files=, not both")
+            config_text += "\nrule_files:\n" + "".join(f"  - {json.dumps(str(p))}\n" for p in rule_paths)
+        # Note: relative paths inside a copied config resolve against tmp_dir.
+        config_file = _write_text(tmp / "prometheus.yml", config_text)
+    server = Prometheus(backend_binaries().prometheus, tmp, config_file, port, extra_args)
+    with _running(server):
+        yield server
+
+
+def _self_scrape_config(prometheus_port: int, vm_url: str) -> str:
+    vm_host = urllib.parse.urlparse(vm_url).netloc
+    return (
+        "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
+        "scrape_configs:\n"
+        f"  - job_name: prometheus\n    static_configs: [{{targets: ['127.0.0.1:{prometheus_port}']}}]\n"
+        f"  - job_name: victoria-metrics\n    static_configs: [{{targets: ['{vm_host}']}}]\n"
+    )
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run VictoriaMetrics + Prometheus locally until Ctrl-C.")
+    parser.add_argument("--prometheus-config", type=Path, help="Prometheus config (default: scrape itself and VM)")
+    parser.add_argument("--rules", type=Path, action="append", default=[], help="Prometheus rule file (repeatable)")
+    parser.add_argument("--vm-port", type=int, default=0, help="VictoriaMetrics port (default: a free one)")
+    parser.add_argument("--prometheus-port", type=int, default=0, help="Prometheus port (default: a free one)")
+    parser.add_argument("--data-dir", type=Path, help="keep data and logs here (default: a temp dir, deleted)")
+    args = parser.parse_args(argv)
+
+    # SIGTERM (e.g. from a process manager) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # Also when started in the background by a shell, which would ignore SIGINT.
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+    with tempfile.TemporaryDirectory(prefix="tolaria-stack-") as scratch:
+        base = args.data_dir or Path(scratch)
+        try:
+            with victoria_metrics(base / "vm", port=args.vm_port or None) as vm:
+                prom_port = args.prometheus_port or free_port()
+                config = args.prometheus_config or _self_scrape_config(prom_port, vm.url)
+                with prometheus(config, base / "prometheus", rule_files=args.rules, port=prom_port) as prom:
+                    print(f"VictoriaMetrics: {vm.url}   (vmui: {vm.url}/vmui, log: {vm.log_path})")
+                    print(f"Prometheus:      {prom.url}   (log: {prom.log_path})")
+                    print("Send OTLP metrics from a run with:")
+                    print(f"  export OTEL_EXPORTER_OTLP_METRICS_ENDPOINT={vm.otlp_metrics_url}")
+                    print("  export OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf")
+                    print("Ctrl-C to stop.", flush=True)
+                    # Supervise: leave if either server dies, not only on Ctrl-C.
+                    while vm.running and prom.running:
+                        time.sleep(0.5)
+                    dead = vm if not vm.running else prom
+                    print(f"{dead.name} exited unexpectedly:\n{dead.log_tail()}", file=sys.stderr)
+                    return 1
+        except KeyboardInterrupt:
+            print("\nstopped.")
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

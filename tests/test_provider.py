@@ -1,0 +1,110 @@
+"""configure_meter_provider from the standard OTEL_* variables."""
+
+import urllib.request
+
+import pytest
+import torch
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
+from prometheus_client.parser import text_string_to_metric_families
+
+from tolaria_otel import ConfigurationError, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
+from tolaria_otel.prometheus import ServingPrometheusReader
+from tolaria_otel.provider import exporter_names, otlp_protocol
+
+ON = SeedLayerSettings(enabled=True)
+
+
+def _readers(provider):
+    return list(provider._metric_readers)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("", ["otlp"]), ("otlp", ["otlp"]), (" Console , otlp ", ["console", "otlp"]), ("none", [])],
+)
+def test_exporter_names(raw, expected):
+    assert exporter_names({"OTEL_METRICS_EXPORTER": raw}) == expected
+
+
+@pytest.mark.parametrize("raw", ["zipkin", "otlp,jaeger", "none,otlp"])
+def test_bad_exporter_names_variable_and_choices(raw):
+    with pytest.raises(ConfigurationError, match=r"^OTEL_METRICS_EXPORTER=.* is not valid"):
+        exporter_names({"OTEL_METRICS_EXPORTER": raw})
+
+
+def test_protocol_default_specific_and_bad():
+    assert otlp_protocol({}) == "http/protobuf"
+    assert otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
+    assert otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                          "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf"}) == "http/protobuf"
+    with pytest.raises(ConfigurationError, match=r"^OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not valid: expected "
+                                                 r"one of http/protobuf, grpc$"):
+        otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def test_none_builds_no_reader_and_default_service_name(monkeypatch):
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    extra = InMemoryMetricReader()
+    provider = configure_meter_provider(ON, readers=[extra])
+    assert _readers(provider) == [extra]
+    assert provider._sdk_config.resource.attributes["service.name"] == "tolaria"
+    provider.shutdown()
+
+
+def test_service_name_and_resource_attributes_from_env(monkeypatch):
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "trainer-7")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=lab")
+    provider = configure_meter_provider(ON)
+    (reader,) = _readers(provider)
+    assert isinstance(reader, PeriodicExportingMetricReader)
+    attributes = provider._sdk_config.resource.attributes
+    assert (attributes["service.name"], attributes["deployment.environment"]) == ("trainer-7", "lab")
+    provider.shutdown()
+
+
+def test_sdk_disabled_gives_noop_meters(monkeypatch):
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")  # not started: the SDK is off
+    provider = configure_meter_provider(ON)
+    assert _readers(provider) == []
+    seed = torch.nn.Linear(1, 1)
+    telemetry = SeedLayerTelemetry(seed, {"s": (seed, "TRAINING")}, settings=ON, meter_provider=provider)
+    telemetry.observe_step()
+    assert telemetry.end_epoch() is not None  # Tamiyo still gets the summary
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("port", ["http", "70000", "-1"])
+def test_bad_prometheus_port(monkeypatch, port):
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", port)
+    with pytest.raises(ConfigurationError, match=rf"^OTEL_EXPORTER_PROMETHEUS_PORT='{port}' is not valid"):
+        configure_meter_provider(ON)
+
+
+def test_prometheus_pull_mode_serves_the_family_and_stops_on_shutdown(monkeypatch):
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", "0")
+    provider = configure_meter_provider(ON)
+    (reader,) = _readers(provider)
+    assert isinstance(reader, ServingPrometheusReader)
+    seed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    telemetry = SeedLayerTelemetry(seed, {"s-1": (seed, "TRAINING")}, settings=ON, meter_provider=provider)
+    seed(torch.ones(1, 2)).sum().backward()
+    telemetry.observe_step()
+    summary = telemetry.end_epoch()
+    url = f"http://127.0.0.1:{reader.port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples = {
+        (s.labels["seed_id"], s.labels["stage"], s.labels["layer"]): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+        if s.name == "tolaria_grad_agg_seed_layer_norm"
+    }
+    assert samples == pytest.approx({("s-1", "TRAINING", layer): v for layer, v in summary.seeds["s-1"].top_layers})
+    provider.shutdown()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=2)
