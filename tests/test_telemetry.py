@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from tolaria_otel import LAYER_NONFINITE, LAYER_NORM, SEED_NORM, SeedLayerSettings, SeedLayerTelemetry
+from tolaria_otel import (
+    LAYER_NONFINITE,
+    LAYER_NORM,
+    SEED_NORM,
+    SETTINGS_INFO,
+    SeedLayerSettings,
+    SeedLayerTelemetry,
+)
 from tolaria_otel.seeded_mlp import SeedRegistry
 
 from .helpers import (
@@ -162,7 +169,9 @@ def test_compact_mode_emits_seed_totals_only():
     train_epoch(model, optimizer, steps=2, generator=torch.Generator().manual_seed(0))
     summary = telemetry.end_epoch()
     exported = collect(reader)
-    assert set(exported) == {SEED_NORM}
+    assert set(exported) == {SEED_NORM, SETTINGS_INFO}
+    assert exported[SETTINGS_INFO] == [
+        ({"enabled": "true", "top_k": "3", "compact": "true", "sample_every": "1"}, 1, "1")]
     assert {a["seed_id"]: v for a, v, _ in exported[SEED_NORM]} == pytest.approx(
         {s: v.total_norm for s, v in summary.seeds.items()}
     )
@@ -233,7 +242,7 @@ def test_close_detaches_and_stops_exporting():
     assert collect(reader)[LAYER_NORM]
     telemetry.close()
     assert not optimizer._optimizer_step_pre_hooks
-    assert not collect(reader)
+    assert not collect(reader)  # the settings info too: nothing says "on" any more
     assert telemetry.end_epoch() is None
 
 

@@ -33,6 +33,7 @@ from .instruments import (
     LAYER_NONFINITE,
     LAYER_NORM,
     SEED_NORM,
+    SETTINGS_INFO,
     seed_layer_views,
 )
 from .provider import ConfigurationError, configure_meter_provider
@@ -46,6 +47,7 @@ __all__ = [
     "LAYER_NORM",
     "ROOT_LAYER",
     "SEED_NORM",
+    "SETTINGS_INFO",
     "ConfigurationError",
     "EpochSummary",
     "SeedLayerSettings",

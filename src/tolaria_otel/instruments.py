@@ -30,12 +30,14 @@ from .summary import EpochSummary
 LAYER_NORM = "tolaria.grad_agg.seed.layer_norm"
 LAYER_NONFINITE = "tolaria.grad_agg.seed.layer_nonfinite"
 SEED_NORM = "tolaria.grad_agg.seed.norm"
+SETTINGS_INFO = "tolaria.grad_agg.seed_layer.info"
 UNIT = "grad"
 METER_NAME = "tolaria_otel"
 STREAM_SCOPE_ATTRIBUTE = "tolaria.otel.stream"
 
 LAYER_ATTRIBUTES = frozenset({"seed_id", "stage", "layer"})
 SEED_ATTRIBUTES = frozenset({"seed_id", "stage"})
+SETTINGS_ATTRIBUTES = frozenset({"enabled", "top_k", "compact", "sample_every"})
 
 #: Distinct attribute sets a stream may see in its life (the SDK's default limit, made explicit
 #: by the views so that rotation and the SDK agree on it).
@@ -57,7 +59,8 @@ def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
             instrument_name=SEED_NORM,
             attribute_keys=set(SEED_ATTRIBUTES),
             aggregation_cardinality_limit=STREAM_CARDINALITY_LIMIT,
-        )
+        ),
+        View(instrument_name=SETTINGS_INFO, attribute_keys=set(SETTINGS_ATTRIBUTES)),
     ]
     for name in _LAYER_INSTRUMENTS:
         if settings.compact:
@@ -133,12 +136,25 @@ class _Streams:
 class SeedLayerInstruments:
     """Publishes epoch summaries to observable gauges, keeping every stream under its limit."""
 
-    def __init__(self, meter_provider: MeterProvider, emit_layers: bool) -> None:
+    def __init__(self, meter_provider: MeterProvider, settings: SeedLayerSettings) -> None:
         self._provider = meter_provider
-        self._emit_layers = emit_layers
+        self._emit_layers = settings.emits_layers
         self.generation = 0
-        self._streams = _Streams(meter_provider, 0, emit_layers)
+        self._streams = _Streams(meter_provider, 0, self._emit_layers)
         self._seen: dict[str, set[tuple[tuple[str, str], ...]]] = {}
+        # The signal alert rules need to tell "feature on, nothing measured" from "feature off".
+        self._settings_info = [Observation(1, {
+            "enabled": "true",
+            "top_k": str(settings.top_k),
+            "compact": str(settings.compact).lower(),
+            "sample_every": str(settings.sample_every),
+        })]
+        meter_provider.get_meter(METER_NAME, __version__).create_observable_gauge(
+            SETTINGS_INFO,
+            [lambda options: self._settings_info],
+            unit="1",
+            description="1 while the per-layer seed summaries are on; attributes give the effective settings.",
+        )
 
     def publish(self, summary: EpochSummary) -> None:
         """Make ``summary`` the snapshot every later collection exports."""
@@ -158,6 +174,7 @@ class SeedLayerInstruments:
     def clear(self) -> None:
         """Export nothing from now on."""
         self._streams.points = {}
+        self._settings_info = []
 
 
 def _key(point: Observation) -> tuple[tuple[str, str], ...]:

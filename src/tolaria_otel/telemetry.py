@@ -59,7 +59,7 @@ class SeedLayerTelemetry:
         self._use_layout(self._seeds)
         self._instruments = SeedLayerInstruments(
             metrics.get_meter_provider() if meter_provider is None else meter_provider,
-            emit_layers=self.settings.emits_layers,
+            self.settings,
         )
 
     @property
