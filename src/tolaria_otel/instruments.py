@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.metrics.view import DropAggregation, View
@@ -126,7 +126,7 @@ class _Streams:
                 description="1 for a top-K layer whose epoch gradient norm is NaN or Inf.",
             )
 
-    def _reader(self, name: str):  # type: ignore[no-untyped-def]
+    def _reader(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             return self.points.get(name, ())
 

@@ -104,16 +104,16 @@ def _readers_from_env() -> list[MetricReader]:
 
 def _otlp_exporter() -> MetricExporter:
     protocol = otlp_protocol()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter()
     try:
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
     except ImportError as error:
-        extra = "grpc" if protocol == "grpc" else "otlp"
-        raise ConfigurationError(f"OTLP over {protocol} needs the exporter package: "
-                                 f"pip install 'tolaria-otel[{extra}]' ({error})") from error
-    return OTLPMetricExporter()
+        raise ConfigurationError(f"OTLP over grpc needs the exporter package: pip install 'tolaria-otel[grpc]' "
+                                 f"({error})") from error
+    return GrpcExporter()
 
 
 def _prometheus_reader() -> MetricReader:

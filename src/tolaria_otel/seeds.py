@@ -11,15 +11,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 from torch import nn
 
 ROOT_LAYER = "(root)"
 
-SeedStage = Union[str, enum.Enum]
+SeedStage = str | enum.Enum
 SeedMapping = Mapping[str, tuple[nn.Module, SeedStage]]
-SeedSource = Union[SeedMapping, Callable[[], SeedMapping]]
+SeedSource = SeedMapping | Callable[[], SeedMapping]
 
 
 @dataclass(frozen=True)
