@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test install backends clean
+.PHONY: demo test install backends clean stack
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,33 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python examples/minimal.py
+	$(BIN)/tolaria-otel demo
 
 # Real Prometheus, promtool and VictoriaMetrics from Debian 13 packages, into .cache/backends (git-ignored).
 backends:
 	bash devtools/fetch_backends.sh
 
+# VictoriaMetrics (OTLP in) + Prometheus with Nissa's scrape config and rules, on loopback, until Ctrl-C.
+stack: install backends
+	$(BIN)/python -m devtools.stack --prometheus-config collector/prometheus.yml
+
 test: install backends
 	$(BIN)/python -m pytest
+
+# Grafana dashboards: regenerate dashboards/json/ from dashboards/*.py (commit the result).
+.PHONY: dashboards
+dashboards: install
+	$(BIN)/python -m dashboards.generate
+
+# Overhead benchmarks (docs/benchmarks.md). The peers (lightning, wandb, tensorboard) go into .venv only here.
+.PHONY: bench bench-gpu
+bench: install
+	$(PIP) -r benchmarks/requirements.txt
+	$(BIN)/python -m benchmarks.overhead
+
+# On a CUDA machine, with its own CUDA torch (the venv pins the CPU wheel): python -m benchmarks.gpu.
+bench-gpu:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
