@@ -11,14 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
 
+class GradientHolder(Protocol):
+    """What is measured: an ``nn.Parameter``, or a stand-in exposing a DTensor's local shard as ``grad``."""
+
+    @property
+    def grad(self) -> torch.Tensor | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+
 @dataclass
 class _DeviceGroup:
-    params: list[nn.Parameter]
+    params: list[GradientHolder]
     positions: list[int]  # where each parameter sits in the accumulator's global order
     squares: torch.Tensor  # float32 [len(params)], sum over sampled steps of ||grad||^2
     index_cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
@@ -32,7 +43,7 @@ class GradientSquares:
     reported as non-finite, which is where an exploding gradient belongs anyway.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+    def __init__(self, params: Sequence[GradientHolder]) -> None:
         self.size = len(params)
         by_device: dict[torch.device, _DeviceGroup] = {}
         for position, param in enumerate(params):
@@ -51,7 +62,8 @@ class GradientSquares:
         """Queue this step's squared gradient norms onto the device buffers (no host sync)."""
         for group in self._groups:
             grads = [param.grad for param in group.params]
-            if None not in grads:
+            # Identity test: `None in grads` calls Tensor.__eq__(None) per gradient (~12 us each).
+            if all(grad is not None for grad in grads):
                 norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
                 group.squares.addcmul_(norms, norms)
                 continue

@@ -22,6 +22,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
+from .distributed import distributed_resource
 from .instruments import seed_layer_views
 from .settings import SeedLayerSettings
 
@@ -50,7 +51,10 @@ def configure_meter_provider(
 
     ``readers`` are added to the ones the environment asks for (an ``InMemoryMetricReader`` in
     tests, say). The caller owns the result: call ``shutdown()`` on it at the end of training, so
-    the last epoch is exported.
+    the last epoch is exported. Without ``resource``, the resource is the SDK's (``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``) plus, once ``torch.distributed`` is initialised, the rank and world
+    size (:func:`tolaria_otel.distributed.distributed_resource`): build the provider after
+    ``init_process_group``.
     """
     settings = SeedLayerSettings.from_env() if settings is None else settings
     views = seed_layer_views(settings)
@@ -60,6 +64,7 @@ def configure_meter_provider(
         resource = Resource.create()
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+        resource = resource.merge(distributed_resource())  # rank and world size under torch.distributed
     return MeterProvider(
         metric_readers=[*_readers_from_env(), *readers],
         resource=resource,

@@ -21,6 +21,8 @@ ENV_TOP_K = "TOLARIA_SEED_LAYER_TOPK"
 ENV_COMPACT = "TOLARIA_SEED_HEALTH_COMPACT"
 #: Measure every Nth optimizer step (1 measures every step).
 ENV_SAMPLE_EVERY = "TOLARIA_SEED_LAYER_SAMPLE_EVERY"
+#: Under torch.distributed, the one rank that exports (every rank computes and returns the summary).
+ENV_EXPORT_RANK = "TOLARIA_SEED_LAYER_EXPORT_RANK"
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
@@ -30,6 +32,8 @@ _BOOL_ACCEPTED = "one of true/false, 1/0, yes/no, on/off (any case)"
 #: limit (2000 points); 100 leaves room for 20 seeds, five times the prototype's four.
 TOP_K_MAX = 100
 SAMPLE_EVERY_MAX = 1_000_000
+#: Checked against the real world size when the telemetry starts under torch.distributed.
+EXPORT_RANK_MAX = 1_000_000
 
 
 class SettingsError(ValueError):
@@ -44,6 +48,7 @@ class SeedLayerSettings:
     top_k: int = 3
     compact: bool = False
     sample_every: int = 1
+    export_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("enabled", "compact"):
@@ -51,6 +56,7 @@ class SeedLayerSettings:
                 raise SettingsError(f"{name}={getattr(self, name)!r} is not valid: expected a bool")
         _check_int("top_k", self.top_k, TOP_K_MAX)
         _check_int("sample_every", self.sample_every, SAMPLE_EVERY_MAX)
+        _check_int("export_rank", self.export_rank, EXPORT_RANK_MAX, minimum=0)
 
     @property
     def emits_layers(self) -> bool:
@@ -67,6 +73,7 @@ class SeedLayerSettings:
             top_k=_parse_int(env, ENV_TOP_K, defaults.top_k, TOP_K_MAX),
             compact=_parse_bool(env, ENV_COMPACT, defaults.compact),
             sample_every=_parse_int(env, ENV_SAMPLE_EVERY, defaults.sample_every, SAMPLE_EVERY_MAX),
+            export_rank=_parse_int(env, ENV_EXPORT_RANK, defaults.export_rank, EXPORT_RANK_MAX, minimum=0),
         )
 
     def replace(self, **changes: object) -> SeedLayerSettings:
@@ -93,21 +100,21 @@ def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} is not valid: expected {_BOOL_ACCEPTED}")
 
 
-def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int) -> int:
+def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, minimum: int = 1) -> int:
     raw = _raw(env, name)
     if raw is None:
         return default
     text = raw.strip()
-    accepted = f"an integer from 1 to {maximum}"
+    accepted = f"an integer from {minimum} to {maximum}"
     # int() would also take "1_000" and " +3"; the contract is plain decimal digits.
     if not text.isascii() or not text.isdigit():
         raise SettingsError(f"{name}={raw!r} is not valid: expected {accepted}")
     value = int(text)
-    if not 1 <= value <= maximum:
+    if not minimum <= value <= maximum:
         raise SettingsError(f"{name}={raw!r} is not valid: expected {accepted}")
     return value
 
 
-def _check_int(name: str, value: object, maximum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise SettingsError(f"{name}={value!r} is not valid: expected an integer from 1 to {maximum}")
+def _check_int(name: str, value: object, maximum: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise SettingsError(f"{name}={value!r} is not valid: expected an integer from {minimum} to {maximum}")

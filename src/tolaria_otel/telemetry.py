@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from opentelemetry.metrics import MeterProvider
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .distributed import RankReduction, local_gradients
 from .instruments import SeedLayerInstruments
 from .norms import GradientSquares, SeedPositions, index_parameters, root_mean_square
 from .seeds import SeedSource, SeedView, discover_layers, read_seeds
@@ -55,16 +57,25 @@ class SeedLayerTelemetry:
         self._reported_failures: set[tuple[str, type]] = set()
         self._countdown = 1  # steps until the next sampled one; the first step is sampled
         self._sampled_steps = 0
+        # Under torch.distributed every rank reduces and one exports (docs/distributed.md); else None.
+        self._ranks = RankReduction.current(self.settings.export_rank)
         self._seeds = read_seeds(seeds)  # fail fast on a malformed source
         self._use_layout(self._seeds)
-        self._instruments = SeedLayerInstruments(
-            metrics.get_meter_provider() if meter_provider is None else meter_provider,
-            self.settings,
-        )
+        self._instruments: SeedLayerInstruments | None = None
+        if self._ranks is None or self._ranks.rank == self.settings.export_rank:
+            self._instruments = SeedLayerInstruments(
+                metrics.get_meter_provider() if meter_provider is None else meter_provider,
+                self.settings,
+            )
 
     @property
     def enabled(self) -> bool:
         return self._enabled
+
+    @property
+    def exports(self) -> bool:
+        """True where the summaries are exported: the export rank, or the only process without torch.distributed."""
+        return self._enabled and self._instruments is not None
 
     def observe_step(self) -> None:
         """Queue this optimizer step's gradient norms on the device. No host sync."""
@@ -95,7 +106,8 @@ class SeedLayerTelemetry:
         summary = EpochSummary(self.epoch, self._sampled_steps, self.settings.top_k, {})
         try:
             summary = self._summarise()
-            self._instruments.publish(summary)
+            if self._instruments is not None:
+                self._instruments.publish(summary)
         except Exception:  # noqa: BLE001
             self._failed("end_epoch")
         self.epoch += 1
@@ -112,7 +124,8 @@ class SeedLayerTelemetry:
             return
         for handle in self._hooks:
             handle.remove()
-        self._instruments.clear()
+        if self._instruments is not None:
+            self._instruments.clear()
         self._enabled = False
 
     def __enter__(self) -> SeedLayerTelemetry:
@@ -127,36 +140,43 @@ class SeedLayerTelemetry:
     def _use_layout(self, seeds: dict[str, SeedView]) -> None:
         """Prepare the gradient list once per epoch, so the step path never walks modules."""
         layouts = [discover_layers(view) for view in seeds.values()]
-        self._layer_counts = {layout.seed_id: len(layout.layers) for layout in layouts}
         params, self._positions = index_parameters([(layout.seed_id, layout.layers) for layout in layouts])
-        self._squares = GradientSquares(params)
+        self._squares = GradientSquares(local_gradients(params))
+        if self._ranks is not None:
+            self._ranks.use_layout(seeds, params, self._positions)
 
     def _summarise(self) -> EpochSummary:
         steps = self._sampled_steps
-        sums = self._squares.device_sums().tolist() if steps else []  # the epoch's one host sync
+        if self._ranks is None:
+            sums = self._squares.device_sums().tolist() if steps else []  # the epoch's one host sync
         try:
             self._seeds = read_seeds(self._source)
         except Exception:  # noqa: BLE001 - keep the last known seeds and stages
             self._failed("seed source")
+        layout: Sequence[SeedPositions] = self._positions
+        stages: Mapping[str, str] = {seed_id: view.stage for seed_id, view in self._seeds.items()}
+        if self._ranks is not None:  # on every rank at every epoch end: the others wait in the all-reduce
+            reduced = self._ranks.reduce(self._squares, steps, self._seeds)
+            sums, layout, stages, steps = reduced.sums, reduced.positions, reduced.stages, reduced.steps
         seeds: dict[str, SeedSummary] = {}
         if steps:
-            for positions in self._positions:
-                view = self._seeds.get(positions.seed_id)
-                if view is not None:  # a seed culled during the epoch is no longer reported
-                    seeds[view.seed_id] = self._seed_summary(view, positions, sums, steps)
-        elif self._positions:
+            for positions in layout:
+                stage = stages.get(positions.seed_id)
+                if stage is not None:  # a seed culled during the epoch is no longer reported
+                    seeds[positions.seed_id] = self._seed_summary(stage, positions, sums, steps)
+        elif layout:
             _logger.warning("tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
                             self.epoch, self.settings.sample_every)
         return EpochSummary(self.epoch, steps, self.settings.top_k, seeds)
 
-    def _seed_summary(self, view: SeedView, positions: SeedPositions, sums: list[float], steps: int) -> SeedSummary:
+    def _seed_summary(self, stage: str, positions: SeedPositions, sums: list[float], steps: int) -> SeedSummary:
         values = {layer: root_mean_square(sums, indices, steps) for layer, indices in positions.layers}
         return SeedSummary(
-            seed_id=view.seed_id,
-            stage=view.stage,
+            seed_id=positions.seed_id,
+            stage=stage,
             total_norm=root_mean_square(sums, positions.total, steps),
             top_layers=top_k(values, self.settings.top_k),
-            layer_count=self._layer_counts[view.seed_id],
+            layer_count=len(positions.layers),
         )
 
     def _failed(self, where: str) -> None:

@@ -1,0 +1,355 @@
+"""torch.distributed: exact values under DDP and FSDP2, one exporting rank, one all-reduce per epoch.
+
+Each test runs two ranks on CPU with the gloo backend, in processes it starts and always reaps: the
+ranks write JSON results and the test joins them by a deadline, killing any that is left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tolaria_otel import LAYER_NORM, SeedLayerSettings, SeedLayerTelemetry, SettingsError, configure_meter_provider
+from tolaria_otel.distributed import (
+    RANK_ATTRIBUTE,
+    WORLD_SIZE_ATTRIBUTE,
+    SlotLayout,
+    distributed_resource,
+    process_group,
+)
+from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+from tolaria_otel.settings import ENV_EXPORT_RANK
+
+from .helpers import ReferenceNorms, collect, seeded_network, telemetry_for
+
+WORLD = 2
+DEADLINE_S = 90.0  # a rank that fails leaves its peer in a collective until gloo's 30 s timeout
+LOCAL_BATCH = 8
+STEPS = 3
+EPOCHS = 2
+ON = SeedLayerSettings(enabled=True, top_k=2)
+
+
+# --- running ranks --------------------------------------------------------------------------------
+
+def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``worker(rank, *args)`` on every rank of a fresh gloo group; its JSON-ready results, by rank."""
+    with socket.socket() as probe:  # a port the kernel just called free; the ranks bind it at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    ranks = [context.Process(target=_rank_main, args=(worker, rank, port, str(out), env or {}, args), daemon=True)
+             for rank in range(WORLD)]
+    for process in ranks:
+        process.start()
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        running = list(ranks)
+        while running and time.monotonic() < deadline:
+            for sentinel in wait([p.sentinel for p in running], timeout=max(0.0, deadline - time.monotonic())):
+                finished = next(p for p in running if p.sentinel == sentinel)
+                finished.join()
+                running.remove(finished)
+                assert finished.exitcode == 0, f"rank {ranks.index(finished)} exited with {finished.exitcode}"
+        assert not running, f"ranks {[ranks.index(p) for p in running]} still running after {DEADLINE_S} s"
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                process.kill()
+            process.join(10)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+
+
+def _rank_main(worker: Callable[..., Any], rank: int, port: int, out: str, env: dict[str, str],
+               args: tuple[Any, ...]) -> None:
+    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    try:
+        result = worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+class Collectives(TorchDispatchMode):
+    """Records the collectives (c10d and functional-collective ops) run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+# --- training, the same on every rank and in the single-process reference --------------------------
+
+def thin_network() -> tuple[SeededMLP, SeedRegistry]:
+    """Two seeds, plus one so thin (hidden width 1) that FSDP2 leaves rank 1 an empty shard of most of it."""
+    model, registry = seeded_network(2)
+    registry.add("thin", model.graft("thin", hidden=1), "TRAINING")
+    return model, registry
+
+
+def global_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(100 + epoch)
+    return [(torch.randn(WORLD * LOCAL_BATCH, 32, generator=generator),
+             torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator)) for _ in range(STEPS)]
+
+
+def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice, counted: Collectives | None = None) -> list:
+    """EPOCHS epochs of SGD on the ``part`` of each global batch; the summaries, and the collectives
+    the telemetry ran at each step and epoch end."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    summaries, step_ops, epoch_ops = [], [], []
+    for epoch in range(EPOCHS):
+        for x, y in global_batches(epoch):
+            nn.functional.mse_loss(model(x[part]), y[part]).backward()
+            with Collectives() as step:
+                telemetry.observe_step()
+            step_ops += step.ops
+            optimizer.step()
+            optimizer.zero_grad()
+        with Collectives() as end:
+            summary = telemetry.end_epoch()
+        epoch_ops.append(end.ops)
+        summaries.append(summary.to_dict())
+    return [summaries, step_ops, epoch_ops]
+
+
+def single_process_reference(network: Callable[[], tuple[SeededMLP, SeedRegistry]]) -> list[dict]:
+    """The same epochs, unsharded, in this process, over the whole global batches."""
+    model, registry = network()
+    telemetry, _ = telemetry_for(model, registry, ON)
+    return train(model, telemetry, slice(None))[0]
+
+
+def assert_same_summaries(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for got_epoch, want_epoch in zip(got, want):
+        assert got_epoch["sampled_steps"] == want_epoch["sampled_steps"]
+        assert [s["seed_id"] for s in got_epoch["seeds"]] == [s["seed_id"] for s in want_epoch["seeds"]]
+        for got_seed, want_seed in zip(got_epoch["seeds"], want_epoch["seeds"]):
+            assert (got_seed["stage"], got_seed["layer_count"]) == (want_seed["stage"], want_seed["layer_count"])
+            assert got_seed["total_norm"] == pytest.approx(want_seed["total_norm"], rel=1e-4)
+            assert [p["layer"] for p in got_seed["top_layers"]] == [p["layer"] for p in want_seed["top_layers"]]
+            assert [p["value"] for p in got_seed["top_layers"]] == pytest.approx(
+                [p["value"] for p in want_seed["top_layers"]], rel=1e-4)
+
+
+def exported(reader: InMemoryMetricReader) -> dict[str, Any]:
+    data = reader.get_metrics_data()
+    resources = [dict(r.resource.attributes) for r in data.resource_metrics] if data else []
+    points = [[attributes, value] for attributes, value, _ in collect(reader)[LAYER_NORM]]
+    return {"resources": resources, "points": points}
+
+
+# --- DDP -------------------------------------------------------------------------------------------
+
+def _ddp_rank(rank: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    try:
+        SeedLayerTelemetry(nn.Linear(1, 1), {}, settings=ON.replace(export_rank=WORLD))
+        bad_export_rank = ""
+    except SettingsError as error:
+        bad_export_rank = str(error)
+    model, registry = thin_network()
+    reader = InMemoryMetricReader()
+    provider = configure_meter_provider(ON, readers=[reader])  # OTEL_METRICS_EXPORTER=none: only the reader
+    telemetry = SeedLayerTelemetry(model, registry, settings=ON, meter_provider=provider)
+    summaries, _, _ = train(DistributedDataParallel(model), telemetry, slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH))
+    return {"summaries": summaries, "exports": telemetry.exports, "bad_export_rank": bad_export_rank,
+            **exported(reader)}
+
+
+def test_ddp_equals_single_process_and_only_rank_0_exports(tmp_path):
+    ranks = run_ranks(_ddp_rank, tmp_path, env={"OTEL_METRICS_EXPORTER": "none"})
+    reference = single_process_reference(thin_network)
+    for result in ranks:  # Tamiyo reads the same summary on every rank
+        assert_same_summaries(result["summaries"], reference)
+        assert result["bad_export_rank"] == (
+            f"export_rank=2 is not valid: expected a rank from 0 to 1 (world size 2; set by {ENV_EXPORT_RANK})")
+    zero, one = ranks
+    assert (zero["exports"], one["exports"]) == (True, False)
+    assert one["points"] == [] and one["resources"] == []
+    last = {s["seed_id"]: s for s in reference[-1]["seeds"]}
+    assert len(zero["points"]) == ON.top_k * len(last)  # top_k series per seed, not top_k x world size
+    for attributes, value in zero["points"]:
+        assert set(attributes) == {"seed_id", "stage", "layer"}  # the rank is never a point attribute
+        want = {p["layer"]: p["value"] for p in last[attributes["seed_id"]]["top_layers"]}
+        assert value == pytest.approx(want[attributes["layer"]], rel=1e-4)
+    (resource,) = zero["resources"]
+    assert (resource[RANK_ATTRIBUTE], resource[WORLD_SIZE_ATTRIBUTE]) == (0, WORLD)
+
+
+# --- FSDP2 -----------------------------------------------------------------------------------------
+
+def _fsdp_rank(rank: int) -> dict[str, Any]:
+    """FSDP2 on both ranks, then HSDP (replicated across the 2 ranks, shards of one): the weights differ."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    meshes = {"fsdp": init_device_mesh("cpu", (WORLD,)),
+              "hsdp": init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))}
+    results = {}
+    for name, mesh in meshes.items():
+        model, registry = thin_network()
+        for seed in model.seeds.values():
+            fully_shard(seed, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        empty_shards = sum(p.to_local().numel() == 0 for p in model.seeds["thin"].parameters())
+        telemetry, _ = telemetry_for(model, registry, ON)
+        summaries, step_ops, epoch_ops = train(model, telemetry, slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH))
+        results[name] = {"summaries": summaries, "step_ops": step_ops, "epoch_ops": epoch_ops,
+                         "empty_shards": empty_shards, "failures": telemetry.failures}
+    return results
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_ranks(_fsdp_rank, tmp_path_factory.mktemp("fsdp"))
+
+
+@pytest.mark.parametrize(("mesh", "empty_shards"), [("fsdp", [0, 4]), ("hsdp", [0, 0])])
+def test_fsdp2_sharded_gradients_equal_unsharded_with_one_all_reduce_per_epoch(fsdp_ranks, mesh, empty_shards):
+    reference = single_process_reference(thin_network)
+    results = [ranks[mesh] for ranks in fsdp_ranks]
+    for result in results:
+        assert result["failures"] == 0
+        assert_same_summaries(result["summaries"], reference)
+        assert result["step_ops"] == []  # the step path measures local shards: no collective at all
+        first, *later = result["epoch_ops"]
+        assert first.count("c10d::allreduce_") == 1  # plus the layout exchange, once
+        assert set(first) == {"c10d::allreduce_", "c10d::allgather_"}
+        assert later == [["c10d::allreduce_"]] * (EPOCHS - 1)
+    # FSDP: rank 1 holds nothing of thin's first two layers; HSDP: both ranks hold every (whole) shard.
+    assert [result["empty_shards"] for result in results] == empty_shards
+
+
+# --- seeds on some ranks, an idle rank, seeds that come, go and change stage ------------------------
+
+def _uneven_rank(rank: int) -> dict[str, Any]:
+    """No DDP: each rank trains its own model on its own data, holding different seeds.
+
+    ``shared`` and ``idle`` are on both ranks, but ``idle`` is never in rank 1's forward (no gradient
+    there); ``only0``/``only1`` live on one rank; ``gone`` is culled on both ranks at the end of
+    epoch 0, when rank 1 also grafts ``late`` and moves ``only1`` to BLENDING.
+    """
+    torch.manual_seed(0)
+    model = SeededMLP()
+    registry = SeedRegistry()
+    for seed_id in ("shared", "idle", "gone", f"only{rank}"):
+        module = model.graft(seed_id, hidden=8)
+        registry.add(seed_id, module, "TRAINING")
+    if rank == 1:
+        del model.seeds["idle"]  # still a seed of rank 1's Kasmina, but it never runs there
+    settings = SeedLayerSettings.from_env()
+    telemetry, reader = telemetry_for(model, registry, settings)
+    reference = ReferenceNorms(registry)
+    generator = torch.Generator().manual_seed(rank)
+    summaries, epoch_ops, local = [], [], []
+    for epoch in range(EPOCHS):
+        for _ in range(STEPS):
+            x, y = torch.randn(LOCAL_BATCH, 32, generator=generator), torch.randn(LOCAL_BATCH, 10, generator=generator)
+            nn.functional.mse_loss(model(x), y).backward()
+            reference.hook(None, None, None)  # type: ignore[arg-type]
+            telemetry.observe_step()
+            model.zero_grad()
+        if epoch == 0:
+            registry.remove("gone")
+            if rank == 1:
+                registry.add("late", model.graft("late", hidden=8), "GERMINATED")
+                registry.stages["only1"] = "BLENDING"
+        layers, totals = reference.epoch()
+        local.append({"layers": layers, "totals": totals})
+        with Collectives() as end:
+            summaries.append(telemetry.end_epoch().to_dict())
+        epoch_ops.append(end.ops)
+    return {"summaries": summaries, "epoch_ops": epoch_ops, "local": local, "exports": telemetry.exports,
+            "points": exported(reader)["points"], "settings": [settings.export_rank, settings.top_k]}
+
+
+def test_seeds_on_some_ranks_and_an_idle_rank_give_exact_values_and_no_hang(tmp_path):
+    env = {"TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": "true", ENV_EXPORT_RANK: "1", "TOLARIA_SEED_LAYER_TOPK": "5"}
+    zero, one = run_ranks(_uneven_rank, tmp_path, env=env)
+    assert zero["summaries"] == one["summaries"]  # every rank gets the same global summary
+    assert zero["settings"] == one["settings"] == [1, 5]
+    assert (zero["exports"], one["exports"]) == (False, True)
+    assert zero["points"] == []
+
+    expected_seeds = [["idle", "only0", "only1", "shared"], ["idle", "late", "only0", "only1", "shared"]]
+    for epoch, summary in enumerate(one["summaries"]):
+        assert summary["sampled_steps"] == STEPS
+        seeds = {s["seed_id"]: s for s in summary["seeds"]}
+        assert sorted(seeds) == expected_seeds[epoch]  # "gone" culled at the end of epoch 0, "late" from epoch 1
+        assert seeds["only1"]["stage"] == "BLENDING"  # rank 1's stage, known to rank 0
+        for seed_id, seed in seeds.items():
+            # A plain gradient counts as replicated across its holders: the mean over those that saw one.
+            holders = [rank["local"][epoch] for rank in (zero, one) if rank["local"][epoch]["totals"].get(seed_id)]
+            want_total = math.sqrt(sum(h["totals"][seed_id] ** 2 for h in holders) / len(holders))
+            assert seed["total_norm"] == pytest.approx(want_total, rel=1e-5)
+            assert seed["layer_count"] == 3
+            for point in seed["top_layers"]:
+                want = math.sqrt(sum(h["layers"][seed_id][point["layer"]] ** 2 for h in holders) / len(holders))
+                assert point["value"] == pytest.approx(want, rel=1e-5)
+    assert seeds["idle"]["total_norm"] == pytest.approx(zero["local"][1]["totals"]["idle"], rel=1e-5)
+    assert {attributes["seed_id"] for attributes, _ in one["points"]} == set(expected_seeds[1])
+    for result in (zero, one):
+        first, second = result["epoch_ops"]
+        assert first.count("c10d::allreduce_") == 1 and second == ["c10d::allreduce_"]
+
+
+# --- without torch.distributed, and the pieces -----------------------------------------------------
+
+def test_without_torch_distributed_nothing_changes():
+    assert not dist.is_initialized()
+    assert process_group() is None
+    assert distributed_resource().attributes == {}
+    model, registry = seeded_network(1)
+    telemetry, _ = telemetry_for(model, registry, ON.replace(export_rank=5))  # no world to check it against
+    assert telemetry.exports and telemetry._ranks is None
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("0", 0), (" 3 ", 3), ("1000000", 1_000_000)])
+def test_export_rank_read_from_the_environment(raw, expected):
+    assert SeedLayerSettings.from_env({ENV_EXPORT_RANK: raw}).export_rank == expected
+    assert SeedLayerSettings.from_env({}).export_rank == 0
+
+
+@pytest.mark.parametrize("raw", ["-1", "1.5", "one", "1000001"])
+def test_bad_export_rank_names_variable_value_and_accepted(raw):
+    message = f"{ENV_EXPORT_RANK}={raw!r} is not valid: expected an integer from 0 to 1000000"
+    with pytest.raises(SettingsError, match="^" + message.replace(".", r"\.") + "$"):
+        SeedLayerSettings.from_env({ENV_EXPORT_RANK: raw})
+
+
+def test_slot_layout_is_the_union_with_the_lowest_rank_stage():
+    layout = SlotLayout.agree([
+        (("a", "TRAINING", ("(root)", "net.0")), ("b", "TRAINING", ("net.0",))),
+        (("b", "BLENDING", ("net.0", "net.1")), ("c", "GERMINATED", ("net.0",))),
+    ])
+    assert layout.stages == {"a": "TRAINING", "b": "TRAINING", "c": "GERMINATED"}
+    assert layout.slots == (("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0"), ("b", "net.1"),
+                            ("c", ""), ("c", "net.0"))
+    b = layout.positions[1]
+    assert (b.seed_id, b.layers, b.total) == ("b", (("net.0", (4,)), ("net.1", (5,))), (3,))
