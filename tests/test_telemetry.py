@@ -10,6 +10,7 @@ from tolaria_otel import (
     LAYER_NONFINITE,
     LAYER_NORM,
     SEED_NORM,
+    SERIES_BUDGET,
     SETTINGS_INFO,
     SeedLayerSettings,
     SeedLayerTelemetry,
@@ -67,6 +68,7 @@ def test_exported_points_match_reference(seed_count, top_k):
         assert {s: v for s, (v, _) in seed_norms.items()} == pytest.approx(totals, rel=1e-5)
         assert {u for _, u in seed_norms.values()} == {"grad"}
         assert LAYER_NONFINITE not in exported
+        assert exported[SERIES_BUDGET] == [({}, top_k * seed_count, "")]
 
 
 def test_layer_names_follow_named_modules_and_root():
@@ -169,9 +171,10 @@ def test_compact_mode_emits_seed_totals_only():
     train_epoch(model, optimizer, steps=2, generator=torch.Generator().manual_seed(0))
     summary = telemetry.end_epoch()
     exported = collect(reader)
-    assert set(exported) == {SEED_NORM, SETTINGS_INFO}
+    assert set(exported) == {SEED_NORM, SETTINGS_INFO, SERIES_BUDGET}
+    assert exported[SERIES_BUDGET] == [({}, 0, "")]
     assert exported[SETTINGS_INFO] == [
-        ({"enabled": "true", "top_k": "3", "compact": "true", "sample_every": "1"}, 1, "1")]
+        ({"enabled": "true", "top_k": "3", "compact": "true", "sample_every": "1"}, 1, "")]
     assert {a["seed_id"]: v for a, v, _ in exported[SEED_NORM]} == pytest.approx(
         {s: v.total_norm for s, v in summary.seeds.items()}
     )

@@ -33,6 +33,7 @@ from .instruments import (
     LAYER_NONFINITE,
     LAYER_NORM,
     SEED_NORM,
+    SERIES_BUDGET,
     SETTINGS_INFO,
     seed_layer_views,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "LAYER_NORM",
     "ROOT_LAYER",
     "SEED_NORM",
+    "SERIES_BUDGET",
     "SETTINGS_INFO",
     "ConfigurationError",
     "EpochSummary",

@@ -31,6 +31,7 @@ LAYER_NORM = "tolaria.grad_agg.seed.layer_norm"
 LAYER_NONFINITE = "tolaria.grad_agg.seed.layer_nonfinite"
 SEED_NORM = "tolaria.grad_agg.seed.norm"
 SETTINGS_INFO = "tolaria.grad_agg.seed_layer.info"
+SERIES_BUDGET = "tolaria.grad_agg.seed_layer.series_budget"
 UNIT = "grad"
 METER_NAME = "tolaria_otel"
 STREAM_SCOPE_ATTRIBUTE = "tolaria.otel.stream"
@@ -61,6 +62,7 @@ def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
             aggregation_cardinality_limit=STREAM_CARDINALITY_LIMIT,
         ),
         View(instrument_name=SETTINGS_INFO, attribute_keys=set(SETTINGS_ATTRIBUTES)),
+        View(instrument_name=SERIES_BUDGET, attribute_keys=set()),
     ]
     for name in _LAYER_INSTRUMENTS:
         if settings.compact:
@@ -122,7 +124,7 @@ class _Streams:
             meter.create_observable_gauge(
                 LAYER_NONFINITE,
                 [self._reader(LAYER_NONFINITE)],
-                unit="1",
+                unit="",  # "1" would get a _ratio suffix in Prometheus naming
                 description="1 for a top-K layer whose epoch gradient norm is NaN or Inf.",
             )
 
@@ -149,11 +151,20 @@ class SeedLayerInstruments:
             "compact": str(settings.compact).lower(),
             "sample_every": str(settings.sample_every),
         })]
-        meter_provider.get_meter(METER_NAME, __version__).create_observable_gauge(
+        self._top_k = settings.top_k
+        self._budget: list[Observation] = []
+        meter = meter_provider.get_meter(METER_NAME, __version__)
+        meter.create_observable_gauge(
             SETTINGS_INFO,
             [lambda options: self._settings_info],
-            unit="1",
+            unit="",  # "1" would get a _ratio suffix in Prometheus naming
             description="1 while the per-layer seed summaries are on; attributes give the effective settings.",
+        )
+        meter.create_observable_gauge(
+            SERIES_BUDGET,
+            [lambda options: self._budget],
+            unit="",
+            description="Per-layer series this trainer may export now: top_k x active seeds (0 in compact mode).",
         )
 
     def publish(self, summary: EpochSummary) -> None:
@@ -170,11 +181,13 @@ class SeedLayerInstruments:
         for name, new in keys.items():
             self._seen.setdefault(name, set()).update(new)
         self._streams.points = points
+        self._budget = [Observation(self._top_k * len(summary.seeds) if self._emit_layers else 0)]
 
     def clear(self) -> None:
         """Export nothing from now on."""
         self._streams.points = {}
         self._settings_info = []
+        self._budget = []
 
 
 def _key(point: Observation) -> tuple[tuple[str, str], ...]:
