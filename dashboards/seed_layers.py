@@ -1,0 +1,374 @@
+"""The "Seed layer gradients" Grafana dashboard, built with Grafana's ``grafana-foundation-sdk``.
+
+Every query aggregates ``by`` the contract's labels (``seed_id``, ``stage``, ``layer``) only, so a
+panel looks the same whether the series come from VictoriaMetrics' OTLP receiver (resource
+attributes as labels, no ``job``/``instance``) or from Prometheus scraping the collector (``job``,
+``instance``). No query needs a recording rule: VictoriaMetrics evaluates none.
+
+Panel ids and the dashboard uid are fixed here, so provisioning updates the dashboard in place.
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import prometheus as prom
+from grafana_foundation_sdk.builders import statetimeline, table, timeseries
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+UID = "tolaria-seed-layers"
+TITLE = "Tolaria: seed layer gradients"
+
+#: The provisioned data source (dashboards/provisioning/datasources/tolaria.yml); the default of
+#: the ``datasource`` variable, which every panel and query is bound to.
+DATASOURCE_UID = "tolaria-prometheus"
+DATASOURCE_NAME = "Tolaria Prometheus"
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+# Alert thresholds, the only place the dashboard states them. They must agree with the alert rules
+# in collector/rules/tolaria-seed-layers.rules.yml (tests/test_dashboards.py checks that they do):
+#   TolariaSeedLayerGradientExploding: a layer's norm > EXPLODING_ABSOLUTE, or
+#       > EXPLODING_FACTOR x its median over EXPLODING_BASELINE and > EXPLODING_RELATIVE_FLOOR
+#   TolariaSeedLayerNonFinite:         tolaria_grad_agg_seed_layer_nonfinite(_ratio) == NONFINITE_VALUE
+#   TolariaSeedGradientVanishing:      a seed's largest layer norm < VANISHING_BELOW, outside the stages
+#       VANISHING_EXEMPT_STAGES (with or without the historic SEED_STAGE_ prefix)
+EXPLODING_ABSOLUTE = 1000.0
+EXPLODING_FACTOR = 10.0
+EXPLODING_BASELINE = "1h"
+EXPLODING_RELATIVE_FLOOR = 1e-3
+NONFINITE_VALUE = 1
+VANISHING_BELOW = 1e-6
+VANISHING_EXEMPT_STAGES = ("DORMANT", "CULLED", "EMBARGOED", "RESETTING", "TERMINATED")
+
+LAYER_NORM = "tolaria_grad_agg_seed_layer_norm"
+LAYER_NONFINITE = "tolaria_grad_agg_seed_layer_nonfinite"
+SEED_NORM = "tolaria_grad_agg_seed_norm"
+SETTINGS_INFO = "tolaria_grad_agg_seed_layer_info"
+# The two gauges of unit "1" get the suffix "_ratio" under Prometheus naming (VictoriaMetrics'
+# -opentelemetry.usePrometheusNaming, the Collector's prometheus exporter with its default
+# add_metric_suffixes: true): tolaria_grad_agg_seed_layer_nonfinite_ratio. Match both spellings.
+NONFINITE_NAME = f'__name__=~"{LAYER_NONFINITE}(_ratio)?"'
+INFO_NAME = f'__name__=~"{SETTINGS_INFO}(_ratio)?"'
+#: Every series that names a seed: a seed whose total is non-finite has no ``seed_norm`` point, and
+#: compact mode has no layer points, so no single metric lists every seed.
+SEED_FAMILY = f'__name__=~"{SEED_NORM}|{LAYER_NORM}|{LAYER_NONFINITE}(_ratio)?"'
+
+#: Kasmina's lifecycle stages (DESIGN.md), in lifecycle order, with or without the historic
+#: ``SEED_STAGE_`` prefix; the stage timeline shows them as numbers 1..n mapped back to names. Any
+#: other stage string shows as ``OTHER_STAGE``.
+STAGES = ("DORMANT", "GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY", "FOSSILIZED",
+          "CULLED", "EMBARGOED", "RESETTING", "TERMINATED")
+OTHER_STAGE = 0
+STAGE_COLORS = {"DORMANT": "#8e8e8e", "GERMINATED": "#8ab8ff", "TRAINING": "#3274d9", "BLENDING": "#b877d9",
+                "SHADOWING": "#a352cc", "PROBATIONARY": "#ff9830", "FOSSILIZED": "#56a64b", "CULLED": "#e02f44",
+                "EMBARGOED": "#c4162a", "RESETTING": "#fade2a", "TERMINATED": "#5a5a5a"}
+
+SEEDS = 'seed_id=~"$seed_id"'
+SEEDS_STAGES = 'seed_id=~"$seed_id", stage=~"$stage"'
+#: Grafana's value for "All" in a regex matcher: every value, including those outside the list.
+ALL = ".*"
+
+VALUE_MEANING = ("The value is the RMS over the epoch's sampled optimizer steps of the gradient L2 norm, "
+                 "sqrt(mean_t ||g_t||^2); it changes once per epoch and every export repeats the latest epoch.")
+LAYER_MEANING = ("A layer's gradient norm at one step is the L2 norm over all gradient elements of that "
+                 "module's own parameters. " + VALUE_MEANING)
+
+
+def _fmt(value: float) -> str:
+    """A number as PromQL and the alert rules write it (1000, 1e-06)."""
+    return f"{value:g}"
+
+
+def latest(selector: str, seeds: str = SEEDS) -> str:
+    """The series of ``selector`` that their seed's latest export sent.
+
+    A push backend has no staleness markers: a layer that left the top-K, or a seed's previous
+    stage, keeps answering queries with its last value until the lookback window (VictoriaMetrics,
+    Prometheus: 5 min) or the Collector's metric expiry passes. One export sends all of a seed's
+    points with one timestamp, so "as new as the seed's newest point" keeps exactly the current
+    top-K. (Scraped through the Collector, every point carries the scrape time and the filter keeps
+    what the Collector still exposes.)
+    """
+    newest = f"max by (seed_id) (timestamp({{{SEED_FAMILY}, {seeds}}}))"
+    return f"({selector} and (timestamp({selector}) >= on (seed_id) group_left () {newest}))"
+
+
+def layer_norms(by: str, labels: str = SEEDS_STAGES) -> str:
+    return f"max by ({by}) {latest(f'{LAYER_NORM}{{{labels}}}')}"
+
+
+def layer_nonfinite(labels: str = SEEDS_STAGES) -> str:
+    return f"max by (seed_id, stage, layer) {latest(f'{{{NONFINITE_NAME}, {labels}}}')} == {NONFINITE_VALUE}"
+
+
+def stage_code() -> str:
+    """Per seed, its stage as a number (index in ``STAGES`` + 1; ``OTHER_STAGE`` for others).
+
+    A state timeline colours values, not labels; the max picks the later stage while a series of
+    the previous stage is still inside the query's lookback window.
+    """
+    selectors = [(i, f'{{{SEED_FAMILY}, {SEEDS}, stage=~"(SEED_STAGE_)?{stage}"}}')
+                 for i, stage in enumerate(STAGES, start=1)]
+    selectors.append((OTHER_STAGE, f'{{{SEED_FAMILY}, {SEEDS}, stage!~"(SEED_STAGE_)?({"|".join(STAGES)})"}}'))
+    terms = [f"{i} * group by (seed_id, stage) {latest(selector)}" for i, selector in selectors]
+    return "max by (seed_id) (\n  " + "\n  or ".join(terms) + "\n)"
+
+
+def query(expr: str, legend: str = "", ref_id: str = "A", instant: bool = False) -> prom.Dataquery:
+    q = prom.Dataquery().expr(expr).ref_id(ref_id).datasource(DATASOURCE).legend_format(legend or "__auto")
+    if instant:
+        return q.instant().format(PromQueryFormat.TABLE)
+    return q.range()
+
+
+def layer_thresholds() -> db.ThresholdsConfig:
+    """Blue below the vanishing threshold, red from the exploding one (and for +Inf, non-finite)."""
+    return db.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps([
+        model.Threshold(value=None, color="blue"),
+        model.Threshold(value=VANISHING_BELOW, color="green"),
+        model.Threshold(value=EXPLODING_ABSOLUTE, color="red"),
+    ])
+
+
+def log_axis() -> common_builders.ScaleDistributionConfig:
+    return common_builders.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10)
+
+
+def legend_table() -> common_builders.VizLegendOptions:
+    return (common_builders.VizLegendOptions().display_mode(common.LegendDisplayMode.TABLE)
+            .placement(common.LegendPlacement.BOTTOM).show_legend(True).calcs(["lastNotNull", "max"]))
+
+
+def grid(x: int, y: int, w: int, h: int) -> model.GridPos:
+    return model.GridPos(x=x, y=y, w=w, h=h)
+
+
+def nonfinite_panel() -> statetimeline.Panel:
+    return (
+        statetimeline.Panel().id(1).title("Non-finite layers (NaN/Inf)").grid_pos(grid(0, 0, 8, 7))
+        .description("Top-K layers whose epoch gradient norm is NaN or Inf: the OpenTelemetry SDK drops non-finite "
+                     f"values, so such a layer is exported as {LAYER_NONFINITE}(_ratio) = 1 instead of a norm point. "
+                     "Matches the alert TolariaSeedLayerNonFinite. Empty while every top-K layer is finite.")
+        .datasource(DATASOURCE).with_target(query(layer_nonfinite(), "{{seed_id}} {{layer}}"))
+        .unit("none").no_value("none: every top-K layer is finite")
+        .mappings([model.ValueMap(options={str(NONFINITE_VALUE): model.ValueMappingResult(text="NaN/Inf", color="red")})])
+        .thresholds(db.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps([
+            model.Threshold(value=None, color="green"), model.Threshold(value=NONFINITE_VALUE, color="red")]))
+        .color_scheme(db.FieldColor().mode(model.FieldColorModeId.THRESHOLDS))
+        .show_value(common.VisibilityMode.AUTO).merge_values(True)
+    )
+
+
+def exploding_panel() -> timeseries.Panel:
+    absolute = f"{layer_norms('seed_id, stage, layer')} > {_fmt(EXPLODING_ABSOLUTE)}"
+    baseline = (f"max by (seed_id, stage, layer) (quantile_over_time(0.5, {LAYER_NORM}{{{SEEDS_STAGES}}}"
+                f"[{EXPLODING_BASELINE}]))")
+    relative = (f"({layer_norms('seed_id, stage, layer')} > {_fmt(EXPLODING_FACTOR)} * {baseline})"
+                f" > {_fmt(EXPLODING_RELATIVE_FLOOR)}")
+    return (
+        timeseries.Panel().id(2).title("Exploding layers").grid_pos(grid(8, 0, 8, 7))
+        .description(f"Top-K layers whose gradient norm is above {_fmt(EXPLODING_ABSOLUTE)} (A), or above "
+                     f"{_fmt(EXPLODING_FACTOR)}x the layer's median over the last {EXPLODING_BASELINE} and above "
+                     f"{_fmt(EXPLODING_RELATIVE_FLOOR)} (B): the two "
+                     "conditions of the alert TolariaSeedLayerGradientExploding. " + LAYER_MEANING
+                     + " Empty while no layer explodes.")
+        .datasource(DATASOURCE)
+        .with_target(query(absolute, f"{{{{seed_id}}}} {{{{layer}}}} > {_fmt(EXPLODING_ABSOLUTE)}"))
+        .with_target(query(relative, f"{{{{seed_id}}}} {{{{layer}}}} > {_fmt(EXPLODING_FACTOR)}x median", "B"))
+        .unit("none").no_value("none").thresholds(layer_thresholds())
+        .color_scheme(db.FieldColor().mode(model.FieldColorModeId.THRESHOLDS))
+        .thresholds_style(common_builders.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED))
+        .scale_distribution(log_axis()).show_points(common.VisibilityMode.ALWAYS).legend(legend_table())
+    )
+
+
+def vanishing_panel() -> timeseries.Panel:
+    exempt = f'stage!~"(SEED_STAGE_)?({"|".join(VANISHING_EXEMPT_STAGES)})"'
+    expr = f"{layer_norms('seed_id, stage', f'{SEEDS_STAGES}, {exempt}')} < {_fmt(VANISHING_BELOW)}"
+    return (
+        timeseries.Panel().id(3).title("Vanishing seeds").grid_pos(grid(16, 0, 8, 7))
+        .description(f"Seeds whose largest top-K layer gradient norm is below {_fmt(VANISHING_BELOW)}: the "
+                     "condition of the alert TolariaSeedGradientVanishing, which leaves out seeds not expected to "
+                     f"train ({', '.join(VANISHING_EXEMPT_STAGES)}; a culled seed has exactly zero gradients). " + LAYER_MEANING + " Empty while every seed learns.")
+        .datasource(DATASOURCE).with_target(query(expr, "{{seed_id}} ({{stage}})"))
+        .unit("none").no_value("none").thresholds(layer_thresholds())
+        .color_scheme(db.FieldColor().mode(model.FieldColorModeId.THRESHOLDS))
+        .show_points(common.VisibilityMode.ALWAYS).legend(legend_table())
+    )
+
+
+def latest_table() -> table.Panel:
+    # Non-finite layers are part of the exported top-K too: they come back as +Inf, which ranks first
+    # (as in the package's own ordering), crosses the red threshold, and is mapped to "NaN/Inf".
+    expr = (f"topk by (seed_id) ($top_k, {layer_norms('seed_id, stage, layer')}\n"
+            f"  or max by (seed_id, stage, layer) {latest(f'{{{NONFINITE_NAME}, {SEEDS_STAGES}}}')} * +Inf)")
+    value = "RMS gradient L2 norm"
+    return (
+        table.Panel().id(4).title("Latest top-K layers per seed").grid_pos(grid(0, 7, 14, 9))
+        .description("The top-K layers of each seed at the end of the time range, largest first, with the seed's "
+                     f"stage. Red: above {_fmt(EXPLODING_ABSOLUTE)} (TolariaSeedLayerGradientExploding) or NaN/Inf "
+                     f"(TolariaSeedLayerNonFinite); blue: below {_fmt(VANISHING_BELOW)}. " + LAYER_MEANING)
+        .datasource(DATASOURCE).with_target(query(expr, instant=True))
+        .unit("none").decimals(4).thresholds(layer_thresholds())
+        .mappings([model.ValueMap(options={"Infinity": model.ValueMappingResult(text="NaN/Inf", color="red")})])
+        .with_transformation(model.DataTransformerConfig(id_val="organize", options={
+            "excludeByName": {"Time": True},
+            "indexByName": {"seed_id": 0, "stage": 1, "layer": 2, "Value": 3},
+            "renameByName": {"Value": value},
+        }))
+        .override_by_name(value, [model.DynamicConfigValue(id_val="custom.cellOptions",
+                                                           value={"type": "color-background", "mode": "basic"})])
+        .sort_by([common_builders.TableSortByFieldState().display_name(value).desc(True)])
+        .no_value("no layer points: feature off, compact mode, or no seed selected")
+    )
+
+
+def stage_timeline() -> statetimeline.Panel:
+    mappings = {str(i): model.ValueMappingResult(text=stage, color=STAGE_COLORS[stage], index=i)
+                for i, stage in enumerate(STAGES, start=1)}
+    mappings[str(OTHER_STAGE)] = model.ValueMappingResult(text="other stage", color="text", index=0)
+    return (
+        statetimeline.Panel().id(5).title("Seed stages").grid_pos(grid(14, 7, 10, 9))
+        .description("Each seed's lifecycle stage (Kasmina) over time, from the stage label of its exported series. "
+                     "A seed absent from a stretch of time was not active (not yet germinated, or culled and "
+                     "removed), or the feature was off.")
+        .datasource(DATASOURCE).with_target(query(stage_code(), "{{seed_id}}"))
+        .unit("none").mappings([model.ValueMap(options=mappings)])
+        .color_scheme(db.FieldColor().mode(model.FieldColorModeId.FIXED).fixed_color("text"))
+        .show_value(common.VisibilityMode.AUTO).merge_values(True).align_value(common.TimelineValueAlignment.LEFT)
+    )
+
+
+def seed_totals_panel() -> timeseries.Panel:
+    expr = f"max by (seed_id) {latest(f'{SEED_NORM}{{{SEEDS_STAGES}}}')}"
+    return (
+        timeseries.Panel().id(6).title("Per-seed total gradient norm").grid_pos(grid(0, 16, 16, 8))
+        .description("Per seed, the same statistic over all the seed's parameters (a shared parameter counted once). "
+                     + VALUE_MEANING + " A seed whose total is NaN or Inf has no point (see Non-finite layers).")
+        .datasource(DATASOURCE).with_target(query(expr, "{{seed_id}}"))
+        .unit("none").scale_distribution(log_axis()).show_points(common.VisibilityMode.ALWAYS)
+        .line_interpolation(common.LineInterpolation.STEP_AFTER).legend(legend_table())
+    )
+
+
+def volume_panel() -> timeseries.Panel:
+    stored = f"count({LAYER_NORM} or {{{NONFINITE_NAME}}})"
+    any_seed = 'seed_id!=""'
+    exported = f"count({latest(LAYER_NORM, any_seed)} or {latest(f'{{{NONFINITE_NAME}}}', any_seed)})"
+    seeds = f"count(group by (seed_id) ({{{SEED_FAMILY}}}))"
+    budget = f"$top_k * {seeds}"
+    return (
+        timeseries.Panel().id(7).title("Telemetry volume vs budget").grid_pos(grid(16, 16, 8, 8))
+        .description("Series of the per-layer family (layer_norm and layer_nonfinite, all seeds, every run in the "
+                     "data source) against the budget top_k x active seeds, with top_k from the top-K variable "
+                     f"(the exporter's setting, label top_k of {SETTINGS_INFO}). Latest export: the series each "
+                     "seed's newest export sent, exactly min(top_k, layers) per seed, so never above the budget "
+                     "unless two runs share the data source. In the backend: every series still inside the "
+                     "lookback window; above the budget for a few minutes after the top-K or a stage changes "
+                     "(a layer that left the top-K stays until the lookback or the Collector's expiry drops it).")
+        .datasource(DATASOURCE)
+        .with_target(query(stored, "layer series in the backend"))
+        .with_target(query(budget, "budget: top_k x seeds", "B"))
+        .with_target(query(exported, "layer series of the latest export", "C"))
+        .unit("short").min(0).decimals(0)
+        .override_by_name("budget: top_k x seeds", [
+            model.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": "red"}),
+            model.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}),
+            model.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
+        ])
+        .fill_opacity(10).line_interpolation(common.LineInterpolation.STEP_AFTER).legend(legend_table())
+    )
+
+
+def seed_panel() -> timeseries.Panel:
+    expr = f"topk by (seed_id) ($top_k, {layer_norms('seed_id, layer')})"
+    return (
+        timeseries.Panel().id(9).title("Top-K layers: $seed_id").grid_pos(grid(0, 25, 8, 9))
+        .description("This seed's top-K layers over time, one line per layer (a layer that leaves the top-K ends "
+                     f"its line). Dashed lines: {_fmt(EXPLODING_ABSOLUTE)} (TolariaSeedLayerGradientExploding) and "
+                     f"{_fmt(VANISHING_BELOW)} (TolariaSeedGradientVanishing). NaN/Inf layers are in the "
+                     "Non-finite panel. " + LAYER_MEANING)
+        .datasource(DATASOURCE).with_target(query(expr, "{{layer}}"))
+        .repeat("seed_id").repeat_direction("h")
+        .unit("none").thresholds(layer_thresholds())
+        .thresholds_style(common_builders.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED))
+        .scale_distribution(log_axis()).show_points(common.VisibilityMode.ALWAYS)
+        .line_interpolation(common.LineInterpolation.STEP_AFTER).legend(legend_table())
+        .no_value("no layer points for this seed")
+    )
+
+
+def variables() -> list[db.QueryVariable | db.DatasourceVariable]:
+    datasource = (
+        db.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        .current(model.VariableOption(selected=True, text=DATASOURCE_NAME, value=DATASOURCE_UID))
+        .description("The Prometheus-compatible data source (Prometheus or VictoriaMetrics) with the tolaria series.")
+    )
+
+    def label_values(name: str, label: str, selector: str) -> db.QueryVariable:
+        return (db.QueryVariable(name).datasource(DATASOURCE)
+                .query({"query": f"label_values({selector}, {label})", "refId": f"{name}-query"})
+                .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED))
+
+    seed_id = (label_values("seed_id", "seed_id", f"{{{SEED_FAMILY}}}").label("Seed")
+               .description("Seeds with tolaria series in the time range.")
+               .multi(True).include_all(True).all_value(ALL).sort(model.VariableSort.ALPHABETICAL_ASC)
+               .current(model.VariableOption(selected=True, text=["All"], value=["$__all"])))
+    stage = (label_values("stage", "stage", f"{{{SEED_FAMILY}, {SEEDS}}}").label("Stage")
+             .description("Lifecycle stages of the selected seeds in the time range.")
+             .multi(True).include_all(True).all_value(ALL).sort(model.VariableSort.ALPHABETICAL_ASC)
+             .current(model.VariableOption(selected=True, text=["All"], value=["$__all"])))
+    top_k = (label_values("top_k", "top_k", f'{{{INFO_NAME}, enabled="true"}}').label("Top-K")
+             .description("Layers shown per seed; the values are the exporter's TOLARIA_SEED_LAYER_TOPK settings in "
+                          "the time range, largest first, and the volume panel's budget uses the chosen one.")
+             .sort(model.VariableSort.NUMERICAL_DESC))
+    return [datasource, seed_id, stage, top_k]
+
+
+def build() -> model.Dashboard:
+    dashboard = (
+        db.Dashboard(TITLE).uid(UID).tags(["tolaria", "esper", "gradients", "opentelemetry"])
+        .description("Per-seed, per-layer gradient summaries from tolaria_otel (tolaria.grad_agg.seed.*).")
+        .time("now-6h", "now").refresh("1m").timezone("browser").editable()
+        .tooltip(model.DashboardCursorSync.CROSSHAIR)
+        .timepicker(db.TimePicker().refresh_intervals(["30s", "1m", "5m", "15m", "1h"]))
+    )
+    for variable in variables():
+        dashboard = dashboard.with_variable(variable)
+    for panel in (nonfinite_panel(), exploding_panel(), vanishing_panel(), latest_table(), stage_timeline(),
+                  seed_totals_panel(), volume_panel()):
+        dashboard = dashboard.with_panel(panel)
+    # An expanded row keeps its panels at the top level of the JSON (only a collapsed row nests them).
+    dashboard = (dashboard.with_row(db.Row("Per seed: top-K layers").id(8).grid_pos(grid(0, 24, 24, 1)).collapsed(False))
+                 .with_panel(seed_panel()))
+    built = dashboard.build()
+    built.annotations = model.AnnotationContainer(list_val=[stage_change_annotation()])
+    return built
+
+
+class PrometheusAnnotation(model.AnnotationQuery):
+    """A Prometheus annotation query with the title and tag fields the SDK's model does not carry."""
+
+    def __init__(self, title_format: str, tag_keys: str, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.title_format = title_format
+        self.tag_keys = tag_keys
+
+    def to_json(self) -> dict[str, object]:
+        return {**super().to_json(), "titleFormat": self.title_format, "tagKeys": self.tag_keys}
+
+
+def stage_change_expr() -> str:
+    """(seed, stage) pairs that have a series now and had none one interval earlier: stage entries."""
+    pairs = f"group by (seed_id, stage) ({{{SEED_FAMILY}, {SEEDS}}}"
+    return f"{pairs}) unless {pairs} offset $__interval)"
+
+
+def stage_change_annotation() -> PrometheusAnnotation:
+    return PrometheusAnnotation(
+        title_format="{{seed_id}} entered {{stage}}", tag_keys="seed_id,stage", name="Stage changes",
+        datasource=DATASOURCE, enable=True, hide=False, icon_color="purple", type_val="prometheus",
+        expr=stage_change_expr(),
+    )

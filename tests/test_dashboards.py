@@ -1,0 +1,486 @@
+"""The Grafana dashboards (dashboards/) and the PNG plot, proven against real data.
+
+Every PromQL expression is parsed by a real PromQL parser (``promql-parser``, the Rust
+``promql-parser`` crate that GreptimeDB uses) after substituting the template variables as
+Grafana does, then run against a real VictoriaMetrics fed over OTLP/HTTP by short real training
+runs: a healthy one, in which the alarm panels must be empty, and one with a NaN, an exploding and
+a vanishing seed, in which they must not be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import pytest
+import torch
+import yaml
+from matplotlib.image import imread
+
+from dashboards import generate, seed_layers
+from devtools.stack import VictoriaMetrics, victoria_metrics, wait_until
+from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
+from tolaria_otel.plot import load_summaries, main as plot_main, render
+
+from .helpers import seeded_network, train_epoch
+
+REPO = Path(__file__).resolve().parents[1]
+DASHBOARD_FILE = REPO / "dashboards" / "json" / "tolaria-seed-layers.json"
+DATASOURCE_PROVISIONING = REPO / "dashboards" / "provisioning" / "datasources" / "tolaria.yml"
+DASHBOARD_PROVISIONING = REPO / "dashboards" / "provisioning" / "dashboards" / "tolaria.yml"
+RULES_FILE = REPO / "collector" / "rules" / "tolaria-seed-layers.rules.yml"
+
+TOP_K = 2
+SEEDS = ("seed-0", "seed-1", "seed-2")
+EPOCHS = 4
+STEPS = 3
+STAGE_CHANGE = ("seed-1", 2, "BLENDING")  # seed-1 moves from TRAINING to BLENDING at epoch 2
+EXPLODING, NONFINITE, VANISHING = "seed-0", "seed-1", "seed-2"  # the faulty run's last epoch
+NONFINITE_LAYER = "net.2"
+
+# What Grafana puts for its global variables (any valid value does for parsing and running).
+GRAFANA_GLOBALS = {"__interval": "15s", "__rate_interval": "1m", "__range": "6h", "__range_s": "21600",
+                   "__interval_ms": "15000"}
+VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]|\$(\w+)")
+
+
+# -- Grafana's variable interpolation for the Prometheus data source --------------------------------
+
+def regex_escape(value: str) -> str:
+    """Grafana's ``prometheusSpecialRegexEscape``: a multi/include-all value inside a regex matcher."""
+    return re.sub(r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m.group(0), value.replace("\\", "\\\\\\\\"))
+
+
+def variable_value(variable: dict[str, Any], selected: list[str] | str) -> str:
+    """How Grafana's Prometheus data source writes ``selected`` into a query (``interpolateQueryExpr``)."""
+    if selected == "$__all":
+        return variable["allValue"]
+    values = [selected] if isinstance(selected, str) else selected
+    if not variable.get("multi") and not variable.get("includeAll"):
+        return values[0].replace("\\", "\\\\").replace("'", "\\\\'")
+    escaped = [regex_escape(v) for v in values]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+
+
+def interpolate(expr: str, values: dict[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = next(g for g in match.groups() if g)
+        if name in values:
+            return values[name]
+        if name in GRAFANA_GLOBALS:
+            return GRAFANA_GLOBALS[name]
+        raise AssertionError(f"{expr!r} uses ${name}, which is no variable of the dashboard")
+    return VARIABLE.sub(replace, expr)
+
+
+# -- the dashboard ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out += panel.get("panels", [])
+    return out
+
+
+def targets(dashboard: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(panel, target) for panel in panels(dashboard) for target in panel.get("targets", [])]
+
+
+def variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in dashboard["templating"]["list"]}
+
+
+def label_values_query(variable: dict[str, Any]) -> tuple[str, str]:
+    match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"], re.S)
+    assert match, variable["query"]
+    return match.group(1), match.group(2)
+
+
+def all_expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, expression) for every query, variable selector and annotation."""
+    exprs = [(f"panel {p['id']} {t['refId']}", t["expr"]) for p, t in targets(dashboard)]
+    exprs += [(f"variable {name}", label_values_query(v)[0])
+              for name, v in variables(dashboard).items() if v["type"] == "query"]
+    exprs += [(f"annotation {a['name']}", a["expr"]) for a in dashboard["annotations"]["list"]]
+    return exprs
+
+
+def test_committed_json_is_what_the_generator_makes() -> None:
+    rendered = generate.rendered()
+    assert sorted(rendered) == sorted(p.name for p in DASHBOARD_FILE.parent.glob("*.json"))
+    for name, text in rendered.items():
+        assert (DASHBOARD_FILE.parent / name).read_text(encoding="utf-8") == text, f"run `make dashboards` ({name})"
+    assert generate.main(["--check"]) == 0
+
+
+def test_dashboard_is_valid_grafana_json(dashboard: dict[str, Any]) -> None:
+    assert isinstance(dashboard["schemaVersion"], int) and dashboard["schemaVersion"] >= 36
+    assert dashboard["uid"] == "tolaria-seed-layers" and dashboard["title"]
+    assert dashboard["time"] == {"from": "now-6h", "to": "now"} and dashboard["refresh"] == "1m"
+    ids = [p["id"] for p in panels(dashboard)]
+    assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
+    assert ids == list(range(1, 10))  # stable ids: a new panel gets a new number, never a reused one
+    bound = {"type": "prometheus", "uid": "${datasource}"}
+    for panel in panels(dashboard):
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        if panel["type"] == "row":
+            assert panel["collapsed"] is False and panel["panels"] == []
+            continue
+        assert panel["datasource"] == bound, panel["title"]
+        assert panel["targets"] and all(t["datasource"] == bound for t in panel["targets"]), panel["title"]
+        assert len(panel["description"]) > 60, panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+    for annotation in dashboard["annotations"]["list"]:
+        assert annotation["datasource"] == bound
+    names = variables(dashboard)
+    assert list(names) == ["datasource", "seed_id", "stage", "top_k"]
+    assert names["datasource"]["type"] == "datasource" and names["datasource"]["query"] == "prometheus"
+    for name in ("seed_id", "stage", "top_k"):
+        assert names[name]["type"] == "query" and names[name]["datasource"] == bound
+    assert names["seed_id"]["multi"] and names["seed_id"]["includeAll"]
+    repeated = [p for p in panels(dashboard) if p.get("repeat")]
+    assert [(p["id"], p["repeat"]) for p in repeated] == [(9, "seed_id")]
+
+
+def test_provisioning_matches_the_dashboard(dashboard: dict[str, Any]) -> None:
+    datasources = yaml.safe_load(DATASOURCE_PROVISIONING.read_text())["datasources"]
+    assert [(d["uid"], d["type"], d["name"]) for d in datasources] == [
+        (seed_layers.DATASOURCE_UID, "prometheus", seed_layers.DATASOURCE_NAME)]
+    assert variables(dashboard)["datasource"]["current"]["value"] == seed_layers.DATASOURCE_UID
+    (provider,) = yaml.safe_load(DASHBOARD_PROVISIONING.read_text())["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/var/lib/grafana/dashboards")
+
+
+def test_every_expression_parses_with_a_real_promql_parser(dashboard: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        promql_parser.parse("max by (seed_id) (")  # the parser is real: it rejects what Prometheus rejects
+    vars_ = variables(dashboard)
+    selections = [  # the ways Grafana fills the variables in
+        {"seed_id": "$__all", "stage": "$__all"},
+        {"seed_id": ["seed-0", "seed-2"], "stage": ["TRAINING", "BLENDING"]},
+        {"seed_id": "seed-1", "stage": "$__all"},  # a repeated panel's own seed
+    ]
+    for selection in selections:
+        values = {name: variable_value(vars_[name], chosen) for name, chosen in selection.items()}
+        values["top_k"] = variable_value(vars_["top_k"], "3")
+        values["datasource"] = seed_layers.DATASOURCE_UID
+        for where, expr in all_expressions(dashboard):
+            promql = interpolate(expr, values)
+            assert "$" not in promql, (where, promql)
+            try:
+                promql_parser.parse(promql)
+            except ValueError as error:
+                pytest.fail(f"{where}: {promql!r} does not parse: {error}")
+
+
+def test_grafana_interpolation_matches_grafana() -> None:
+    variable = {"multi": True, "includeAll": True, "allValue": ".*"}
+    assert variable_value(variable, ["seed-0", "a.b"]) == r"(seed-0|a\\.b)"
+    assert variable_value(variable, "$__all") == ".*"
+    assert variable_value({"multi": False}, "3") == "3"
+
+
+# -- real runs into real VictoriaMetrics ------------------------------------------------------------
+
+@dataclass
+class Run:
+    vm: VictoriaMetrics
+    summaries: list[EpochSummary]
+    started: float
+    ended: float
+    faulty: bool
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"{self.vm.url}{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            payload = json.loads(response.read())
+        assert payload["status"] == "success", payload
+        return payload["data"]
+
+    def run_target(self, target: dict[str, Any], promql: str) -> list[dict[str, Any]]:
+        """The query as Grafana sends it: instant for a table, otherwise a range over the run.
+
+        The time range ends at ``self.ended``, a whole second after every export and already past
+        (VictoriaMetrics aligns a range to its step and answers points in the future partly). The
+        run lasts a few seconds, so the step is 1 s, what Grafana picks for so short a range.
+        """
+        end = self.ended
+        if target.get("instant"):
+            return list(self.api("/api/v1/query", query=promql, time=f"{end:.3f}")["result"])
+        start = end - math.ceil(end - self.started + 1)  # whole steps, so the last one is at ``end``
+        data = self.api("/api/v1/query_range", query=promql, start=f"{start:.3f}", end=f"{end:.3f}", step="1s")
+        return list(data["result"])
+
+    def label_values(self, label: str, selector: str) -> list[str]:
+        """What Grafana's ``label_values(selector, label)`` asks the data source."""
+        return list(self.api(f"/api/v1/label/{label}/values", **{"match[]": selector},
+                             start=f"{self.started - 1:.0f}", end=f"{self.ended + 1:.0f}"))
+
+
+def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
+    """A real training run exporting over OTLP/HTTP, one export per epoch end."""
+    model, kasmina = seeded_network(len(SEEDS))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(7)
+    started = time.time()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_METRICS_EXPORTER", "otlp")
+        env.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", vm.otlp_metrics_url)
+        env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        env.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # exports only when flushed
+        env.setenv("OTEL_SERVICE_NAME", "tolaria-dashboards-test")
+        env.setenv("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "true")
+        env.setenv("TOLARIA_SEED_LAYER_TOPK", str(TOP_K))
+        settings = SeedLayerSettings.from_env()
+        provider = configure_meter_provider(settings)
+    telemetry = SeedLayerTelemetry(model, kasmina, settings=settings, meter_provider=provider)
+    telemetry.attach(optimizer)
+    step = 0
+
+    def inject_faults() -> None:  # runs before optimizer.step(), so before the telemetry's pre-hook
+        nonlocal step
+        step += 1
+        last_step = step == EPOCHS * STEPS
+        for seed_id, module in kasmina.modules.items():
+            for parameter in module.parameters():
+                if seed_id == VANISHING:
+                    parameter.grad.mul_(1e-12)
+                elif seed_id == EXPLODING and last_step:
+                    parameter.grad.mul_(1e8)
+        if last_step:  # the NaN reaches the parameters only after the last forward pass
+            kasmina.modules[NONFINITE].net[2].weight.grad[0, 0] = float("nan")
+
+    summaries = []
+    try:
+        for epoch in range(EPOCHS):
+            if epoch == STAGE_CHANGE[1]:
+                kasmina.stages[STAGE_CHANGE[0]] = STAGE_CHANGE[2]
+            fault = inject_faults if faulty and epoch == EPOCHS - 1 else None
+            train_epoch(model, optimizer, steps=STEPS, generator=generator, before_step=fault)
+            if fault is None:
+                step += STEPS
+            summaries.append(telemetry.end_epoch())
+            assert provider.force_flush(10_000)
+    finally:
+        telemetry.close()
+        provider.shutdown()
+    run = Run(vm, summaries, started, 0.0, faulty)
+    # VictoriaMetrics makes a new series searchable a few seconds after it arrives, even after its
+    # force_flush: wait for every series the run exported (the settings gauge is one more).
+    exported = {(name, seed.seed_id, seed.stage, layer)
+                for summary in summaries for seed in summary.seeds.values()
+                for name, layer in [("norm", None)] * math.isfinite(seed.total_norm)
+                + [("layer_norm" if math.isfinite(v) else "nonfinite", layer) for layer, v in seed.top_layers]}
+    family = f"{{{seed_layers.SEED_FAMILY}}}"
+    wait_until(lambda: len(vm.series(family)) == len(exported), timeout=20,
+               message=f"the run's {len(exported)} series not searchable")
+    run.ended = math.ceil(time.time())
+    wait_until(lambda: time.time() > run.ended + 0.05, timeout=2, message="clock")
+    return run
+
+
+#: Prometheus' fixed 5 min lookback. VictoriaMetrics otherwise infers a series' lookback from its
+#: sample interval, which in these runs (an export every few hundred ms) is a second or two, so the
+#: answer would depend on how long the test takes; at the real 60 s export interval it is minutes.
+VM_ARGS = ["-search.minStalenessInterval=5m", "-search.maxStalenessInterval=5m"]
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    with victoria_metrics(tmp_path_factory.mktemp("vm-healthy"), extra_args=VM_ARGS) as vm:
+        yield train_into(vm, faulty=False)
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    with victoria_metrics(tmp_path_factory.mktemp("vm-faulty"), extra_args=VM_ARGS) as vm:
+        yield train_into(vm, faulty=True)
+
+
+def test_the_faulty_run_is_what_the_panels_must_catch(healthy: Run, faulty: Run) -> None:
+    for summary in healthy.summaries:
+        for seed in summary.seeds.values():
+            assert all(seed_layers.VANISHING_BELOW < v < seed_layers.EXPLODING_ABSOLUTE for _, v in seed.top_layers)
+    last = faulty.summaries[-1].seeds
+    assert last[NONFINITE].nonfinite_layers == (NONFINITE_LAYER,)
+    assert last[EXPLODING].top_layers[0][1] > seed_layers.EXPLODING_ABSOLUTE
+    assert last[VANISHING].top_layers[0][1] < seed_layers.VANISHING_BELOW
+
+
+#: Per (panel id, refId): the labels of every result series, and whether the healthy / faulty runs
+#: must return data. A panel added without an entry here fails the test below.
+EXPECTED: dict[tuple[int, str], tuple[set[str], bool, bool]] = {
+    (1, "A"): ({"seed_id", "stage", "layer"}, False, True),  # non-finite
+    (2, "A"): ({"seed_id", "stage", "layer"}, False, True),  # exploding, absolute
+    (2, "B"): ({"seed_id", "stage", "layer"}, False, True),  # exploding, against the median
+    (3, "A"): ({"seed_id", "stage"}, False, True),  # vanishing
+    (4, "A"): ({"seed_id", "stage", "layer"}, True, True),  # latest top-K table
+    (5, "A"): ({"seed_id"}, True, True),  # stage timeline
+    (6, "A"): ({"seed_id"}, True, True),  # per-seed totals
+    (7, "A"): (set(), True, True),  # series count
+    (7, "B"): (set(), True, True),  # budget
+    (7, "C"): (set(), True, True),  # series count of the latest export
+    (9, "A"): ({"seed_id", "layer"}, True, True),  # repeated per seed
+}
+
+
+def dashboard_values(run: Run, dashboard: dict[str, Any], seed_id: list[str] | str = "$__all") -> dict[str, str]:
+    vars_ = variables(dashboard)
+    (top_k,) = run.label_values("top_k", interpolate(label_values_query(vars_["top_k"])[0], {}))
+    return {"datasource": seed_layers.DATASOURCE_UID, "seed_id": variable_value(vars_["seed_id"], seed_id),
+            "stage": variable_value(vars_["stage"], "$__all"), "top_k": variable_value(vars_["top_k"], top_k)}
+
+
+def metric_series(result: list[dict[str, Any]], seed_id: str | None = None) -> dict[tuple, dict[str, str]]:
+    return {tuple(sorted(r["metric"].items())): r["metric"] for r in result
+            if seed_id is None or r["metric"].get("seed_id") == seed_id}
+
+
+@pytest.mark.parametrize("which", ["healthy", "faulty"])
+def test_every_panel_query_returns_what_it_should(request: pytest.FixtureRequest, dashboard: dict[str, Any],
+                                                   which: str) -> None:
+    run: Run = request.getfixturevalue(which)
+    assert sorted((p["id"], t["refId"]) for p, t in targets(dashboard)) == sorted(EXPECTED)
+    for seed_selection in ("$__all", list(SEEDS)):
+        values = dashboard_values(run, dashboard, seed_selection)
+        for panel, target in targets(dashboard):
+            labels, in_healthy, in_faulty = EXPECTED[(panel["id"], target["refId"])]
+            where = f"{which} run, panel {panel['id']} {panel['title']!r} {target['refId']}"
+            repeats = [variable_value(variables(dashboard)["seed_id"], s) for s in SEEDS] if panel.get("repeat") \
+                else [values["seed_id"]]
+            for seed_value in repeats:
+                result = run.run_target(target, interpolate(target["expr"], {**values, "seed_id": seed_value}))
+                if not (in_faulty if run.faulty else in_healthy):
+                    assert result == [], f"{where}: must be empty, got {result}"
+                    continue
+                assert result, f"{where}: no data"
+                assert all(set(r["metric"]) == labels for r in result), f"{where}: labels {result}"
+                if panel.get("repeat"):
+                    assert {r["metric"]["seed_id"] for r in result} == {seed_value}, where
+    check_values(run, dashboard)
+
+
+def check_values(run: Run, dashboard: dict[str, Any]) -> None:
+    """The numbers behind the panels: the table is the last epoch's top-K, the budget is top_k x seeds."""
+    by_id = {(p["id"], t["refId"]): t for p, t in targets(dashboard)}
+    values = dashboard_values(run, dashboard)
+    last = run.summaries[-1]
+
+    table = run.run_target(by_id[(4, "A")], interpolate(by_id[(4, "A")]["expr"], values))
+    got = {(r["metric"]["seed_id"], r["metric"]["stage"], r["metric"]["layer"]): float(r["value"][1]) for r in table}
+    want = {(s.seed_id, s.stage, layer): value for s in last.seeds.values() for layer, value in s.top_layers}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == (math.inf if not math.isfinite(value) else pytest.approx(value, rel=1e-6)), key
+
+    stages = run.run_target(by_id[(5, "A")], interpolate(by_id[(5, "A")]["expr"], values))
+    code = {r["metric"]["seed_id"]: r["values"][-1][1] for r in stages}
+    expected_stage = {s: seed_layers.STAGES.index(last.seeds[s].stage) + 1 for s in SEEDS}
+    assert code == {s: str(c) for s, c in expected_stage.items()}
+
+    (budget,) = run.run_target(by_id[(7, "B")], interpolate(by_id[(7, "B")]["expr"], values))
+    assert budget["values"][-1][1] == str(TOP_K * len(SEEDS))
+    (exported,) = run.run_target(by_id[(7, "C")], interpolate(by_id[(7, "C")]["expr"], values))
+    assert exported["values"][-1][1] == str(TOP_K * len(SEEDS))  # every seed here has more than top_k layers
+    (stored,) = run.run_target(by_id[(7, "A")], interpolate(by_id[(7, "A")]["expr"], values))
+    # Push has no staleness markers: seed-1's layers of its previous stage are still in the lookback.
+    assert int(stored["values"][-1][1]) >= TOP_K * len(SEEDS) + TOP_K
+
+    if run.faulty:
+        nonfinite = run.run_target(by_id[(1, "A")], interpolate(by_id[(1, "A")]["expr"], values))
+        assert {(r["metric"]["seed_id"], r["metric"]["layer"]) for r in nonfinite} == {(NONFINITE, NONFINITE_LAYER)}
+        for ref in ("A", "B"):
+            exploding = run.run_target(by_id[(2, ref)], interpolate(by_id[(2, ref)]["expr"], values))
+            assert {r["metric"]["seed_id"] for r in exploding} == {EXPLODING}, ref
+        vanishing = run.run_target(by_id[(3, "A")], interpolate(by_id[(3, "A")]["expr"], values))
+        assert {r["metric"]["seed_id"] for r in vanishing} == {VANISHING}
+
+
+def test_stage_change_annotation_returns_the_run_stages(healthy: Run, dashboard: dict[str, Any]) -> None:
+    (annotation,) = dashboard["annotations"]["list"]
+    promql = interpolate(annotation["expr"], dashboard_values(healthy, dashboard))
+    result = healthy.run_target({}, promql)
+    assert all(set(r["metric"]) == {"seed_id", "stage"} for r in result)
+    pairs = {(r["metric"]["seed_id"], r["metric"]["stage"]) for r in result}
+    assert (STAGE_CHANGE[0], STAGE_CHANGE[2]) in pairs and {s for s, _ in pairs} == set(SEEDS)
+
+
+def test_variables_return_the_run_seeds_stages_and_top_k(healthy: Run, dashboard: dict[str, Any]) -> None:
+    vars_ = variables(dashboard)
+    seed_selector, label = label_values_query(vars_["seed_id"])
+    assert sorted(healthy.label_values(label, interpolate(seed_selector, {}))) == list(SEEDS)
+    stage_selector, label = label_values_query(vars_["stage"])
+    for chosen, stages in (("$__all", {"TRAINING", "BLENDING"}), ("seed-0", {"TRAINING"}),
+                           (["seed-0", "seed-1"], {"TRAINING", "BLENDING"})):
+        selector = interpolate(stage_selector, {"seed_id": variable_value(vars_["seed_id"], chosen)})
+        assert set(healthy.label_values(label, selector)) == stages, chosen
+    top_k_selector, label = label_values_query(vars_["top_k"])
+    assert healthy.label_values(label, interpolate(top_k_selector, {})) == [str(TOP_K)]
+
+
+# -- the alert rules agree with the dashboard's thresholds ------------------------------------------
+
+def numbers_and_ranges(expr: str) -> tuple[set[float], set[str]]:
+    """Every number literal and range/offset duration in a PromQL expression."""
+    text = str(promql_parser.parse(expr))
+    numbers = {float(n) for n in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?(?:e[+-]?\d+)?)(?![\w.\]])", text)}
+    ranges = set(re.findall(r"\[(\w+)\]", text))
+    return numbers, ranges
+
+
+def test_thresholds_agree_with_the_alert_rules() -> None:
+    rules = {rule["alert"]: rule["expr"] for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
+             for rule in group["rules"] if "alert" in rule}
+    numbers, ranges = numbers_and_ranges(rules["TolariaSeedLayerGradientExploding"])
+    assert {seed_layers.EXPLODING_ABSOLUTE, seed_layers.EXPLODING_FACTOR, seed_layers.EXPLODING_RELATIVE_FLOOR} <= numbers
+    assert seed_layers.EXPLODING_BASELINE in ranges
+    assert seed_layers.NONFINITE_VALUE in numbers_and_ranges(rules["TolariaSeedLayerNonFinite"])[0]
+    assert seed_layers.NONFINITE_NAME in rules["TolariaSeedLayerNonFinite"]
+    vanishing = rules["TolariaSeedGradientVanishing"]
+    assert seed_layers.VANISHING_BELOW in numbers_and_ranges(vanishing)[0]
+    assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in vanishing
+
+
+# -- the PNG ----------------------------------------------------------------------------------------
+
+def assert_not_blank(png: Path) -> None:
+    pixels = imread(png)
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 200
+    assert pixels[..., :3].std() > 0.05  # a blank (or single-colour) image has ~0
+    assert (pixels[..., :3].mean(axis=2) < 0.5).mean() > 0.005  # some dark ink: axes, text, lines
+
+
+def test_plot_renders_the_in_process_summaries(faulty: Run, tmp_path: Path) -> None:
+    out = render(faulty.summaries, tmp_path / "run.png")
+    assert out == tmp_path / "run.png"
+    assert_not_blank(out)
+
+
+def test_plot_renders_a_json_lines_file(healthy: Run, faulty: Run, tmp_path: Path, capsys) -> None:
+    run_file = tmp_path / "run.jsonl"
+    run_file.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in faulty.summaries))
+    loaded = load_summaries(run_file)
+    assert [s.to_dict() for s in loaded] == [s.to_dict() for s in faulty.summaries]
+    assert math.isnan(loaded[-1].seeds[NONFINITE].total_norm)
+    assert plot_main([str(run_file), "-o", str(tmp_path / "out.png")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out.png")
+    assert_not_blank(tmp_path / "out.png")
+    (tmp_path / "bad.jsonl").write_text('{"epoch": 0}\n')
+    assert plot_main([str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: not an EpochSummary" in capsys.readouterr().err
