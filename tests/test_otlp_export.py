@@ -55,3 +55,24 @@ def test_training_run_exports_the_in_process_summaries(monkeypatch, protocol, re
         assert summaries[2].seeds["seed-1"].stage == "BLENDING"
         telemetry.close()
         provider.shutdown()
+
+
+def test_close_then_shutdown_still_delivers_the_last_epoch(monkeypatch):
+    """The README's order: telemetry.close(), then provider.shutdown(); the last epoch must arrive."""
+    with http_receiver() as (endpoint, received):
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")
+        settings = SeedLayerSettings(enabled=True)
+        provider = configure_meter_provider(settings)
+        model, kasmina = seeded_network(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        telemetry = SeedLayerTelemetry(model, kasmina, settings=settings, meter_provider=provider)
+        telemetry.attach(optimizer)
+        train_epoch(model, optimizer, steps=2, generator=torch.Generator().manual_seed(0))
+        summary = telemetry.end_epoch()
+        telemetry.close()
+        provider.shutdown()
+        delivered = [gauge_points(request).get(LAYER_NORM, []) for request in received.requests]
+        assert {a["layer"]: v for a, v, _ in delivered[0]} == pytest.approx(
+            dict(summary.seeds["seed-0"].top_layers))

@@ -184,7 +184,11 @@ class SeedLayerInstruments:
         self._budget = [Observation(self._top_k * len(summary.seeds) if self._emit_layers else 0)]
 
     def clear(self) -> None:
-        """Export nothing from now on."""
+        """Export the latest snapshot once more (a push exporter would otherwise never send the last
+        epoch if the provider is shut down after this), then export nothing from now on."""
+        force_flush = getattr(self._provider, "force_flush", None)  # the SDK's provider, not the API's
+        if force_flush is not None:
+            force_flush()
         self._streams.points = {}
         self._settings_info = []
         self._budget = []

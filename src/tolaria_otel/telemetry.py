@@ -119,7 +119,10 @@ class SeedLayerTelemetry:
         return summary
 
     def close(self) -> None:
-        """Detach from the optimizers and stop exporting. The meter provider stays the caller's."""
+        """Detach from the optimizers, flush the last epoch and stop exporting.
+
+        The meter provider stays the caller's to shut down.
+        """
         if not self._enabled:
             return
         for handle in self._hooks:
