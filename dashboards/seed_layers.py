@@ -31,7 +31,7 @@ DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # in collector/rules/tolaria-seed-layers.rules.yml (tests/test_dashboards.py checks that they do):
 #   TolariaSeedLayerGradientExploding: a layer's norm > EXPLODING_ABSOLUTE, or
 #       > EXPLODING_FACTOR x its median over EXPLODING_BASELINE and > EXPLODING_RELATIVE_FLOOR
-#   TolariaSeedLayerNonFinite:         tolaria_grad_agg_seed_layer_nonfinite(_ratio) == NONFINITE_VALUE
+#   TolariaSeedLayerNonFinite:         tolaria_grad_agg_seed_layer_nonfinite == NONFINITE_VALUE
 #   TolariaSeedGradientVanishing:      a seed's largest layer norm < VANISHING_BELOW, outside the stages
 #       VANISHING_EXEMPT_STAGES (with or without the historic SEED_STAGE_ prefix)
 EXPLODING_ABSOLUTE = 1000.0
@@ -46,14 +46,11 @@ LAYER_NORM = "tolaria_grad_agg_seed_layer_norm"
 LAYER_NONFINITE = "tolaria_grad_agg_seed_layer_nonfinite"
 SEED_NORM = "tolaria_grad_agg_seed_norm"
 SETTINGS_INFO = "tolaria_grad_agg_seed_layer_info"
-# The two gauges of unit "1" get the suffix "_ratio" under Prometheus naming (VictoriaMetrics'
-# -opentelemetry.usePrometheusNaming, the Collector's prometheus exporter with its default
-# add_metric_suffixes: true): tolaria_grad_agg_seed_layer_nonfinite_ratio. Match both spellings.
-NONFINITE_NAME = f'__name__=~"{LAYER_NONFINITE}(_ratio)?"'
-INFO_NAME = f'__name__=~"{SETTINGS_INFO}(_ratio)?"'
+#: Per trainer, the per-layer series it may export now: top_k x active seeds (0 in compact mode).
+SERIES_BUDGET = "tolaria_grad_agg_seed_layer_series_budget"
 #: Every series that names a seed: a seed whose total is non-finite has no ``seed_norm`` point, and
 #: compact mode has no layer points, so no single metric lists every seed.
-SEED_FAMILY = f'__name__=~"{SEED_NORM}|{LAYER_NORM}|{LAYER_NONFINITE}(_ratio)?"'
+SEED_FAMILY = f'__name__=~"{SEED_NORM}|{LAYER_NORM}|{LAYER_NONFINITE}"'
 
 #: Kasmina's lifecycle stages (DESIGN.md), in lifecycle order, with or without the historic
 #: ``SEED_STAGE_`` prefix; the stage timeline shows them as numbers 1..n mapped back to names. Any
@@ -100,7 +97,7 @@ def layer_norms(by: str, labels: str = SEEDS_STAGES) -> str:
 
 
 def layer_nonfinite(labels: str = SEEDS_STAGES) -> str:
-    return f"max by (seed_id, stage, layer) {latest(f'{{{NONFINITE_NAME}, {labels}}}')} == {NONFINITE_VALUE}"
+    return f"max by (seed_id, stage, layer) {latest(f'{LAYER_NONFINITE}{{{labels}}}')} == {NONFINITE_VALUE}"
 
 
 def stage_code() -> str:
@@ -149,7 +146,7 @@ def nonfinite_panel() -> statetimeline.Panel:
     return (
         statetimeline.Panel().id(1).title("Non-finite layers (NaN/Inf)").grid_pos(grid(0, 0, 8, 7))
         .description("Top-K layers whose epoch gradient norm is NaN or Inf: the OpenTelemetry SDK drops non-finite "
-                     f"values, so such a layer is exported as {LAYER_NONFINITE}(_ratio) = 1 instead of a norm point. "
+                     f"values, so such a layer is exported as {LAYER_NONFINITE} = 1 instead of a norm point. "
                      "Matches the alert TolariaSeedLayerNonFinite. Empty while every top-K layer is finite.")
         .datasource(DATASOURCE).with_target(query(layer_nonfinite(), "{{seed_id}} {{layer}}"))
         .unit("none").no_value("none: every top-K layer is finite")
@@ -203,7 +200,7 @@ def latest_table() -> table.Panel:
     # Non-finite layers are part of the exported top-K too: they come back as +Inf, which ranks first
     # (as in the package's own ordering), crosses the red threshold, and is mapped to "NaN/Inf".
     expr = (f"topk by (seed_id) ($top_k, {layer_norms('seed_id, stage, layer')}\n"
-            f"  or max by (seed_id, stage, layer) {latest(f'{{{NONFINITE_NAME}, {SEEDS_STAGES}}}')} * +Inf)")
+            f"  or max by (seed_id, stage, layer) {latest(f'{LAYER_NONFINITE}{{{SEEDS_STAGES}}}')} * +Inf)")
     value = "RMS gradient L2 norm"
     return (
         table.Panel().id(4).title("Latest top-K layers per seed").grid_pos(grid(0, 7, 14, 9))
@@ -254,18 +251,17 @@ def seed_totals_panel() -> timeseries.Panel:
 
 
 def volume_panel() -> timeseries.Panel:
-    stored = f"count({LAYER_NORM} or {{{NONFINITE_NAME}}})"
+    stored = f"count({LAYER_NORM} or {LAYER_NONFINITE})"
     any_seed = 'seed_id!=""'
-    exported = f"count({latest(LAYER_NORM, any_seed)} or {latest(f'{{{NONFINITE_NAME}}}', any_seed)})"
-    seeds = f"count(group by (seed_id) ({{{SEED_FAMILY}}}))"
-    budget = f"$top_k * {seeds}"
+    exported = f"count({latest(LAYER_NORM, any_seed)} or {latest(LAYER_NONFINITE, any_seed)})"
+    budget = f"sum({SERIES_BUDGET})"
     return (
         timeseries.Panel().id(7).title("Telemetry volume vs budget").grid_pos(grid(16, 16, 8, 8))
         .description("Series of the per-layer family (layer_norm and layer_nonfinite, all seeds, every run in the "
-                     "data source) against the budget top_k x active seeds, with top_k from the top-K variable "
-                     f"(the exporter's setting, label top_k of {SETTINGS_INFO}). Latest export: the series each "
-                     "seed's newest export sent, exactly min(top_k, layers) per seed, so never above the budget "
-                     "unless two runs share the data source. In the backend: every series still inside the "
+                     "data source) against the budget top_k x active seeds, summed over the trainers: each "
+                     f"exports its own as {SERIES_BUDGET}, updated at every epoch end (0 in compact mode). "
+                     "Latest export: the series each seed's newest export sent, exactly min(top_k, layers) per "
+                     "seed, so never above the budget. In the backend: every series still inside the "
                      "lookback window; above the budget for a few minutes after the top-K or a stage changes "
                      "(a layer that left the top-K stays until the lookback or the Collector's expiry drops it).")
         .datasource(DATASOURCE)
@@ -320,9 +316,9 @@ def variables() -> list[db.QueryVariable | db.DatasourceVariable]:
              .description("Lifecycle stages of the selected seeds in the time range.")
              .multi(True).include_all(True).all_value(ALL).sort(model.VariableSort.ALPHABETICAL_ASC)
              .current(model.VariableOption(selected=True, text=["All"], value=["$__all"])))
-    top_k = (label_values("top_k", "top_k", f'{{{INFO_NAME}, enabled="true"}}').label("Top-K")
+    top_k = (label_values("top_k", "top_k", f'{SETTINGS_INFO}{{enabled="true"}}').label("Top-K")
              .description("Layers shown per seed; the values are the exporter's TOLARIA_SEED_LAYER_TOPK settings in "
-                          "the time range, largest first, and the volume panel's budget uses the chosen one.")
+                          "the time range, largest first.")
              .sort(model.VariableSort.NUMERICAL_DESC))
     return [datasource, seed_id, stage, top_k]
 

@@ -282,7 +282,7 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
         provider.shutdown()
     run = Run(vm, summaries, started, 0.0, faulty)
     # VictoriaMetrics makes a new series searchable a few seconds after it arrives, even after its
-    # force_flush: wait for every series the run exported (the settings gauge is one more).
+    # force_flush: wait for every seed-family series the run exported, and for its budget gauge.
     exported = {(name, seed.seed_id, seed.stage, layer)
                 for summary in summaries for seed in summary.seeds.values()
                 for name, layer in [("norm", None)] * math.isfinite(seed.total_norm)
@@ -290,6 +290,8 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
     family = f"{{{seed_layers.SEED_FAMILY}}}"
     wait_until(lambda: len(vm.series(family)) == len(exported), timeout=20,
                message=f"the run's {len(exported)} series not searchable")
+    wait_until(lambda: len(vm.series(seed_layers.SERIES_BUDGET)) == 1, timeout=20,
+               message="the run's series budget gauge not searchable")
     run.ended = math.ceil(time.time())
     wait_until(lambda: time.time() > run.ended + 0.05, timeout=2, message="clock")
     return run
@@ -377,7 +379,8 @@ def test_every_panel_query_returns_what_it_should(request: pytest.FixtureRequest
 
 
 def check_values(run: Run, dashboard: dict[str, Any]) -> None:
-    """The numbers behind the panels: the table is the last epoch's top-K, the budget is top_k x seeds."""
+    """The numbers behind the panels: the table is the last epoch's top-K, the budget (the trainer's own
+    gauge) is top_k x seeds."""
     by_id = {(p["id"], t["refId"]): t for p, t in targets(dashboard)}
     values = dashboard_values(run, dashboard)
     last = run.summaries[-1]
@@ -451,7 +454,7 @@ def test_thresholds_agree_with_the_alert_rules() -> None:
     assert {seed_layers.EXPLODING_ABSOLUTE, seed_layers.EXPLODING_FACTOR, seed_layers.EXPLODING_RELATIVE_FLOOR} <= numbers
     assert seed_layers.EXPLODING_BASELINE in ranges
     assert seed_layers.NONFINITE_VALUE in numbers_and_ranges(rules["TolariaSeedLayerNonFinite"])[0]
-    assert seed_layers.NONFINITE_NAME in rules["TolariaSeedLayerNonFinite"]
+    assert seed_layers.LAYER_NONFINITE in rules["TolariaSeedLayerNonFinite"]
     vanishing = rules["TolariaSeedGradientVanishing"]
     assert seed_layers.VANISHING_BELOW in numbers_and_ranges(vanishing)[0]
     assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in vanishing
