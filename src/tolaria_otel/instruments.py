@@ -124,7 +124,7 @@ class _Streams:
             meter.create_observable_gauge(
                 LAYER_NONFINITE,
                 [self._reader(LAYER_NONFINITE)],
-                unit="",  # "1" would get a _ratio suffix in Prometheus naming
+                unit="",  # unit-less: "1" would add a _ratio suffix in Prometheus
                 description="1 for a top-K layer whose epoch gradient norm is NaN or Inf.",
             )
 
@@ -157,7 +157,7 @@ class SeedLayerInstruments:
         meter.create_observable_gauge(
             SETTINGS_INFO,
             [lambda options: self._settings_info],
-            unit="",  # "1" would get a _ratio suffix in Prometheus naming
+            unit="",  # unit-less: "1" would add a _ratio suffix in Prometheus
             description="1 while the per-layer seed summaries are on; attributes give the effective settings.",
         )
         meter.create_observable_gauge(
