@@ -60,7 +60,7 @@ def http_receiver() -> Iterator[tuple[str, Received]]:
     received = Received()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             if self.headers.get("Content-Encoding") == "gzip":
                 body = gzip.decompress(body)
@@ -92,7 +92,7 @@ def grpc_receiver() -> Iterator[tuple[str, Received]]:
     received = Received()
 
     class Service(metrics_service_pb2_grpc.MetricsServiceServicer):
-        def Export(self, request, context):  # noqa: N802 - gRPC's naming
+        def Export(self, request, context):
             received.add(request)
             return metrics_service_pb2.ExportMetricsServiceResponse()
 

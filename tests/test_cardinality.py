@@ -21,7 +21,7 @@ def _long_run(epochs: int, layers_per_seed: int, top_k: int) -> None:
                                                                                                   top_k=top_k))
     next_seed = len(seeds)
     for epoch in range(epochs):
-        for seed_id, (module, _) in active.items():
+        for module, _ in active.values():
             for layer in module:
                 layer.weight.grad = torch.full_like(layer.weight, rng.random())
         telemetry.observe_step()

@@ -29,7 +29,8 @@ from matplotlib.image import imread
 from dashboards import generate, seed_layers
 from devtools.stack import VictoriaMetrics, victoria_metrics, wait_until
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
-from tolaria_otel.plot import load_summaries, main as plot_main, render
+from tolaria_otel.plot import load_summaries, render
+from tolaria_otel.plot import main as plot_main
 
 from .helpers import seeded_network, train_epoch
 
@@ -106,7 +107,7 @@ def variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def label_values_query(variable: dict[str, Any]) -> tuple[str, str]:
-    match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"], re.S)
+    match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"], re.DOTALL)
     assert match, variable["query"]
     return match.group(1), match.group(2)
 

@@ -118,7 +118,7 @@ def test_seed_source_failing_mid_run_is_logged_and_last_stages_kept(caplog):
             raise RuntimeError("kasmina is restarting")
         return {"s": (seed, "TRAINING")}
 
-    telemetry, reader = telemetry_for(seed, kasmina, ON)
+    telemetry, _ = telemetry_for(seed, kasmina, ON)
     seed.weight.grad = torch.ones(1, 1)
     state["fail"] = True
     with caplog.at_level(logging.WARNING, logger="tolaria_otel"):

@@ -1,6 +1,5 @@
 """Off means off; the step path never syncs with the host."""
 
-import pytest
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -57,7 +56,7 @@ def test_off_by_default_installs_and_allocates_nothing(monkeypatch):
 class CountingMode(TorchDispatchMode):
     """Records every aten op, and which ones move data to the host."""
 
-    HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::item"}
+    HOST_SYNC_OPS = frozenset({"aten::_local_scalar_dense", "aten::item"})
 
     def __init__(self):
         super().__init__()

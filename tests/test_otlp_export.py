@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from tolaria_otel import LAYER_NONFINITE, LAYER_NORM, SEED_NORM, SeedLayerSettings, SeedLayerTelemetry
-from tolaria_otel import configure_meter_provider
+from tolaria_otel import (
+    LAYER_NONFINITE,
+    LAYER_NORM,
+    SEED_NORM,
+    SeedLayerSettings,
+    SeedLayerTelemetry,
+    configure_meter_provider,
+)
 
 from .helpers import seeded_network, train_epoch
 from .otlp_receiver import gauge_points, grpc_receiver, http_receiver

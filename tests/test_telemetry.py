@@ -134,7 +134,7 @@ def test_deterministic_run_after_run():
 
 def test_ties_broken_by_layer_name():
     seed = torch.nn.ModuleDict({name: torch.nn.Linear(2, 2, bias=False) for name in ("c", "a", "b", "d")})
-    telemetry, reader = telemetry_for(seed, {"s": (seed, "TRAINING")}, ON.replace(top_k=3))
+    telemetry, _ = telemetry_for(seed, {"s": (seed, "TRAINING")}, ON.replace(top_k=3))
     for name, module in seed.items():
         module.weight.grad = torch.full_like(module.weight, 2.0 if name == "d" else 1.0)
     telemetry.observe_step()
@@ -245,13 +245,14 @@ def test_close_detaches_and_stops_exporting():
     assert collect(reader)[LAYER_NORM]
     telemetry.close()
     assert not optimizer._optimizer_step_pre_hooks
-    assert not collect(reader)  # the settings info too: nothing says "on" any more
+    assert collect(reader)[LAYER_NORM]  # close() flushed the last epoch to the reader
+    assert not collect(reader)  # then nothing, the settings info neither: nothing says "on" any more
     assert telemetry.end_epoch() is None
 
 
 def test_registry_with_module_swapped_between_epochs():
     model, registry = seeded_network(1)
-    telemetry, reader = telemetry_for(model, registry, ON)
+    telemetry, _ = telemetry_for(model, registry, ON)
     replacement = torch.nn.Linear(3, 3)
     registry.add("seed-0", replacement, "RESETTING")
     model.seeds["seed_0"].net[0].weight.grad = torch.ones(32, 64)  # before the swap is read

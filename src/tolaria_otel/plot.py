@@ -19,11 +19,11 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from .summary import EpochSummary, SeedSummary
 
-SummariesOrPath = Union[Iterable[EpochSummary], str, os.PathLike]
+SummariesOrPath = Iterable[EpochSummary] | str | os.PathLike
 
 _COLUMNS = 3
 _PANEL_SIZE = (5.2, 3.4)
