@@ -97,11 +97,11 @@ def _op_counts(seed_count: int) -> tuple[CountingMode, CountingMode, int]:
 
 def test_step_path_has_no_host_sync_and_a_fixed_op_count():
     """On an accelerator a host sync is a scalar read (``item``) or a copy to the CPU: none per step.
-    The step path is the same three ops (foreach norm, stack, multiply-add) however many layers."""
+    The step path is the same two ops (foreach norm, foreach multiply-add) however many layers."""
     one_seed, _, one_seed_ops = _op_counts(1)
     four_seeds, _, four_seed_ops = _op_counts(4)
     assert one_seed.host_transfers == four_seeds.host_transfers == 0
-    assert one_seed_ops == four_seed_ops == 3 * 3
+    assert one_seed_ops == four_seed_ops == 2 * 3
 
 
 def test_epoch_end_work_does_not_grow_with_layers():

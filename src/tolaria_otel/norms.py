@@ -1,16 +1,16 @@
-"""The no-grad reduction: per-step gradient norms into device buffers, epoch reduction to floats.
+"""The no-grad reduction: per-step gradient norms into device accumulators, epoch reduction to floats.
 
 Per sampled optimizer step the only work is one ``torch._foreach_norm`` over the gradients and one
-in-place multiply-add of the squared norms into a float32 buffer per device: no host sync, no
-Python loop over layers. The epoch reduction copies each buffer to the host once. Squared norms add
-across steps, and across ranks when gradients are sharded, which is why the epoch statistic is the
-root-mean-square (DESIGN.md).
+``torch._foreach_addcmul_`` of the squared norms into a float32 accumulator per gradient tensor (on
+its device): no host sync, no Python loop over layers. The epoch reduction stacks the accumulators
+and copies them to the host once. Squared norms add across steps, and across ranks when gradients
+are sharded, which is why the epoch statistic is the root-mean-square (DESIGN.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -31,71 +31,61 @@ class GradientHolder(Protocol):
 class _DeviceGroup:
     params: list[GradientHolder]
     positions: list[int]  # where each parameter sits in the accumulator's global order
-    squares: torch.Tensor  # float32 [len(params)], sum over sampled steps of ||grad||^2
-    index_cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    buffer: torch.Tensor | None = None  # float32 [len(params)]: sum over sampled steps of ||grad||^2
+    squares: list[torch.Tensor] | None = None  # the buffer's elements, as views the foreach ops update
 
 
 class GradientSquares:
     """Per-parameter sums of squared gradient L2 norms over the sampled steps of one epoch.
 
-    Parameters without a gradient at a step add nothing for that step. A float32 buffer overflows
-    to ``inf`` once a squared norm passes about 3.4e38 (a norm of about 1.8e19): such a layer is
-    reported as non-finite, which is where an exploding gradient belongs anyway.
+    Parameters without a gradient at a step add nothing for that step. A float32 accumulator
+    overflows to ``inf`` once a squared norm passes about 3.4e38 (a norm of about 1.8e19): such a
+    layer is reported as non-finite, which is where an exploding gradient belongs anyway.
     """
 
     def __init__(self, params: Sequence[GradientHolder]) -> None:
         self.size = len(params)
         by_device: dict[torch.device, _DeviceGroup] = {}
         for position, param in enumerate(params):
-            group = by_device.get(param.device)
-            if group is None:
-                squares = torch.zeros(0, dtype=torch.float32, device=param.device)
-                group = by_device[param.device] = _DeviceGroup([], [], squares)
+            group = by_device.setdefault(param.device, _DeviceGroup([], []))
             group.params.append(param)
             group.positions.append(position)
-        for group in by_device.values():
-            group.squares = torch.zeros(len(group.params), dtype=torch.float32, device=group.squares.device)
+        for device, group in by_device.items():
+            group.buffer = torch.zeros(len(group.params), dtype=torch.float32, device=device)
+            group.squares = list(group.buffer.unbind())
         self._groups = list(by_device.values())
 
     @torch.no_grad()
     def add_step(self) -> None:
-        """Queue this step's squared gradient norms onto the device buffers (no host sync)."""
+        """Queue this step's squared gradient norms onto the device accumulators (no host sync)."""
         for group in self._groups:
             grads = [param.grad for param in group.params]
-            # Identity test: `None in grads` calls Tensor.__eq__(None) per gradient (~12 us each).
-            if all(grad is not None for grad in grads):
-                norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-                group.squares.addcmul_(norms, norms)
-                continue
-            present = tuple(i for i, grad in enumerate(grads) if grad is not None)
-            if not present:
-                continue
-            index = group.index_cache.get(present)
-            if index is None:
-                # Built once per distinct pattern of missing gradients (frozen or unused parameters).
-                index = torch.tensor(present, dtype=torch.long, device=group.squares.device)
-                group.index_cache[present] = index
-            norms = torch.stack(torch._foreach_norm([grads[i] for i in present], 2, dtype=torch.float32))
-            group.squares.index_add_(0, index, norms * norms)
+            squares = group.squares or []
+            # Identity test: `None in grads` would call Tensor.__eq__(None) per gradient (~12 us each).
+            if not all(grad is not None for grad in grads):  # frozen or unused parameters this step
+                present = [i for i, grad in enumerate(grads) if grad is not None]
+                grads = [grads[i] for i in present]
+                squares = [squares[i] for i in present]
+                if not grads:
+                    continue
+            # Views into one buffer, not a stack of the norms: a third op per step (docs/benchmarks.md).
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[arg-type]
+            torch._foreach_addcmul_(squares, norms, norms)
 
     @torch.no_grad()
     def device_sums(self) -> torch.Tensor:
         """All sums in global parameter order, as one tensor on the first group's device."""
         if not self._groups:
             return torch.zeros(0, dtype=torch.float32)
-        home = self._groups[0].squares.device
-        if len(self._groups) == 1:
-            return self._groups[0].squares.clone()
+        buffers = [group.buffer for group in self._groups if group.buffer is not None]
+        if len(buffers) == 1:
+            return buffers[0].clone()
+        home = buffers[0].device
         sums = torch.zeros(self.size, dtype=torch.float32, device=home)
-        for group in self._groups:
+        for group, buffer in zip(self._groups, buffers):
             index = torch.tensor(group.positions, dtype=torch.long, device=home)
-            sums.index_copy_(0, index, group.squares.to(home))
+            sums.index_copy_(0, index, buffer.to(home))
         return sums
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        for group in self._groups:
-            group.squares.zero_()
 
 
 @dataclass(frozen=True)
