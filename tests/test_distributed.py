@@ -86,6 +86,9 @@ def _rank_main(worker: Callable[..., Any], rank: int, port: int, out: str, env: 
     finally:
         dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    # Skip interpreter teardown: there gloo's background threads can hit std::terminate (SIGABRT,
+    # "terminate called without an active exception") after the work is done and written.
+    os._exit(0)
 
 
 class Collectives(TorchDispatchMode):

@@ -143,3 +143,23 @@ def test_failing_gradient_read_never_reaches_training(caplog):
     assert telemetry.failures == 1
     assert summary.sampled_steps == 0
     assert "observe_step failed" in caplog.text
+
+
+def test_layers_added_or_frozen_in_place_are_picked_up_from_the_next_epoch():
+    """The layout read at an epoch end serves the epoch that starts there (the step path never walks)."""
+    seed = nn.Sequential(nn.Linear(2, 2, bias=False))
+    telemetry, _ = telemetry_for(seed, {"s": (seed, "TRAINING")}, ON)
+
+    def epoch() -> list[tuple[str, float]]:
+        for index, layer in enumerate(seed):
+            layer.weight.grad = torch.full((2, 2), float(index + 1))
+        telemetry.observe_step()
+        return list(telemetry.end_epoch().seeds["s"].top_layers)
+
+    assert [layer for layer, _ in epoch()] == ["0"]
+    seed.append(nn.Linear(2, 2, bias=False))  # the seed grows in place: same module object
+    assert [layer for layer, _ in epoch()] == ["0"]  # this epoch's layout predates the growth
+    assert epoch() == [("1", pytest.approx(4.0)), ("0", pytest.approx(2.0))]  # zeroed in between
+    seed[0].requires_grad_(False)  # a layer is frozen
+    epoch()
+    assert [layer for layer, _ in epoch()] == ["1"]

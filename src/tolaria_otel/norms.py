@@ -73,6 +73,12 @@ class GradientSquares:
             torch._foreach_addcmul_(squares, norms, norms)
 
     @torch.no_grad()
+    def reset(self) -> None:
+        for group in self._groups:
+            if group.buffer is not None:
+                group.buffer.zero_()
+
+    @torch.no_grad()
     def device_sums(self) -> torch.Tensor:
         """All sums in global parameter order, as one tensor on the first group's device."""
         if not self._groups:

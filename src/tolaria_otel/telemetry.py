@@ -60,6 +60,7 @@ class SeedLayerTelemetry:
         # Under torch.distributed every rank reduces and one exports (docs/distributed.md); else None.
         self._ranks = RankReduction.current(self.settings.export_rank)
         self._seeds = read_seeds(seeds)  # fail fast on a malformed source
+        self._layout_key: tuple[object, ...] = ()
         self._use_layout(self._seeds)
         self._instruments: SeedLayerInstruments | None = None
         if self._ranks is None or self._ranks.rank == self.settings.export_rank:
@@ -141,7 +142,16 @@ class SeedLayerTelemetry:
         self.observe_step()
 
     def _use_layout(self, seeds: dict[str, SeedView]) -> None:
-        """Prepare the gradient list once per epoch, so the step path never walks modules."""
+        """Prepare the gradient list for the next epoch, so the step path never walks modules.
+
+        Rebuilt only when a seed came or went or its parameters changed (swapped, added, frozen,
+        unfrozen); otherwise the accumulators are zeroed in place.
+        """
+        key = _layout_key(seeds)
+        if self._ranks is None and key == self._layout_key:
+            self._squares.reset()
+            return
+        self._layout_key = key
         layouts = [discover_layers(view) for view in seeds.values()]
         params, self._positions = index_parameters([(layout.seed_id, layout.layers) for layout in layouts])
         self._squares = GradientSquares(local_gradients(params))
@@ -190,3 +200,9 @@ class SeedLayerTelemetry:
         _logger.log(logging.WARNING if first else logging.DEBUG,
                     "tolaria_otel: %s failed; training goes on without this measurement", where,
                     exc_info=first)
+
+
+def _layout_key(seeds: Mapping[str, SeedView]) -> tuple[object, ...]:
+    """What the layout depends on. Parameter ids cannot be reused while the layout holds the parameters."""
+    return tuple((seed_id, tuple((id(p), p.requires_grad) for p in view.module.parameters()))
+                 for seed_id, view in seeds.items())
