@@ -1,0 +1,79 @@
+"""Smoke test of the overhead benchmarks: they run end to end at tiny sizes and print every variant.
+
+No timing is asserted (this machine's load decides those); only what is deterministic: every variant
+has a row (measured, or "not run" with a reason where a peer is not installed), and the feature's
+step path reads nothing back from the device while its epoch end reads once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS_A = [
+    "baseline", "baseline again (A/A)", "disabled (flag off)", "enabled, 1 seed", "enabled, 2 seeds",
+    "enabled, 4 seeds", "enabled, 4 seeds, sample_every=4", "enabled, 4 seeds, compact",
+    "floor: _foreach_norm only", "peer: per-layer .item() loop", "peer: Lightning grad_norm",
+    "peer: wandb.watch gradients", "peer: TensorBoard add_histogram",
+]
+
+
+def _run(module: str, *args: str) -> str:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-m", module, "--quick", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def _rows(stdout: str, title: str) -> dict[str, list[str]]:
+    """The table under the heading that contains ``title``: variant -> cells."""
+    section = stdout.split(title, 1)[1].split("Goals:", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| variant") and not line.startswith("| ---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[re.sub(r" \(every=\d+\)$", "", cells[0])] = cells[1:]
+    return rows
+
+
+def _check_table(rows: dict[str, list[str]], variants: list[str]) -> None:
+    assert list(rows) == variants
+    # host reads/step, host reads/epoch, ATen ops/step are the last three cells. Compared with the
+    # baseline's: the optimizer itself may read (AdamW's step counts on the CPU; none on a GPU).
+    base_step, base_epoch = float(rows["baseline"][-3]), float(rows["baseline"][-2])
+    for name, cells in rows.items():
+        if cells[0].startswith("not run:"):
+            assert name.startswith("peer: "), f"{name} did not run: {cells[0]}"
+            assert len(cells[0]) > len("not run: "), "a peer that cannot run says why"
+            continue
+        float(cells[0]), float(cells[3])  # median ms, ratio
+        reads_step, reads_epoch = float(cells[-3]), float(cells[-2])
+        if name.startswith(("enabled", "disabled", "baseline", "floor")):
+            assert reads_step == base_step, f"{name}: {reads_step} host reads per step, baseline {base_step}"
+        if name.startswith("enabled"):
+            assert reads_epoch - base_epoch == 1, f"{name}: {reads_epoch} host reads per epoch, baseline {base_epoch}"
+
+
+def test_overhead_script_prints_every_variant() -> None:
+    stdout = _run("benchmarks.overhead")
+    _check_table(_rows(stdout, "### Workload (a)"), VARIANTS_A)
+    deep = [v for v in VARIANTS_A if not v.startswith(("enabled, 1 seed", "enabled, 2 seeds"))]
+    _check_table(_rows(stdout, "### Workload (b12)"), deep)
+    _check_table(_rows(stdout, "### Workload (b20)"), deep)
+    assert "extra time per step against the number of seed layers" in stdout
+    # The SDK really got the points: 3 layers x 4 seeds, one total per seed.
+    assert re.search(r"^- enabled, 4 seeds: .*\b12 layer_norm, 4 norm\b.*; 4 seeds summarised$", stdout, re.M)
+
+
+@pytest.mark.parametrize("module", ["benchmarks.gpu"])
+def test_gpu_script_runs_on_cpu_at_tiny_sizes(module: str) -> None:
+    stdout = _run(module, "--device", "cpu")
+    _check_table(_rows(stdout, "### Workload (c)"), VARIANTS_A)
