@@ -57,6 +57,7 @@ class SeedLayerTelemetry:
         self._reported_failures: set[tuple[str, type]] = set()
         self._countdown = 1  # steps until the next sampled one; the first step is sampled
         self._sampled_steps = 0
+        self._warned_unsampled = False
         # Under torch.distributed every rank reduces and one exports (docs/distributed.md); else None.
         self._ranks = RankReduction.current(self.settings.export_rank)
         self._seeds = read_seeds(seeds)  # fail fast on a malformed source
@@ -178,8 +179,10 @@ class SeedLayerTelemetry:
                 if stage is not None:  # a seed culled during the epoch is no longer reported
                     seeds[positions.seed_id] = self._seed_summary(stage, positions, sums, steps)
         elif layout:
-            _logger.warning("tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
-                            self.epoch, self.settings.sample_every)
+            _logger.log(logging.DEBUG if self._warned_unsampled else logging.WARNING,
+                        "tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
+                        self.epoch, self.settings.sample_every)
+            self._warned_unsampled = True
         return EpochSummary(self.epoch, steps, self.settings.top_k, seeds)
 
     def _seed_summary(self, stage: str, positions: SeedPositions, sums: list[float], steps: int) -> SeedSummary:
