@@ -203,6 +203,25 @@ def test_demo_defaults_need_no_server_and_write_runs_jsonl(tmp_path: Path) -> No
             assert (seed["total_norm"] == 0) == (seed["stage"] == "CULLED")
 
 
+def test_plot_renders_a_demo_file_and_rejects_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.image import imread
+
+    for name in ("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "OTEL_METRICS_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)  # the demo sets its defaults; restore them afterwards
+
+    summaries = tmp_path / "run.jsonl"
+    assert main(["demo", "--quiet", "--epochs", "2", "--seeds", "2", "--output", str(summaries)]) == 0
+    assert main(["plot", str(summaries)]) == 0
+    image = imread(tmp_path / "run.png")
+    assert image.shape[0] > 100 and image.std() > 0.05  # drawn on, not a blank canvas
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "bad.jsonl")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("tolaria-otel plot: error:") and error.count("\n") == 1
+
+
 def test_demo_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     args = ("demo", "--quiet", "--epochs", "4", "--seeds", "3", "--top-k", "2", "--seed", "7")
     first, second = tmp_path / "a" / "run.jsonl", tmp_path / "b" / "run.jsonl"

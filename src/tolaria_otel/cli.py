@@ -135,7 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--timeout", type=_float_in(0.1, 60.0), default=PROBE_TIMEOUT_S,
                         help=f"seconds to wait for the OTLP endpoint (default {PROBE_TIMEOUT_S:g})")
     doctor.set_defaults(handler=run_doctor_command)
+
+    plot = commands.add_parser(
+        "plot", help="render a run's summaries to a PNG",
+        description="Render the main views of the dashboards (top-K layers per seed over epochs, per-seed "
+        "totals) from a JSON Lines file of epoch summaries (the demo's --output) to a PNG, for a look "
+        "without Grafana. Needs matplotlib: pip install 'tolaria-otel[plot]'.")
+    plot.add_argument("summaries", type=Path, help="JSON Lines file, one EpochSummary.to_dict() per line")
+    plot.add_argument("-o", "--output", type=Path, help="PNG to write (default: the input with .png)")
+    plot.set_defaults(handler=run_plot_command)
     return parser
+
+
+def run_plot_command(args: argparse.Namespace) -> int:
+    try:
+        from .plot import render
+
+        print(render(args.summaries, args.output or args.summaries.with_suffix(".png")))
+    except (OSError, ValueError, ImportError) as error:
+        raise CommandError(str(error)) from None
+    return 0
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
