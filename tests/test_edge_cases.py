@@ -163,3 +163,18 @@ def test_layers_added_or_frozen_in_place_are_picked_up_from_the_next_epoch():
     seed[0].requires_grad_(False)  # a layer is frozen
     epoch()
     assert [layer for layer, _ in epoch()] == ["1"]
+
+
+def test_no_seed_yet_then_one_germinates():
+    model = nn.Sequential(nn.Linear(2, 2))
+    active: dict = {}
+    telemetry, reader = telemetry_for(model, lambda: dict(active), ON)
+    telemetry.observe_step()
+    assert telemetry.end_epoch().seeds == {}
+    assert LAYER_NORM not in collect(reader)
+    active["s"] = (model[0], "GERMINATED")
+    telemetry.observe_step()
+    telemetry.end_epoch()  # read here: measured from the next epoch on
+    model[0].weight.grad = torch.ones(2, 2)
+    telemetry.observe_step()
+    assert [layer for layer, _ in telemetry.end_epoch().seeds["s"].top_layers] == ["(root)"]

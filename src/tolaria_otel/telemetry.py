@@ -61,7 +61,7 @@ class SeedLayerTelemetry:
         # Under torch.distributed every rank reduces and one exports (docs/distributed.md); else None.
         self._ranks = RankReduction.current(self.settings.export_rank)
         self._seeds = read_seeds(seeds)  # fail fast on a malformed source
-        self._layout_key: tuple[object, ...] = ()
+        self._layout_key: tuple[object, ...] | None = None  # no layout yet
         self._use_layout(self._seeds)
         self._instruments: SeedLayerInstruments | None = None
         if self._ranks is None or self._ranks.rank == self.settings.export_rank:
