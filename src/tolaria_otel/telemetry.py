@@ -35,6 +35,9 @@ class SeedLayerTelemetry:
     training loop; bad arguments to the constructor are raised at once.
     """
 
+    _squares: GradientSquares
+    _positions: list[SeedPositions]
+
     def __init__(
         self,
         model: nn.Module,
