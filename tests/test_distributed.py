@@ -205,6 +205,24 @@ def test_ddp_equals_single_process_and_only_rank_0_exports(tmp_path):
     assert (resource[RANK_ATTRIBUTE], resource[WORLD_SIZE_ATTRIBUTE]) == (0, WORLD)
 
 
+def _pull_mode_rank(rank: int) -> list[str]:
+    provider = configure_meter_provider(ON)
+    try:
+        return [type(reader).__name__ for reader in provider._metric_readers]
+    finally:
+        provider.shutdown()
+
+
+def test_pull_mode_serves_from_the_export_rank_only(tmp_path):
+    """Every rank of a node reads the same OTEL_EXPORTER_PROMETHEUS_PORT: only the export rank binds it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+           "OTEL_EXPORTER_PROMETHEUS_PORT": str(port)}
+    assert run_ranks(_pull_mode_rank, tmp_path, env=env) == [["ServingPrometheusReader"], []]
+
+
 # --- FSDP2 -----------------------------------------------------------------------------------------
 
 def _fsdp_rank(rank: int) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
-from .distributed import distributed_resource
+from .distributed import distributed_resource, process_group
 from .instruments import seed_layer_views
 from .settings import SeedLayerSettings
 
@@ -66,7 +66,7 @@ def configure_meter_provider(
             resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
         resource = resource.merge(distributed_resource())  # rank and world size under torch.distributed
     return MeterProvider(
-        metric_readers=[*_readers_from_env(), *readers],
+        metric_readers=[*_readers_from_env(settings), *readers],
         resource=resource,
         views=views,
     )
@@ -98,13 +98,18 @@ def otlp_protocol(environ: dict[str, str] | os._Environ[str] | None = None) -> s
     return "http/protobuf"
 
 
-def _readers_from_env() -> list[MetricReader]:
+def _readers_from_env(settings: SeedLayerSettings) -> list[MetricReader]:
     builders: dict[str, Callable[[], MetricReader]] = {
         "otlp": lambda: PeriodicExportingMetricReader(_otlp_exporter()),
         "console": lambda: PeriodicExportingMetricReader(ConsoleMetricExporter()),
         "prometheus": _prometheus_reader,
     }
-    return [builders[name]() for name in exporter_names()]
+    names = exporter_names()
+    group = process_group()
+    if group is not None and group[0] != settings.export_rank and "prometheus" in names:
+        # Only the export rank has points to serve, and the ranks of a node would all bind one port.
+        names.remove("prometheus")
+    return [builders[name]() for name in names]
 
 
 def _otlp_exporter() -> MetricExporter:
