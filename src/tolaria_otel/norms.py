@@ -31,8 +31,8 @@ class GradientHolder(Protocol):
 class _DeviceGroup:
     params: list[GradientHolder]
     positions: list[int]  # where each parameter sits in the accumulator's global order
-    buffer: torch.Tensor | None = None  # float32 [len(params)]: sum over sampled steps of ||grad||^2
-    squares: list[torch.Tensor] | None = None  # the buffer's elements, as views the foreach ops update
+    buffer: torch.Tensor  # float32 [len(params)]: sum over sampled steps of ||grad||^2
+    squares: list[torch.Tensor]  # the buffer's elements, as views the foreach ops update
 
 
 class GradientSquares:
@@ -45,22 +45,20 @@ class GradientSquares:
 
     def __init__(self, params: Sequence[GradientHolder]) -> None:
         self.size = len(params)
-        by_device: dict[torch.device, _DeviceGroup] = {}
+        positions: dict[torch.device, list[int]] = {}
         for position, param in enumerate(params):
-            group = by_device.setdefault(param.device, _DeviceGroup([], []))
-            group.params.append(param)
-            group.positions.append(position)
-        for device, group in by_device.items():
-            group.buffer = torch.zeros(len(group.params), dtype=torch.float32, device=device)
-            group.squares = list(group.buffer.unbind())
-        self._groups = list(by_device.values())
+            positions.setdefault(param.device, []).append(position)
+        self._groups = []
+        for device, indices in positions.items():
+            buffer = torch.zeros(len(indices), dtype=torch.float32, device=device)
+            self._groups.append(_DeviceGroup([params[i] for i in indices], indices, buffer, list(buffer.unbind())))
 
     @torch.no_grad()
     def add_step(self) -> None:
         """Queue this step's squared gradient norms onto the device accumulators (no host sync)."""
         for group in self._groups:
             grads = [param.grad for param in group.params]
-            squares = group.squares or []
+            squares = group.squares
             # Identity test: `None in grads` would call Tensor.__eq__(None) per gradient (~12 us each).
             if not all(grad is not None for grad in grads):  # frozen or unused parameters this step
                 present = [i for i, grad in enumerate(grads) if grad is not None]
@@ -75,22 +73,20 @@ class GradientSquares:
     @torch.no_grad()
     def reset(self) -> None:
         for group in self._groups:
-            if group.buffer is not None:
-                group.buffer.zero_()
+            group.buffer.zero_()
 
     @torch.no_grad()
     def device_sums(self) -> torch.Tensor:
         """All sums in global parameter order, as one tensor on the first group's device."""
         if not self._groups:
             return torch.zeros(0, dtype=torch.float32)
-        buffers = [group.buffer for group in self._groups if group.buffer is not None]
-        if len(buffers) == 1:
-            return buffers[0].clone()
-        home = buffers[0].device
+        if len(self._groups) == 1:
+            return self._groups[0].buffer.clone()
+        home = self._groups[0].buffer.device
         sums = torch.zeros(self.size, dtype=torch.float32, device=home)
-        for group, buffer in zip(self._groups, buffers):
+        for group in self._groups:
             index = torch.tensor(group.positions, dtype=torch.long, device=home)
-            sums.index_copy_(0, index, buffer.to(home))
+            sums.index_copy_(0, index, group.buffer.to(home))
         return sums
 
 

@@ -35,7 +35,6 @@ class SeedLayout:
     """A seed's layers and the trainable parameters directly owned by each, in discovery order."""
 
     seed_id: str
-    module: nn.Module
     layers: tuple[tuple[str, tuple[nn.Parameter, ...]], ...]
 
 
@@ -73,4 +72,4 @@ def discover_layers(seed: SeedView) -> SeedLayout:
         params = tuple(p for p in module.parameters(recurse=False) if p.requires_grad)
         if params:
             layers.append((name or ROOT_LAYER, params))
-    return SeedLayout(seed.seed_id, seed.module, tuple(layers))
+    return SeedLayout(seed.seed_id, tuple(layers))
