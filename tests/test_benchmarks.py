@@ -77,3 +77,11 @@ def test_overhead_script_prints_every_variant() -> None:
 def test_gpu_script_runs_on_cpu_at_tiny_sizes(module: str) -> None:
     stdout = _run(module, "--device", "cpu")
     _check_table(_rows(stdout, "### Workload (c)"), VARIANTS_A)
+
+
+def test_step_path_breakdown_runs_and_prints_every_piece():
+    stdout = _run("benchmarks.step_path")
+    pieces = re.findall(r"^\| ([^|]+?) \| [+-]\d+\.\d \|$", stdout, re.MULTILINE)
+    assert pieces == ["floor: _foreach_norm only", "observe_step(), no end_epoch", "attached, no end_epoch",
+                      "attached, with end_epoch"]
+    assert re.search(r"^end_epoch\(\) with one sampled step: \d+ µs", stdout, re.MULTILINE)
