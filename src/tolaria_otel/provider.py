@@ -3,16 +3,25 @@
 The exporters read their own variables (``OTEL_EXPORTER_OTLP_*``: endpoint, headers, timeout,
 compression, certificate; ``OTEL_METRIC_EXPORT_INTERVAL`` and ``OTEL_METRIC_EXPORT_TIMEOUT``;
 ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` through ``Resource.create``). This module
-only chooses which exporters to build, as ``opentelemetry-instrument`` would, and validates the
-choices it reads itself.
+chooses which exporters to build, as ``opentelemetry-instrument`` would, and first checks every
+value the chosen exporters will read (:func:`environment_problems`): the SDK takes a malformed
+value for its default with a logged warning (which prints a malformed header, secret and all), or
+takes a value that never exports (``OTEL_METRIC_EXPORT_INTERVAL=inf``, a zero timeout) without a
+word. Here a bad value fails at start, naming the variable and what is accepted; an error never
+shows a header value, a URL's user info or its query string, and echoes at most a short prefix
+of any other value.
 """
 
 from __future__ import annotations
 
+import errno
+import importlib.util
+import math
 import os
-from collections.abc import Callable, Sequence
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
 
-from opentelemetry.sdk.environment_variables import OTEL_SDK_DISABLED
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -21,20 +30,52 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.util.re import parse_env_headers
 
 from .distributed import distributed_resource, process_group
 from .instruments import seed_layer_views
-from .settings import SeedLayerSettings
+from .settings import SeedLayerSettings, echoed
 
+ENV_SDK_DISABLED = "OTEL_SDK_DISABLED"
 ENV_EXPORTER = "OTEL_METRICS_EXPORTER"
 ENV_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
 ENV_METRICS_PROTOCOL = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
+ENV_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+ENV_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+ENV_HEADERS = "OTEL_EXPORTER_OTLP_HEADERS"
+ENV_METRICS_HEADERS = "OTEL_EXPORTER_OTLP_METRICS_HEADERS"
+ENV_TIMEOUT = "OTEL_EXPORTER_OTLP_TIMEOUT"
+ENV_METRICS_TIMEOUT = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT"
+ENV_COMPRESSION = "OTEL_EXPORTER_OTLP_COMPRESSION"
+ENV_METRICS_COMPRESSION = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION"
+ENV_CERTIFICATE = "OTEL_EXPORTER_OTLP_CERTIFICATE"
+ENV_METRICS_CERTIFICATE = "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE"
+ENV_EXPORT_INTERVAL = "OTEL_METRIC_EXPORT_INTERVAL"
+ENV_EXPORT_TIMEOUT = "OTEL_METRIC_EXPORT_TIMEOUT"
+ENV_SERVICE_NAME = "OTEL_SERVICE_NAME"
+ENV_RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 ENV_PROMETHEUS_HOST = "OTEL_EXPORTER_PROMETHEUS_HOST"
 ENV_PROMETHEUS_PORT = "OTEL_EXPORTER_PROMETHEUS_PORT"
 
 EXPORTERS = ("otlp", "prometheus", "console", "none")
 PROTOCOLS = ("http/protobuf", "grpc")
+COMPRESSIONS = ("none", "gzip", "deflate")
 DEFAULT_SERVICE_NAME = "tolaria"
+DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
+DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
+DEFAULT_OTLP_TIMEOUT_S = 10.0
+DEFAULT_EXPORT_INTERVAL_MS = 60_000.0
+DEFAULT_EXPORT_TIMEOUT_MS = 30_000.0
+DEFAULT_PROMETHEUS_HOST = "localhost"
+DEFAULT_PROMETHEUS_PORT = 9464
+
+# The liberal header syntax of opentelemetry.util.re, which the OTLP exporters parse with: an entry
+# that does not match it is logged, value included, and dropped.
+_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
+_HEADER_ENTRY = re.compile(r"[ \t]*[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+[ \t]*=[ \t]*"
+                           r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*")
+
+Environ = Mapping[str, str]
 
 
 class ConfigurationError(ValueError):
@@ -54,11 +95,16 @@ def configure_meter_provider(
     the last epoch is exported. Without ``resource``, the resource is the SDK's (``OTEL_SERVICE_NAME``,
     ``OTEL_RESOURCE_ATTRIBUTES``) plus, once ``torch.distributed`` is initialised, the rank and world
     size (:func:`tolaria_otel.distributed.distributed_resource`): build the provider after
-    ``init_process_group``.
+    ``init_process_group``. Raises :class:`ConfigurationError` for the first problem
+    :func:`environment_problems` finds.
     """
+    _check_arguments(settings, resource, readers)
     settings = SeedLayerSettings.from_env() if settings is None else settings
     views = seed_layer_views(settings)
-    if _is_true(os.environ.get(OTEL_SDK_DISABLED, "")):
+    problems = environment_problems()
+    if problems:
+        raise problems[0]
+    if sdk_disabled():
         return MeterProvider(views=views)  # the SDK hands out no-op meters
     if resource is None:
         resource = Resource.create()
@@ -72,37 +118,281 @@ def configure_meter_provider(
     )
 
 
-def exporter_names(environ: dict[str, str] | os._Environ[str] | None = None) -> list[str]:
+def metrics_urls(provider: MeterProvider) -> list[str]:
+    """The ``/metrics`` URL of each pull-mode reader of ``provider`` (none in push mode)."""
+    from .prometheus import ServingPrometheusReader
+
+    readers = provider._metric_readers  # noqa: SLF001 - the SDK has no public accessor
+    return [reader.url for reader in readers if isinstance(reader, ServingPrometheusReader)]
+
+
+def environment_problems(environ: Environ | None = None) -> list[ConfigurationError]:
+    """Every ``OTEL_*`` value in force that the SDK would misread, one error per variable.
+
+    Only what the settings in force read is checked: nothing but ``OTEL_SDK_DISABLED`` when it is
+    true, the ``OTEL_EXPORTER_OTLP_*`` variables only with the ``otlp`` exporter, and so on.
+    """
+    env = _environ(environ)
+    problems: list[ConfigurationError] = []
+
+    def check(read: Callable[[], object]) -> object | None:
+        try:
+            return read()
+        except ConfigurationError as error:
+            problems.append(error)
+            return None
+
+    if check(lambda: sdk_disabled(env)) is True:
+        return problems
+    exporters = check(lambda: exporter_names(env))
+    exporters = exporters if isinstance(exporters, list) else []
+    check(lambda: resource_attributes(env))
+    if "otlp" in exporters:
+        protocol = check(lambda: otlp_protocol(env))
+        if isinstance(protocol, str):
+            endpoint = check(lambda: otlp_metrics_endpoint(env, protocol))
+            if isinstance(endpoint, str) and endpoint.startswith("https:"):
+                check(lambda: otlp_certificate(env))
+            if protocol == "grpc" and importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is None:
+                problems.append(ConfigurationError(
+                    "OTLP over grpc needs the exporter package: pip install 'tolaria-otel[grpc]'"))
+        check(lambda: otlp_headers(env))
+        check(lambda: otlp_timeout_s(env))
+        check(lambda: otlp_compression(env))
+    if "otlp" in exporters or "console" in exporters:
+        check(lambda: export_interval_ms(env))
+        check(lambda: export_timeout_ms(env))
+    if "prometheus" in exporters:
+        check(lambda: prometheus_address(env))
+        if importlib.util.find_spec("opentelemetry.exporter.prometheus") is None:
+            problems.append(ConfigurationError(
+                f"{ENV_EXPORTER}=prometheus needs the exporter package: pip install 'tolaria-otel[prometheus]'"))
+    return problems
+
+
+def sdk_disabled(environ: Environ | None = None) -> bool:
+    """``OTEL_SDK_DISABLED``: true or false. The SDK reads any other word as false, so ``1`` would
+    leave the SDK on; it is refused here instead."""
+    raw = _value(_environ(environ), ENV_SDK_DISABLED)
+    if raw is None:
+        return False
+    word = raw.strip().lower()
+    if word not in ("true", "false"):
+        raise ConfigurationError(f"{ENV_SDK_DISABLED}={echoed(raw)} is not valid: expected true or false "
+                                 "(the SDK reads any other value as false)")
+    return word == "true"
+
+
+def exporter_names(environ: Environ | None = None) -> list[str]:
     """``OTEL_METRICS_EXPORTER`` as a validated list (default ``otlp``, as the specification says)."""
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV_EXPORTER, "")
+    raw = _environ(environ).get(ENV_EXPORTER, "")
     names = [name.strip().lower() for name in raw.split(",") if name.strip()] or ["otlp"]
     for name in names:
         if name not in EXPORTERS:
-            raise ConfigurationError(f"{ENV_EXPORTER}={raw!r} is not valid: expected a comma-separated list of "
-                                     f"{', '.join(EXPORTERS)}")
+            raise ConfigurationError(f"{ENV_EXPORTER}={echoed(raw)} is not valid: expected a comma-separated list "
+                                     f"of {', '.join(EXPORTERS)}")
     if "none" in names and len(names) > 1:
-        raise ConfigurationError(f"{ENV_EXPORTER}={raw!r} is not valid: 'none' cannot be combined with others")
+        raise ConfigurationError(f"{ENV_EXPORTER}={echoed(raw)} is not valid: 'none' cannot be combined with others")
     return [name for name in names if name != "none"]
 
 
-def otlp_protocol(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
+def otlp_protocol(environ: Environ | None = None) -> str:
     """The OTLP protocol for metrics (default ``http/protobuf``, as the specification says)."""
-    env = os.environ if environ is None else environ
+    env = _environ(environ)
     for variable in (ENV_METRICS_PROTOCOL, ENV_PROTOCOL):
         raw = env.get(variable, "").strip()
         if raw:
             if raw.lower() not in PROTOCOLS:
-                raise ConfigurationError(f"{variable}={raw!r} is not valid: expected one of {', '.join(PROTOCOLS)}")
+                raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: expected one of {', '.join(PROTOCOLS)}")
             return raw.lower()
     return "http/protobuf"
+
+
+def otlp_metrics_endpoint(environ: Environ | None = None, protocol: str | None = None) -> str:
+    """The URL the OTLP metric exporter sends to, resolved as the exporter resolves it, and checked."""
+    env = _environ(environ)
+    protocol = otlp_protocol(env) if protocol is None else protocol
+    specific = _value(env, ENV_METRICS_ENDPOINT)
+    base = _value(env, ENV_ENDPOINT)
+    if specific is not None:
+        variable, raw, url = ENV_METRICS_ENDPOINT, specific, specific.strip()
+    elif protocol == "grpc":
+        variable, raw, url = ENV_ENDPOINT, base or "", (base or DEFAULT_GRPC_ENDPOINT).strip()
+    else:
+        variable, raw = ENV_ENDPOINT, base or ""
+        url = f"{(base or DEFAULT_HTTP_ENDPOINT).strip().removesuffix('/')}/v1/metrics"
+    problem = url_problem(url)
+    if problem:
+        raise ConfigurationError(f"{variable}={echoed(redacted_url(raw))} is not valid: {problem}; expected "
+                                 "http://host:port or https://host:port, with a path where the receiver needs one")
+    return url
+
+
+def otlp_headers(environ: Environ | None = None) -> dict[str, str]:
+    """The export headers (``OTEL_EXPORTER_OTLP_METRICS_HEADERS`` or else ``OTEL_EXPORTER_OTLP_HEADERS``)."""
+    found = _in_force(_environ(environ), ENV_METRICS_HEADERS, ENV_HEADERS)
+    if found is None:
+        return {}
+    variable, raw = found
+    entries = [entry for entry in _HEADER_DELIMITER.split(raw) if entry]
+    for number, entry in enumerate(entries, 1):
+        if not _HEADER_ENTRY.fullmatch(entry.strip()):
+            raise ConfigurationError(
+                f"{variable} is not valid: entry {number} of {len(entries)} is not name=value in printable ASCII "
+                "(not shown: it may hold a secret); expected comma-separated name=value pairs, special "
+                "characters URL-encoded, e.g. authorization=Bearer%20TOKEN")
+    return dict(parse_env_headers(raw, liberal=True))
+
+
+def otlp_timeout_s(environ: Environ | None = None) -> float:
+    """The export timeout in seconds: the Python exporters read seconds, not the specification's ms."""
+    found = _in_force(_environ(environ), ENV_METRICS_TIMEOUT, ENV_TIMEOUT)
+    if found is None:
+        return DEFAULT_OTLP_TIMEOUT_S
+    variable, raw = found
+    value = _number(raw)
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: expected a positive number of seconds "
+                                 "(the Python SDK reads seconds), e.g. 2")
+    return value
+
+
+def otlp_compression(environ: Environ | None = None) -> str:
+    found = _in_force(_environ(environ), ENV_METRICS_COMPRESSION, ENV_COMPRESSION)
+    if found is None:
+        return "none"
+    variable, raw = found
+    if raw.strip().lower() not in COMPRESSIONS:
+        raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: expected one of {', '.join(COMPRESSIONS)}")
+    return raw.strip().lower()
+
+
+def otlp_certificate(environ: Environ | None = None) -> str | None:
+    """The CA file for an ``https://`` endpoint; the SDK finds a missing one only at each export."""
+    found = _in_force(_environ(environ), ENV_METRICS_CERTIFICATE, ENV_CERTIFICATE)
+    if found is None:
+        return None
+    variable, raw = found
+    if not (os.path.isfile(raw) and os.access(raw, os.R_OK)):
+        raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: not a readable file; expected the path "
+                                 "of a PEM file of CA certificates")
+    return raw
+
+
+def export_interval_ms(environ: Environ | None = None) -> float:
+    return _milliseconds(_environ(environ), ENV_EXPORT_INTERVAL, DEFAULT_EXPORT_INTERVAL_MS)
+
+
+def export_timeout_ms(environ: Environ | None = None) -> float:
+    return _milliseconds(_environ(environ), ENV_EXPORT_TIMEOUT, DEFAULT_EXPORT_TIMEOUT_MS)
+
+
+def resource_attributes(environ: Environ | None = None) -> None:
+    """``OTEL_RESOURCE_ATTRIBUTES``: the SDK logs (value included) and drops an entry without ``=``."""
+    raw = _value(_environ(environ), ENV_RESOURCE_ATTRIBUTES)
+    if raw is None:
+        return
+    entries = raw.split(",")
+    for number, entry in enumerate(entries, 1):
+        key, equals, _ = entry.partition("=")
+        if not equals or not key.strip():
+            raise ConfigurationError(f"{ENV_RESOURCE_ATTRIBUTES} is not valid: entry {number} of {len(entries)} is "
+                                     "not key=value (not shown); expected comma-separated key=value pairs, "
+                                     "e.g. service.instance.id=run-42")
+
+
+def prometheus_address(environ: Environ | None = None) -> tuple[str, int]:
+    """Where pull mode serves ``/metrics``: (host, port). Whether it can listen there shows at start."""
+    env = _environ(environ)
+    host = (_value(env, ENV_PROMETHEUS_HOST) or DEFAULT_PROMETHEUS_HOST).strip()
+    raw_port = _value(env, ENV_PROMETHEUS_PORT)
+    if raw_port is None:
+        return host, DEFAULT_PROMETHEUS_PORT
+    text = raw_port.strip()
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+        raise ConfigurationError(f"{ENV_PROMETHEUS_PORT}={echoed(raw_port)} is not valid: expected a port from 0 "
+                                 "to 65535 (0: a free one)")
+    return host, int(text)
+
+
+def prometheus_reader(environ: Environ | None = None) -> MetricReader:
+    """A serving pull-mode reader at :func:`prometheus_address`; the caller shuts it down."""
+    host, port = prometheus_address(environ)
+    try:
+        from .prometheus import ServingPrometheusReader
+    except ImportError as error:
+        raise ConfigurationError(f"{ENV_EXPORTER}=prometheus needs the exporter package: "
+                                 f"pip install 'tolaria-otel[prometheus]' ({error})") from error
+    try:
+        return ServingPrometheusReader(host, port)
+    except OSError as error:
+        if error.errno in (errno.EADDRINUSE, errno.EACCES):
+            why = "in use (another trainer or program listens there)" if error.errno == errno.EADDRINUSE else \
+                "not allowed for this user (ports below 1024 need privileges)"
+            raise ConfigurationError(
+                f"{ENV_PROMETHEUS_PORT}={port} is not usable: port {port} on {echoed(host)} is {why}; give each "
+                "trainer its own port, or 0 for a free one") from None
+        reason = error.strerror or str(error)
+        raise ConfigurationError(f"{ENV_PROMETHEUS_HOST}={echoed(host)} is not usable: {reason}; expected a name or "
+                                 "address of this machine, e.g. localhost, 127.0.0.1 or 0.0.0.0") from None
+    except ValueError:  # a host name that IDNA cannot encode
+        raise ConfigurationError(f"{ENV_PROMETHEUS_HOST}={echoed(host)} is not valid: expected a name or address of "
+                                 "this machine, e.g. localhost, 127.0.0.1 or 0.0.0.0") from None
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an OTLP endpoint, or None."""
+    if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
+        return "it has a space or a control character"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as error:  # 'http://[::1' (unclosed bracket), 'http://host:99999'
+        return "the port is not a number from 1 to 65535" if "Port" in str(error) else "it does not parse as a URL"
+    if parts.scheme not in ("http", "https"):
+        return "the scheme is not http or https"
+    if not parts.hostname:
+        return "it has no host"
+    if port == 0:
+        return "the port is not a number from 1 to 65535"
+    return None
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without what may be a secret, even when it does not parse: the user info
+    (``https://TOKEN@host``, ``user:pass@``) becomes ``***@``, a query or fragment ``?***``."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    cut = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    end = min([i for i in (tail.find("?"), tail.find("#")) if i >= 0] or [len(tail)])
+    return f"{scheme}{separator}{authority}{tail[:end]}{'?***' if end < len(tail) else ''}"
+
+
+def _check_arguments(settings: object, resource: object, readers: object) -> None:
+    if settings is not None and not isinstance(settings, SeedLayerSettings):
+        raise TypeError(f"settings is {type(settings).__name__}: expected a tolaria_otel.SeedLayerSettings, or None "
+                        "to read the TOLARIA_* variables")
+    if resource is not None and not isinstance(resource, Resource):
+        raise TypeError(f"resource is {type(resource).__name__}: expected an opentelemetry.sdk.resources.Resource, "
+                        "or None for the SDK's own")
+    if isinstance(readers, (str, bytes)) or not isinstance(readers, Sequence):
+        raise TypeError(f"readers is {type(readers).__name__}: expected a sequence of "
+                        "opentelemetry.sdk.metrics.export.MetricReader")
+    for reader in readers:
+        if not isinstance(reader, MetricReader):
+            raise TypeError(f"readers holds a {type(reader).__name__}: expected only "
+                            "opentelemetry.sdk.metrics.export.MetricReader instances")
 
 
 def _readers_from_env(settings: SeedLayerSettings) -> list[MetricReader]:
     builders: dict[str, Callable[[], MetricReader]] = {
         "otlp": lambda: PeriodicExportingMetricReader(_otlp_exporter()),
         "console": lambda: PeriodicExportingMetricReader(ConsoleMetricExporter()),
-        "prometheus": _prometheus_reader,
+        "prometheus": prometheus_reader,
     }
     names = exporter_names()
     group = process_group()
@@ -113,31 +403,46 @@ def _readers_from_env(settings: SeedLayerSettings) -> list[MetricReader]:
 
 
 def _otlp_exporter() -> MetricExporter:
-    protocol = otlp_protocol()
-    if protocol == "http/protobuf":
+    if otlp_protocol() == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         return OTLPMetricExporter()
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
-    except ImportError as error:
-        raise ConfigurationError(f"OTLP over grpc needs the exporter package: pip install 'tolaria-otel[grpc]' "
-                                 f"({error})") from error
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
     return GrpcExporter()
 
 
-def _prometheus_reader() -> MetricReader:
+def _milliseconds(env: Environ, variable: str, default: float) -> float:
+    raw = _value(env, variable)
+    if raw is None:
+        return default
+    value = _number(raw)
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: expected a positive number of milliseconds")
+    return value
+
+
+def _number(raw: str) -> float:
     try:
-        from .prometheus import ServingPrometheusReader
-    except ImportError as error:
-        raise ConfigurationError("OTEL_METRICS_EXPORTER=prometheus needs the exporter package: "
-                                 f"pip install 'tolaria-otel[prometheus]' ({error})") from error
-    raw_port = os.environ.get(ENV_PROMETHEUS_PORT, "").strip() or "9464"
-    if not raw_port.isdigit() or int(raw_port) > 65535:
-        raise ConfigurationError(f"{ENV_PROMETHEUS_PORT}={raw_port!r} is not valid: expected a port from 0 to 65535")
-    host = os.environ.get(ENV_PROMETHEUS_HOST, "").strip() or "localhost"
-    return ServingPrometheusReader(host, int(raw_port))
+        return float(raw.strip())
+    except ValueError:
+        return math.nan
 
 
-def _is_true(raw: str) -> bool:
-    return raw.strip().lower() == "true"
+def _in_force(env: Environ, specific: str, general: str) -> tuple[str, str] | None:
+    """(variable, value) of the metrics-specific variable, or else the general one, or None."""
+    for variable in (specific, general):
+        raw = _value(env, variable)
+        if raw is not None:
+            return variable, raw
+    return None
+
+
+def _value(env: Environ, name: str) -> str | None:
+    """The variable's value; empty or blank counts as unset, as the OpenTelemetry specification says."""
+    raw = env.get(name)
+    return raw if raw is not None and raw.strip() else None
+
+
+def _environ(environ: Environ | None) -> Environ:
+    return os.environ if environ is None else environ

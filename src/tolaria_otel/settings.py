@@ -36,8 +36,23 @@ SAMPLE_EVERY_MAX = 1_000_000
 EXPORT_RANK_MAX = 1_000_000
 
 
+#: Characters of a bad value that an error message echoes; a longer value is cut and its length given.
+ECHO_MAX = 40
+
+
 class SettingsError(ValueError):
     """A ``TOLARIA_*`` value (or a settings field) is not one the contract accepts."""
+
+
+def echoed(value: object) -> str:
+    """``repr(value)`` for an error message, cut to :data:`ECHO_MAX` characters of the value.
+
+    A variable can hold anything (a pasted file, a 100 kB token): the message stays one short line.
+    """
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= ECHO_MAX else f"{text[:ECHO_MAX]}... ({len(text)} characters of repr)"
+    return repr(value) if len(value) <= ECHO_MAX else f"{value[:ECHO_MAX]!r}... ({len(value)} characters)"
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,7 @@ class SeedLayerSettings:
     def __post_init__(self) -> None:
         for name in ("enabled", "compact"):
             if not isinstance(getattr(self, name), bool):
-                raise SettingsError(f"{name}={getattr(self, name)!r} is not valid: expected a bool")
+                raise SettingsError(f"{name}={echoed(getattr(self, name))} is not valid: expected a bool")
         _check_int("top_k", self.top_k, TOP_K_MAX)
         _check_int("sample_every", self.sample_every, SAMPLE_EVERY_MAX)
         _check_int("export_rank", self.export_rank, EXPORT_RANK_MAX, minimum=0)
@@ -97,7 +112,7 @@ def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if word in _FALSE:
         return False
-    raise SettingsError(f"{name}={raw!r} is not valid: expected {_BOOL_ACCEPTED}")
+    raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {_BOOL_ACCEPTED}")
 
 
 def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, minimum: int = 1) -> int:
@@ -108,13 +123,13 @@ def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, mi
     accepted = f"an integer from {minimum} to {maximum}"
     # int() would also take "1_000" and " +3"; the contract is plain decimal digits.
     if not text.isascii() or not text.isdigit():
-        raise SettingsError(f"{name}={raw!r} is not valid: expected {accepted}")
+        raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {accepted}")
     value = int(text)
     if not minimum <= value <= maximum:
-        raise SettingsError(f"{name}={raw!r} is not valid: expected {accepted}")
+        raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {accepted}")
     return value
 
 
 def _check_int(name: str, value: object, maximum: int, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise SettingsError(f"{name}={value!r} is not valid: expected an integer from {minimum} to {maximum}")
+        raise SettingsError(f"{name}={echoed(value)} is not valid: expected an integer from {minimum} to {maximum}")
