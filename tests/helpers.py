@@ -121,3 +121,16 @@ def telemetry_for(
 
 def layer_points(points: Iterable[tuple[dict, float, str]]) -> dict[tuple[str, str], float]:
     return {(attrs["seed_id"], attrs["layer"]): value for attrs, value, _ in points}
+
+
+def sdk_attribute_sets(telemetry: SeedLayerTelemetry) -> int:
+    """How many attribute sets the SDK holds for the telemetry's instruments, over all readers.
+
+    Reads SDK internals on purpose: that state is what grows without bound when it is not released.
+    """
+    total = 0
+    for gauge in telemetry._instruments._gauges:  # type: ignore[union-attr]
+        for storage in gauge._measurement_consumer._reader_storages.values():  # type: ignore[attr-defined]
+            for match in storage._instrument_view_instrument_matches.get(gauge, ()):
+                total += len(match._attributes_aggregation)
+    return total

@@ -337,7 +337,10 @@ def test_seeds_on_some_ranks_and_an_idle_rank_give_exact_values_and_no_hang(tmp_
     assert {attributes["seed_id"] for attributes, _ in one["points"]} == set(expected_seeds[1])
     for result in (zero, one):
         first, second = result["epoch_ops"]
-        assert first.count("c10d::allreduce_") == 1 and second == ["c10d::allreduce_"]
+        assert first.count("c10d::allreduce_") == 1
+        # Epoch 1 measured other slots than epoch 0 ("late" came, "gone" went, a stage moved): the
+        # all-reduce says so, the ranks agree on the new layout and reduce once more in it.
+        assert second == ["c10d::allreduce_", "c10d::allgather_", "c10d::allgather_", "c10d::allreduce_"]
 
 
 # --- without torch.distributed, and the pieces -----------------------------------------------------
@@ -366,11 +369,9 @@ def test_bad_export_rank_names_variable_value_and_accepted(raw):
 
 def test_slot_layout_is_the_union_with_the_lowest_rank_stage():
     layout = SlotLayout.agree([
-        (("a", "TRAINING", ("(root)", "net.0")), ("b", "TRAINING", ("net.0",))),
-        (("b", "BLENDING", ("net.0", "net.1")), ("c", "GERMINATED", ("net.0",))),
+        ((("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")), (("a", "TRAINING"), ("b", "TRAINING"))),
+        ((("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")), (("b", "BLENDING"), ("c", "GERMINATED"))),
     ])
     assert layout.stages == {"a": "TRAINING", "b": "TRAINING", "c": "GERMINATED"}
     assert layout.slots == (("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0"), ("b", "net.1"),
                             ("c", ""), ("c", "net.0"))
-    b = layout.positions[1]
-    assert (b.seed_id, b.layers, b.total) == ("b", (("net.0", (4,)), ("net.1", (5,))), (3,))

@@ -7,8 +7,9 @@ root-mean-square over the epoch's sampled steps, and the top-K layers per seed a
 
 * returned in process as an :class:`EpochSummary` (Tamiyo reads it), and
 * exported as ``tolaria.grad_agg.seed.layer_norm`` (unit ``grad``, attributes ``seed_id``,
-  ``stage``, ``layer``), with ``tolaria.grad_agg.seed.norm`` per seed and
-  ``tolaria.grad_agg.seed.layer_nonfinite`` for NaN or Inf layers.
+  ``stage``, ``layer``), with ``tolaria.grad_agg.seed.norm`` per seed,
+  ``tolaria.grad_agg.seed.layer_nonfinite`` for NaN or Inf layers and
+  ``tolaria.grad_agg.seed.not_measured`` for a seed that had no gradient at all.
 
 Usage::
 
@@ -17,7 +18,8 @@ Usage::
     provider = configure_meter_provider()          # from OTEL_* variables, with the package's views
     telemetry = SeedLayerTelemetry(model, seeds=kasmina.active_seeds,
                                    settings=SeedLayerSettings.from_env(), meter_provider=provider)
-    telemetry.attach(optimizer)                    # or telemetry.observe_step() after each backward
+    telemetry.attach()                             # every optimizer step (or attach(optimizer),
+                                                   # or telemetry.observe_step() after each backward)
     for epoch in range(epochs):
         for batch in loader:
             ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
@@ -25,40 +27,66 @@ Usage::
     telemetry.close(); provider.shutdown()
 
 With the flag off nothing is installed or allocated, no instrument is created, and
-``observe_step()`` returns at once.
+``observe_step()`` returns at once. Importing the package imports nothing heavy: torch and the
+OpenTelemetry SDK load with the first name that needs them.
 """
 
-from ._version import __version__
-from .instruments import (
-    LAYER_NONFINITE,
-    LAYER_NORM,
-    SEED_NORM,
-    SERIES_BUDGET,
-    SETTINGS_INFO,
-    seed_layer_views,
-)
-from .provider import ConfigurationError, configure_meter_provider
-from .seeds import ROOT_LAYER, SeedMapping, SeedSource
-from .settings import SeedLayerSettings, SettingsError
-from .summary import EpochSummary, SeedSummary
-from .telemetry import SeedLayerTelemetry
+from __future__ import annotations
 
-__all__ = [
-    "LAYER_NONFINITE",
-    "LAYER_NORM",
-    "ROOT_LAYER",
-    "SEED_NORM",
-    "SERIES_BUDGET",
-    "SETTINGS_INFO",
-    "ConfigurationError",
-    "EpochSummary",
-    "SeedLayerSettings",
-    "SeedLayerTelemetry",
-    "SeedMapping",
-    "SeedSource",
-    "SeedSummary",
-    "SettingsError",
-    "__version__",
-    "configure_meter_provider",
-    "seed_layer_views",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+#: Public name -> the module that defines it, imported on first use (PEP 562).
+_EXPORTS = {
+    "LAYER_NONFINITE": "instruments",
+    "LAYER_NORM": "instruments",
+    "SEED_NORM": "instruments",
+    "SEED_NOT_MEASURED": "instruments",
+    "SERIES_BUDGET": "instruments",
+    "SETTINGS_INFO": "instruments",
+    "seed_layer_views": "instruments",
+    "ConfigurationError": "provider",
+    "configure_meter_provider": "provider",
+    "ROOT_LAYER": "seeds",
+    "SeedMapping": "seeds",
+    "SeedSource": "seeds",
+    "StageNames": "seeds",
+    "SeedLayerSettings": "settings",
+    "SettingsError": "settings",
+    "EpochSummary": "summary",
+    "SeedSummary": "summary",
+    "SeedLayerTelemetry": "telemetry",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:
+    from .instruments import (
+        LAYER_NONFINITE,
+        LAYER_NORM,
+        SEED_NORM,
+        SEED_NOT_MEASURED,
+        SERIES_BUDGET,
+        SETTINGS_INFO,
+        seed_layer_views,
+    )
+    from .provider import ConfigurationError, configure_meter_provider
+    from .seeds import ROOT_LAYER, SeedMapping, SeedSource, StageNames
+    from .settings import SeedLayerSettings, SettingsError
+    from .summary import EpochSummary, SeedSummary
+    from .telemetry import SeedLayerTelemetry
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tolaria_otel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

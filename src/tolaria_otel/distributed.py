@@ -34,27 +34,15 @@ import torch.distributed as dist
 from opentelemetry.sdk.resources import Resource
 from torch import nn
 
-from .norms import GradientHolder, GradientSquares, SeedPositions
-from .seeds import SeedView, discover_layers
+from .epoch import TOTAL, EpochSums, LocalEpoch, Slot
+from .norms import GradientHolder
 from .settings import ENV_EXPORT_RANK, SettingsError
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch older than 2.5 has it under a private name; a build without distributed has none
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = None  # type: ignore[assignment,misc]
 
 #: Resource attributes (no semantic convention names the rank; these follow ``torch.distributed``'s own API).
 RANK_ATTRIBUTE = "torch.distributed.rank"
 WORLD_SIZE_ATTRIBUTE = "torch.distributed.world_size"
-#: The layer name of a seed's total in the slot layout; no layer has it (the root is ``(root)``).
-TOTAL = ""
-
-Slot = tuple[str, str]
-#: What one rank holds: ``(seed_id, stage, layer names)`` per seed, in seed order.
-Descriptor = tuple[tuple[str, str, tuple[str, ...]], ...]
+#: What one rank holds: the slots it measured this epoch, and the stages of the seeds listed at its end.
+Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str], ...]]
 
 _logger = logging.getLogger(__name__)
 
@@ -77,6 +65,17 @@ def distributed_resource() -> Resource:
     return Resource({RANK_ATTRIBUTE: group[0], WORLD_SIZE_ATTRIBUTE: group[1]})
 
 
+def _dtensor_type() -> type | None:
+    """The DTensor class, imported only under torch.distributed (its import costs about a second)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None  # a DTensor needs a process group: without one, no parameter can be one
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch older than 2.5 has it under a private name
+        from torch.distributed._tensor import DTensor
+    return DTensor
+
+
 class LocalShard:
     """A DTensor parameter as :class:`GradientSquares` sees it: its gradient is the local shard.
 
@@ -84,11 +83,12 @@ class LocalShard:
     shard keeps the step path free of collectives.
     """
 
-    __slots__ = ("device", "param")
+    __slots__ = ("device", "dtype", "param")
 
     def __init__(self, param: nn.Parameter) -> None:
         self.param = param
         self.device = param.device
+        self.dtype = param.dtype
 
     @property
     def grad(self) -> torch.Tensor | None:
@@ -98,63 +98,45 @@ class LocalShard:
 
 def local_gradients(params: Sequence[nn.Parameter]) -> list[GradientHolder]:
     """The parameters to measure: DTensors by their local shard, plain tensors as they are."""
-    if DTensor is None:
+    dtensor = _dtensor_type()
+    if dtensor is None:
         return list(params)
-    return [LocalShard(param) if isinstance(param, DTensor) else param for param in params]
+    return [LocalShard(param) if isinstance(param, dtensor) else param for param in params]
 
 
 def shard_weight(param: nn.Parameter) -> float | None:
     """The weight of this rank's squares of a DTensor ``param``, ``1 / replicas``; None for a plain tensor."""
-    if DTensor is None or not isinstance(param, DTensor):
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor):
         return None
     mesh = param.device_mesh
     return 1.0 / math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements)
                            if not placement.is_shard())
 
 
-def describe(seeds: Mapping[str, SeedView]) -> Descriptor:
-    return tuple((view.seed_id, view.stage, tuple(layer for layer, _ in discover_layers(view).layers))
-                 for view in seeds.values())
-
-
 @dataclass(frozen=True)
 class SlotLayout:
-    """The slot vector every rank agreed on, and each seed's stage (the lowest rank holding it wins)."""
+    """The slot vector every rank agreed on, and each seed's stage (the lowest rank listing it wins)."""
 
     slots: tuple[Slot, ...]
     stages: Mapping[str, str]
-    positions: tuple[SeedPositions, ...]  # per seed, its layers and total as slot indices
 
     @classmethod
     def agree(cls, descriptors: Sequence[Descriptor]) -> SlotLayout:
         stages: dict[str, str] = {}
         slots: set[Slot] = set()
-        for descriptor in descriptors:  # in rank order
-            for seed_id, stage, layers in descriptor:
+        for rank_slots, rank_stages in descriptors:  # in rank order
+            slots.update(rank_slots)
+            for seed_id, stage in rank_stages:
                 stages.setdefault(seed_id, stage)
-                slots.add((seed_id, TOTAL))
-                slots.update((seed_id, layer) for layer in layers)
-        ordered = tuple(sorted(slots))
-        index = {slot: i for i, slot in enumerate(ordered)}
-        positions = tuple(
-            SeedPositions(
-                seed_id,
-                tuple((layer, (index[(s, layer)],)) for s, layer in ordered if s == seed_id and layer != TOTAL),
-                (index[(seed_id, TOTAL)],),
-            )
-            for seed_id in sorted(stages)
-        )
-        return cls(ordered, dict(sorted(stages.items())), positions)
+        return cls(tuple(sorted(slots)), dict(sorted(stages.items())))
 
 
-@dataclass(frozen=True)
-class ReducedEpoch:
-    """The global view of one epoch: per-slot squared sums, where each seed sits, stages and steps."""
-
-    sums: list[float]
-    positions: tuple[SeedPositions, ...]
-    stages: Mapping[str, str]  # the seeds still active somewhere at the epoch end
-    steps: int
+#: Sections of the reduced vector, each one slot long: squares of sharded (DTensor) gradients,
+#: squares of plain gradients, ranks that measured the slot, and, at a seed's TOTAL slot, the sum of
+#: its sampled steps over the ranks that listed it and how many ranks those were.
+_SHARDED, _REPLICATED, _MEASURED, _SEED_STEPS, _HOLDERS = range(5)
+_SECTIONS = 5
 
 
 class RankReduction:
@@ -164,9 +146,7 @@ class RankReduction:
         self.rank = rank
         self.world_size = world_size
         self._agreed: SlotLayout | None = None  # agreed lazily, at the first epoch end
-        self._descriptor: Descriptor = ()
-        self._entries: list[tuple[int, Slot, float | None]] = []  # (parameter position, slot, shard weight)
-        self._projection: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._contributed: Descriptor | None = None  # what this rank said at the last agreement
         self._warned_steps = False
 
     @classmethod
@@ -180,75 +160,82 @@ class RankReduction:
                                 f"(world size {group[1]}; set by {ENV_EXPORT_RANK})")
         return cls(*group)
 
-    def use_layout(self, seeds: Mapping[str, SeedView], params: Sequence[nn.Parameter],
-                   positions: Sequence[SeedPositions]) -> None:
-        """What this rank contributes at the end of the epoch that starts now."""
-        self._descriptor = describe(seeds)
-        weights = [shard_weight(param) for param in params]
-        self._entries = []
-        for seed in positions:
-            for layer, indices in seed.layers:
-                self._entries.extend((i, (seed.seed_id, layer), weights[i]) for i in indices)
-            self._entries.extend((i, (seed.seed_id, TOTAL), weights[i]) for i in seed.total)
-        self._projection = None
-
     @torch.no_grad()
-    def reduce(self, squares: GradientSquares, steps: int, seeds_now: Mapping[str, SeedView]) -> ReducedEpoch:
-        """All-reduce the epoch (one collective; a layout exchange too when some rank's seeds changed).
+    def reduce(self, local: LocalEpoch | None, steps: int,
+               stages: Mapping[str, str]) -> tuple[EpochSums, Mapping[str, str]]:
+        """All-reduce the epoch: one collective while no rank's slots or stages changed; when some did,
+        a layout exchange and a second all-reduce in the agreed new layout.
 
-        The local part never raises: a rank that failed to measure still takes part, contributing
-        nothing and forcing a fresh layout exchange, so no rank is left waiting in a collective.
+        ``local`` is None on a rank that failed to measure: it still takes part, contributing
+        nothing, so no rank is left waiting in a collective.
         """
+        descriptor: Descriptor = ((() if local is None else local.slots), tuple(sorted(stages.items())))
         if self._agreed is None:
-            self._agreed = self._exchange(self._descriptor)
+            self._agree(descriptor)
+        assert self._agreed is not None
+        values = self._all_reduce(local, steps, changed=descriptor != self._contributed)
+        if values[-1]:  # some rank's layout changed: agree on the new one and reduce again in it
+            self._agree(descriptor)
+            values = self._all_reduce(local, steps, changed=False)
         layout = self._agreed
-        slots = len(layout.slots)
+        n = len(layout.slots)
+        section = [values[i * n:(i + 1) * n] for i in range(_SECTIONS)]
+        sums = [s + r / max(m, 1.0) for s, r, m in
+                zip(section[_SHARDED], section[_REPLICATED], section[_MEASURED])]
+        seed_steps = {seed_id: round(total / holders) for (seed_id, layer), total, holders in
+                      zip(layout.slots, section[_SEED_STEPS], section[_HOLDERS]) if layer == TOTAL and holders}
+        measured = [m > 0 for m in section[_MEASURED]]
+        epoch = EpochSums(layout.slots, sums, measured, seed_steps,
+                          self._agreed_steps(values[_SECTIONS * n:-1]))
+        return epoch, layout.stages
+
+    def _all_reduce(self, local: LocalEpoch | None, steps: int, changed: bool) -> list[float]:
+        assert self._agreed is not None
         tail = [0.0] * (self.world_size + 1)  # the sampled steps of every rank, then "layout changed"
         tail[self.rank] = float(steps)
-        next_descriptor = self._descriptor
+        tail[-1] = float(changed)
         try:
-            local = squares.device_sums()
-            vector = self._project(local, layout)
-            next_descriptor = describe(seeds_now)
-            tail[-1] = float(next_descriptor != self._descriptor)
+            vector = self._project(local, self._agreed)
         except Exception:  # telemetry must never stop (or hang) training
             _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
                             self.rank, exc_info=True)
-            vector = torch.zeros(3 * slots, dtype=torch.float32, device=_collective_device(torch.device("cpu")))
-            tail[-1] = 1.0
+            vector = torch.zeros(_SECTIONS * len(self._agreed.slots), dtype=torch.float32,
+                                 device=_collective_device(torch.device("cpu")))
         vector = torch.cat([vector, torch.tensor(tail, dtype=torch.float32).to(vector.device)])
         dist.all_reduce(vector)
-        values = vector.tolist()  # the epoch's one host sync
-        sharded, replicated, seen = values[:slots], values[slots:2 * slots], values[2 * slots:3 * slots]
-        sums = [s + r / max(n, 1.0) for s, r, n in zip(sharded, replicated, seen)]
-        if values[-1]:
-            self._agreed = self._exchange(next_descriptor)
-        return ReducedEpoch(sums, layout.positions, self._agreed.stages, self._agreed_steps(values[3 * slots:-1]))
+        return vector.tolist()  # the epoch's one host sync (two when the layout changed)
 
-    def _project(self, local: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-        """This rank's ``[sharded | replicated | seen]`` slot vector, on the collective's device."""
-        device = _collective_device(local.device)
-        slots = len(layout.slots)
-        if self._projection is None or self._projection[0].device != device:
-            index = {slot: i for i, slot in enumerate(layout.slots)}
-            entries = [(i, index[slot], weight) if weight is not None else (i, slots + index[slot], 1.0)
-                       for i, slot, weight in self._entries if slot in index]
-            columns = list(zip(*entries)) if entries else [(), (), ()]
-            self._projection = (torch.tensor(columns[0], dtype=torch.long, device=device),
-                                torch.tensor(columns[1], dtype=torch.long, device=device),
-                                torch.tensor(columns[2], dtype=torch.float32, device=device))
-        source, target, weights = self._projection
-        vector = torch.zeros(3 * slots, dtype=torch.float32, device=device)
-        vector[:2 * slots].index_add_(0, target, local.to(device).index_select(0, source) * weights)
-        vector[2 * slots:] = vector[slots:2 * slots] > 0  # this rank saw a gradient there
+    def _project(self, local: LocalEpoch | None, layout: SlotLayout) -> torch.Tensor:
+        """This rank's sections in the agreed slot order, on the collective's device."""
+        n = len(layout.slots)
+        device = _collective_device(torch.device("cpu") if local is None else local.vector.device)
+        vector = torch.zeros(_SECTIONS * n, dtype=torch.float32, device=device)
+        if local is None or not local.slots:
+            return vector
+        index = {slot: i for i, slot in enumerate(layout.slots)}
+        known = [i for i, slot in enumerate(local.slots) if slot in index]
+        target = [index[local.slots[i]] for i in known]
+        m = len(local.slots)
+        source = torch.tensor(known + [m + i for i in known], dtype=torch.long, device=device)
+        squares = local.vector.to(device).index_select(0, source)
+        vector.index_copy_(0, torch.tensor(target + [n + t for t in target], dtype=torch.long, device=device),
+                           squares)
+        host = [0.0] * (3 * n)  # measured, seed steps, holders: host facts, copied to the device once
+        for i, t in zip(known, target):
+            seed_id, layer = local.slots[i]
+            host[t] = float(local.measured[i])
+            if layer == TOTAL and seed_id in local.seed_steps:
+                host[n + t] = float(local.seed_steps[seed_id])
+                host[2 * n + t] = 1.0
+        vector[2 * n:] = torch.tensor(host, dtype=torch.float32).to(device)
         return vector
 
-    def _exchange(self, descriptor: Descriptor) -> SlotLayout:
+    def _agree(self, descriptor: Descriptor) -> None:
         """Agree on the slot layout: every rank learns what every other rank holds."""
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, descriptor)
-        self._projection = None
-        return SlotLayout.agree(gathered)
+        self._agreed = SlotLayout.agree(gathered)
+        self._contributed = descriptor
 
     def _agreed_steps(self, counts: list[float]) -> int:
         """Ranks step together, so their counts agree; if one fell behind, the most any rank saw."""

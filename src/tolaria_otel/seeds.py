@@ -1,7 +1,9 @@
 """What a seed source looks like (Kasmina's view of the active seeds) and layer discovery.
 
 A seed source is a mapping ``seed_id -> (module, stage)`` or a zero-argument callable that returns
-one. A *layer* is a submodule of the seed module, named as ``seed_module.named_modules()`` names it,
+one. A stage is a ``str`` (passed through as given), an ``Enum`` member (its name) or an ``int`` (a
+protobuf enum value, such as Kasmina's ``SeedStage``), named by the ``stage_names`` the user gives:
+a mapping ``int -> str`` or a callable such as the protobuf enum's ``Name``. A *layer* is a submodule of the seed module, named as ``seed_module.named_modules()`` names it,
 that holds trainable parameters of its own; the seed module's own direct parameters form the layer
 ``(root)``.
 """
@@ -16,9 +18,11 @@ from torch import nn
 
 ROOT_LAYER = "(root)"
 
-SeedStage = str | enum.Enum
+SeedStage = str | enum.Enum | int
 SeedMapping = Mapping[str, tuple[nn.Module, SeedStage]]
 SeedSource = SeedMapping | Callable[[], SeedMapping]
+#: How ``int`` stages are named: ``{1: "SEED_STAGE_GERMINATED", ...}`` or ``SeedStage.Name``.
+StageNames = Mapping[int, str] | Callable[[int], str]
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,13 @@ class SeedLayout:
     layers: tuple[tuple[str, tuple[nn.Parameter, ...]], ...]
 
 
-def read_seeds(source: SeedSource) -> dict[str, SeedView]:
+def read_seeds(source: SeedSource, stage_names: StageNames | None = None) -> dict[str, SeedView]:
     """Call (if needed) and validate a seed source; the result is ordered by seed id."""
-    mapping = source() if callable(source) else source
+    return validate_seeds(source() if callable(source) else source, stage_names)
+
+
+def validate_seeds(mapping: object, stage_names: StageNames | None = None) -> dict[str, SeedView]:
+    """Validate what a seed source returned; the result is ordered by seed id."""
     if not isinstance(mapping, Mapping):
         raise TypeError(
             f"seed source returned {type(mapping).__name__}: expected a mapping seed_id -> (module, stage)"
@@ -52,17 +60,27 @@ def read_seeds(source: SeedSource) -> dict[str, SeedView]:
         if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], nn.Module)):
             raise TypeError(f"seed {seed_id!r}: expected a (torch.nn.Module, stage) pair, got {entry!r}")
         module, stage = entry
-        views[seed_id] = SeedView(seed_id, module, stage_name(seed_id, stage))
+        views[seed_id] = SeedView(seed_id, module, stage_name(seed_id, stage, stage_names))
     return dict(sorted(views.items()))
 
 
-def stage_name(seed_id: str, stage: SeedStage) -> str:
-    """The stage as a plain string: passed through as given (an enum member gives its name)."""
+def stage_name(seed_id: str, stage: SeedStage, stage_names: StageNames | None = None) -> str:
+    """The stage as a plain string: passed through as given (an enum member gives its name, an int
+    the name ``stage_names`` gives it)."""
     if isinstance(stage, enum.Enum):
         return stage.name
     if isinstance(stage, str) and stage:
         return stage
-    raise TypeError(f"seed {seed_id!r}: stage {stage!r} is not valid: expected a non-empty str or an Enum member")
+    if isinstance(stage, int) and not isinstance(stage, bool):
+        if stage_names is None:
+            raise TypeError(f"seed {seed_id!r}: stage {stage!r} is an int, but no stage_names were given: pass "
+                            "stage_names= (a mapping int -> str, or a protobuf enum's Name) to SeedLayerTelemetry")
+        name = stage_names(stage) if callable(stage_names) else stage_names.get(stage)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"seed {seed_id!r}: stage_names gave {name!r} for stage {stage}: expected a non-empty str")
+        return name
+    raise TypeError(f"seed {seed_id!r}: stage {stage!r} is not valid: expected a non-empty str, an Enum member, "
+                    "or an int named by stage_names")
 
 
 def discover_layers(seed: SeedView) -> SeedLayout:

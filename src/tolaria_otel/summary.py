@@ -12,15 +12,23 @@ from typing import Any
 class SeedSummary:
     """One seed's epoch: its stage, total gradient norm and top-K layers in rank order.
 
-    Values are the RMS over the epoch's sampled optimizer steps of the gradient L2 norm; NaN or
-    Inf when a gradient was non-finite at any sampled step.
+    Values are the RMS, over the epoch's sampled optimizer steps at which the seed source listed
+    the seed (``sampled_steps``), of the gradient L2 norm; NaN or Inf when a gradient was non-finite
+    at any of them. ``total_norm`` is None when no parameter of the seed had a gradient at any of
+    them: *not measured*, which is not a zero gradient; ``top_layers`` is then empty. A layer
+    without a gradient at any of them is left out of the top-K for the same reason.
     """
 
     seed_id: str
     stage: str
-    total_norm: float
+    total_norm: float | None
     top_layers: tuple[tuple[str, float], ...]
     layer_count: int
+    sampled_steps: int
+
+    @property
+    def measured(self) -> bool:
+        return self.total_norm is not None
 
     @property
     def nonfinite_layers(self) -> tuple[str, ...]:
@@ -46,7 +54,8 @@ class EpochSummary:
                 {
                     "seed_id": seed.seed_id,
                     "stage": seed.stage,
-                    "total_norm": json_number(seed.total_norm),
+                    "sampled_steps": seed.sampled_steps,
+                    "total_norm": None if seed.total_norm is None else json_number(seed.total_norm),
                     "layer_count": seed.layer_count,
                     "top_layers": [{"layer": layer, "value": json_number(value)} for layer, value in seed.top_layers],
                 }
@@ -58,7 +67,8 @@ class EpochSummary:
         lines = [f"epoch {self.epoch} ({self.sampled_steps} sampled steps, top {self.top_k})"]
         for seed in self.seeds.values():
             layers = ", ".join(f"{layer}={value:.4g}" for layer, value in seed.top_layers) or "no layers"
-            lines.append(f"  {seed.seed_id} [{seed.stage}] total={seed.total_norm:.4g}: {layers}")
+            total = "not measured" if seed.total_norm is None else f"{seed.total_norm:.4g}"
+            lines.append(f"  {seed.seed_id} [{seed.stage}] total={total}: {layers}")
         return "\n".join(lines)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,29 +16,37 @@ from opentelemetry.metrics import MeterProvider
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .distributed import RankReduction, local_gradients
-from .instruments import SeedLayerInstruments
-from .norms import GradientSquares, SeedPositions, index_parameters, root_mean_square
-from .seeds import SeedSource, SeedView, discover_layers, read_seeds
+from .distributed import RankReduction
+from .epoch import TOTAL, EpochSums, Segment, SegmentKey, fold, segment_key
+from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_scope
+from .norms import DeviceMoved
+from .optimizer_hooks import EveryOptimizer, unwrap_optimizer
+from .seeds import SeedSource, SeedView, StageNames, read_seeds, validate_seeds
 from .settings import SeedLayerSettings
 from .summary import EpochSummary, SeedSummary
 from .topk import top_k
 
 _logger = logging.getLogger(__name__)
 
+#: Trainer identities in use per meter provider: two trainers with one identity would share streams.
+_identities_in_use: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
 
 class SeedLayerTelemetry:
     """Per-seed, per-layer gradient norms of a training run, summarised per epoch.
 
     Call :meth:`observe_step` once per optimizer step, after the gradients are final (or let
-    :meth:`attach` do it from an optimizer step pre-hook), and :meth:`end_epoch` at each epoch end.
-    With ``settings.enabled`` false nothing is installed or allocated and both return at once.
-    Telemetry trouble (a failing seed source, an odd gradient) is logged, never raised into the
-    training loop; bad arguments to the constructor are raised at once.
-    """
+    :meth:`attach` do it from optimizer step hooks), and :meth:`end_epoch` at each epoch end.
+    The seed source is read at every sampled step (one call, then an identity check of the seed
+    modules), so seeds may come and go at any step. With ``settings.enabled`` false nothing is
+    installed or allocated and both return at once. Telemetry trouble (a failing seed source, an
+    odd gradient) is logged, never raised into the training loop; bad arguments to the constructor
+    are raised at once. Safe to call from several threads (one lock; uncontended on the step path).
 
-    _squares: GradientSquares
-    _positions: list[SeedPositions]
+    ``attributes`` identify the trainer when several share one process and one meter provider
+    (``{"env_id": "3"}``): they go on every point. ``stage_names`` names ``int`` stages (a protobuf
+    enum's ``Name``, or a mapping).
+    """
 
     def __init__(
         self,
@@ -45,17 +55,32 @@ class SeedLayerTelemetry:
         *,
         settings: SeedLayerSettings | None = None,
         meter_provider: MeterProvider | None = None,
+        attributes: Mapping[str, str] | None = None,
+        stage_names: StageNames | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model is {type(model).__name__}: expected a torch.nn.Module")
+        if settings is not None and not isinstance(settings, SeedLayerSettings):
+            raise TypeError(f"settings is {type(settings).__name__}: expected a SeedLayerSettings "
+                            "(SeedLayerSettings.from_env()) or None")
+        if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+            raise TypeError(f"meter_provider is {type(meter_provider).__name__}: expected an OpenTelemetry "
+                            "MeterProvider (configure_meter_provider()) or None for the global one")
+        identity = _checked_identity(attributes)
+        if stage_names is not None and not (callable(stage_names) or isinstance(stage_names, Mapping)):
+            raise TypeError(f"stage_names is {type(stage_names).__name__}: expected a mapping int -> str or a "
+                            "callable such as a protobuf enum's Name")
         self.settings = SeedLayerSettings.from_env() if settings is None else settings
         self.model = model
+        self.attributes = identity
         self.epoch = 0
         self.failures = 0
         self._enabled = self.settings.enabled
         if not self._enabled:
             return
         self._source = seeds
+        self._stage_names = stage_names
+        self._lock = threading.Lock()
         self._hooks: list[RemovableHandle] = []
         self._reported_failures: set[tuple[str, type]] = set()
         self._countdown = 1  # steps until the next sampled one; the first step is sampled
@@ -63,15 +88,16 @@ class SeedLayerTelemetry:
         self._warned_unsampled = False
         # Under torch.distributed every rank reduces and one exports (docs/distributed.md); else None.
         self._ranks = RankReduction.current(self.settings.export_rank)
-        self._seeds = read_seeds(seeds)  # fail fast on a malformed source
-        self._layout_key: tuple[object, ...] | None = None  # no layout yet
-        self._use_layout(self._seeds)
+        seeds_now = read_seeds(seeds, stage_names)  # fail fast on a malformed source
+        self._stages = {seed_id: view.stage for seed_id, view in seeds_now.items()}
+        self._segments: dict[SegmentKey, Segment] = {}
+        self._current = self._segment_for(seeds_now)
         self._instruments: SeedLayerInstruments | None = None
+        self._release_identity: Callable[[], object] = lambda: None
         if self._ranks is None or self._ranks.rank == self.settings.export_rank:
-            self._instruments = SeedLayerInstruments(
-                metrics.get_meter_provider() if meter_provider is None else meter_provider,
-                self.settings,
-            )
+            provider = metrics.get_meter_provider() if meter_provider is None else meter_provider
+            self._claim_identity(provider)
+            self._instruments = SeedLayerInstruments(provider, self.settings, identity)
 
     @property
     def enabled(self) -> bool:
@@ -90,17 +116,32 @@ class SeedLayerTelemetry:
         if self._countdown:
             return
         self._countdown = self.settings.sample_every
-        try:
-            self._squares.add_step()
-            self._sampled_steps += 1
-        except Exception:  # noqa: BLE001 - telemetry must never stop training
-            self._failed("observe_step")
+        with self._lock:
+            try:
+                segment = self._segment_now()
+                try:
+                    segment.squares.add_step()
+                except DeviceMoved:  # the model moved: measure this step on its new device
+                    segment = self._current = self._segment_for(self._read_seeds())
+                    segment.squares.add_step()
+                segment.steps += 1
+                self._sampled_steps += 1
+            except Exception:  # noqa: BLE001 - telemetry must never stop training
+                self._failed("observe_step")
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Observe every step of ``optimizer`` from a step pre-hook; ``handle.remove()`` detaches."""
+    def attach(self, optimizer: object | None = None) -> RemovableHandle:
+        """Observe optimizer steps from a step post-hook; ``handle.remove()`` detaches.
+
+        With an optimizer (or a wrapper of one): every step of that optimizer. With none: every step
+        of any optimizer in the process that holds a parameter of the model, once per training step,
+        so replacing the optimizer changes nothing (``optimizer_hooks.EveryOptimizer``).
+        """
         if not self._enabled:
             return RemovableHandle(OrderedDict())  # a handle whose remove() has nothing to do
-        handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        if optimizer is None:
+            handle = EveryOptimizer(self.model, self.observe_step).handle
+        else:
+            handle = unwrap_optimizer(optimizer).register_step_post_hook(self._after_optimizer_step)
         self._hooks.append(handle)
         return handle
 
@@ -108,32 +149,33 @@ class SeedLayerTelemetry:
         """Reduce the epoch (one device-to-host copy), publish its top-K and return the summary."""
         if not self._enabled:
             return None
-        summary = EpochSummary(self.epoch, self._sampled_steps, self.settings.top_k, {})
-        try:
-            summary = self._summarise()
-            if self._instruments is not None:
-                self._instruments.publish(summary)
-        except Exception:  # noqa: BLE001
-            self._failed("end_epoch")
-        self.epoch += 1
-        self._sampled_steps = 0
-        try:
-            self._use_layout(self._seeds)
-        except Exception:  # noqa: BLE001
-            self._failed("end_epoch")
+        with self._lock:
+            summary = EpochSummary(self.epoch, self._sampled_steps, self.settings.top_k, {})
+            try:
+                summary = self._summarise()
+                if self._instruments is not None:
+                    self._instruments.publish(summary)
+            except Exception:  # noqa: BLE001
+                self._failed("end_epoch")
+            self.epoch += 1
+            self._sampled_steps = 0
+            for segment in self._segments.values():
+                segment.reset()
+            self._segments = {self._current.key: self._current}
         return summary
 
     def close(self) -> None:
-        """Detach from the optimizers, flush the last epoch and stop exporting.
-
-        The meter provider stays the caller's to shut down.
-        """
+        """Detach from the optimizers and stop exporting after the next collection, which still
+        carries the last epoch (the next periodic export, a ``force_flush()`` or the provider's
+        shutdown). Returns at once: no I/O on the training thread. The provider stays the
+        caller's to shut down."""
         if not self._enabled:
             return
-        for handle in self._hooks:
-            handle.remove()
+        for hook in self._hooks:
+            hook.remove()
         if self._instruments is not None:
-            self._instruments.clear()
+            self._instruments.close()
+            self._release_identity()
         self._enabled = False
 
     def __enter__(self) -> SeedLayerTelemetry:
@@ -142,61 +184,102 @@ class SeedLayerTelemetry:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.observe_step()
 
-    def _use_layout(self, seeds: dict[str, SeedView]) -> None:
-        """Prepare the gradient list for the next epoch, so the step path never walks modules.
+    def _segment_now(self) -> Segment:
+        """The segment for the seeds the source lists now: one call of the source and an identity
+        check of its modules; a walk over parameters only when a seed came, went or was swapped."""
+        try:
+            mapping = self._source() if callable(self._source) else self._source
+            if self._current.lists_same_modules(mapping):
+                return self._current
+            views = validate_seeds(mapping, self._stage_names)
+        except Exception:  # noqa: BLE001 - measure the seeds known last rather than nothing
+            self._failed("seed source")
+            return self._current
+        self._current = self._segment_for(views)
+        return self._current
 
-        Rebuilt only when a seed came or went or its parameters changed (swapped, added, frozen,
-        unfrozen); otherwise the accumulators are zeroed in place.
-        """
-        key = _layout_key(seeds)
-        if self._ranks is None and key == self._layout_key:
-            self._squares.reset()
-            return
-        self._layout_key = key
-        layouts = [discover_layers(view) for view in seeds.values()]
-        params, self._positions = index_parameters([(layout.seed_id, layout.layers) for layout in layouts])
-        self._squares = GradientSquares(local_gradients(params))
-        if self._ranks is not None:
-            self._ranks.use_layout(seeds, params, self._positions)
+    def _segment_for(self, seeds: Mapping[str, SeedView]) -> Segment:
+        key = segment_key(seeds)
+        segment = self._segments.get(key)
+        if segment is None:
+            segment = self._segments[key] = Segment(seeds, key)
+        return segment
+
+    def _read_seeds(self) -> dict[str, SeedView]:
+        return read_seeds(self._source, self._stage_names)
 
     def _summarise(self) -> EpochSummary:
         steps = self._sampled_steps
-        if self._ranks is None:
-            sums = self._squares.device_sums().tolist() if steps else []  # the epoch's one host sync
         try:
-            self._seeds = read_seeds(self._source)
+            seeds_now = self._read_seeds()
+            self._stages = {seed_id: view.stage for seed_id, view in seeds_now.items()}
+            # Parameters frozen, unfrozen or added in place are seen here (the step path checks modules only).
+            self._current = self._segment_for(seeds_now)
         except Exception:  # noqa: BLE001 - keep the last known seeds and stages
             self._failed("seed source")
-        layout: Sequence[SeedPositions] = self._positions
-        stages: Mapping[str, str] = {seed_id: view.stage for seed_id, view in self._seeds.items()}
+        stages: Mapping[str, str] = self._stages
+        segments = list(self._segments.values())
+        home = self._current.squares.home or torch.device("cpu")
         if self._ranks is not None:  # on every rank at every epoch end: the others wait in the all-reduce
-            reduced = self._ranks.reduce(self._squares, steps, self._seeds)
-            sums, layout, stages, steps = reduced.sums, reduced.positions, reduced.stages, reduced.steps
-        seeds: dict[str, SeedSummary] = {}
-        if steps:
-            for positions in layout:
-                stage = stages.get(positions.seed_id)
-                if stage is not None:  # a seed culled during the epoch is no longer reported
-                    seeds[positions.seed_id] = self._seed_summary(stage, positions, sums, steps)
-        elif layout:
+            local = None
+            try:
+                local = fold(segments, home)
+            except Exception:  # noqa: BLE001
+                self._failed("end_epoch")
+            sums, stages = self._ranks.reduce(local, steps, stages)
+            steps = sums.steps
+        elif steps:
+            sums = EpochSums.of(fold(segments, home), steps)  # the epoch's one host sync
+        else:
+            sums = None
+        if not steps and self._stages:
             _logger.log(logging.DEBUG if self._warned_unsampled else logging.WARNING,
                         "tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
                         self.epoch, self.settings.sample_every)
             self._warned_unsampled = True
+        seeds = {} if sums is None else self._seed_summaries(sums, stages)
         return EpochSummary(self.epoch, steps, self.settings.top_k, seeds)
 
-    def _seed_summary(self, stage: str, positions: SeedPositions, sums: list[float], steps: int) -> SeedSummary:
-        values = {layer: root_mean_square(sums, indices, steps) for layer, indices in positions.layers}
-        return SeedSummary(
-            seed_id=positions.seed_id,
-            stage=stage,
-            total_norm=root_mean_square(sums, positions.total, steps),
-            top_layers=top_k(values, self.settings.top_k),
-            layer_count=len(positions.layers),
-        )
+    def _seed_summaries(self, sums: EpochSums, stages: Mapping[str, str]) -> dict[str, SeedSummary]:
+        """Every seed listed at the epoch end that was listed at some sampled step of it."""
+        slots_of: dict[str, list[int]] = {}
+        for i, (seed_id, _) in enumerate(sums.slots):
+            slots_of.setdefault(seed_id, []).append(i)
+        seeds = {}
+        for seed_id, stage in stages.items():
+            steps = sums.seed_steps.get(seed_id, 0)
+            if not steps:
+                continue  # listed only after the last sampled step: measured from the next epoch on
+            total: float | None = None
+            values: dict[str, float] = {}
+            layer_count = 0
+            for i in slots_of.get(seed_id, ()):
+                value = (sums.sums[i] / steps) ** 0.5 if sums.measured[i] else None
+                if sums.slots[i][1] == TOTAL:
+                    total = value
+                    continue
+                layer_count += 1
+                if value is not None:
+                    values[sums.slots[i][1]] = value
+            seeds[seed_id] = SeedSummary(seed_id, stage, total, top_k(values, self.settings.top_k) if total is not None
+                                         else (), layer_count, steps)
+        return seeds
+
+    def _claim_identity(self, provider: Any) -> None:
+        scope = trainer_scope(self.attributes)
+        try:
+            in_use = _identities_in_use.setdefault(provider, set())
+        except TypeError:  # a provider that cannot be weakly referenced: nothing to compare with
+            return
+        if scope in in_use:
+            who = f"attributes {self.attributes}" if self.attributes else "no attributes"
+            raise ValueError(f"a SeedLayerTelemetry with {who} already exports on this meter provider: give each "
+                             "trainer distinct attributes=, for example {'env_id': '1'}")
+        in_use.add(scope)
+        self._release_identity = weakref.finalize(self, in_use.discard, scope)
 
     def _failed(self, where: str) -> None:
         self.failures += 1
@@ -208,7 +291,17 @@ class SeedLayerTelemetry:
                     exc_info=first)
 
 
-def _layout_key(seeds: Mapping[str, SeedView]) -> tuple[object, ...]:
-    """What the layout depends on. Parameter ids cannot be reused while the layout holds the parameters."""
-    return tuple((seed_id, tuple((id(p), p.requires_grad) for p in view.module.parameters()))
-                 for seed_id, view in seeds.items())
+def _checked_identity(attributes: Mapping[str, str] | None) -> dict[str, str]:
+    if attributes is None:
+        return {}
+    if not isinstance(attributes, Mapping):
+        raise TypeError(f"attributes is {type(attributes).__name__}: expected a mapping str -> str, "
+                        "for example {'env_id': '3'}")
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise TypeError(f"attributes[{key!r}] = {value!r}: expected non-empty str keys and str values")
+        if key in RESERVED_ATTRIBUTES:
+            raise ValueError(f"attributes[{key!r}]: {key!r} is one of the package's own attributes "
+                             f"({', '.join(sorted(RESERVED_ATTRIBUTES))}); name the trainer with another key, "
+                             "for example env_id")
+    return dict(attributes)

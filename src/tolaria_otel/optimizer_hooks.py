@@ -1,0 +1,72 @@
+"""When an optimizer step is measured: hooks on one optimizer, or on every optimizer of the process.
+
+Both measure from a step *post*-hook: by then a closure passed to ``step`` (Lightning, LBFGS) has
+run its backward, ``GradScaler`` has unscaled and the caller has clipped, and the gradients are
+still there (``zero_grad`` comes later). A step ``GradScaler`` skips (inf or NaN found) never
+reaches the optimizer's ``step``, so it is not measured.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside a wrapper (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``, anything with an inner ``optimizer``)."""
+    inner: object = optimizer
+    for _ in range(8):  # wrappers of wrappers, but never a cycle
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+        inner = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
+        if inner is None:
+            break
+    raise TypeError(f"attach() got {type(optimizer).__name__}: expected a torch.optim.Optimizer or a wrapper with "
+                    "one in its .optimizer attribute; or call attach() with no argument to measure every optimizer "
+                    "that holds the model's parameters")
+
+
+class EveryOptimizer:
+    """A process-wide step post-hook that survives the optimizer being replaced.
+
+    It counts a step of any optimizer that holds a parameter of ``model``, once per training step:
+    when several such optimizers step one after the other on the same gradients (one per seed, or
+    host and seeds apart), only the first is counted. "The same gradients" means the same tensor
+    object at the same version for the first of the model's parameters that has a gradient; a new
+    backward, or ``zero_grad``, changes one of the two.
+    """
+
+    def __init__(self, model: nn.Module, observe: Callable[[], None]) -> None:
+        self._model = model
+        self._observe = observe
+        # optimizer -> (parameter count when checked, holds a model parameter)
+        self._holds: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = weakref.WeakKeyDictionary()
+        self._last_grad: weakref.ref[torch.Tensor] | None = None
+        self._last_version = -1
+        #: Removes the process-wide hook.
+        self.handle: RemovableHandle = torch.optim.optimizer.register_optimizer_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._holds_model_parameter(optimizer):
+            return
+        grad = next((param.grad for param in self._model.parameters() if param.grad is not None), None)
+        if grad is not None:
+            if self._last_grad is not None and self._last_grad() is grad and grad._version == self._last_version:
+                return  # another optimizer of the same training step
+            self._last_grad, self._last_version = weakref.ref(grad), grad._version
+        self._observe()
+
+    def _holds_model_parameter(self, optimizer: torch.optim.Optimizer) -> bool:
+        count = sum(len(group["params"]) for group in optimizer.param_groups)
+        cached = self._holds.get(optimizer)
+        if cached is None or cached[0] != count:
+            model_params = {id(p) for p in self._model.parameters()}
+            holds = any(id(p) in model_params for group in optimizer.param_groups for p in group["params"])
+            self._holds[optimizer] = cached = (count, holds)
+        return cached[1]
