@@ -43,11 +43,11 @@ def test_off_by_default_installs_and_allocates_nothing(monkeypatch):
     train_epoch(model, optimizer, steps=2, generator=torch.Generator().manual_seed(0))
     assert telemetry.enabled is False
     assert telemetry.end_epoch() is None
-    assert not optimizer._optimizer_step_pre_hooks  # no hook installed
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks  # no hook
     assert mode.ops == []  # observe_step touched no tensor
     assert calls == []  # the seed source is never read
     assert provider.meters_requested == 0  # so no instrument either
-    assert not hasattr(telemetry, "_squares")  # no buffers
+    assert not hasattr(telemetry, "_segments")  # no buffers
     assert not collect(reader)
     handle.remove()
     telemetry.close()

@@ -244,7 +244,7 @@ def test_close_detaches_and_stops_exporting():
     telemetry.end_epoch()
     assert collect(reader)[LAYER_NORM]
     telemetry.close()
-    assert not optimizer._optimizer_step_pre_hooks
+    assert not optimizer._optimizer_step_post_hooks
     assert collect(reader)[LAYER_NORM]  # close() flushed the last epoch to the reader
     assert not collect(reader)  # then nothing, the settings info neither: nothing says "on" any more
     assert telemetry.end_epoch() is None

@@ -12,6 +12,7 @@ nothing to the core install, and it is the convention of ``python -m`` tools.
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib.util
 import os
 import socket
@@ -24,10 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from opentelemetry.util.re import parse_env_headers
-
+from . import provider as otel
 from ._version import __version__
-from .provider import ConfigurationError, exporter_names, otlp_protocol
+from .provider import ConfigurationError, redacted_url
 from .settings import (
     ENV_COMPACT,
     ENV_ENABLED,
@@ -37,13 +37,24 @@ from .settings import (
     TOP_K_MAX,
     SeedLayerSettings,
     SettingsError,
+    echoed,
 )
 
 T = TypeVar("T")
 
 PROG = "tolaria-otel"
 PROBE_TIMEOUT_S = 2.0
-EXPORT_INTERVAL_DEFAULT_MS = 60_000
+#: Above this an OTLP timeout is most likely meant as milliseconds (the specification's unit).
+OTLP_TIMEOUT_PLAUSIBLE_S = 60.0
+#: Characters of a value ``doctor`` shows; a longer one is cut.
+SHOWN_MAX = 60
+#: Where OTLP/HTTP receivers take metrics, tried when an endpoint answers with a client error.
+KNOWN_OTLP_PATHS = {
+    "/v1/metrics": "an OpenTelemetry Collector",
+    "/opentelemetry/v1/metrics": "VictoriaMetrics",
+    "/api/v1/otlp/v1/metrics": "Prometheus 3 with its OTLP receiver",
+    "/otlp/v1/metrics": "Grafana Mimir",
+}
 
 #: The settings field each TOLARIA_* variable sets (for the defaults ``doctor`` shows).
 TOLARIA_FIELDS = {ENV_ENABLED: "enabled", ENV_TOP_K: "top_k", ENV_COMPACT: "compact",
@@ -72,8 +83,12 @@ OTEL_DEFAULTS = {
     "OTEL_EXPORTER_PROMETHEUS_HOST": "localhost",
     "OTEL_EXPORTER_PROMETHEUS_PORT": "9464",
 }
-_SECRET_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS")
-_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+_SECRET_VARIABLES = (otel.ENV_HEADERS, otel.ENV_METRICS_HEADERS)
+_ENDPOINT_VARIABLES = (otel.ENV_ENDPOINT, otel.ENV_METRICS_ENDPOINT)
+#: The OTLP variables, each with the metrics-specific one that overrides it.
+_OTLP_PAIRS = {otel.ENV_PROTOCOL: otel.ENV_METRICS_PROTOCOL, otel.ENV_ENDPOINT: otel.ENV_METRICS_ENDPOINT,
+               otel.ENV_HEADERS: otel.ENV_METRICS_HEADERS, otel.ENV_TIMEOUT: otel.ENV_METRICS_TIMEOUT,
+               otel.ENV_COMPRESSION: otel.ENV_METRICS_COMPRESSION, otel.ENV_CERTIFICATE: otel.ENV_METRICS_CERTIFICATE}
 
 
 class CommandError(Exception):
@@ -119,17 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", type=Path, default=Path("runs/demo.jsonl"),
                       help="JSON Lines file of the summaries (default runs/demo.jsonl)")
     demo.add_argument("--otlp-endpoint", metavar="URL",
-                      help="export over OTLP/HTTP to this collector (http://host:4318; /v1/metrics is added "
-                      "to a URL without a path)")
+                      help="export over OTLP/HTTP to this receiver: http://host:4318 for a Collector "
+                      "(/v1/metrics is added to a URL without a path), or the full URL a store takes")
     demo.add_argument("--quiet", action="store_true", help="print only the output path")
     demo.set_defaults(handler=run_demo_command)
 
     doctor = commands.add_parser(
         "doctor", help="show and check the telemetry configuration",
         description="Print every TOLARIA_* and OTEL_* variable this package reads, where its value comes "
-        "from and its default; validate them as a training run would; estimate the telemetry volume; "
-        "check that the OTLP endpoint answers. Exit status 1, with one line per problem, when not all "
-        "is well.")
+        "from, its default and whether the settings in force use it; check each one in force as a "
+        "training run would; estimate the telemetry volume; check that the OTLP endpoint answers (when "
+        "the feature is on) and that pull mode can listen where it is told to. Exit status 1, with one "
+        "line per problem, when not all is well.")
     doctor.add_argument("--seeds", type=_int_in(1, 1000), default=4,
                         help="active seeds to estimate the volume for (default 4)")
     doctor.add_argument("--timeout", type=_float_in(0.1, 60.0), default=PROBE_TIMEOUT_S,
@@ -161,13 +177,19 @@ def run_demo_command(args: argparse.Namespace) -> int:
     env = os.environ
     env.setdefault(ENV_ENABLED, "true")
     _demo_exporter_defaults(env, args.otlp_endpoint)
-    settings = _settings(env)
+    settings = _checked(lambda: SeedLayerSettings.from_env(env))
     if args.top_k is not None:
         settings = settings.replace(top_k=args.top_k)
-    exporters = _checked(lambda: exporter_names(env))
-    if "otlp" in exporters and not _is_true(env.get("OTEL_SDK_DISABLED", "")):
-        protocol = _checked(lambda: otlp_protocol(env))
-        problem = probe_otlp(otlp_metrics_endpoint(env, protocol), protocol, env, PROBE_TIMEOUT_S)
+    problems = otel.environment_problems(env)
+    if problems:
+        raise CommandError(str(problems[0]))
+    exporters = otel.exporter_names(env)
+    if settings.enabled and "otlp" in exporters and not otel.sdk_disabled(env):
+        protocol = otel.otlp_protocol(env)
+        # OTEL_EXPORTER_OTLP_METRICS_ENDPOINT takes a full URL as is, the way to give a store's path.
+        setting = "--otlp-endpoint" if args.otlp_endpoint is not None else otel.ENV_METRICS_ENDPOINT
+        problem = probe_otlp(otel.otlp_metrics_endpoint(env, protocol), protocol, otel.otlp_headers(env),
+                             otel.otlp_certificate(env), PROBE_TIMEOUT_S, setting)
         if problem:
             raise CommandError(problem)
     device = _device(args.device)
@@ -178,18 +200,19 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from . import demo  # only the command that trains loads the training code
 
     options = demo.DemoOptions(epochs=args.epochs, seeds=args.seeds, seed=args.seed, device=device)
+    provider = _checked(lambda: otel.configure_meter_provider(settings))
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         out = args.output.open("w", encoding="utf-8")
     except OSError as error:
+        provider.shutdown()
         raise CommandError(f"cannot write --output {str(args.output)!r}: {error.strerror or error}") from None
-    from .provider import configure_meter_provider
-
     with out:
-        provider = _checked(lambda: configure_meter_provider(settings))
         if not args.quiet:
             print(f"{args.seeds} seeds, {args.epochs} epochs x {options.steps} steps on {device}, seed {args.seed}; "
                   f"top {settings.top_k} layers per seed; exporters: {', '.join(exporters) or 'none'}")
+            for url in otel.metrics_urls(provider):
+                print(f"serving {url} while it trains")
             print(f"summaries: {args.output}")
         if not settings.enabled:
             print(f"{PROG} demo: {ENV_ENABLED} is off in the environment: no summaries are made or written",
@@ -211,44 +234,34 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def run_doctor_command(args: argparse.Namespace) -> int:
     env = os.environ
     problems: list[str] = []
+    for name in TOLARIA_FIELDS:  # one variable at a time, so that each bad one is reported
+        try:
+            SeedLayerSettings.from_env({name: env.get(name, "")})
+        except SettingsError as error:
+            problems.append(str(error))
+    settings = SeedLayerSettings() if problems else SeedLayerSettings.from_env(env)
+    problems += [str(error) for error in otel.environment_problems(env)]
+    in_force = _InForce.read(env)
+
     print(f"{PROG} {__version__}")
     defaults = SeedLayerSettings()
     rows = [(name, _format(getattr(defaults, field))) for name, field in TOLARIA_FIELDS.items()]
     for name, default in [*rows, *OTEL_DEFAULTS.items()]:
         raw = _value(env, name)
         where = "(default)" if raw is None else f"(env; default: {default})"
-        print(f"  {name:<40} {default if raw is None else _redacted(name, raw)}  {where}")
-
-    for name in TOLARIA_FIELDS:  # one variable at a time, so that each bad one is reported
-        try:
-            SeedLayerSettings.from_env({name: env.get(name, "")})
-        except SettingsError as error:
-            problems.append(str(error))
-    settings = defaults if problems else SeedLayerSettings.from_env(env)
-    try:
-        exporters = exporter_names(env)
-    except ConfigurationError as error:
-        problems.append(str(error))
-        exporters = []
-    try:
-        protocol: str | None = otlp_protocol(env)
-    except ConfigurationError as error:
-        problems.append(str(error))
-        protocol = None
-    interval_ms = _positive_number(env, "OTEL_METRIC_EXPORT_INTERVAL", EXPORT_INTERVAL_DEFAULT_MS, problems)
-    _positive_number(env, "OTEL_METRIC_EXPORT_TIMEOUT", 30_000, problems)
-    problems += _exporter_packages(exporters, protocol, env)
+        unused = in_force.unused(name, settings)
+        print(f"  {name:<40} {default if raw is None else _shown(name, raw)}  {where}"
+              + (f"  not used: {unused}" if unused else ""))
 
     print(f"feature: {'on' if settings.enabled else 'off'}" + (", compact" if settings.compact else "")
-          + f"; exporters: {', '.join(exporters) or 'none'}")
-    print(volume_estimate(settings, args.seeds, interval_ms))
-    if _is_true(env.get("OTEL_SDK_DISABLED", "")):
-        print("OTEL_SDK_DISABLED=true: nothing is exported")
-    elif "otlp" in exporters and protocol is not None:
-        endpoint = otlp_metrics_endpoint(env, protocol)
-        problem = probe_otlp(endpoint, protocol, env, args.timeout)
-        print(f"OTLP endpoint: {_redacted_url(endpoint)} ({protocol}): {'no answer' if problem else 'answers'}")
-        problems += [problem] if problem else []
+          + f"; exporters: {', '.join(in_force.exporters) or 'none'}"
+          + (f" ({in_force.protocol})" if "otlp" in in_force.exporters and in_force.protocol else ""))
+    print(volume_estimate(settings, args.seeds, in_force))
+    if in_force.disabled:
+        print(f"{otel.ENV_SDK_DISABLED}=true: nothing is exported")
+    else:
+        problems += _check_otlp(env, settings, in_force, args.timeout)
+        problems += _check_pull_mode(env, in_force)
 
     for problem in problems:
         print(f"{PROG} doctor: {problem}", file=sys.stderr)
@@ -256,80 +269,204 @@ def run_doctor_command(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def volume_estimate(settings: SeedLayerSettings, seeds: int, interval_ms: float) -> str:
-    """Series per export and points per hour: observable gauges repeat every series at every export."""
+class _InForce:
+    """What the OTEL_* settings in force choose, each part None where its variable is bad."""
+
+    def __init__(self, disabled: bool, exporters: list[str], protocol: str | None, endpoint: str | None) -> None:
+        self.disabled = disabled
+        self.exporters = exporters
+        self.protocol = protocol
+        self.endpoint = endpoint
+
+    @classmethod
+    def read(cls, env: Mapping[str, str]) -> _InForce:
+        disabled = _or_none(lambda: otel.sdk_disabled(env)) is True
+        exporters = _or_none(lambda: otel.exporter_names(env)) or []
+        protocol = _or_none(lambda: otel.otlp_protocol(env))
+        endpoint = _or_none(lambda: otel.otlp_metrics_endpoint(env, protocol)) if protocol else None
+        return cls(disabled, exporters, protocol, endpoint)
+
+    def unused(self, name: str, settings: SeedLayerSettings) -> str | None:
+        """Why the settings in force do not read ``name``, or None when they do."""
+        env = os.environ
+        if name in TOLARIA_FIELDS:
+            return None if settings.enabled or name == ENV_ENABLED else f"{ENV_ENABLED} is off"
+        if name == otel.ENV_SDK_DISABLED:
+            return None
+        if self.disabled:
+            return f"{otel.ENV_SDK_DISABLED}=true"
+        if name in _OTLP_PAIRS or name in _OTLP_PAIRS.values():
+            if "otlp" not in self.exporters:
+                return "no otlp exporter"
+            if name in _OTLP_PAIRS and _value(env, _OTLP_PAIRS[name]) is not None:
+                return f"{_OTLP_PAIRS[name]} is set"
+            if name in (otel.ENV_CERTIFICATE, otel.ENV_METRICS_CERTIFICATE) and not (
+                    self.endpoint or "").startswith("https:"):
+                return "the endpoint is not https"
+        if name in (otel.ENV_EXPORT_INTERVAL, otel.ENV_EXPORT_TIMEOUT) and not {"otlp", "console"} & set(self.exporters):
+            return "no periodic exporter (otlp, console)"
+        if name in (otel.ENV_PROMETHEUS_HOST, otel.ENV_PROMETHEUS_PORT) and "prometheus" not in self.exporters:
+            return "no prometheus exporter"
+        return None
+
+
+def _check_otlp(env: Mapping[str, str], settings: SeedLayerSettings, in_force: _InForce, timeout: float) -> list[str]:
+    """The OTLP checks beyond the values' syntax: a timeout meant as ms, and the endpoint's answer."""
+    if "otlp" not in in_force.exporters or in_force.protocol is None:
+        return []
+    problems = []
+    seconds = _or_none(lambda: otel.otlp_timeout_s(env))
+    if seconds is not None and seconds > OTLP_TIMEOUT_PLAUSIBLE_S:
+        variable = otel.ENV_METRICS_TIMEOUT if _value(env, otel.ENV_METRICS_TIMEOUT) else otel.ENV_TIMEOUT
+        problems.append(f"{variable}={echoed(env[variable])} is {seconds:g} seconds ({seconds / 60:,.0f} min) in the "
+                        "Python SDK, which reads seconds, not the specification's milliseconds: a down collector "
+                        "would hold every export and the final shutdown that long; expected seconds, e.g. 2")
+    if in_force.endpoint is None:
+        return problems
+    shown = redacted_url(in_force.endpoint)
+    if not settings.enabled:
+        print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: {ENV_ENABLED} is off, nothing is exported")
+        return problems
+    headers = _or_none(lambda: otel.otlp_headers(env))
+    certificate = _or_none(lambda: otel.otlp_certificate(env))
+    certificate_set = _value(env, otel.ENV_METRICS_CERTIFICATE) or _value(env, otel.ENV_CERTIFICATE)
+    if headers is None or (in_force.endpoint.startswith("https:") and certificate_set and certificate is None):
+        print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: fix the problems above first")
+        return problems
+    problem = probe_otlp(in_force.endpoint, in_force.protocol, headers, certificate, timeout, otel.ENV_METRICS_ENDPOINT)
+    print(f"OTLP endpoint: {shown} ({in_force.protocol}): {'no answer' if problem else 'answers'}")
+    return [*problems, *([problem] if problem else [])]
+
+
+def _check_pull_mode(env: Mapping[str, str], in_force: _InForce) -> list[str]:
+    """Whether pull mode can listen where it is told to: by listening there, as a run would, and stopping."""
+    address = _or_none(lambda: otel.prometheus_address(env))
+    if "prometheus" not in in_force.exporters or address is None:
+        return []
+    if importlib.util.find_spec("opentelemetry.exporter.prometheus") is None:
+        return []  # reported with the other problems of the environment
+    try:
+        reader = otel.prometheus_reader(env)
+    except ConfigurationError as error:
+        return [str(error)]
+    reader.shutdown()
+    print(f"pull mode: can listen on {address[0]} port {address[1]}")
+    return []
+
+
+def volume_estimate(settings: SeedLayerSettings, seeds: int, in_force: _InForce) -> str:
+    """Series per export and points per hour: observable gauges repeat every series at every export.
+
+    The series of docs/operations.md, "Volume": top_k x seeds per-layer series (none in compact
+    mode), one seed_norm per seed, the info gauge and the series budget gauge.
+    """
     if not settings.enabled:
         return f"volume for {seeds} seeds: none ({ENV_ENABLED} is off)"
     layer_series = settings.top_k * seeds if settings.emits_layers else 0
-    series = layer_series + seeds
-    per_hour = series * 3_600_000 / interval_ms
-    return (f"volume for {seeds} seeds: {series} series per export ({layer_series} layer_norm = top_k "
-            f"{settings.top_k} x {seeds} seeds, {seeds} seed.norm), every {interval_ms / 1000:g} s: "
-            f"{per_hour:,.0f} points per hour")
+    series = layer_series + seeds + 2
+    layers = f"{layer_series} layer_norm = top_k {settings.top_k} x {seeds} seeds" if settings.emits_layers else \
+        "no layer_norm (compact)"
+    text = f"volume for {seeds} seeds: {series} series per export ({layers}, {seeds} seed_norm, 1 info, 1 series_budget)"
+    pushed = {"otlp", "console"} & set(in_force.exporters)
+    interval_ms = _or_none(lambda: otel.export_interval_ms(os.environ))
+    if pushed and interval_ms is not None:
+        text += f", every {interval_ms / 1000:g} s: {series * 3_600_000 / interval_ms:,.0f} points per hour"
+    if "prometheus" in in_force.exporters:
+        text += ", at every scrape" if not pushed else "; pull mode: at every scrape"
+    return text
 
 
-def otlp_metrics_endpoint(env: Mapping[str, str], protocol: str) -> str:
-    """The URL the SDK's OTLP metric exporter sends to, resolved the way the exporter does."""
-    if endpoint := env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip():
-        return endpoint
-    if protocol == "grpc":
-        return env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4317"
-    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
-    return f"{base.removesuffix('/')}/v1/metrics"
+def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certificate: str | None, timeout: float,
+               setting: str) -> str | None:
+    """None when the endpoint answers as a receiver would; otherwise why not and what to try, in one line.
 
-
-def probe_otlp(endpoint: str, protocol: str, env: Mapping[str, str], timeout: float) -> str | None:
-    """None when the endpoint answers as a collector would; otherwise why not, in one line.
-
-    OTLP/HTTP gets an empty export request (a valid, empty protobuf message) with the configured
-    headers, so a wrong path or a refused token shows up too; gRPC gets a TCP connection.
+    OTLP/HTTP gets an empty export request (a valid, empty protobuf message) with the export's
+    headers, and user info in the URL as HTTP basic auth (as the exporter's ``requests`` sends it),
+    so a wrong path or a refused token shows up too; gRPC gets a TCP connection. ``setting`` is
+    where the user sets the endpoint, for the advice.
     """
-    shown = _redacted_url(endpoint)
+    shown = redacted_url(endpoint)
     parts = urllib.parse.urlsplit(endpoint)
     try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-        return f"OTLP endpoint {shown!r} is not valid: expected http://host:port or https://host:port"
-    try:
         if protocol == "grpc":
-            socket.create_connection((parts.hostname, port or 4317), timeout=timeout).close()
+            socket.create_connection((parts.hostname, parts.port or 4317), timeout=timeout).close()
             return None
-        headers = dict(parse_env_headers(_value(env, "OTEL_EXPORTER_OTLP_METRICS_HEADERS")
-                                         or env.get("OTEL_EXPORTER_OTLP_HEADERS", ""), liberal=True))
-        request = urllib.request.Request(endpoint, data=b"", method="POST",
-                                         headers={**headers, "Content-Type": "application/x-protobuf"})
-        cafile = _value(env, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE") or _value(env, "OTEL_EXPORTER_OTLP_CERTIFICATE")
-        context = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
+        status = _post_empty_export(endpoint, headers, certificate, timeout)
+    except (OSError, ssl.SSLError) as error:
+        reason = error.reason if isinstance(error, urllib.error.URLError) else error
+        return f"OTLP endpoint {shown} does not answer: {reason}"
+    if status is None:
+        return None
+    if status[0] in (401, 403):
+        return (f"OTLP endpoint {shown} answered HTTP {status[0]} {status[1]}: the receiver refused the "
+                f"credentials; check {otel.ENV_HEADERS} (or the URL's user info)")
+    tail = ""
+    if 400 <= status[0] < 500:
+        found = _answering_path(endpoint, headers, certificate, timeout)
+        if found:
+            alternative, what = found
+            tail = f"; {redacted_url(alternative)} answers ({what}'s OTLP path): try {_set(setting, alternative)}"
+        else:
+            tail = (f": no OTLP/HTTP metrics receiver at that path; try the receiver's full URL in {setting} "
+                    "(a Collector: http://HOST:4318/v1/metrics; VictoriaMetrics: http://HOST:8428/opentelemetry/v1/metrics)")
+    return f"OTLP endpoint {shown} answered HTTP {status[0]} {status[1]}{tail}"
+
+
+def _post_empty_export(endpoint: str, headers: Mapping[str, str], certificate: str | None,
+                       timeout: float) -> tuple[int, str] | None:
+    """POST an empty export request: None on success, else (HTTP status, reason). Raises OSError."""
+    parts = urllib.parse.urlsplit(endpoint)
+    sent = {**headers, "Content-Type": "application/x-protobuf"}
+    if parts.username is not None or parts.password is not None:
+        # urllib would take "user:pass@host" for the host; requests (the exporter) sends basic auth.
+        credentials = f"{urllib.parse.unquote(parts.username or '')}:{urllib.parse.unquote(parts.password or '')}"
+        sent["Authorization"] = "Basic " + base64.b64encode(credentials.encode("latin-1", "replace")).decode()
+        endpoint = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    request = urllib.request.Request(endpoint, data=b"", method="POST", headers=sent)
+    context = ssl.create_default_context(cafile=certificate) if parts.scheme == "https" else None
+    try:
         with urllib.request.urlopen(request, timeout=timeout, context=context):
             return None
     except urllib.error.HTTPError as error:
-        return f"OTLP endpoint {shown} answered HTTP {error.code} {error.reason}"
-    except urllib.error.URLError as error:
-        return f"OTLP endpoint {shown} does not answer: {error.reason}"
-    except (OSError, ssl.SSLError) as error:
-        return f"OTLP endpoint {shown} does not answer: {error}"
+        return error.code, str(error.reason)
+
+
+def _answering_path(endpoint: str, headers: Mapping[str, str], certificate: str | None,
+                    timeout: float) -> tuple[str, str] | None:
+    """A well-known OTLP path on the same server that takes an empty export, with whose path it is."""
+    parts = urllib.parse.urlsplit(endpoint)
+    for path, what in KNOWN_OTLP_PATHS.items():
+        if path == parts.path:
+            continue
+        candidate = parts._replace(path=path, query="", fragment="").geturl()
+        try:
+            if _post_empty_export(candidate, headers, certificate, timeout) is None:
+                return candidate, what
+        except OSError:
+            return None
+    return None
+
+
+def _set(setting: str, url: str) -> str:
+    return f"--otlp-endpoint {redacted_url(url)}" if setting.startswith("--") else f"{setting}={redacted_url(url)}"
 
 
 def _demo_exporter_defaults(env: os._Environ[str], otlp_endpoint: str | None) -> None:
     """The demo needs no server unless asked: with no exporter and no OTLP endpoint set, ``none``."""
     if otlp_endpoint is not None:
-        parts = urllib.parse.urlsplit(otlp_endpoint)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise CommandError(f"--otlp-endpoint {otlp_endpoint!r} is not valid: expected http://host:port")
-        if parts.path in ("", "/"):
+        problem = otel.url_problem(otlp_endpoint.strip())
+        if problem:
+            raise CommandError(f"--otlp-endpoint {echoed(redacted_url(otlp_endpoint))} is not valid: {problem}; "
+                               "expected http://host:port (a Collector) or the full URL a store takes")
+        otlp_endpoint = otlp_endpoint.strip()
+        if urllib.parse.urlsplit(otlp_endpoint).path in ("", "/"):
             otlp_endpoint = f"{otlp_endpoint.removesuffix('/')}/v1/metrics"
-        names = _checked(lambda: exporter_names(env)) if _value(env, "OTEL_METRICS_EXPORTER") else []
-        env["OTEL_METRICS_EXPORTER"] = ",".join(dict.fromkeys([*names, "otlp"]))
-        env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] = otlp_endpoint
-        env["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"] = "http/protobuf"
-    elif not any(_value(env, name) for name in ("OTEL_METRICS_EXPORTER", *_ENDPOINT_VARIABLES)):
-        env["OTEL_METRICS_EXPORTER"] = "none"
-
-
-def _settings(env: Mapping[str, str]) -> SeedLayerSettings:
-    return _checked(lambda: SeedLayerSettings.from_env(env))
+        names = _checked(lambda: otel.exporter_names(env)) if _value(env, otel.ENV_EXPORTER) else []
+        env[otel.ENV_EXPORTER] = ",".join(dict.fromkeys([*names, "otlp"]))
+        env[otel.ENV_METRICS_ENDPOINT] = otlp_endpoint
+        env[otel.ENV_METRICS_PROTOCOL] = "http/protobuf"
+    elif not any(_value(env, name) for name in (otel.ENV_EXPORTER, *_ENDPOINT_VARIABLES)):
+        env[otel.ENV_EXPORTER] = "none"
 
 
 def _device(raw: str) -> str:
@@ -338,11 +475,11 @@ def _device(raw: str) -> str:
     try:
         device = torch.device(raw)
     except RuntimeError:
-        raise CommandError(f"--device {raw!r} is not valid: expected cpu, cuda or cuda:N") from None
+        raise CommandError(f"--device {echoed(raw)} is not valid: expected cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return "cpu"
     if device.type != "cuda":
-        raise CommandError(f"--device {raw!r} is not supported: expected cpu, cuda or cuda:N")
+        raise CommandError(f"--device {echoed(raw)} is not supported: expected cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         raise CommandError(f"--device {raw}: CUDA is not available here (torch {torch.__version__})")
     if device.index is not None and device.index >= torch.cuda.device_count():
@@ -358,35 +495,12 @@ def _checked(build: Callable[[], T]) -> T:
         raise CommandError(str(error)) from None
 
 
-def _exporter_packages(exporters: Sequence[str], protocol: str | None, env: Mapping[str, str]) -> list[str]:
-    """What the chosen exporters need that is missing or malformed, as ``configure_meter_provider`` says it."""
-    problems = []
-    needs = []
-    if "otlp" in exporters and protocol == "grpc":
-        needs.append(("opentelemetry.exporter.otlp.proto.grpc", "OTLP over grpc", "grpc"))
-    if "prometheus" in exporters:
-        needs.append(("opentelemetry.exporter.prometheus", "OTEL_METRICS_EXPORTER=prometheus", "prometheus"))
-        port = _value(env, "OTEL_EXPORTER_PROMETHEUS_PORT")
-        if port is not None and not (port.strip().isdigit() and int(port) <= 65535):
-            problems.append(f"OTEL_EXPORTER_PROMETHEUS_PORT={port!r} is not valid: expected a port from 0 to 65535")
-    for module, what, extra in needs:
-        if importlib.util.find_spec(module) is None:
-            problems.append(f"{what} needs the exporter package: pip install 'tolaria-otel[{extra}]'")
-    return problems
-
-
-def _positive_number(env: Mapping[str, str], name: str, default: float, problems: list[str]) -> float:
-    raw = _value(env, name)
-    if raw is None:
-        return default
+def _or_none(read: Callable[[], T]) -> T | None:
+    """``read()``, or None where the value is bad (reported on its own)."""
     try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        problems.append(f"{name}={raw!r} is not valid: expected a positive number of milliseconds")
-        return default
-    return value
+        return read()
+    except ConfigurationError:
+        return None
 
 
 def _value(env: Mapping[str, str], name: str) -> str | None:
@@ -395,36 +509,30 @@ def _value(env: Mapping[str, str], name: str) -> str | None:
     return raw if raw is not None and raw.strip() else None
 
 
-def _redacted(name: str, raw: str) -> str:
+def _shown(name: str, raw: str) -> str:
+    """A value as ``doctor`` prints it: header values and URL secrets masked, long values cut."""
     if name in _SECRET_VARIABLES:
-        keys = parse_env_headers(raw, liberal=True)
-        return ",".join(f"{key}=***" for key in keys) or "***"
-    if name in _ENDPOINT_VARIABLES:
-        return _redacted_url(raw)
-    return raw
+        return ",".join(_masked_header(entry) for entry in raw.split(",") if entry.strip()) or "***"
+    text = redacted_url(raw) if name in _ENDPOINT_VARIABLES else raw
+    return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}... ({len(text)} characters)"
 
 
-def _redacted_url(url: str) -> str:
-    """The URL without a password in it (``https://user:secret@host`` is a valid endpoint)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}").geturl()
+def _masked_header(entry: str) -> str:
+    name, equals, _ = entry.partition("=")
+    name = name.strip()
+    printable = equals and name and all(33 <= ord(char) < 127 for char in name) and len(name) <= SHOWN_MAX
+    return f"{name}=***" if printable else "***"
 
 
 def _format(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _is_true(raw: str) -> bool:
-    return raw.strip().lower() == "true"
-
-
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         text = raw.strip()
         if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"{raw!r} is not valid: expected an integer from {low} to {high}")
+            raise argparse.ArgumentTypeError(f"{echoed(raw)} is not valid: expected an integer from {low} to {high}")
         return int(text)
 
     return parse
@@ -437,7 +545,7 @@ def _float_in(low: float, high: float) -> Callable[[str], float]:
         except ValueError:
             value = float("nan")
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{raw!r} is not valid: expected a number from {low:g} to {high:g}")
+            raise argparse.ArgumentTypeError(f"{echoed(raw)} is not valid: expected a number from {low:g} to {high:g}")
         return value
 
     return parse

@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, MeterProvider, ObservableGauge, Observation
 from opentelemetry.sdk.metrics.view import DropAggregation, View
@@ -107,23 +109,42 @@ def trainer_scope(identity: Mapping[str, str]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(identity.items()))
 
 
+#: Per meter provider, each trainer identity's instruments: created once, reused by a trainer that
+#: takes over an identity after close() (the SDK would ignore a second instrument of the same name).
+_trainers: weakref.WeakKeyDictionary[Any, dict[str, SeedLayerInstruments]] = weakref.WeakKeyDictionary()
+
+
+def trainer_instruments(meter_provider: MeterProvider, settings: SeedLayerSettings,
+                        identity: Mapping[str, str]) -> SeedLayerInstruments:
+    """The instruments of the trainer ``identity`` on ``meter_provider``, opened for ``settings``.
+
+    Raises ValueError when a trainer with the same identity exports there and is not closed.
+    """
+    scope = trainer_scope(identity)
+    try:
+        known = _trainers.setdefault(meter_provider, {})
+    except TypeError:  # a provider that cannot be weakly referenced: nothing to share or compare with
+        known = {}
+    instruments = known.get(scope)
+    if instruments is None:
+        instruments = known[scope] = SeedLayerInstruments(meter_provider, identity)
+    instruments.open(settings)
+    return instruments
+
+
 class SeedLayerInstruments:
     """Publishes one trainer's epoch summaries to observable gauges on its own meter."""
 
-    def __init__(self, meter_provider: MeterProvider, settings: SeedLayerSettings,
-                 identity: Mapping[str, str] | None = None) -> None:
+    def __init__(self, meter_provider: MeterProvider, identity: Mapping[str, str] | None = None) -> None:
         self._identity = dict(identity or {})
-        self._emit_layers = settings.emits_layers
-        self._top_k = settings.top_k
         self._lock = threading.Lock()
+        self._is_open = False
+        self._emit_layers = True
+        self._top_k = 0
         self._points: dict[str, list[Observation]] = {}
+        self._settings_info: list[Observation] = []
         self._previous_keys: set[_PointKey] = set()
         self._final_collections = -1  # collections that still export after close(); -1 while open
-        # The signal alert rules need to tell "feature on, nothing measured" from "feature off".
-        self._settings_info = [Observation(1, {**self._identity, "enabled": "true", "top_k": str(settings.top_k),
-                                               "compact": str(settings.compact).lower(),
-                                               "sample_every": str(settings.sample_every)})]
-        self._budget: list[Observation] = []
         scope = {TRAINER_SCOPE_ATTRIBUTE: trainer_scope(self._identity)} if self._identity else None
         meter = meter_provider.get_meter(METER_NAME, __version__, attributes=scope)
         self._gauges: list[ObservableGauge] = [
@@ -143,19 +164,33 @@ class SeedLayerInstruments:
                 SERIES_BUDGET, [self._reader(SERIES_BUDGET)], unit="",
                 description="Per-layer series this trainer may export now: top_k x active seeds (0 in compact "
                 "mode)."),
+            # Created in compact mode too (they export nothing then, and the views drop them), so a
+            # trainer that takes the identity over with other settings finds them.
+            meter.create_observable_gauge(
+                LAYER_NORM, [self._reader(LAYER_NORM)], unit=UNIT,
+                description="Top-K layers per seed: RMS over the epoch's sampled optimizer steps of the "
+                "L2 norm of the layer's direct parameters' gradients."),
+            meter.create_observable_gauge(
+                LAYER_NONFINITE, [self._reader(LAYER_NONFINITE)], unit="",
+                description="1 for a top-K layer whose epoch gradient norm is NaN or Inf."),
         ]
-        if self._emit_layers:
-            self._gauges += [
-                meter.create_observable_gauge(
-                    LAYER_NORM, [self._reader(LAYER_NORM)], unit=UNIT,
-                    description="Top-K layers per seed: RMS over the epoch's sampled optimizer steps of the "
-                    "L2 norm of the layer's direct parameters' gradients."),
-                meter.create_observable_gauge(
-                    LAYER_NONFINITE, [self._reader(LAYER_NONFINITE)], unit="",
-                    description="1 for a top-K layer whose epoch gradient norm is NaN or Inf."),
-            ]
-        self._points = {SETTINGS_INFO: self._settings_info}
         self._can_release = True
+
+    def open(self, settings: SeedLayerSettings) -> None:
+        with self._lock:
+            if self._is_open:
+                who = f"attributes {self._identity}" if self._identity else "no attributes"
+                raise ValueError(f"a SeedLayerTelemetry with {who} already exports on this meter provider: give "
+                                 "each trainer distinct attributes=, for example {'env_id': '1'}")
+            self._is_open = True
+            self._emit_layers = settings.emits_layers
+            self._top_k = settings.top_k
+            # The signal alert rules need to tell "feature on, nothing measured" from "feature off".
+            self._settings_info = [Observation(1, {
+                **self._identity, "enabled": "true", "top_k": str(settings.top_k),
+                "compact": str(settings.compact).lower(), "sample_every": str(settings.sample_every)})]
+            self._points = {SETTINGS_INFO: self._settings_info}
+            self._final_collections = -1
 
     def publish(self, summary: EpochSummary) -> None:
         """Make ``summary`` the snapshot every later collection exports."""
@@ -180,6 +215,7 @@ class SeedLayerInstruments:
         provider's shutdown), then nothing: no I/O here, so the training thread never waits."""
         with self._lock:
             self._final_collections = 1
+            self._is_open = False
 
     def _reader(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
 
 
@@ -50,7 +51,7 @@ class EveryOptimizer:
         self._last_grad: weakref.ref[torch.Tensor] | None = None
         self._last_version = -1
         #: Removes the process-wide hook.
-        self.handle: RemovableHandle = torch.optim.optimizer.register_optimizer_step_post_hook(self._after_step)
+        self.handle: RemovableHandle = register_optimizer_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._holds_model_parameter(optimizer):

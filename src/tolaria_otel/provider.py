@@ -221,7 +221,8 @@ def otlp_metrics_endpoint(environ: Environ | None = None, protocol: str | None =
     else:
         variable, raw = ENV_ENDPOINT, base or ""
         url = f"{(base or DEFAULT_HTTP_ENDPOINT).strip().removesuffix('/')}/v1/metrics"
-    problem = url_problem(url)
+    # The base URL is checked before the path is added: 'http://' + '/v1/metrics' would name a host "v1".
+    problem = url_problem(raw.strip()) if raw else url_problem(url)
     if problem:
         raise ConfigurationError(f"{variable}={echoed(redacted_url(raw))} is not valid: {problem}; expected "
                                  "http://host:port or https://host:port, with a path where the receiver needs one")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .distributed import RankReduction
 from .epoch import TOTAL, EpochSums, Segment, SegmentKey, fold, segment_key
-from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_scope
+from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .norms import DeviceMoved
 from .optimizer_hooks import EveryOptimizer, unwrap_optimizer
 from .seeds import SeedSource, SeedView, StageNames, read_seeds, validate_seeds
@@ -27,10 +26,6 @@ from .summary import EpochSummary, SeedSummary
 from .topk import top_k
 
 _logger = logging.getLogger(__name__)
-
-#: Trainer identities in use per meter provider: two trainers with one identity would share streams.
-_identities_in_use: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-
 
 class SeedLayerTelemetry:
     """Per-seed, per-layer gradient norms of a training run, summarised per epoch.
@@ -93,11 +88,9 @@ class SeedLayerTelemetry:
         self._segments: dict[SegmentKey, Segment] = {}
         self._current = self._segment_for(seeds_now)
         self._instruments: SeedLayerInstruments | None = None
-        self._release_identity: Callable[[], object] = lambda: None
         if self._ranks is None or self._ranks.rank == self.settings.export_rank:
             provider = metrics.get_meter_provider() if meter_provider is None else meter_provider
-            self._claim_identity(provider)
-            self._instruments = SeedLayerInstruments(provider, self.settings, identity)
+            self._instruments = trainer_instruments(provider, self.settings, identity)
 
     @property
     def enabled(self) -> bool:
@@ -175,7 +168,6 @@ class SeedLayerTelemetry:
             hook.remove()
         if self._instruments is not None:
             self._instruments.close()
-            self._release_identity()
         self._enabled = False
 
     def __enter__(self) -> SeedLayerTelemetry:
@@ -267,19 +259,6 @@ class SeedLayerTelemetry:
             seeds[seed_id] = SeedSummary(seed_id, stage, total, top_k(values, self.settings.top_k) if total is not None
                                          else (), layer_count, steps)
         return seeds
-
-    def _claim_identity(self, provider: Any) -> None:
-        scope = trainer_scope(self.attributes)
-        try:
-            in_use = _identities_in_use.setdefault(provider, set())
-        except TypeError:  # a provider that cannot be weakly referenced: nothing to compare with
-            return
-        if scope in in_use:
-            who = f"attributes {self.attributes}" if self.attributes else "no attributes"
-            raise ValueError(f"a SeedLayerTelemetry with {who} already exports on this meter provider: give each "
-                             "trainer distinct attributes=, for example {'env_id': '1'}")
-        in_use.add(scope)
-        self._release_identity = weakref.finalize(self, in_use.discard, scope)
 
     def _failed(self, where: str) -> None:
         self.failures += 1
