@@ -2,8 +2,10 @@
 
 A 5-Linear host (:class:`~tolaria_otel.seeded_mlp.SeededMLP`) learns to classify synthetic data
 labelled by a fixed random teacher, while :class:`~tolaria_otel.seeded_mlp.ScriptedLifecycle`
-grafts 2 to 4 seeds and drives them through GERMINATED, TRAINING, BLENDING, FOSSILIZED and, for one,
-CULLED. Every epoch's :class:`~tolaria_otel.EpochSummary` goes to a JSON Lines file (one line per
+grafts 2 to 4 seeds of 5 layers (before the first step, right after an epoch end, and mid-epoch:
+each measured from its first step) and drives them through Kasmina's stages SEED_STAGE_GERMINATED,
+_TRAINING, _BLENDING, _FOSSILIZED and, for one, _CULLED (not measured: out of the graph) before it
+is gone. Every epoch's :class:`~tolaria_otel.EpochSummary` goes to a JSON Lines file (one line per
 epoch: ``EpochSummary.to_dict()`` plus ``loss``, the epoch's mean training loss), to the terminal,
 and to whatever exporters the ``OTEL_*`` variables name.
 
@@ -80,17 +82,16 @@ def run_demo(options: DemoOptions, settings: SeedLayerSettings, provider: MeterP
             seed.to(device)
             optimizer.add_param_group({"params": list(seed.parameters())})
 
-        lifecycle = ScriptedLifecycle(model, registry, options.seeds, on_graft=graft)
-        lifecycle.germinate(0)
+        lifecycle = ScriptedLifecycle(model, registry, options.seeds, options.steps, on_graft=graft)
         telemetry = SeedLayerTelemetry(model, registry, settings=settings, meter_provider=provider)
-        telemetry.attach(optimizer)
+        telemetry.attach()  # every optimizer step of the model's optimizers, whichever they are
         for epoch in range(options.epochs):
             lifecycle.start_epoch(epoch)
             loss_sum = torch.zeros((), device=device)
             for step in range(options.steps):
                 if stop_requested():
                     return epoch
-                lifecycle.blend(step / max(options.steps - 1, 1))
+                lifecycle.before_step(epoch, step, options.steps)  # may germinate: measured from this step
                 x = torch.randn(BATCH, IN_FEATURES, generator=data)
                 y = (x @ teacher).argmax(dim=1)
                 loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
@@ -99,8 +100,8 @@ def run_demo(options: DemoOptions, settings: SeedLayerSettings, provider: MeterP
                 optimizer.zero_grad()
                 loss_sum += loss.detach()  # stays on the device: one sync per epoch, like the telemetry
                 display.step(epoch, step + 1)
-            lifecycle.germinate(epoch + 1)
             summary = telemetry.end_epoch()
+            lifecycle.after_epoch(epoch)  # Tamiyo read the summary and germinates
             record = epoch_record(summary, epoch, loss_sum.item() / options.steps)
             if summary is not None:
                 out.write(json.dumps(record) + "\n")
@@ -180,10 +181,14 @@ class RichDisplay:
         table.add_column(f"top {record.get('top_k', '-')} layers", no_wrap=True)
         for seed in record["seeds"]:
             layers = "  ".join(f"{layer['layer']}={_number(layer['value'])}" for layer in seed["top_layers"])
-            table.add_row(seed["seed_id"], seed["stage"], _number(seed["total_norm"]), layers)
+            # Kasmina's prefix left out here only, to fit a terminal; the file and the metrics keep it.
+            table.add_row(seed["seed_id"], seed["stage"].removeprefix("SEED_STAGE_"), _number(seed["total_norm"]),
+                          layers)
         self.progress.console.print(table)
         self.progress.advance(self._epochs)
 
 
-def _number(value: float | str) -> str:
+def _number(value: float | str | None) -> str:
+    if value is None:
+        return "not measured"
     return value if isinstance(value, str) else f"{value:.3g}"

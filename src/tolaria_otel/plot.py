@@ -1,8 +1,10 @@
 """Render a run's epoch summaries to a PNG: the Grafana dashboard's main views, without Grafana.
 
 One panel per seed with its top-K layers over epochs (the exported ``layer_norm`` series; NaN or Inf
-layers as red crosses at the top edge, stage changes as dotted lines) and one panel with every
-seed's total norm (``seed.norm``). Input: the in-process :class:`EpochSummary` objects, or a JSON
+layers as red crosses at the top edge, stage changes as dotted lines, an epoch the seed was present
+for only some steps marked with their number, an epoch it was not measured marked "not measured")
+and one panel with every seed's total norm (``seed.norm``; not measured: a hollow marker at the
+bottom edge, never a zero). Input: the in-process :class:`EpochSummary` objects, or a JSON
 Lines file of ``EpochSummary.to_dict()`` lines, one per epoch (what ``tolaria-otel demo`` writes)::
 
     python -m tolaria_otel.plot runs/demo.jsonl -o runs/demo.png
@@ -88,9 +90,10 @@ def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
         seeds[seed["seed_id"]] = SeedSummary(
             seed_id=seed["seed_id"],
             stage=seed["stage"],
-            total_norm=float(seed["total_norm"]),
+            total_norm=None if seed["total_norm"] is None else float(seed["total_norm"]),
             top_layers=tuple((layer["layer"], float(layer["value"])) for layer in seed["top_layers"]),
             layer_count=int(seed["layer_count"]),
+            sampled_steps=int(seed.get("sampled_steps", data["sampled_steps"])),  # files from before 0.3
         )
     return EpochSummary(epoch=int(data["epoch"]), sampled_steps=int(data["sampled_steps"]),
                         top_k=int(data["top_k"]), seeds=seeds)
@@ -100,12 +103,17 @@ def _seed_panel(ax: Any, seed_id: str, summaries: Sequence[EpochSummary]) -> Non
     layers: dict[str, tuple[list[int], list[float]]] = {}
     nonfinite: list[tuple[int, str]] = []
     stages: list[tuple[int, str]] = []
+    notes: list[tuple[int, str]] = []
     for summary in summaries:
         seed = summary.seeds.get(seed_id)
         if seed is None:
             continue
         if not stages or stages[-1][1] != seed.stage:
             stages.append((summary.epoch, seed.stage))
+        if seed.total_norm is None:
+            notes.append((summary.epoch, "not measured"))
+        elif seed.sampled_steps < summary.sampled_steps:
+            notes.append((summary.epoch, f"{seed.sampled_steps}/{summary.sampled_steps} steps"))
         for layer, value in seed.top_layers:
             if math.isfinite(value):
                 epochs, values = layers.setdefault(layer, ([], []))
@@ -122,27 +130,35 @@ def _seed_panel(ax: Any, seed_id: str, summaries: Sequence[EpochSummary]) -> Non
                    clip_on=False, label="NaN/Inf: " + ", ".join(sorted({layer for _, layer in nonfinite})))
     for epoch, stage in stages:
         ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(stage, (epoch, 1), xycoords=("data", "axes fraction"), xytext=(2, -2),
-                    textcoords="offset points", va="top", fontsize=7, color="dimgrey")
+        ax.annotate(stage.removeprefix("SEED_STAGE_"), (epoch, 1), xycoords=("data", "axes fraction"),
+                    xytext=(2, -2), textcoords="offset points", va="top", fontsize=7, color="dimgrey")
+    for epoch, note in notes:
+        ax.annotate(note, (epoch, 0), xycoords=("data", "axes fraction"), xytext=(2, 2),
+                    textcoords="offset points", va="bottom", fontsize=7, color="darkorange")
     ax.set_title(f"{seed_id}: top-K layers")
     _epoch_axis(ax)
     ax.set_ylabel("gradient norm (RMS)")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="lower right")  # the notes sit at the bottom left of their epoch
 
 
 def _totals_panel(ax: Any, seed_ids: Sequence[str], summaries: Sequence[EpochSummary]) -> None:
     drawn = []
+    unmeasured: dict[str, list[int]] = {}
     for seed_id in seed_ids:
         points = [(s.epoch, s.seeds[seed_id].total_norm) for s in summaries if seed_id in s.seeds]
-        finite = [(e, v) for e, v in points if math.isfinite(v)]
+        finite = [(e, v) for e, v in points if v is not None and math.isfinite(v)]
         line = ax.plot([e for e, _ in finite], [v for _, v in finite], marker="o", markersize=3, label=seed_id)[0]
         drawn += [v for _, v in finite]
-        bad = [e for e, v in points if not math.isfinite(v)]
+        bad = [e for e, v in points if v is not None and not math.isfinite(v)]
         if bad:
             ax.scatter(bad, [max(drawn, default=1.0)] * len(bad), marker="X", s=60, color=line.get_color(), zorder=3)
+        unmeasured[line.get_color()] = [e for e, v in points if v is None]
     _value_axis(ax, drawn)
-    ax.set_title("Per-seed total gradient norm (X: NaN/Inf)")
+    for color, epochs in unmeasured.items():  # at the bottom edge, whatever the scale
+        ax.scatter(epochs, [0.0] * len(epochs), marker="o", s=40, facecolors="none", edgecolors=color, zorder=3,
+                   transform=ax.get_xaxis_transform(), clip_on=False)
+    ax.set_title("Per-seed total gradient norm (X: NaN/Inf, o at the bottom: not measured)")
     _epoch_axis(ax)
     ax.set_ylabel("gradient norm (RMS)")
     ax.legend(fontsize=7, loc="lower left")
