@@ -359,8 +359,9 @@ def test_doctor_all_well_masks_secrets(receiver: OtlpReceiver, capsys: pytest.Ca
         assert re.search(rf"^  {name} ", out, re.MULTILINE), f"{name} missing from doctor's report"
     assert re.search(r"TOLARIA_SEED_LAYER_SUMMARIES_ENABLED +true  \(env; default: false\)$", out, re.MULTILINE)
     assert re.search(r"TOLARIA_SEED_LAYER_TOPK +3  \(default\)$", out, re.MULTILINE)
-    # 4 seeds x top 3 layer_norm series + 4 seed.norm series, every 15 s
-    assert "16 series per export (12 layer_norm" in out and "3,840 points per hour" in out
+    # 4 seeds x top 3 layer_norm series + 4 seed_norm series + info + budget, every 15 s
+    assert "18 series per export (12 layer_norm = top_k 3 x 4 seeds, 4 seed_norm, 1 info, 1 series_budget), " \
+           "every 15 s: 4,320 points per hour" in out
     assert f"{receiver.url}/v1/metrics (http/protobuf): answers" in out
     headers, _ = receiver.requests[-1]
     assert headers["authorization"] == "Bearer s3cret"
@@ -368,6 +369,7 @@ def test_doctor_all_well_masks_secrets(receiver: OtlpReceiver, capsys: pytest.Ca
 
 def test_doctor_reports_one_line_per_problem(closed_port: int, capsys: pytest.CaptureFixture[str]) -> None:
     os.environ.update(TOLARIA_SEED_LAYER_TOPK="0", TOLARIA_SEED_HEALTH_COMPACT="maybe",
+                      TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="on",
                       OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{closed_port}", OTEL_METRIC_EXPORT_INTERVAL="soon")
     code, _, err = main_in_process(["doctor", "--timeout", "1"], capsys)
     assert code == 1
@@ -376,6 +378,21 @@ def test_doctor_reports_one_line_per_problem(closed_port: int, capsys: pytest.Ca
     for needle in ("TOLARIA_SEED_LAYER_TOPK='0'", "TOLARIA_SEED_HEALTH_COMPACT='maybe'",
                    "OTEL_METRIC_EXPORT_INTERVAL='soon'", "does not answer"):
         assert sum(needle in p for p in problems) == 1, (needle, problems)
+
+
+@pytest.mark.parametrize(("top_k", "compact"), [("3", "false"), ("5", "false"), ("3", "true")])
+def test_doctor_volume_agrees_with_the_operations_runbook(top_k: str, compact: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/operations.md, "Volume": top_k x seeds layer series (none in compact mode), a seed_norm per
+    seed, one info and one budget series; its worked example is the defaults with 4 seeds."""
+    volume = (ROOT / "docs" / "operations.md").read_text().split("\n## Volume\n", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"(\d+) \+ (\d+) \+ 1 \+ 1 = \*\*(\d+) series\*\*", volume)
+    assert example and (int(example[1]), int(example[2]), int(example[3])) == (12, 4, 18)
+    os.environ.update(TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true", TOLARIA_SEED_LAYER_TOPK=top_k,
+                      TOLARIA_SEED_HEALTH_COMPACT=compact, OTEL_METRICS_EXPORTER="none")
+    _, out, _ = main_in_process(["doctor", "--seeds", "4"], capsys)
+    expected = (0 if compact == "true" else int(top_k) * 4) + 4 + 1 + 1
+    assert f"volume for 4 seeds: {expected} series per export" in out
 
 
 def env_example() -> dict[str, str]:

@@ -234,12 +234,14 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def run_doctor_command(args: argparse.Namespace) -> int:
     env = os.environ
     problems: list[str] = []
+    good = {}
     for name in TOLARIA_FIELDS:  # one variable at a time, so that each bad one is reported
         try:
             SeedLayerSettings.from_env({name: env.get(name, "")})
+            good[name] = env.get(name, "")
         except SettingsError as error:
             problems.append(str(error))
-    settings = SeedLayerSettings() if problems else SeedLayerSettings.from_env(env)
+    settings = SeedLayerSettings.from_env(good)  # the bad ones at their defaults
     problems += [str(error) for error in otel.environment_problems(env)]
     in_force = _InForce.read(env)
 
@@ -334,7 +336,7 @@ def _check_otlp(env: Mapping[str, str], settings: SeedLayerSettings, in_force: _
         print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: fix the problems above first")
         return problems
     problem = probe_otlp(in_force.endpoint, in_force.protocol, headers, certificate, timeout, otel.ENV_METRICS_ENDPOINT)
-    print(f"OTLP endpoint: {shown} ({in_force.protocol}): {'no answer' if problem else 'answers'}")
+    print(f"OTLP endpoint: {shown} ({in_force.protocol}): {'does not work (below)' if problem else 'answers'}")
     return [*problems, *([problem] if problem else [])]
 
 

@@ -354,6 +354,10 @@ def url_problem(url: str) -> str | None:
         return "the scheme is not http or https"
     if not parts.hostname:
         return "it has no host"
+    try:
+        parts.hostname.encode("idna")  # as the socket layer will; labels of 1 to 63 characters
+    except UnicodeError:
+        return "the host name is not valid"
     if port == 0:
         return "the port is not a number from 1 to 65535"
     return None
