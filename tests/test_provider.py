@@ -1,5 +1,6 @@
 """configure_meter_provider from the standard OTEL_* variables."""
 
+import re
 import urllib.request
 
 import pytest
@@ -108,3 +109,71 @@ def test_prometheus_pull_mode_serves_the_family_and_stops_on_shutdown(monkeypatc
     provider.shutdown()
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=2)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"settings": {"enabled": True}}, r"^settings is dict: expected a tolaria_otel.SeedLayerSettings, or None"),
+    ({"settings": "true"}, r"^settings is str: expected a tolaria_otel.SeedLayerSettings"),
+    ({"resource": {"service.name": "x"}}, r"^resource is dict: expected an opentelemetry.sdk.resources.Resource"),
+    ({"readers": InMemoryMetricReader()}, r"^readers is InMemoryMetricReader: expected a sequence of"),
+    ({"readers": [InMemoryMetricReader(), "console"]}, r"^readers holds a str: expected only"),
+])
+def test_wrong_argument_types_name_the_argument(monkeypatch, arguments, message):
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    with pytest.raises(TypeError, match=message):
+        configure_meter_provider(**arguments)
+
+
+@pytest.mark.parametrize(("variable", "value", "accepted"), [
+    ("OTEL_SDK_DISABLED", "1", "expected true or false"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "0", "expected a positive number of seconds"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1", "expected a positive number of seconds"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan", "expected a positive number of seconds"),
+    ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "abc", "expected a positive number of seconds"),
+    ("OTEL_METRIC_EXPORT_INTERVAL", "inf", "expected a positive number of milliseconds"),
+    ("OTEL_METRIC_EXPORT_TIMEOUT", "0", "expected a positive number of milliseconds"),
+    ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd", "expected one of none, gzip, deflate"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://[::1", "it does not parse as a URL"),
+    ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4318", "the scheme is not http or https"),
+    ("OTEL_RESOURCE_ATTRIBUTES", "a=b,", "entry 2 of 2 is not key=value"),
+])
+def test_values_the_sdk_would_misread_fail_at_start(monkeypatch, variable, value, accepted):
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=rf"^{variable}=?.* is not valid: .*{re.escape(accepted)}"):
+        configure_meter_provider(ON)
+
+
+def test_a_malformed_header_fails_at_start_without_its_value_or_an_sdk_warning(monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization Bearer SECRET123")
+    with pytest.raises(ConfigurationError, match=r"^OTEL_EXPORTER_OTLP_HEADERS is not valid: entry 1 of 1") as raised:
+        configure_meter_provider(ON)
+    assert "SECRET123" not in str(raised.value) and "SECRET123" not in caplog.text
+
+
+def test_headers_the_sdk_accepts_are_accepted_without_a_warning(monkeypatch, caplog):
+    """The check mirrors the exporters' liberal header syntax: what it lets through, the SDK parses quietly."""
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer abc%20def, x-team = ml ,api-key=a=b")
+    provider = configure_meter_provider(ON)
+    provider.shutdown()
+    assert "Header format invalid" not in caplog.text
+
+
+def test_values_not_in_force_are_not_checked(monkeypatch):
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "abc")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "inf")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", "http")
+    configure_meter_provider(ON).shutdown()
+
+
+def test_a_100_kB_value_gives_a_short_message(monkeypatch):
+    for variable in ("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+        monkeypatch.setenv(variable, "x" * 100_000)
+        with pytest.raises(ConfigurationError) as raised:
+            configure_meter_provider(ON)
+        assert len(str(raised.value)) < 300 and "(100000 characters)" in str(raised.value)
+        monkeypatch.delenv(variable)

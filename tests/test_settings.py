@@ -3,7 +3,7 @@ import re
 import pytest
 
 from tolaria_otel import SeedLayerSettings, SettingsError
-from tolaria_otel.settings import ENV_COMPACT, ENV_ENABLED, ENV_SAMPLE_EVERY, ENV_TOP_K
+from tolaria_otel.settings import ENV_COMPACT, ENV_ENABLED, ENV_EXPORT_RANK, ENV_SAMPLE_EVERY, ENV_TOP_K
 
 
 def test_defaults_with_nothing_set():
@@ -72,3 +72,16 @@ def test_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv(ENV_ENABLED, "on")
     monkeypatch.setenv(ENV_TOP_K, "5")
     assert SeedLayerSettings.from_env() == SeedLayerSettings(enabled=True, top_k=5)
+
+
+@pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT, ENV_TOP_K, ENV_SAMPLE_EVERY, ENV_EXPORT_RANK])
+def test_a_100_kB_value_gives_a_short_message_with_its_length(name):
+    with pytest.raises(SettingsError) as raised:
+        SeedLayerSettings.from_env({name: "7" * 100_000 + "x"})
+    message = str(raised.value)
+    assert len(message) < 200 and message.startswith(f"{name}='7777") and "... (100001 characters)" in message
+
+
+def test_a_long_field_value_in_code_is_cut_too():
+    with pytest.raises(SettingsError, match=r"^top_k=\[0, 0, .*\.\.\. \(30000 characters of repr\) is not valid"):
+        SeedLayerSettings(top_k=[0] * 10_000)
