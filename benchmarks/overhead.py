@@ -129,6 +129,7 @@ class DeepSeed(nn.Module):
         layers.append(nn.Linear(inner, width))
         self.net = nn.Sequential(*layers)
         self.alpha = 1.0
+        self.in_graph = True  # SeededMLP's forward asks (a culled seed is skipped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.net(x)
@@ -211,9 +212,11 @@ class Telemetry(Variant):
     kind = "ours"
 
     def __init__(self, name: str, *, enabled: bool = True, seeds: int | None = None, sample_every: int = 1,
-                 compact: bool = False, top_k: int = 3) -> None:
+                 compact: bool = False, top_k: int = 3, source: str = "callable", attach: str = "optimizer") -> None:
         super().__init__()
         self.name = name
+        self.source = source  # "callable": Kasmina's registry, called at every sampled step; "mapping": a dict
+        self.attach = attach  # "optimizer": attach(optimizer); "every": attach(), the process-wide hook
         self.settings = SeedLayerSettings(enabled=enabled, top_k=top_k, compact=compact, sample_every=sample_every)
         self.seed_count = seeds
         self.summary: Any = None
@@ -226,9 +229,10 @@ class Telemetry(Variant):
         registry = SeedRegistry()
         for seed_id in list(run.seeds)[: self.seed_count]:
             registry.add(seed_id, run.seeds[seed_id], "TRAINING")
-        self.telemetry = SeedLayerTelemetry(run.model, registry, settings=self.settings,
+        source = registry if self.source == "callable" else registry()
+        self.telemetry = SeedLayerTelemetry(run.model, source, settings=self.settings,
                                             meter_provider=self.provider)
-        self.telemetry.attach(run.optimizer)
+        self.telemetry.attach(run.optimizer if self.attach == "optimizer" else None)
 
     def end_epoch(self) -> None:
         self.summary = self.telemetry.end_epoch()
@@ -246,9 +250,9 @@ class Telemetry(Variant):
         return f"{exported} points; {seeds} seeds summarised"
 
     def feature_bytes(self) -> int:
-        squares = getattr(self.telemetry, "_squares", None)
-        groups = getattr(squares, "_groups", ())
-        return sum(g.buffer.numel() * g.buffer.element_size() for g in groups)
+        segments = getattr(self.telemetry, "_segments", {}).values()
+        return sum(buffer.numel() * buffer.element_size() for segment in segments
+                   for buffer, _ in segment.squares._buffers)
 
     def close(self) -> None:
         self.telemetry.close()
@@ -396,6 +400,8 @@ def all_variants(seed_count: int = 4) -> list[Variant]:
         Telemetry("enabled, 1 seed", seeds=1),
         Telemetry(f"enabled, {half} seeds", seeds=half),
         Telemetry(f"enabled, {seed_count} seeds", seeds=seed_count),
+        Telemetry(f"enabled, {seed_count} seeds, seed source a dict", seeds=seed_count, source="mapping"),
+        Telemetry(f"enabled, {seed_count} seeds, attach()", seeds=seed_count, attach="every"),
         Telemetry(f"enabled, {seed_count} seeds, sample_every=4", seeds=seed_count, sample_every=4),
         Telemetry(f"enabled, {seed_count} seeds, compact", seeds=seed_count, compact=True),
         Floor(),

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS_A = [
     "baseline", "baseline again (A/A)", "disabled (flag off)", "enabled, 1 seed", "enabled, 2 seeds",
-    "enabled, 4 seeds", "enabled, 4 seeds, sample_every=4", "enabled, 4 seeds, compact",
+    "enabled, 4 seeds", "enabled, 4 seeds, seed source a dict", "enabled, 4 seeds, attach()",
+    "enabled, 4 seeds, sample_every=4", "enabled, 4 seeds, compact",
     "floor: _foreach_norm only", "peer: per-layer .item() loop", "peer: Lightning grad_norm",
     "peer: wandb.watch gradients", "peer: TensorBoard add_histogram",
 ]
