@@ -1,9 +1,12 @@
 """The "Seed layer gradients" Grafana dashboard, built with Grafana's ``grafana-foundation-sdk``.
 
-Every query aggregates ``by`` the contract's labels (``seed_id``, ``stage``, ``layer``) only, so a
-panel looks the same whether the series come from VictoriaMetrics' OTLP receiver (resource
-attributes as labels, no ``job``/``instance``) or from Prometheus scraping the collector (``job``,
-``instance``). No query needs a recording rule: VictoriaMetrics evaluates none.
+Every query aggregates ``by`` the contract's labels (``seed_id``, ``stage``, ``layer``) and the
+trainer identity ``env_id`` only, so a panel looks the same whether the series come from
+VictoriaMetrics' OTLP receiver (resource attributes as labels, no ``job``/``instance``) or from
+Prometheus scraping the collector (``job``, ``instance``), and several trainers of one process
+(``SeedLayerTelemetry(..., attributes={"env_id": "3"})``) stay apart. A run without ``env_id``
+works the same: an absent label matches the Trainer variable's All (``.*``) and ``by (env_id, ...)``
+keeps nothing for it. No query needs a recording rule: VictoriaMetrics evaluates none.
 
 Panel ids and the dashboard uid are fixed here, so provisioning updates the dashboard in place.
 """
@@ -45,16 +48,21 @@ VANISHING_EXEMPT_STAGES = ("DORMANT", "CULLED", "EMBARGOED", "RESETTING", "TERMI
 LAYER_NORM = "tolaria_grad_agg_seed_layer_norm"
 LAYER_NONFINITE = "tolaria_grad_agg_seed_layer_nonfinite"
 SEED_NORM = "tolaria_grad_agg_seed_norm"
+#: 1 for a seed that had no gradient at any sampled step of the epoch: it has no norm point at all.
+SEED_NOT_MEASURED = "tolaria_grad_agg_seed_not_measured"
 SETTINGS_INFO = "tolaria_grad_agg_seed_layer_info"
 #: Per trainer, the per-layer series it may export now: top_k x active seeds (0 in compact mode).
 SERIES_BUDGET = "tolaria_grad_agg_seed_layer_series_budget"
-#: Every series that names a seed: a seed whose total is non-finite has no ``seed_norm`` point, and
-#: compact mode has no layer points, so no single metric lists every seed.
-SEED_FAMILY = f'__name__=~"{SEED_NORM}|{LAYER_NORM}|{LAYER_NONFINITE}"'
+#: Every series that names a seed: a seed whose total is non-finite has no ``seed_norm`` point, a seed
+#: not measured has only its ``not_measured`` point, and compact mode has no layer points, so no
+#: single metric lists every seed.
+SEED_FAMILY_NAMES = (SEED_NORM, LAYER_NORM, LAYER_NONFINITE, SEED_NOT_MEASURED)
+SEED_FAMILY = f'__name__=~"{"|".join(SEED_FAMILY_NAMES)}"'
 
-#: Kasmina's lifecycle stages (DESIGN.md), in lifecycle order, with or without the historic
-#: ``SEED_STAGE_`` prefix; the stage timeline shows them as numbers 1..n mapped back to names. Any
-#: other stage string shows as ``OTHER_STAGE``.
+#: Kasmina's lifecycle stages (DESIGN.md), in lifecycle order. The canonical stage value is Kasmina's
+#: protobuf name, prefixed (``SEED_STAGE_TRAINING``); the queries accept the unprefixed form too. The
+#: stage timeline shows them as numbers 1..n mapped back to names. Any other stage string shows as
+#: ``OTHER_STAGE``.
 STAGES = ("DORMANT", "GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY", "FOSSILIZED",
           "CULLED", "EMBARGOED", "RESETTING", "TERMINATED")
 OTHER_STAGE = 0
@@ -62,8 +70,11 @@ STAGE_COLORS = {"DORMANT": "#8e8e8e", "GERMINATED": "#8ab8ff", "TRAINING": "#327
                 "SHADOWING": "#a352cc", "PROBATIONARY": "#ff9830", "FOSSILIZED": "#56a64b", "CULLED": "#e02f44",
                 "EMBARGOED": "#c4162a", "RESETTING": "#fade2a", "TERMINATED": "#5a5a5a"}
 
-SEEDS = 'seed_id=~"$seed_id"'
-SEEDS_STAGES = 'seed_id=~"$seed_id", stage=~"$stage"'
+#: The trainer identity the dashboards split by: ``attributes={"env_id": ...}`` of SeedLayerTelemetry.
+TRAINER = "env_id"
+TRAINERS = f'{TRAINER}=~"${TRAINER}"'
+SEEDS = f'{TRAINERS}, seed_id=~"$seed_id"'
+SEEDS_STAGES = f'{SEEDS}, stage=~"$stage"'
 #: Grafana's value for "All" in a regex matcher: every value, including those outside the list.
 ALL = ".*"
 
@@ -73,44 +84,84 @@ LAYER_MEANING = ("A layer's gradient norm at one step is the L2 norm over all gr
                  "module's own parameters. " + VALUE_MEANING)
 
 
+#: Legends name the trainer when the series has one. Grafana writes a missing label's name in its
+#: place (``{{env_id}}`` -> ``env_id``), so the legend starts with ``env_id={{env_id}} `` and the
+#: transformation below removes what that renders to without the label.
+TRAINER_LEGEND = f"{TRAINER}={{{{{TRAINER}}}}} "
+NO_TRAINER_RENAME = model.DataTransformerConfig(id_val="renameByRegex", options={
+    "regex": f"{TRAINER}={TRAINER} (.*)", "renamePattern": "$1"})
+
+
 def _fmt(value: float) -> str:
     """A number as PromQL and the alert rules write it (1000, 1e-06)."""
     return f"{value:g}"
 
 
+def family_timestamps(matchers: str) -> str:
+    """The timestamp of every seed-family series that ``matchers`` select, tagged with its metric.
+
+    ``timestamp()`` drops the metric name, and two metrics of the family can hold series with the
+    same other labels (a seed's ``seed_norm`` and ``not_measured`` of one stage; a layer's
+    ``layer_norm`` and ``layer_nonfinite``): Prometheus rejects such a result ("vector cannot
+    contain metrics with the same labelset"). So one ``timestamp()`` per metric, each tagged.
+    """
+    return " or ".join(f'label_replace(timestamp({name}{{{matchers}}}), "family", "{name}", "", "")'
+                       for name in SEED_FAMILY_NAMES)
+
+
+def newest(seeds: str = SEEDS) -> str:
+    """Per seed of a trainer, the timestamp of its latest export."""
+    return f"max by ({TRAINER}, seed_id) ({family_timestamps(seeds)})"
+
+
 def latest(selector: str, seeds: str = SEEDS) -> str:
-    """The series of ``selector`` that their seed's latest export sent.
+    """The series of ``selector`` (one metric) that their seed's latest export sent.
 
     A push backend has no staleness markers: a layer that left the top-K, or a seed's previous
     stage, keeps answering queries with its last value until the lookback window (VictoriaMetrics,
     Prometheus: 5 min) or the Collector's metric expiry passes. One export sends all of a seed's
     points with one timestamp, so "as new as the seed's newest point" keeps exactly the current
     top-K. (Scraped through the Collector, every point carries the scrape time and the filter keeps
-    what the Collector still exposes.)
+    what the Collector still exposes.) A seed is one per trainer: ``(env_id, seed_id)``.
     """
-    newest = f"max by (seed_id) (timestamp({{{SEED_FAMILY}, {seeds}}}))"
-    return f"({selector} and (timestamp({selector}) >= on (seed_id) group_left () {newest}))"
+    return f"({selector} and (timestamp({selector}) >= on ({TRAINER}, seed_id) group_left () {newest(seeds)}))"
 
 
 def layer_norms(by: str, labels: str = SEEDS_STAGES) -> str:
-    return f"max by ({by}) {latest(f'{LAYER_NORM}{{{labels}}}')}"
+    """The latest layer norms, per trainer and ``by``."""
+    return f"max by ({TRAINER}, {by}) {latest(f'{LAYER_NORM}{{{labels}}}')}"
 
 
 def layer_nonfinite(labels: str = SEEDS_STAGES) -> str:
-    return f"max by (seed_id, stage, layer) {latest(f'{LAYER_NONFINITE}{{{labels}}}')} == {NONFINITE_VALUE}"
+    return (f"max by ({TRAINER}, seed_id, stage, layer) {latest(f'{LAYER_NONFINITE}{{{labels}}}')}"
+            f" == {NONFINITE_VALUE}")
+
+
+def not_measured() -> str:
+    """Seeds whose latest export says "not measured" (no gradient at any sampled step of the epoch)."""
+    return f"max by ({TRAINER}, seed_id, stage) {latest(f'{SEED_NOT_MEASURED}{{{SEEDS_STAGES}}}')} == 1"
 
 
 def stage_code() -> str:
     """Per seed, its stage as a number (index in ``STAGES`` + 1; ``OTHER_STAGE`` for others).
 
-    A state timeline colours values, not labels; the max picks the later stage while a series of
-    the previous stage is still inside the query's lookback window.
+    A state timeline colours values, not labels. Every (seed, stage) pair in the lookback gets its
+    code, and only the pair of the seed's latest export is kept: a series of the previous stage
+    stays inside the lookback window of a push backend.
     """
     selectors = [(i, f'{{{SEED_FAMILY}, {SEEDS}, stage=~"(SEED_STAGE_)?{stage}"}}')
                  for i, stage in enumerate(STAGES, start=1)]
     selectors.append((OTHER_STAGE, f'{{{SEED_FAMILY}, {SEEDS}, stage!~"(SEED_STAGE_)?({"|".join(STAGES)})"}}'))
-    terms = [f"{i} * group by (seed_id, stage) {latest(selector)}" for i, selector in selectors]
-    return "max by (seed_id) (\n  " + "\n  or ".join(terms) + "\n)"
+    codes = "\n    or ".join(f"{i} * group by ({TRAINER}, seed_id, stage) ({selector})" for i, selector in selectors)
+    current = (f"max by ({TRAINER}, seed_id, stage) ({family_timestamps(SEEDS)})\n"
+               f"    >= on ({TRAINER}, seed_id) group_left () {newest()}")
+    return (f"max by ({TRAINER}, seed_id) (\n  (\n    {codes}\n  )\n  and on ({TRAINER}, seed_id, stage)\n"
+            f"  (\n    {current}\n  )\n)")
+
+
+def per_trainer(legend: str) -> str:
+    """The legend of a per-trainer series; its panel needs the ``NO_TRAINER_RENAME`` transformation."""
+    return TRAINER_LEGEND + legend
 
 
 def query(expr: str, legend: str = "", ref_id: str = "A", instant: bool = False) -> prom.Dataquery:
@@ -144,11 +195,12 @@ def grid(x: int, y: int, w: int, h: int) -> model.GridPos:
 
 def nonfinite_panel() -> statetimeline.Panel:
     return (
-        statetimeline.Panel().id(1).title("Non-finite layers (NaN/Inf)").grid_pos(grid(0, 0, 8, 7))
+        statetimeline.Panel().id(1).title("Non-finite layers (NaN/Inf)").grid_pos(grid(0, 0, 6, 7))
         .description("Top-K layers whose epoch gradient norm is NaN or Inf: the OpenTelemetry SDK drops non-finite "
                      f"values, so such a layer is exported as {LAYER_NONFINITE} = 1 instead of a norm point. "
                      "Matches the alert TolariaSeedLayerNonFinite. Empty while every top-K layer is finite.")
-        .datasource(DATASOURCE).with_target(query(layer_nonfinite(), "{{seed_id}} {{layer}}"))
+        .datasource(DATASOURCE).with_target(query(layer_nonfinite(), per_trainer("{{seed_id}} {{layer}}")))
+        .with_transformation(NO_TRAINER_RENAME)
         .unit("none").no_value("none: every top-K layer is finite")
         .mappings([model.ValueMap(options={str(NONFINITE_VALUE): model.ValueMappingResult(text="NaN/Inf", color="red")})])
         .thresholds(db.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps([
@@ -160,20 +212,22 @@ def nonfinite_panel() -> statetimeline.Panel:
 
 def exploding_panel() -> timeseries.Panel:
     absolute = f"{layer_norms('seed_id, stage, layer')} > {_fmt(EXPLODING_ABSOLUTE)}"
-    baseline = (f"max by (seed_id, stage, layer) (quantile_over_time(0.5, {LAYER_NORM}{{{SEEDS_STAGES}}}"
+    baseline = (f"max by ({TRAINER}, seed_id, stage, layer) (quantile_over_time(0.5, {LAYER_NORM}{{{SEEDS_STAGES}}}"
                 f"[{EXPLODING_BASELINE}]))")
     relative = (f"({layer_norms('seed_id, stage, layer')} > {_fmt(EXPLODING_FACTOR)} * {baseline})"
                 f" > {_fmt(EXPLODING_RELATIVE_FLOOR)}")
     return (
-        timeseries.Panel().id(2).title("Exploding layers").grid_pos(grid(8, 0, 8, 7))
+        timeseries.Panel().id(2).title("Exploding layers").grid_pos(grid(6, 0, 6, 7))
         .description(f"Top-K layers whose gradient norm is above {_fmt(EXPLODING_ABSOLUTE)} (A), or above "
                      f"{_fmt(EXPLODING_FACTOR)}x the layer's median over the last {EXPLODING_BASELINE} and above "
                      f"{_fmt(EXPLODING_RELATIVE_FLOOR)} (B): the two "
                      "conditions of the alert TolariaSeedLayerGradientExploding. " + LAYER_MEANING
                      + " Empty while no layer explodes.")
         .datasource(DATASOURCE)
-        .with_target(query(absolute, f"{{{{seed_id}}}} {{{{layer}}}} > {_fmt(EXPLODING_ABSOLUTE)}"))
-        .with_target(query(relative, f"{{{{seed_id}}}} {{{{layer}}}} > {_fmt(EXPLODING_FACTOR)}x median", "B"))
+        .with_target(query(absolute, per_trainer(f"{{{{seed_id}}}} {{{{layer}}}} > {_fmt(EXPLODING_ABSOLUTE)}")))
+        .with_target(query(relative, per_trainer(f"{{{{seed_id}}}} {{{{layer}}}} > {_fmt(EXPLODING_FACTOR)}x median"),
+                           "B"))
+        .with_transformation(NO_TRAINER_RENAME)
         .unit("none").no_value("none").thresholds(layer_thresholds())
         .color_scheme(db.FieldColor().mode(model.FieldColorModeId.THRESHOLDS))
         .thresholds_style(common_builders.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED))
@@ -185,34 +239,56 @@ def vanishing_panel() -> timeseries.Panel:
     exempt = f'stage!~"(SEED_STAGE_)?({"|".join(VANISHING_EXEMPT_STAGES)})"'
     expr = f"{layer_norms('seed_id, stage', f'{SEEDS_STAGES}, {exempt}')} < {_fmt(VANISHING_BELOW)}"
     return (
-        timeseries.Panel().id(3).title("Vanishing seeds").grid_pos(grid(16, 0, 8, 7))
+        timeseries.Panel().id(3).title("Vanishing seeds").grid_pos(grid(12, 0, 6, 7))
         .description(f"Seeds whose largest top-K layer gradient norm is below {_fmt(VANISHING_BELOW)}: the "
                      "condition of the alert TolariaSeedGradientVanishing, which leaves out seeds not expected to "
-                     f"train ({', '.join(VANISHING_EXEMPT_STAGES)}; a culled seed has exactly zero gradients). " + LAYER_MEANING + " Empty while every seed learns.")
-        .datasource(DATASOURCE).with_target(query(expr, "{{seed_id}} ({{stage}})"))
+                     f"train ({', '.join(VANISHING_EXEMPT_STAGES)}; a culled seed with alpha 0 has exactly zero "
+                     "gradients). A seed with no gradient at all is not here but in Seeds not measured. "
+                     + LAYER_MEANING + " Empty while every seed learns.")
+        .datasource(DATASOURCE).with_target(query(expr, per_trainer("{{seed_id}} ({{stage}})")))
+        .with_transformation(NO_TRAINER_RENAME)
         .unit("none").no_value("none").thresholds(layer_thresholds())
         .color_scheme(db.FieldColor().mode(model.FieldColorModeId.THRESHOLDS))
         .show_points(common.VisibilityMode.ALWAYS).legend(legend_table())
     )
 
 
+def not_measured_panel() -> statetimeline.Panel:
+    return (
+        statetimeline.Panel().id(10).title("Seeds not measured").grid_pos(grid(18, 0, 6, 7))
+        .description("Seeds whose parameters got no gradient at any sampled step of the epoch (out of the autograd "
+                     "graph, embargoed, frozen): there is no norm to report, so the seed exports "
+                     f"{SEED_NOT_MEASURED} = 1 and no layer or total point. Not the same as Vanishing seeds, whose "
+                     "gradients exist but are tiny. Expected for a culled, embargoed or dormant seed; elsewhere the "
+                     "alert TolariaSeedNotMeasured fires after 15 minutes. Empty while every seed is measured.")
+        .datasource(DATASOURCE).with_target(query(not_measured(), per_trainer("{{seed_id}} ({{stage}})")))
+        .with_transformation(NO_TRAINER_RENAME)
+        .unit("none").no_value("none: every seed is measured")
+        .mappings([model.ValueMap(options={"1": model.ValueMappingResult(text="not measured", color="purple")})])
+        .color_scheme(db.FieldColor().mode(model.FieldColorModeId.FIXED).fixed_color("purple"))
+        .show_value(common.VisibilityMode.AUTO).merge_values(True)
+    )
+
+
 def latest_table() -> table.Panel:
     # Non-finite layers are part of the exported top-K too: they come back as +Inf, which ranks first
     # (as in the package's own ordering), crosses the red threshold, and is mapped to "NaN/Inf".
-    expr = (f"topk by (seed_id) ($top_k, {layer_norms('seed_id, stage, layer')}\n"
-            f"  or max by (seed_id, stage, layer) {latest(f'{LAYER_NONFINITE}{{{SEEDS_STAGES}}}')} * +Inf)")
+    expr = (f"topk by ({TRAINER}, seed_id) ($top_k, {layer_norms('seed_id, stage, layer')}\n"
+            f"  or max by ({TRAINER}, seed_id, stage, layer) {latest(f'{LAYER_NONFINITE}{{{SEEDS_STAGES}}}')} * +Inf)")
     value = "RMS gradient L2 norm"
     return (
         table.Panel().id(4).title("Latest top-K layers per seed").grid_pos(grid(0, 7, 14, 9))
-        .description("The top-K layers of each seed at the end of the time range, largest first, with the seed's "
-                     f"stage. Red: above {_fmt(EXPLODING_ABSOLUTE)} (TolariaSeedLayerGradientExploding) or NaN/Inf "
+        .description("The top-K layers of each seed (of each trainer, column env_id when the trainers set it) at "
+                     "the end of the time range, largest first, with the seed's stage. A seed not measured in its "
+                     "latest epoch has no rows. "
+                     f"Red: above {_fmt(EXPLODING_ABSOLUTE)} (TolariaSeedLayerGradientExploding) or NaN/Inf "
                      f"(TolariaSeedLayerNonFinite); blue: below {_fmt(VANISHING_BELOW)}. " + LAYER_MEANING)
         .datasource(DATASOURCE).with_target(query(expr, instant=True))
         .unit("none").decimals(4).thresholds(layer_thresholds())
         .mappings([model.ValueMap(options={"Infinity": model.ValueMappingResult(text="NaN/Inf", color="red")})])
         .with_transformation(model.DataTransformerConfig(id_val="organize", options={
             "excludeByName": {"Time": True},
-            "indexByName": {"seed_id": 0, "stage": 1, "layer": 2, "Value": 3},
+            "indexByName": {TRAINER: 0, "seed_id": 1, "stage": 2, "layer": 3, "Value": 4},
             "renameByName": {"Value": value},
         }))
         .override_by_name(value, [model.DynamicConfigValue(id_val="custom.cellOptions",
@@ -229,9 +305,12 @@ def stage_timeline() -> statetimeline.Panel:
     return (
         statetimeline.Panel().id(5).title("Seed stages").grid_pos(grid(14, 7, 10, 9))
         .description("Each seed's lifecycle stage (Kasmina) over time, from the stage label of its exported series. "
+                     "Stages are Kasmina's protobuf names, canonically prefixed (SEED_STAGE_TRAINING); the "
+                     "unprefixed form (TRAINING) shows the same. "
                      "A seed absent from a stretch of time was not active (not yet germinated, or culled and "
                      "removed), or the feature was off.")
-        .datasource(DATASOURCE).with_target(query(stage_code(), "{{seed_id}}"))
+        .datasource(DATASOURCE).with_target(query(stage_code(), per_trainer("{{seed_id}}")))
+        .with_transformation(NO_TRAINER_RENAME)
         .unit("none").mappings([model.ValueMap(options=mappings)])
         .color_scheme(db.FieldColor().mode(model.FieldColorModeId.FIXED).fixed_color("text"))
         .show_value(common.VisibilityMode.AUTO).merge_values(True).align_value(common.TimelineValueAlignment.LEFT)
@@ -239,29 +318,34 @@ def stage_timeline() -> statetimeline.Panel:
 
 
 def seed_totals_panel() -> timeseries.Panel:
-    expr = f"max by (seed_id) {latest(f'{SEED_NORM}{{{SEEDS_STAGES}}}')}"
+    expr = f"max by ({TRAINER}, seed_id) {latest(f'{SEED_NORM}{{{SEEDS_STAGES}}}')}"
     return (
         timeseries.Panel().id(6).title("Per-seed total gradient norm").grid_pos(grid(0, 16, 16, 8))
         .description("Per seed, the same statistic over all the seed's parameters (a shared parameter counted once). "
-                     + VALUE_MEANING + " A seed whose total is NaN or Inf has no point (see Non-finite layers).")
-        .datasource(DATASOURCE).with_target(query(expr, "{{seed_id}}"))
+                     + VALUE_MEANING + " A seed whose total is NaN or Inf has no point (see Non-finite layers), "
+                     "nor has a seed not measured (see Seeds not measured).")
+        .datasource(DATASOURCE).with_target(query(expr, per_trainer("{{seed_id}}")))
+        .with_transformation(NO_TRAINER_RENAME)
         .unit("none").scale_distribution(log_axis()).show_points(common.VisibilityMode.ALWAYS)
         .line_interpolation(common.LineInterpolation.STEP_AFTER).legend(legend_table())
     )
 
 
 def volume_panel() -> timeseries.Panel:
-    stored = f"count({LAYER_NORM} or {LAYER_NONFINITE})"
-    any_seed = 'seed_id!=""'
-    exported = f"count({latest(LAYER_NORM, any_seed)} or {latest(LAYER_NONFINITE, any_seed)})"
-    budget = f"sum({SERIES_BUDGET})"
+    # Totals over the selected trainers, not per trainer: the volume is the backend's load.
+    stored = f"count({LAYER_NORM}{{{TRAINERS}}} or {LAYER_NONFINITE}{{{TRAINERS}}})"
+    any_seed = f'{TRAINERS}, seed_id!=""'
+    exported = (f"count({latest(f'{LAYER_NORM}{{{TRAINERS}}}', any_seed)}"
+                f" or {latest(f'{LAYER_NONFINITE}{{{TRAINERS}}}', any_seed)})")
+    budget = f"sum({SERIES_BUDGET}{{{TRAINERS}}})"
     return (
         timeseries.Panel().id(7).title("Telemetry volume vs budget").grid_pos(grid(16, 16, 8, 8))
-        .description("Series of the per-layer family (layer_norm and layer_nonfinite, all seeds, every run in the "
-                     "data source) against the budget top_k x active seeds, summed over the trainers: each "
-                     f"exports its own as {SERIES_BUDGET}, updated at every epoch end (0 in compact mode). "
+        .description("Series of the per-layer family (layer_norm and layer_nonfinite, all seeds of the selected "
+                     "trainers, every run in the data source) against the budget top_k x active seeds, summed over "
+                     f"the trainers: each exports its own as {SERIES_BUDGET}, updated at every epoch end (0 in "
+                     "compact mode). "
                      "Latest export: the series each seed's newest export sent, exactly min(top_k, layers) per "
-                     "seed, so never above the budget. In the backend: every series still inside the "
+                     "measured seed, so never above the budget. In the backend: every series still inside the "
                      "lookback window; above the budget for a few minutes after the top-K or a stage changes "
                      "(a layer that left the top-K stays until the lookback or the Collector's expiry drops it).")
         .datasource(DATASOURCE)
@@ -279,14 +363,15 @@ def volume_panel() -> timeseries.Panel:
 
 
 def seed_panel() -> timeseries.Panel:
-    expr = f"topk by (seed_id) ($top_k, {layer_norms('seed_id, layer')})"
+    expr = f"topk by ({TRAINER}, seed_id) ($top_k, {layer_norms('seed_id, layer')})"
     return (
         timeseries.Panel().id(9).title("Top-K layers: $seed_id").grid_pos(grid(0, 25, 8, 9))
-        .description("This seed's top-K layers over time, one line per layer (a layer that leaves the top-K ends "
-                     f"its line). Dashed lines: {_fmt(EXPLODING_ABSOLUTE)} (TolariaSeedLayerGradientExploding) and "
-                     f"{_fmt(VANISHING_BELOW)} (TolariaSeedGradientVanishing). NaN/Inf layers are in the "
-                     "Non-finite panel. " + LAYER_MEANING)
-        .datasource(DATASOURCE).with_target(query(expr, "{{layer}}"))
+        .description("This seed's top-K layers over time, one line per layer and trainer (a layer that leaves the "
+                     f"top-K ends its line). Dashed lines: {_fmt(EXPLODING_ABSOLUTE)} "
+                     f"(TolariaSeedLayerGradientExploding) and {_fmt(VANISHING_BELOW)} (TolariaSeedGradientVanishing). "
+                     "NaN/Inf layers are in the Non-finite panel. " + LAYER_MEANING)
+        .datasource(DATASOURCE).with_target(query(expr, per_trainer("{{layer}}")))
+        .with_transformation(NO_TRAINER_RENAME)
         .repeat("seed_id").repeat_direction("h")
         .unit("none").thresholds(layer_thresholds())
         .thresholds_style(common_builders.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED))
@@ -308,19 +393,26 @@ def variables() -> list[db.QueryVariable | db.DatasourceVariable]:
                 .query({"query": f"label_values({selector}, {label})", "refId": f"{name}-query"})
                 .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED))
 
-    seed_id = (label_values("seed_id", "seed_id", f"{{{SEED_FAMILY}}}").label("Seed")
-               .description("Seeds with tolaria series in the time range.")
+    # An absent env_id (a single trainer that sets none) matches All (.*) too: a regex matcher
+    # tests the empty value of a missing label.
+    trainer = (label_values(TRAINER, TRAINER, f"{{{SEED_FAMILY}}}").label("Trainer")
+               .description("Trainers (the env_id attribute of SeedLayerTelemetry) with tolaria series in the "
+                            "time range; empty for runs that set none, which All still shows.")
+               .multi(True).include_all(True).all_value(ALL).sort(model.VariableSort.NUMERICAL_ASC)
+               .current(model.VariableOption(selected=True, text=["All"], value=["$__all"])))
+    seed_id = (label_values("seed_id", "seed_id", f"{{{SEED_FAMILY}, {TRAINERS}}}").label("Seed")
+               .description("Seeds of the selected trainers with tolaria series in the time range.")
                .multi(True).include_all(True).all_value(ALL).sort(model.VariableSort.ALPHABETICAL_ASC)
                .current(model.VariableOption(selected=True, text=["All"], value=["$__all"])))
     stage = (label_values("stage", "stage", f"{{{SEED_FAMILY}, {SEEDS}}}").label("Stage")
              .description("Lifecycle stages of the selected seeds in the time range.")
              .multi(True).include_all(True).all_value(ALL).sort(model.VariableSort.ALPHABETICAL_ASC)
              .current(model.VariableOption(selected=True, text=["All"], value=["$__all"])))
-    top_k = (label_values("top_k", "top_k", f'{SETTINGS_INFO}{{enabled="true"}}').label("Top-K")
-             .description("Layers shown per seed; the values are the exporter's TOLARIA_SEED_LAYER_TOPK settings in "
-                          "the time range, largest first.")
+    top_k = (label_values("top_k", "top_k", f'{SETTINGS_INFO}{{enabled="true", {TRAINERS}}}').label("Top-K")
+             .description("Layers shown per seed; the values are the selected trainers' TOLARIA_SEED_LAYER_TOPK "
+                          "settings in the time range, largest first.")
              .sort(model.VariableSort.NUMERICAL_DESC))
-    return [datasource, seed_id, stage, top_k]
+    return [datasource, trainer, seed_id, stage, top_k]
 
 
 def build() -> model.Dashboard:
@@ -333,8 +425,8 @@ def build() -> model.Dashboard:
     )
     for variable in variables():
         dashboard = dashboard.with_variable(variable)
-    for panel in (nonfinite_panel(), exploding_panel(), vanishing_panel(), latest_table(), stage_timeline(),
-                  seed_totals_panel(), volume_panel()):
+    for panel in (nonfinite_panel(), exploding_panel(), vanishing_panel(), not_measured_panel(), latest_table(),
+                  stage_timeline(), seed_totals_panel(), volume_panel()):
         dashboard = dashboard.with_panel(panel)
     # An expanded row keeps its panels at the top level of the JSON (only a collapsed row nests them).
     dashboard = (dashboard.with_row(db.Row("Per seed: top-K layers").id(8).grid_pos(grid(0, 24, 24, 1)).collapsed(False))
@@ -358,13 +450,14 @@ class PrometheusAnnotation(model.AnnotationQuery):
 
 def stage_change_expr() -> str:
     """(seed, stage) pairs that have a series now and had none one interval earlier: stage entries."""
-    pairs = f"group by (seed_id, stage) ({{{SEED_FAMILY}, {SEEDS}}}"
+    pairs = f"group by ({TRAINER}, seed_id, stage) ({{{SEED_FAMILY}, {SEEDS}}}"
     return f"{pairs}) unless {pairs} offset $__interval)"
 
 
 def stage_change_annotation() -> PrometheusAnnotation:
     return PrometheusAnnotation(
-        title_format="{{seed_id}} entered {{stage}}", tag_keys="seed_id,stage", name="Stage changes",
+        # Grafana leaves a missing label out of the tags (not of the title): the trainer is a tag.
+        title_format="{{seed_id}} entered {{stage}}", tag_keys=f"{TRAINER},seed_id,stage", name="Stage changes",
         datasource=DATASOURCE, enable=True, hide=False, icon_color="purple", type_val="prometheus",
         expr=stage_change_expr(),
     )

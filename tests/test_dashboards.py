@@ -3,8 +3,10 @@
 Every PromQL expression is parsed by a real PromQL parser (``promql-parser``, the Rust
 ``promql-parser`` crate that GreptimeDB uses) after substituting the template variables as
 Grafana does, then run against a real VictoriaMetrics fed over OTLP/HTTP by short real training
-runs: a healthy one, in which the alarm panels must be empty, and one with a NaN, an exploding and
-a vanishing seed, in which they must not be.
+runs: a healthy one, in which the alarm panels must be empty, and one with a NaN, an exploding, a
+vanishing and a not-measured seed, in which they must not be. Both runs set no trainer identity
+(``env_id``): the Trainer variable's All must still show them. Several trainers in one process are
+tests/test_trainers_live.py.
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ DASHBOARD_PROVISIONING = REPO / "dashboards" / "provisioning" / "dashboards" / "
 RULES_FILE = REPO / "collector" / "rules" / "tolaria-seed-layers.rules.yml"
 
 TOP_K = 2
-SEEDS = ("seed-0", "seed-1", "seed-2")
+SEEDS = ("seed-0", "seed-1", "seed-2", "seed-3")
 EPOCHS = 4
 STEPS = 3
+# The stages as Kasmina names them (canonical, prefixed) in the healthy run; the faulty run uses the
+# unprefixed form, which the dashboards accept too.
+STAGE_PREFIX = {False: "SEED_STAGE_", True: ""}
 STAGE_CHANGE = ("seed-1", 2, "BLENDING")  # seed-1 moves from TRAINING to BLENDING at epoch 2
-EXPLODING, NONFINITE, VANISHING = "seed-0", "seed-1", "seed-2"  # the faulty run's last epoch
+# The faulty run's last epoch: seed-3's module leaves the graph, so it gets no gradient at all.
+EXPLODING, NONFINITE, VANISHING, NOT_MEASURED = "seed-0", "seed-1", "seed-2", "seed-3"
 NONFINITE_LAYER = "net.2"
 
 # What Grafana puts for its global variables (any valid value does for parsing and running).
@@ -81,6 +87,19 @@ def interpolate(expr: str, values: dict[str, str]) -> str:
             return GRAFANA_GLOBALS[name]
         raise AssertionError(f"{expr!r} uses ${name}, which is no variable of the dashboard")
     return VARIABLE.sub(replace, expr)
+
+
+def display_name(panel: dict[str, Any], target: dict[str, Any], labels: dict[str, str]) -> str:
+    """The series name Grafana shows: the legend format rendered (``renderLegendFormat``: a missing
+    label renders as its own name), then the panel's ``renameByRegex`` transformations (the regex
+    anchored, as ``stringToJsRegex`` does with a pattern not written ``/.../``)."""
+    name = re.sub(r"\{\{\s*(.+?)\s*\}\}", lambda m: labels.get(m.group(1)) or m.group(1), target["legendFormat"])
+    for transformation in panel.get("transformations", []):
+        if transformation["id"] == "renameByRegex":
+            options = transformation["options"]
+            js_group = re.sub(r"\$(\d)", r"\\\1", options["renamePattern"])
+            name = re.sub(f"^(?:{options['regex']})$", js_group, name)
+    return name
 
 
 # -- the dashboard ----------------------------------------------------------------------------------
@@ -135,7 +154,7 @@ def test_dashboard_is_valid_grafana_json(dashboard: dict[str, Any]) -> None:
     assert dashboard["time"] == {"from": "now-6h", "to": "now"} and dashboard["refresh"] == "1m"
     ids = [p["id"] for p in panels(dashboard)]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
-    assert ids == list(range(1, 10))  # stable ids: a new panel gets a new number, never a reused one
+    assert sorted(ids) == list(range(1, 11))  # stable ids: a new panel gets a new number, never a reused one
     bound = {"type": "prometheus", "uid": "${datasource}"}
     for panel in panels(dashboard):
         grid = panel["gridPos"]
@@ -150,11 +169,12 @@ def test_dashboard_is_valid_grafana_json(dashboard: dict[str, Any]) -> None:
     for annotation in dashboard["annotations"]["list"]:
         assert annotation["datasource"] == bound
     names = variables(dashboard)
-    assert list(names) == ["datasource", "seed_id", "stage", "top_k"]
+    assert list(names) == ["datasource", "env_id", "seed_id", "stage", "top_k"]
     assert names["datasource"]["type"] == "datasource" and names["datasource"]["query"] == "prometheus"
-    for name in ("seed_id", "stage", "top_k"):
+    for name in ("env_id", "seed_id", "stage", "top_k"):
         assert names[name]["type"] == "query" and names[name]["datasource"] == bound
-    assert names["seed_id"]["multi"] and names["seed_id"]["includeAll"]
+    for name in ("env_id", "seed_id"):
+        assert names[name]["multi"] and names[name]["includeAll"] and names[name]["allValue"] == ".*"
     repeated = [p for p in panels(dashboard) if p.get("repeat")]
     assert [(p["id"], p["repeat"]) for p in repeated] == [(9, "seed_id")]
 
@@ -173,9 +193,9 @@ def test_every_expression_parses_with_a_real_promql_parser(dashboard: dict[str, 
         promql_parser.parse("max by (seed_id) (")  # the parser is real: it rejects what Prometheus rejects
     vars_ = variables(dashboard)
     selections = [  # the ways Grafana fills the variables in
-        {"seed_id": "$__all", "stage": "$__all"},
-        {"seed_id": ["seed-0", "seed-2"], "stage": ["TRAINING", "BLENDING"]},
-        {"seed_id": "seed-1", "stage": "$__all"},  # a repeated panel's own seed
+        {"env_id": "$__all", "seed_id": "$__all", "stage": "$__all"},
+        {"env_id": ["0", "3"], "seed_id": ["seed-0", "seed-2"], "stage": ["SEED_STAGE_TRAINING", "BLENDING"]},
+        {"env_id": "2", "seed_id": "seed-1", "stage": "$__all"},  # a repeated panel's own seed
     ]
     for selection in selections:
         values = {name: variable_value(vars_[name], chosen) for name, chosen in selection.items()}
@@ -200,12 +220,12 @@ def test_grafana_interpolation_matches_grafana() -> None:
 # -- real runs into real VictoriaMetrics ------------------------------------------------------------
 
 @dataclass
-class Run:
+class Backend:
+    """A VictoriaMetrics holding a run's series, and the time range the run spans."""
+
     vm: VictoriaMetrics
-    summaries: list[EpochSummary]
     started: float
     ended: float
-    faulty: bool
 
     def api(self, path: str, **params: str) -> Any:
         url = f"{self.vm.url}{path}?{urllib.parse.urlencode(params)}"
@@ -233,6 +253,39 @@ class Run:
         return list(self.api(f"/api/v1/label/{label}/values", **{"match[]": selector},
                              start=f"{self.started - 1:.0f}", end=f"{self.ended + 1:.0f}"))
 
+    def settle(self, series: int) -> None:
+        """Wait until ``series`` series of the seed family are searchable (VictoriaMetrics makes a new
+        series searchable a few seconds after it arrives, even after its force_flush), and the budget
+        gauge; then end the time range a whole second after every export, already past."""
+        family = f"{{{seed_layers.SEED_FAMILY}}}"
+        wait_until(lambda: len(self.vm.series(family)) == series, timeout=20,
+                   message=f"the run's {series} series not searchable")
+        wait_until(lambda: len(self.vm.series(seed_layers.SERIES_BUDGET)) > 0, timeout=20,
+                   message="the run's series budget gauge not searchable")
+        self.ended = math.ceil(time.time())
+        wait_until(lambda: time.time() > self.ended + 0.05, timeout=2, message="clock")
+
+
+def exported_series(summaries: list[EpochSummary]) -> set[tuple[str, str, str, str | None]]:
+    """The seed-family series a run's summaries export: (metric, seed, stage, layer or None)."""
+    series = set()
+    for summary in summaries:
+        for seed in summary.seeds.values():
+            if seed.total_norm is None:
+                series.add(("not_measured", seed.seed_id, seed.stage, None))
+                continue
+            if math.isfinite(seed.total_norm):
+                series.add(("norm", seed.seed_id, seed.stage, None))
+            for layer, value in seed.top_layers:
+                series.add(("layer_norm" if math.isfinite(value) else "nonfinite", seed.seed_id, seed.stage, layer))
+    return series
+
+
+@dataclass
+class Run(Backend):
+    summaries: list[EpochSummary]
+    faulty: bool
+
 
 def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
     """A real training run exporting over OTLP/HTTP, one export per epoch end."""
@@ -250,6 +303,8 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
         env.setenv("TOLARIA_SEED_LAYER_TOPK", str(TOP_K))
         settings = SeedLayerSettings.from_env()
         provider = configure_meter_provider(settings)
+    for seed_id in SEEDS:
+        kasmina.stages[seed_id] = STAGE_PREFIX[faulty] + "TRAINING"
     telemetry = SeedLayerTelemetry(model, kasmina, settings=settings, meter_provider=provider)
     telemetry.attach(optimizer)
     step = 0
@@ -271,8 +326,10 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
     try:
         for epoch in range(EPOCHS):
             if epoch == STAGE_CHANGE[1]:
-                kasmina.stages[STAGE_CHANGE[0]] = STAGE_CHANGE[2]
+                kasmina.stages[STAGE_CHANGE[0]] = STAGE_PREFIX[faulty] + STAGE_CHANGE[2]
             fault = inject_faults if faulty and epoch == EPOCHS - 1 else None
+            if fault is not None:
+                kasmina.modules[NOT_MEASURED].in_graph = False
             train_epoch(model, optimizer, steps=STEPS, generator=generator, before_step=fault)
             if fault is None:
                 step += STEPS
@@ -281,20 +338,8 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
     finally:
         telemetry.close()
         provider.shutdown()
-    run = Run(vm, summaries, started, 0.0, faulty)
-    # VictoriaMetrics makes a new series searchable a few seconds after it arrives, even after its
-    # force_flush: wait for every seed-family series the run exported, and for its budget gauge.
-    exported = {(name, seed.seed_id, seed.stage, layer)
-                for summary in summaries for seed in summary.seeds.values()
-                for name, layer in [("norm", None)] * math.isfinite(seed.total_norm)
-                + [("layer_norm" if math.isfinite(v) else "nonfinite", layer) for layer, v in seed.top_layers]}
-    family = f"{{{seed_layers.SEED_FAMILY}}}"
-    wait_until(lambda: len(vm.series(family)) == len(exported), timeout=20,
-               message=f"the run's {len(exported)} series not searchable")
-    wait_until(lambda: len(vm.series(seed_layers.SERIES_BUDGET)) == 1, timeout=20,
-               message="the run's series budget gauge not searchable")
-    run.ended = math.ceil(time.time())
-    wait_until(lambda: time.time() > run.ended + 0.05, timeout=2, message="clock")
+    run = Run(vm, started, 0.0, summaries, faulty)
+    run.settle(len(exported_series(summaries)))
     return run
 
 
@@ -321,6 +366,8 @@ def test_the_faulty_run_is_what_the_panels_must_catch(healthy: Run, faulty: Run)
         for seed in summary.seeds.values():
             assert all(seed_layers.VANISHING_BELOW < v < seed_layers.EXPLODING_ABSOLUTE for _, v in seed.top_layers)
     last = faulty.summaries[-1].seeds
+    assert last[NOT_MEASURED].total_norm is None and last[NOT_MEASURED].top_layers == ()
+    assert all(s.measured for s in faulty.summaries[-2].seeds.values())  # it was measured the epoch before
     assert last[NONFINITE].nonfinite_layers == (NONFINITE_LAYER,)
     assert last[EXPLODING].top_layers[0][1] > seed_layers.EXPLODING_ABSOLUTE
     assert last[VANISHING].top_layers[0][1] < seed_layers.VANISHING_BELOW
@@ -333,6 +380,7 @@ EXPECTED: dict[tuple[int, str], tuple[set[str], bool, bool]] = {
     (2, "A"): ({"seed_id", "stage", "layer"}, False, True),  # exploding, absolute
     (2, "B"): ({"seed_id", "stage", "layer"}, False, True),  # exploding, against the median
     (3, "A"): ({"seed_id", "stage"}, False, True),  # vanishing
+    (10, "A"): ({"seed_id", "stage"}, False, True),  # not measured
     (4, "A"): ({"seed_id", "stage", "layer"}, True, True),  # latest top-K table
     (5, "A"): ({"seed_id"}, True, True),  # stage timeline
     (6, "A"): ({"seed_id"}, True, True),  # per-seed totals
@@ -343,11 +391,18 @@ EXPECTED: dict[tuple[int, str], tuple[set[str], bool, bool]] = {
 }
 
 
-def dashboard_values(run: Run, dashboard: dict[str, Any], seed_id: list[str] | str = "$__all") -> dict[str, str]:
+def dashboard_values(backend: Backend, dashboard: dict[str, Any], seed_id: list[str] | str = "$__all",
+                     env_id: list[str] | str = "$__all") -> dict[str, str]:
     vars_ = variables(dashboard)
-    (top_k,) = run.label_values("top_k", interpolate(label_values_query(vars_["top_k"])[0], {}))
-    return {"datasource": seed_layers.DATASOURCE_UID, "seed_id": variable_value(vars_["seed_id"], seed_id),
-            "stage": variable_value(vars_["stage"], "$__all"), "top_k": variable_value(vars_["top_k"], top_k)}
+    values = {"datasource": seed_layers.DATASOURCE_UID, "env_id": variable_value(vars_["env_id"], env_id),
+              "seed_id": variable_value(vars_["seed_id"], seed_id), "stage": variable_value(vars_["stage"], "$__all")}
+    top_k = backend.label_values("top_k", interpolate(label_values_query(vars_["top_k"])[0], values))
+    return {**values, "top_k": variable_value(vars_["top_k"], max(top_k, key=int))}
+
+
+def panel_target(dashboard: dict[str, Any], panel_id: int, ref_id: str = "A") -> tuple[dict[str, Any], dict[str, Any]]:
+    (found,) = [(p, t) for p, t in targets(dashboard) if p["id"] == panel_id and t["refId"] == ref_id]
+    return found
 
 
 def metric_series(result: list[dict[str, Any]], seed_id: str | None = None) -> dict[tuple, dict[str, str]]:
@@ -365,17 +420,23 @@ def test_every_panel_query_returns_what_it_should(request: pytest.FixtureRequest
         for panel, target in targets(dashboard):
             labels, in_healthy, in_faulty = EXPECTED[(panel["id"], target["refId"])]
             where = f"{which} run, panel {panel['id']} {panel['title']!r} {target['refId']}"
-            repeats = [variable_value(variables(dashboard)["seed_id"], s) for s in SEEDS] if panel.get("repeat") \
-                else [values["seed_id"]]
-            for seed_value in repeats:
+            repeats = [(s, variable_value(variables(dashboard)["seed_id"], s)) for s in SEEDS] \
+                if panel.get("repeat") else [(None, values["seed_id"])]
+            for seed, seed_value in repeats:
                 result = run.run_target(target, interpolate(target["expr"], {**values, "seed_id": seed_value}))
                 if not (in_faulty if run.faulty else in_healthy):
                     assert result == [], f"{where}: must be empty, got {result}"
+                    continue
+                if run.faulty and seed == NOT_MEASURED:  # its latest export has no layer: none at the end
+                    assert all(r["values"][-1][0] < run.ended for r in result), f"{where}: {result}"
                     continue
                 assert result, f"{where}: no data"
                 assert all(set(r["metric"]) == labels for r in result), f"{where}: labels {result}"
                 if panel.get("repeat"):
                     assert {r["metric"]["seed_id"] for r in result} == {seed_value}, where
+                if target.get("legendFormat", "__auto") != "__auto":  # no trainer label: no trainer in the name
+                    assert all(not display_name(panel, target, r["metric"]).startswith("env_id")
+                               for r in result), where
     check_values(run, dashboard)
 
 
@@ -395,13 +456,15 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
 
     stages = run.run_target(by_id[(5, "A")], interpolate(by_id[(5, "A")]["expr"], values))
     code = {r["metric"]["seed_id"]: r["values"][-1][1] for r in stages}
-    expected_stage = {s: seed_layers.STAGES.index(last.seeds[s].stage) + 1 for s in SEEDS}
-    assert code == {s: str(c) for s, c in expected_stage.items()}
+    stage_names = {s: last.seeds[s].stage.removeprefix("SEED_STAGE_") for s in SEEDS}
+    assert stage_names[STAGE_CHANGE[0]] == STAGE_CHANGE[2]
+    assert code == {s: str(seed_layers.STAGES.index(name) + 1) for s, name in stage_names.items()}
 
     (budget,) = run.run_target(by_id[(7, "B")], interpolate(by_id[(7, "B")]["expr"], values))
-    assert budget["values"][-1][1] == str(TOP_K * len(SEEDS))
+    assert budget["values"][-1][1] == str(TOP_K * len(SEEDS))  # a seed not measured is active: it counts
     (exported,) = run.run_target(by_id[(7, "C")], interpolate(by_id[(7, "C")]["expr"], values))
-    assert exported["values"][-1][1] == str(TOP_K * len(SEEDS))  # every seed here has more than top_k layers
+    measured = [s for s in last.seeds.values() if s.measured]
+    assert exported["values"][-1][1] == str(TOP_K * len(measured))  # every seed here has more than top_k layers
     (stored,) = run.run_target(by_id[(7, "A")], interpolate(by_id[(7, "A")]["expr"], values))
     # Push has no staleness markers: seed-1's layers of its previous stage are still in the lookback.
     assert int(stored["values"][-1][1]) >= TOP_K * len(SEEDS) + TOP_K
@@ -412,8 +475,15 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
         for ref in ("A", "B"):
             exploding = run.run_target(by_id[(2, ref)], interpolate(by_id[(2, ref)]["expr"], values))
             assert {r["metric"]["seed_id"] for r in exploding} == {EXPLODING}, ref
+        # The seed without gradients is not measured, not vanishing, though its layers of the epoch
+        # before are still inside the lookback window.
         vanishing = run.run_target(by_id[(3, "A")], interpolate(by_id[(3, "A")]["expr"], values))
         assert {r["metric"]["seed_id"] for r in vanishing} == {VANISHING}
+        unmeasured = run.run_target(by_id[(10, "A")], interpolate(by_id[(10, "A")]["expr"], values))
+        assert {(r["metric"]["seed_id"], r["metric"]["stage"]) for r in unmeasured} == {(NOT_MEASURED, "TRAINING")}
+        assert [v for _, v in unmeasured[0]["values"]][-1] == "1"
+        stored_layers = run.api("/api/v1/series", **{"match[]": f'{seed_layers.LAYER_NORM}{{seed_id="{NOT_MEASURED}"}}'})
+        assert stored_layers, "the not-measured seed's earlier layers must be in the store for this check to mean much"
 
 
 def test_stage_change_annotation_returns_the_run_stages(healthy: Run, dashboard: dict[str, Any]) -> None:
@@ -422,20 +492,24 @@ def test_stage_change_annotation_returns_the_run_stages(healthy: Run, dashboard:
     result = healthy.run_target({}, promql)
     assert all(set(r["metric"]) == {"seed_id", "stage"} for r in result)
     pairs = {(r["metric"]["seed_id"], r["metric"]["stage"]) for r in result}
-    assert (STAGE_CHANGE[0], STAGE_CHANGE[2]) in pairs and {s for s, _ in pairs} == set(SEEDS)
+    assert (STAGE_CHANGE[0], "SEED_STAGE_" + STAGE_CHANGE[2]) in pairs and {s for s, _ in pairs} == set(SEEDS)
 
 
 def test_variables_return_the_run_seeds_stages_and_top_k(healthy: Run, dashboard: dict[str, Any]) -> None:
     vars_ = variables(dashboard)
+    trainer_selector, label = label_values_query(vars_["env_id"])
+    assert healthy.label_values(label, interpolate(trainer_selector, {})) == []  # the run sets no env_id
+    every_trainer = {"env_id": variable_value(vars_["env_id"], "$__all")}  # ... and All still matches it
     seed_selector, label = label_values_query(vars_["seed_id"])
-    assert sorted(healthy.label_values(label, interpolate(seed_selector, {}))) == list(SEEDS)
+    assert sorted(healthy.label_values(label, interpolate(seed_selector, every_trainer))) == list(SEEDS)
     stage_selector, label = label_values_query(vars_["stage"])
-    for chosen, stages in (("$__all", {"TRAINING", "BLENDING"}), ("seed-0", {"TRAINING"}),
-                           (["seed-0", "seed-1"], {"TRAINING", "BLENDING"})):
-        selector = interpolate(stage_selector, {"seed_id": variable_value(vars_["seed_id"], chosen)})
+    training, blending = "SEED_STAGE_TRAINING", "SEED_STAGE_BLENDING"
+    for chosen, stages in (("$__all", {training, blending}), ("seed-0", {training}),
+                           (["seed-0", "seed-1"], {training, blending})):
+        selector = interpolate(stage_selector, {**every_trainer, "seed_id": variable_value(vars_["seed_id"], chosen)})
         assert set(healthy.label_values(label, selector)) == stages, chosen
     top_k_selector, label = label_values_query(vars_["top_k"])
-    assert healthy.label_values(label, interpolate(top_k_selector, {})) == [str(TOP_K)]
+    assert healthy.label_values(label, interpolate(top_k_selector, every_trainer)) == [str(TOP_K)]
 
 
 # -- the alert rules agree with the dashboard's thresholds ------------------------------------------
