@@ -19,13 +19,16 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/tolaria-otel demo
 
-# Real Prometheus, promtool and VictoriaMetrics from Debian 13 packages, into .cache/backends (git-ignored).
+# Real Prometheus, promtool and VictoriaMetrics from Debian 13 packages, into .cache/backends, and an
+# OpenTelemetry Collector built from Debian's Go packages, into .cache/otelcol (both git-ignored; the
+# Collector is rebuilt only when the packages it was built from change).
 backends:
 	bash devtools/fetch_backends.sh
+	bash devtools/otelcol/build.sh
 
-# VictoriaMetrics (OTLP in) + Prometheus with Nissa's scrape config and rules, on loopback, until Ctrl-C.
+# The whole chain on loopback until Ctrl-C: Collector -> VictoriaMetrics -> Prometheus with Nissa's rules.
 stack: install backends
-	$(BIN)/python -m devtools.stack --prometheus-config collector/prometheus.yml
+	$(BIN)/python -m devtools.stack
 
 test: install backends
 	$(BIN)/python -m pytest

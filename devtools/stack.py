@@ -1,10 +1,11 @@
-"""Start and stop real observability backends (VictoriaMetrics, Prometheus) on loopback.
+"""Start and stop real observability backends (VictoriaMetrics, Prometheus, the Collector) on loopback.
 
-The binaries come from Debian packages unpacked by ``make backends``
-(devtools/fetch_backends.sh) into ``.cache/backends/root/usr/bin``; no Docker.
+The binaries come from Debian packages, fetched by ``make backends``: VictoriaMetrics and Prometheus
+unpacked by devtools/fetch_backends.sh into ``.cache/backends/root/usr/bin``, the OpenTelemetry Collector
+built from source by devtools/otelcol/build.sh into ``.cache/otelcol/otelcol``; no Docker.
 
 Used by the tests (fixtures wrap the context managers below) and by people:
-``python -m devtools.stack`` runs both servers until Ctrl-C.
+``python -m devtools.stack`` runs the whole chain (Collector -> VictoriaMetrics -> Prometheus) until Ctrl-C.
 
 Stdlib only, so it works in any venv and in CI without extra installs.
 """
@@ -24,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,14 @@ T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BACKENDS_BIN = REPO_ROOT / ".cache" / "backends" / "root" / "usr" / "bin"
+COLLECTOR_BINARY = REPO_ROOT / ".cache" / "otelcol" / "otelcol"
+COLLECTOR_DIR = REPO_ROOT / "collector"
+#: The Collector config of the path a core Collector can run: OTLP in, OTLP/HTTP into the store.
+STORE_COLLECTOR_CONFIG = COLLECTOR_DIR / "otel-collector-store.yaml"
+#: Nissa's Prometheus on that path: federates the store.
+STORE_PROMETHEUS_CONFIG = COLLECTOR_DIR / "prometheus-store.yml"
+#: The store's address in STORE_PROMETHEUS_CONFIG (VictoriaMetrics' default port), replaced by the real one.
+STORE_DEFAULT_ADDRESS = "127.0.0.1:8428"
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -61,6 +70,14 @@ def backend_binaries(bin_dir: Path = BACKENDS_BIN) -> BackendBinaries:
             "run `make backends` (bash devtools/fetch_backends.sh) first"
         )
     return binaries
+
+
+def collector_binary(path: Path = COLLECTOR_BINARY) -> Path:
+    """The Collector built by ``make backends``; a clear error (not a skip) when it is missing."""
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(f"OpenTelemetry Collector missing ({path}); run `make backends` "
+                           "(bash devtools/otelcol/build.sh) first")
+    return path
 
 
 def free_port() -> int:
@@ -148,6 +165,8 @@ class _Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.tmp_dir / f"{self.name}.log"
+        #: Added to this process's environment for the server.
+        self.env: dict[str, str] = {}
         self._process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
@@ -184,6 +203,7 @@ class _Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.tmp_dir,
+                env={**os.environ, **self.env},
                 # Own session: Ctrl-C in a terminal goes to us only, and we
                 # stop the servers in order instead of them dying mid-write.
                 start_new_session=True,
@@ -203,6 +223,7 @@ class _Server:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
+        process.send_signal(signal.SIGCONT)  # a hung (stopped) server could not act on SIGTERM
         process.terminate()
         try:
             process.wait(timeout)
@@ -220,6 +241,16 @@ class _Server:
     def restart(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         self.stop()
         self.start(timeout)
+
+    def hang(self) -> None:
+        """Freeze the server (SIGSTOP): the kernel still accepts connections, nothing answers them."""
+        assert self._process is not None and self._process.poll() is None, f"{self.name} is not running"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo ``hang()`` (SIGCONT): the server answers again, queued connections included."""
+        assert self._process is not None, f"{self.name} is not running"
+        self._process.send_signal(signal.SIGCONT)
 
 
 class VictoriaMetrics(_Server):
@@ -337,6 +368,55 @@ class Prometheus(_Server):
         return wait_until(predicate, timeout, interval=0.1, message=message)
 
 
+class Collector(_Server):
+    """An OpenTelemetry Collector running config files of collector/ unchanged, merged in the given order.
+
+    The shipped configs read every address from ``OTELCOL_*`` variables with loopback defaults, so here each
+    gets a free port: the OTLP receivers (``self.port`` is OTLP/HTTP, ``self.grpc_port`` OTLP/gRPC) and the
+    Collector's own telemetry. ``env`` adds the rest, e.g. ``OTELCOL_STORE_OTLP_ENDPOINT``.
+    """
+
+    def __init__(
+        self, binary: Path, tmp_dir: Path, configs: Sequence[Path], env: Mapping[str, str] | None = None,
+        name: str = "otelcol",
+    ) -> None:
+        self.name = name  # before super(): names the log file
+        super().__init__(binary, tmp_dir)
+        self.configs = [Path(config).resolve() for config in configs]
+        self.grpc_port = free_port()
+        self.telemetry_port = free_port()
+        #: What a trainer's OTEL_EXPORTER_OTLP_ENDPOINT is set to, per OTEL_EXPORTER_OTLP_PROTOCOL.
+        self.otlp_endpoints = {"http/protobuf": self.url, "grpc": f"http://127.0.0.1:{self.grpc_port}"}
+        self.env = {
+            "OTELCOL_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{self.port}",
+            "OTELCOL_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{self.grpc_port}",
+            "OTELCOL_TELEMETRY_PORT": str(self.telemetry_port),
+            **(env or {}),
+        }
+
+    def argv(self) -> list[str]:
+        return [str(self.binary), *(f"--config={config}" for config in self.configs)]
+
+    def _ready(self) -> bool:
+        # The Collector starts its receivers last, once exporters and processors run: a receiver that
+        # accepts connections means the whole pipeline is up. Every shipped config has the gRPC one.
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise RuntimeError(f"exited with code {self._process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", self.grpc_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def validate(self) -> subprocess.CompletedProcess[str]:
+        """``otelcol validate`` of the same configs with the same environment (exit status 0: valid)."""
+        return subprocess.run(
+            [str(self.binary), "validate", *self.argv()[1:]], env={**os.environ, **self.env},
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+
+
 S = TypeVar("S", bound=_Server)
 
 
@@ -405,14 +485,37 @@ def prometheus(
         yield server
 
 
-def _self_scrape_config(prometheus_port: int, vm_url: str) -> str:
-    vm_host = urllib.parse.urlparse(vm_url).netloc
-    return (
-        "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
-        "scrape_configs:\n"
-        f"  - job_name: prometheus\n    static_configs: [{{targets: ['127.0.0.1:{prometheus_port}']}}]\n"
-        f"  - job_name: victoria-metrics\n    static_configs: [{{targets: ['{vm_host}']}}]\n"
-    )
+@contextmanager
+def otel_collector(
+    tmp_dir: Path | str,
+    configs: Sequence[Path] = (STORE_COLLECTOR_CONFIG,),
+    *,
+    env: Mapping[str, str] | None = None,
+    name: str = "otelcol",
+) -> Iterator[Collector]:
+    """A running Collector with ``configs`` (merged in order) and ``env``; stopped on exit."""
+    with _running(Collector(collector_binary(), Path(tmp_dir), configs, env, name)) as server:
+        yield server
+
+
+def store_prometheus_config(store_url: str, *, interval: str | None = None) -> str:
+    """collector/prometheus-store.yml for a store at ``store_url``, with absolute rule paths.
+
+    ``interval`` replaces the scrape and evaluation intervals (tests use short ones).
+    """
+    text = STORE_PROMETHEUS_CONFIG.read_text()
+    replacements = {
+        STORE_DEFAULT_ADDRESS: urllib.parse.urlparse(store_url).netloc,
+        "- rules/*.rules.yml": f"- {COLLECTOR_DIR / 'rules'}/*.rules.yml",
+    }
+    if interval is not None:
+        replacements |= {"scrape_interval: 15s": f"scrape_interval: {interval}",
+                         "evaluation_interval: 15s": f"evaluation_interval: {interval}"}
+    for old, new in replacements.items():
+        if text.count(old) != 1:
+            raise ValueError(f"{STORE_PROMETHEUS_CONFIG} no longer has exactly one {old!r}")
+        text = text.replace(old, new)
+    return text
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -420,11 +523,14 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run VictoriaMetrics + Prometheus locally until Ctrl-C.")
-    parser.add_argument("--prometheus-config", type=Path, help="Prometheus config (default: scrape itself and VM)")
-    parser.add_argument("--rules", type=Path, action="append", default=[], help="Prometheus rule file (repeatable)")
+    parser = argparse.ArgumentParser(
+        description="Run the whole chain on loopback until Ctrl-C: OpenTelemetry Collector "
+        f"({STORE_COLLECTOR_CONFIG.relative_to(REPO_ROOT)}) -> VictoriaMetrics -> Prometheus "
+        f"({STORE_PROMETHEUS_CONFIG.relative_to(REPO_ROOT)}, federating VictoriaMetrics, with the rules)."
+    )
     parser.add_argument("--vm-port", type=int, default=0, help="VictoriaMetrics port (default: a free one)")
     parser.add_argument("--prometheus-port", type=int, default=0, help="Prometheus port (default: a free one)")
+    parser.add_argument("--interval", default="15s", help="Prometheus scrape and rule evaluation interval (15s)")
     parser.add_argument("--data-dir", type=Path, help="keep data and logs here (default: a temp dir, deleted)")
     args = parser.parse_args(argv)
 
@@ -435,22 +541,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tolaria-stack-") as scratch:
         base = args.data_dir or Path(scratch)
         try:
-            with victoria_metrics(base / "vm", port=args.vm_port or None) as vm:
-                prom_port = args.prometheus_port or free_port()
-                config = args.prometheus_config or _self_scrape_config(prom_port, vm.url)
-                with prometheus(config, base / "prometheus", rule_files=args.rules, port=prom_port) as prom:
-                    print(f"VictoriaMetrics: {vm.url}   (vmui: {vm.url}/vmui, log: {vm.log_path})")
-                    print(f"Prometheus:      {prom.url}   (log: {prom.log_path})")
-                    print("Send OTLP metrics from a run with:")
-                    print(f"  export OTEL_EXPORTER_OTLP_METRICS_ENDPOINT={vm.otlp_metrics_url}")
-                    print("  export OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf")
-                    print("Ctrl-C to stop.", flush=True)
-                    # Supervise: leave if either server dies, not only on Ctrl-C.
-                    while vm.running and prom.running:
-                        time.sleep(0.5)
-                    dead = vm if not vm.running else prom
-                    print(f"{dead.name} exited unexpectedly:\n{dead.log_tail()}", file=sys.stderr)
-                    return 1
+            # Started store first, Prometheus last: each finds what it sends to or reads from already up.
+            with victoria_metrics(base / "vm", port=args.vm_port or None) as vm, otel_collector(
+                base / "otelcol", env={"OTELCOL_STORE_OTLP_ENDPOINT": vm.otlp_metrics_url}
+            ) as collector, prometheus(
+                store_prometheus_config(vm.url, interval=args.interval), base / "prometheus",
+                port=args.prometheus_port or None,
+            ) as prom:
+                servers = (collector, vm, prom)
+                print(f"OpenTelemetry Collector: OTLP/HTTP {collector.otlp_endpoints['http/protobuf']}, "
+                      f"OTLP/gRPC {collector.otlp_endpoints['grpc']}   (log: {collector.log_path})")
+                print(f"VictoriaMetrics:         {vm.url}   (vmui: {vm.url}/vmui, log: {vm.log_path})")
+                print(f"Prometheus:              {prom.url}   (rules and alerts: {prom.url}/alerts, "
+                      f"log: {prom.log_path})")
+                print("Point a trainer at the Collector with:")
+                print(f"  export OTEL_EXPORTER_OTLP_ENDPOINT={collector.otlp_endpoints['http/protobuf']}")
+                print(f"or try it: tolaria-otel demo --otlp-endpoint {collector.otlp_endpoints['http/protobuf']}")
+                print("Ctrl-C to stop.", flush=True)
+                # Supervise: leave if a server dies, not only on Ctrl-C.
+                while all(server.running for server in servers):
+                    time.sleep(0.5)
+                dead = next(server for server in servers if not server.running)
+                print(f"{dead.name} exited unexpectedly:\n{dead.log_tail()}", file=sys.stderr)
+                return 1
         except KeyboardInterrupt:
             print("\nstopped.")
             return 0
