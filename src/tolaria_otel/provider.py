@@ -19,6 +19,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 
@@ -32,7 +33,6 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.util.re import parse_env_headers
 
-from .distributed import distributed_resource, process_group
 from .instruments import seed_layer_views
 from .settings import SeedLayerSettings, echoed
 
@@ -75,6 +75,9 @@ _HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
 _HEADER_ENTRY = re.compile(r"[ \t]*[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+[ \t]*=[ \t]*"
                            r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*")
 
+#: Letters, digits, hyphens (and the underscores some internal names have) in dot-separated labels.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
 Environ = Mapping[str, str]
 
 
@@ -110,7 +113,7 @@ def configure_meter_provider(
         resource = Resource.create()
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-        resource = resource.merge(distributed_resource())  # rank and world size under torch.distributed
+        resource = resource.merge(_distributed_resource())  # rank and world size under torch.distributed
     return MeterProvider(
         metric_readers=[*_readers_from_env(settings), *readers],
         resource=resource,
@@ -310,7 +313,7 @@ def prometheus_address(environ: Environ | None = None) -> tuple[str, int]:
     if raw_port is None:
         return host, DEFAULT_PROMETHEUS_PORT
     text = raw_port.strip()
-    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535):
         raise ConfigurationError(f"{ENV_PROMETHEUS_PORT}={echoed(raw_port)} is not valid: expected a port from 0 "
                                  "to 65535 (0: a free one)")
     return host, int(text)
@@ -355,8 +358,10 @@ def url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "it has no host"
     try:
-        parts.hostname.encode("idna")  # as the socket layer will; labels of 1 to 63 characters
+        host = parts.hostname.encode("idna").decode("ascii")  # as the socket layer will: labels of 1 to 63
     except UnicodeError:
+        return "the host name is not valid"
+    if not (_HOST_NAME.fullmatch(host) or ":" in host):  # a name, an IPv4 address, or an IPv6 one in brackets
         return "the host name is not valid"
     if port == 0:
         return "the port is not a number from 1 to 65535"
@@ -393,6 +398,25 @@ def _check_arguments(settings: object, resource: object, readers: object) -> Non
                             "opentelemetry.sdk.metrics.export.MetricReader instances")
 
 
+def _process_group() -> tuple[int, int] | None:
+    """``(rank, world_size)`` under torch.distributed. A process group needs torch.distributed imported
+    by the application first, so without it there is none, and this module never imports torch (the
+    command line stays fast)."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    from .distributed import process_group
+
+    return process_group()
+
+
+def _distributed_resource() -> Resource:
+    if _process_group() is None:
+        return Resource.get_empty()
+    from .distributed import distributed_resource
+
+    return distributed_resource()
+
+
 def _readers_from_env(settings: SeedLayerSettings) -> list[MetricReader]:
     builders: dict[str, Callable[[], MetricReader]] = {
         "otlp": lambda: PeriodicExportingMetricReader(_otlp_exporter()),
@@ -400,7 +424,7 @@ def _readers_from_env(settings: SeedLayerSettings) -> list[MetricReader]:
         "prometheus": prometheus_reader,
     }
     names = exporter_names()
-    group = process_group()
+    group = _process_group()
     if group is not None and group[0] != settings.export_rank and "prometheus" in names:
         # Only the export rank has points to serve, and the ranks of a node would all bind one port.
         names.remove("prometheus")

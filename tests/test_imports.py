@@ -1,0 +1,46 @@
+"""Importing the package is cheap: torch.distributed.tensor only under torch.distributed, and the
+command line's --help without torch. Checked in fresh interpreters by the modules they loaded (not by
+time: `python -m benchmarks.imports` prints the times)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def loaded_after(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nimport json; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_bare_import_loads_neither_torch_nor_the_sdk():
+    modules = loaded_after("import tolaria_otel")
+    assert "torch" not in modules and "opentelemetry.sdk.metrics" not in modules
+
+
+def test_public_api_does_not_load_torch_distributed_tensor():
+    modules = loaded_after("from tolaria_otel import SeedLayerTelemetry, configure_meter_provider, SeedLayerSettings, "
+                           "EpochSummary, seed_layer_views")
+    assert "torch" in modules
+    assert not {m for m in modules if m.startswith("torch.distributed.tensor")}
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["doctor"], ["plot"]], ids=lambda c: " ".join(c) or "top")
+def test_help_does_not_load_torch(command):
+    code = ("import contextlib, io\nfrom tolaria_otel.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    try: main({[*command, '--help']!r})\n    except SystemExit: pass")
+    assert "torch" not in loaded_after(code)
+
+
+def test_every_public_name_resolves():
+    import tolaria_otel
+
+    for name in tolaria_otel.__all__:
+        assert getattr(tolaria_otel, name) is not None
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        tolaria_otel.nope  # noqa: B018
