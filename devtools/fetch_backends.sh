@@ -14,7 +14,6 @@ bin="${cache}/root/usr/bin"
 suite="trixie"
 # promtool is its own package in Debian (prometheus only Depends on it).
 packages=(prometheus promtool victoria-metrics)
-keyring="/usr/share/keyrings/debian-archive-keyring.gpg"
 
 print_versions() {
   "${bin}/prometheus" --version 2>&1 | head -n 1
@@ -34,53 +33,14 @@ if [[ -x "${bin}/prometheus" && -x "${bin}/promtool" && -x "${bin}/victoria-metr
   exit 0
 fi
 
-# Use the same mirror this machine already uses (never hard-code a host): the
-# URIs of the deb822 entry whose Suites contain exactly "bookworm" (this skips
-# the -security entry, which lives on another archive). DEBIAN_MIRROR overrides.
-mirror="${DEBIAN_MIRROR:-}"
-if [[ -z "${mirror}" && -r /etc/apt/sources.list.d/debian.sources ]]; then
-  mirror="$(awk '
-    BEGIN { RS = ""; FS = "\n" }          # one record per deb822 paragraph
-    {
-      uris = ""; hit = 0
-      for (i = 1; i <= NF; i++) {
-        if ($i ~ /^URIs:/)   { uris = $i; sub(/^URIs:[ \t]*/, "", uris); split(uris, u, /[ \t]+/); uris = u[1] }
-        if ($i ~ /^Suites:/) { n = split($i, s, /[ \t]+/); for (j = 2; j <= n; j++) if (s[j] == "bookworm") hit = 1 }
-      }
-      if (hit && uris != "") { print uris; exit }
-    }' /etc/apt/sources.list.d/debian.sources)"
-fi
-if [[ -z "${mirror}" && -r /etc/apt/sources.list ]]; then
-  # One-line format fallback: "deb [opts] URI bookworm main".
-  mirror="$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($(i+1) == "bookworm") { print $i; exit } }' \
-    /etc/apt/sources.list)"
-fi
-if [[ -z "${mirror}" ]]; then
-  echo "error: cannot find the Debian bookworm mirror in /etc/apt; set DEBIAN_MIRROR=http://.../debian" >&2
-  exit 1
-fi
-[[ -r "${keyring}" ]] || { echo "error: ${keyring} missing (apt-get install debian-archive-keyring)" >&2; exit 1; }
+# shellcheck source=devtools/debian_apt.sh
+source "${repo_root}/devtools/debian_apt.sh"
+mirror="$(debian_mirror)"
 echo "mirror: ${mirror} (suite ${suite})"
-
-apt_dir="${cache}/apt"
-mkdir -p "${apt_dir}/lists/partial" "${apt_dir}/cache/archives/partial" "${apt_dir}/sources.list.d" "${cache}/debs"
+mkdir -p "${cache}/debs"
 # Keep the whole cache out of git even before the repo .gitignore mentions it.
 [[ -e "${cache}/.gitignore" ]] || echo '*' > "${cache}/.gitignore"
-# The bookworm keyring package already carries the trixie archive keys, so
-# signature checking stays on.
-echo "deb [signed-by=${keyring}] ${mirror} ${suite} main" > "${apt_dir}/sources.list"
-
-apt_opts=(
-  -o "Dir::State::Lists=${apt_dir}/lists"
-  -o "Dir::Cache=${apt_dir}/cache"
-  -o "Dir::Etc::SourceList=${apt_dir}/sources.list"
-  -o "Dir::Etc::SourceParts=${apt_dir}/sources.list.d"   # empty: ignore system sources
-  -o "Acquire::Check-Valid-Until=false"                  # snapshot mirrors have expired Release files
-  # As root apt drops to _apt for downloads, which cannot write into our folder;
-  # run as the invoking user instead (a no-op for non-root users).
-  -o "APT::Sandbox::User=$(id -un)"
-  -q
-)
+private_apt "${cache}/apt" "${suite}" "${mirror}"
 
 apt-get "${apt_opts[@]}" update
 (cd "${cache}/debs" && apt-get "${apt_opts[@]}" download "${packages[@]}")
