@@ -533,7 +533,7 @@ def _format(value: object) -> str:
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         text = raw.strip()
-        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+        if not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= len(str(high))) or not low <= int(text) <= high:
             raise argparse.ArgumentTypeError(f"{echoed(raw)} is not valid: expected an integer from {low} to {high}")
         return int(text)
 

@@ -122,7 +122,8 @@ def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, mi
     text = raw.strip()
     accepted = f"an integer from {minimum} to {maximum}"
     # int() would also take "1_000" and " +3"; the contract is plain decimal digits.
-    if not text.isascii() or not text.isdigit():
+    # Digits beyond the maximum's are out of range, and int() refuses more than 4300 of them.
+    if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > len(str(maximum)):
         raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {accepted}")
     value = int(text)
     if not minimum <= value <= maximum:
