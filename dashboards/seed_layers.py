@@ -36,7 +36,9 @@ DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 #       > EXPLODING_FACTOR x its median over EXPLODING_BASELINE and > EXPLODING_RELATIVE_FLOOR
 #   TolariaSeedLayerNonFinite:         tolaria_grad_agg_seed_layer_nonfinite == NONFINITE_VALUE
 #   TolariaSeedGradientVanishing:      a seed's largest layer norm < VANISHING_BELOW, outside the stages
-#       VANISHING_EXEMPT_STAGES (with or without the historic SEED_STAGE_ prefix)
+#       VANISHING_EXEMPT_STAGES (with or without the SEED_STAGE_ prefix)
+#   TolariaSeedNotMeasured:            tolaria_grad_agg_seed_not_measured == 1 for NOT_MEASURED_FOR, outside the
+#       same stages
 EXPLODING_ABSOLUTE = 1000.0
 EXPLODING_FACTOR = 10.0
 EXPLODING_BASELINE = "1h"
@@ -44,6 +46,7 @@ EXPLODING_RELATIVE_FLOOR = 1e-3
 NONFINITE_VALUE = 1
 VANISHING_BELOW = 1e-6
 VANISHING_EXEMPT_STAGES = ("DORMANT", "CULLED", "EMBARGOED", "RESETTING", "TERMINATED")
+NOT_MEASURED_FOR = "15m"
 
 LAYER_NORM = "tolaria_grad_agg_seed_layer_norm"
 LAYER_NONFINITE = "tolaria_grad_agg_seed_layer_nonfinite"
@@ -259,8 +262,9 @@ def not_measured_panel() -> statetimeline.Panel:
         .description("Seeds whose parameters got no gradient at any sampled step of the epoch (out of the autograd "
                      "graph, embargoed, frozen): there is no norm to report, so the seed exports "
                      f"{SEED_NOT_MEASURED} = 1 and no layer or total point. Not the same as Vanishing seeds, whose "
-                     "gradients exist but are tiny. Expected for a culled, embargoed or dormant seed; elsewhere the "
-                     "alert TolariaSeedNotMeasured fires after 15 minutes. Empty while every seed is measured.")
+                     f"gradients exist but are tiny. Expected in the stages {', '.join(VANISHING_EXEMPT_STAGES)}; in "
+                     f"any other the alert TolariaSeedNotMeasured fires after {NOT_MEASURED_FOR}. Empty while every "
+                     "seed is measured.")
         .datasource(DATASOURCE).with_target(query(not_measured(), per_trainer("{{seed_id}} ({{stage}})")))
         .with_transformation(NO_TRAINER_RENAME)
         .unit("none").no_value("none: every seed is measured")

@@ -523,8 +523,10 @@ def numbers_and_ranges(expr: str) -> tuple[set[float], set[str]]:
 
 
 def test_thresholds_agree_with_the_alert_rules() -> None:
-    rules = {rule["alert"]: rule["expr"] for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
-             for rule in group["rules"] if "alert" in rule}
+    alerts = [rule for group in yaml.safe_load(RULES_FILE.read_text())["groups"] for rule in group["rules"]
+              if "alert" in rule]
+    rules = {rule["alert"]: rule["expr"] for rule in alerts}
+    durations = {rule["alert"]: rule["for"] for rule in alerts}
     numbers, ranges = numbers_and_ranges(rules["TolariaSeedLayerGradientExploding"])
     assert {seed_layers.EXPLODING_ABSOLUTE, seed_layers.EXPLODING_FACTOR, seed_layers.EXPLODING_RELATIVE_FLOOR} <= numbers
     assert seed_layers.EXPLODING_BASELINE in ranges
@@ -533,6 +535,9 @@ def test_thresholds_agree_with_the_alert_rules() -> None:
     vanishing = rules["TolariaSeedGradientVanishing"]
     assert seed_layers.VANISHING_BELOW in numbers_and_ranges(vanishing)[0]
     assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in vanishing
+    not_measured = rules["TolariaSeedNotMeasured"]
+    assert seed_layers.SEED_NOT_MEASURED in not_measured and "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in not_measured
+    assert durations["TolariaSeedNotMeasured"] == seed_layers.NOT_MEASURED_FOR
 
 
 # -- the PNG ----------------------------------------------------------------------------------------
