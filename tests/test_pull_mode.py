@@ -7,6 +7,7 @@ over HTTP parsed with ``prometheus_client``'s own parser.
 from __future__ import annotations
 
 import socket
+import threading
 import urllib.request
 from collections import Counter
 
@@ -82,6 +83,50 @@ def test_one_scrape_shows_exactly_the_latest_epoch_after_a_flush_per_epoch(pull_
     finally:
         telemetry.close()
         provider.shutdown()
+
+
+def test_scrapes_during_training_each_show_one_whole_snapshot(pull_env: pytest.MonkeyPatch) -> None:
+    """Prometheus scrapes on its own schedule, so scrapes land while the training thread flushes."""
+    settings = SeedLayerSettings(enabled=True, top_k=TOP_K)
+    provider = configure_meter_provider(settings)
+    (url,) = metrics_urls(provider)
+    model, registry = seeded_network(SEEDS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    telemetry = SeedLayerTelemetry(model, registry, settings=settings, meter_provider=provider)
+    generator = torch.Generator().manual_seed(1)
+    scrapes: list[tuple[str, dict[str, list[tuple[dict[str, str], float]]]]] = []
+    done = threading.Event()
+
+    def scrape_until_done() -> None:
+        while not done.is_set():
+            scrapes.append(scrape(url))
+
+    scraper = threading.Thread(target=scrape_until_done)
+    try:
+        train_epoch(model, optimizer, steps=1, generator=generator, before_step=telemetry.observe_step)
+        telemetry.end_epoch()
+        scraper.start()
+        for epoch in range(1, 12):
+            for index, seed_id in enumerate(registry.stages):
+                registry.stages[seed_id] = STAGES[(epoch + index) % len(STAGES)]
+            train_epoch(model, optimizer, steps=1, generator=generator, before_step=telemetry.observe_step)
+            telemetry.end_epoch()
+            provider.force_flush()
+    finally:
+        done.set()
+        if scraper.is_alive():
+            scraper.join()
+        telemetry.close()
+        provider.shutdown()
+    assert scrapes
+    for text, samples in scrapes:
+        layers = samples["tolaria_grad_agg_seed_layer_norm"]
+        assert len(layers) == TOP_K * SEEDS and len({labels["stage"] for labels, _ in layers}) <= len(STAGES)
+        stages = {labels["seed_id"]: labels["stage"] for labels, _ in samples["tolaria_grad_agg_seed_norm"]}
+        assert len(samples["tolaria_grad_agg_seed_norm"]) == SEEDS == len(stages)  # one epoch's stages, not two
+        assert all(stages[labels["seed_id"]] == labels["stage"] for labels, _ in layers)
+        type_lines = Counter(line.split()[2] for line in text.splitlines() if line.startswith("# TYPE"))
+        assert max(type_lines.values()) == 1, type_lines
 
 
 def test_a_second_provider_on_the_same_port_names_the_variable(pull_env: pytest.MonkeyPatch) -> None:
