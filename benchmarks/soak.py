@@ -1,0 +1,101 @@
+"""Memory over a long run with seed churn: bounded by what is exported now, not by epochs or seed ids.
+
+Run: ``python -m benchmarks.soak`` (10,000 epochs; ``--epochs`` to change). One process, one trainer
+on an SDK ``MeterProvider`` with an ``InMemoryMetricReader`` collected after every epoch, as a periodic
+exporter would. Every epoch a stage moves and the top-K rotates; every ``--churn`` epochs a seed is
+culled and a new id germinates (a new module, so the step path's layout changes too). Prints, at
+checkpoints: the SDK's attribute sets for the package's instruments, the Python heap (tracemalloc),
+the RSS, the OpenTelemetry warnings so far and the points of the last collection against the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import resource
+import sys
+import tracemalloc
+
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
+
+STAGES = ["SEED_STAGE_GERMINATED", "SEED_STAGE_TRAINING", "SEED_STAGE_BLENDING", "SEED_STAGE_FOSSILIZED"]
+
+
+class _Count(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def sdk_attribute_sets(telemetry: SeedLayerTelemetry) -> int:
+    """The SDK's aggregations for the package's instruments (its internals, on purpose: that is what grew)."""
+    total = 0
+    for gauge in telemetry._instruments._gauges:  # type: ignore[union-attr]
+        for storage in gauge._measurement_consumer._reader_storages.values():  # type: ignore[attr-defined]
+            total += sum(len(m._attributes_aggregation) for m in storage._instrument_view_instrument_matches.get(gauge, ()))
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=10_000)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=12, help="layers per seed")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--churn", type=int, default=10, help="a seed is replaced every N epochs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings = _Count()
+    logging.getLogger("opentelemetry").addHandler(warnings)
+    rng = random.Random(0)
+    settings = SeedLayerSettings(enabled=True, top_k=args.top_k)
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], views=seed_layer_views(settings))
+
+    def new_seed() -> torch.nn.Module:
+        return torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(args.layers))
+
+    active = {f"seed-{i}": (new_seed(), STAGES[0]) for i in range(args.seeds)}
+    next_id = args.seeds
+    telemetry = SeedLayerTelemetry(torch.nn.Module(), lambda: dict(active), settings=settings, meter_provider=provider)
+    tracemalloc.start()
+    checkpoints = {1, 10, 100, 1000} | {args.epochs * i // 10 for i in range(1, 11)}
+    print("| epoch | SDK attribute sets | Python heap MiB | RSS MiB | seed ids seen | OTel warnings | points |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for epoch in range(1, args.epochs + 1):
+        for module, _ in active.values():
+            for layer in module:
+                layer.weight.grad = torch.full_like(layer.weight, rng.random())
+        telemetry.observe_step()
+        summary = telemetry.end_epoch()
+        data = reader.get_metrics_data()
+        points = sum(len(m.data.data_points) for rm in data.resource_metrics for sm in rm.scope_metrics
+                     for m in sm.metrics) if data else 0
+        expected = sum(len(s.top_layers) + 1 for s in summary.seeds.values()) + 2  # + info, budget
+        if points != expected:
+            print(f"epoch {epoch}: {points} points exported, expected {expected}", file=sys.stderr)
+            return 1
+        moved = rng.choice(sorted(active))
+        active[moved] = (active[moved][0], rng.choice(STAGES))
+        if epoch % args.churn == 0:
+            del active[rng.choice(sorted(active))]
+            active[f"seed-{next_id}"] = (new_seed(), STAGES[0])
+            next_id += 1
+        if epoch in checkpoints:
+            heap = tracemalloc.get_traced_memory()[0] / 2**20
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"| {epoch} | {sdk_attribute_sets(telemetry)} | {heap:.2f} | {rss:.0f} | {next_id} | "
+                  f"{warnings.count} | {points} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
