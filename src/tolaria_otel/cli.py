@@ -333,7 +333,7 @@ def _check_otlp(env: Mapping[str, str], settings: SeedLayerSettings, in_force: _
     certificate = _or_none(lambda: otel.otlp_certificate(env))
     certificate_set = _value(env, otel.ENV_METRICS_CERTIFICATE) or _value(env, otel.ENV_CERTIFICATE)
     if headers is None or (in_force.endpoint.startswith("https:") and certificate_set and certificate is None):
-        print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: fix the problems above first")
+        print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: its headers or CA certificate are not valid")
         return problems
     problem = probe_otlp(in_force.endpoint, in_force.protocol, headers, certificate, timeout, otel.ENV_METRICS_ENDPOINT)
     print(f"OTLP endpoint: {shown} ({in_force.protocol}): {'does not work (below)' if problem else 'answers'}")
