@@ -7,7 +7,6 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from opentelemetry import metrics
@@ -19,7 +18,7 @@ from .distributed import RankReduction
 from .epoch import TOTAL, EpochSums, Segment, SegmentKey, fold, segment_key
 from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .norms import DeviceMoved
-from .optimizer_hooks import EveryOptimizer, unwrap_optimizer
+from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
 from .seeds import SeedSource, SeedView, StageNames, read_seeds, validate_seeds
 from .settings import SeedLayerSettings
 from .summary import EpochSummary, SeedSummary
@@ -134,7 +133,7 @@ class SeedLayerTelemetry:
         if optimizer is None:
             handle = EveryOptimizer(self.model, self.observe_step).handle
         else:
-            handle = unwrap_optimizer(optimizer).register_step_post_hook(self._after_optimizer_step)
+            handle = OptimizerSteps(unwrap_optimizer(optimizer), self.observe_step).handle
         self._hooks.append(handle)
         return handle
 
@@ -175,9 +174,6 @@ class SeedLayerTelemetry:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.observe_step()
 
     def _segment_now(self) -> Segment:
         """The segment for the seeds the source lists now: one call of the source and an identity
