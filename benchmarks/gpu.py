@@ -107,6 +107,39 @@ def transformer_workload(*, d_model: int, heads: int, host_blocks: int, seeds: i
     )
 
 
+def device_move_check(device: str) -> str:
+    """A model moved off ``device`` to the CPU and back in the middle of an epoch: every sampled step
+    is measured on the device its gradients are on, and the epoch equals a float64 reference."""
+    import math
+
+    import torch
+
+    from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
+    from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+
+    torch.manual_seed(0)
+    model, registry = SeededMLP(), SeedRegistry()
+    for i in range(2):
+        registry.add(f"seed-{i}", model.graft(f"seed_{i}"), "SEED_STAGE_TRAINING")
+    model.to(device)
+    settings = SeedLayerSettings(enabled=True, top_k=5)
+    telemetry = SeedLayerTelemetry(model, registry, settings=settings, meter_provider=None)
+    totals = {seed_id: 0.0 for seed_id in registry.modules}
+    for where in (device, "cpu", device):
+        model.to(where)
+        for _ in range(3):
+            model(torch.randn(8, 32, device=where)).sum().backward()
+            for seed_id, module in registry.modules.items():
+                totals[seed_id] += sum(float(p.grad.double().pow(2).sum()) for p in module.parameters())
+            telemetry.observe_step()
+            model.zero_grad()
+    summary = telemetry.end_epoch()
+    errors = [abs(summary.seeds[s].total_norm / math.sqrt(totals[s] / 9) - 1) for s in totals]
+    ok = summary.sampled_steps == 9 and telemetry.failures == 0 and max(errors) < 1e-5
+    return (f"device move {device} -> cpu -> {device} mid-epoch: {summary.sampled_steps}/9 steps, "
+            f"{telemetry.failures} failures, max relative error {max(errors):.1e}: {'exact' if ok else 'WRONG'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -144,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       epochs=args.epochs, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(report(workload, results, args.epochs, args.rounds), flush=True)
 
+    if device == "cuda":
+        print(device_move_check(device) + "\n", flush=True)
     # Memory, feature off then on, each from a clean slate in this process: peak allocated on the GPU.
     if device == "cuda":
         from .overhead import make_run, train_epoch

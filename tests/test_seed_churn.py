@@ -467,3 +467,20 @@ def test_observe_step_and_end_epoch_from_two_threads_lose_nothing():
     for summary in summaries:
         if summary.sampled_steps:
             assert summary.seeds["s"].total_norm == pytest.approx(64.0)
+
+
+def test_a_parameter_that_left_its_device_is_detected_before_any_work():
+    """The CPU side of following a model to another device (benchmarks/gpu.py checks the CUDA round trip):
+    the step path notices the move before touching the old accumulators, and the new layout is keyed
+    by device, so the next sampled step measures where the gradients now are."""
+    from tolaria_otel.epoch import segment_key
+    from tolaria_otel.norms import DeviceMoved, GradientSquares
+    from tolaria_otel.seeds import read_seeds
+
+    seed = nn.Linear(2, 2)
+    squares = GradientSquares(list(seed.parameters()))
+    before = segment_key(read_seeds({"s": (seed, "TRAINING")}))
+    seed.weight.data = torch.empty(2, 2, device="meta")  # what .to(device) does to a parameter
+    with pytest.raises(DeviceMoved):
+        squares.add_step()
+    assert segment_key(read_seeds({"s": (seed, "TRAINING")})) != before
