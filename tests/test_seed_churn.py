@@ -480,7 +480,7 @@ def test_a_parameter_that_left_its_device_is_detected_before_any_work():
     seed = nn.Linear(2, 2)
     squares = GradientSquares(list(seed.parameters()))
     before = segment_key(read_seeds({"s": (seed, "TRAINING")}))
-    seed.weight.data = torch.empty(2, 2, device="meta")  # what .to(device) does to a parameter
+    torch.utils.swap_tensors(seed.weight, nn.Parameter(torch.empty(2, 2, device="meta")))  # as .to(device) can
     with pytest.raises(DeviceMoved):
         squares.add_step()
     assert segment_key(read_seeds({"s": (seed, "TRAINING")})) != before
