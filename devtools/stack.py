@@ -303,6 +303,13 @@ class VictoriaMetrics(_Server):
         params = {"query": promql, "time": f"{time.time() if at is None else at:.3f}"}
         return list(_api(self.url + "/api/v1/query", params)["result"])
 
+    def export(self, match: str, flush: bool = True) -> list[dict[str, Any]]:
+        """Every raw sample of the series matching ``match``: ``[{"metric", "values", "timestamps"}]``."""
+        if flush:
+            self.flush()
+        lines = _get(self.url + "/api/v1/export", {"match[]": match}).decode().splitlines()
+        return [json.loads(line) for line in lines if line]
+
     def series(self, match: str, flush: bool = True) -> list[dict[str, str]]:
         """Label sets of the series matching ``match`` (a series selector)."""
         if flush:

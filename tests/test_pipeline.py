@@ -14,13 +14,11 @@ The Collector itself cannot run here; OTLP goes straight to VictoriaMetrics (its
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,20 +33,12 @@ from devtools.stack import (
     victoria_metrics,
     wait_until,
 )
-from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
+from tolaria_otel import SeedLayerSettings
 
-from .helpers import seeded_network, train_epoch
+from .pipeline_run import EXPORT_INTERVAL_MS, Run, as_layers, current_top_k, expected_layers
 
 PROMETHEUS_CONFIG = REPO_ROOT / "collector" / "prometheus.yml"
 RULES_DIR = REPO_ROOT / "collector" / "rules"
-
-#: The documented current-top-K query (docs/operations.md, collector/rules: tolaria:seed_layer_norm:current).
-CURRENT_TOP_K = (
-    "tolaria_grad_agg_seed_layer_norm{sel} and (timestamp(tolaria_grad_agg_seed_layer_norm{sel}) "
-    ">= ignoring(seed_id, stage, layer, otel_scope_tolaria_otel_stream) group_left() "
-    "max without(seed_id, stage, layer, otel_scope_tolaria_otel_stream) (timestamp(tolaria_grad_agg_seed_layer_norm{sel})))"
-)
-EXPORT_INTERVAL_MS = 300
 #: Bound on the delay from end_epoch() to the current-top-K query returning the new layers, push to
 #: VictoriaMetrics: one export interval plus VictoriaMetrics' ingestion (flushed by the query helper) plus
 #: a margin for a loaded 2-core CI machine.
@@ -56,86 +46,6 @@ TOP_K_DELAY_BOUND_S = EXPORT_INTERVAL_MS / 1000 + 3.0
 PUSH_RESOURCE_LABELS = {"service_name", "service_instance_id", "telemetry_sdk_language", "telemetry_sdk_name",
                         "telemetry_sdk_version"}
 
-
-def current_top_k(selector: str) -> str:
-    return CURRENT_TOP_K.format(sel=selector)
-
-
-# ------------------------------------------------------------------------------------------------- a training run
-class GradientTamper:
-    """Makes the telemetry see NaN or scaled gradients in chosen seed layers, without touching training.
-
-    ``before_step`` runs before the optimizer step (so before the telemetry's step pre-hook) and poisons or
-    scales; a step pre-hook registered after the telemetry's restores the gradients before the update.
-    """
-
-    def __init__(self) -> None:
-        self.scale: dict[str, tuple[torch.nn.Parameter, float]] = {}
-        self.nan: list[torch.nn.Parameter] = []
-        self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-
-    def before_step(self) -> None:
-        self._saved = [(p, p.grad.clone()) for p, _ in self.scale.values()] + [(p, p.grad.clone()) for p in self.nan]
-        for param, factor in self.scale.values():
-            param.grad.mul_(factor)
-        for param in self.nan:
-            param.grad.fill_(float("nan"))
-
-    def restore(self, optimizer: object, args: object, kwargs: object) -> None:
-        for param, grad in self._saved:
-            param.grad.copy_(grad)
-        self._saved = []
-
-
-@dataclass
-class Run:
-    """One trainer: model, seeds, telemetry and the provider the OTEL_* variables describe."""
-
-    instance: str
-    seed_count: int = 3
-    settings: SeedLayerSettings = field(default_factory=lambda: SeedLayerSettings(enabled=True, top_k=2))
-    summaries: list[EpochSummary] = field(default_factory=list)
-    step_seconds: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.model, self.kasmina = seeded_network(self.seed_count)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3)
-        self.provider = configure_meter_provider(self.settings)
-        self.telemetry = SeedLayerTelemetry(self.model, self.kasmina, settings=self.settings,
-                                            meter_provider=self.provider)
-        self.telemetry.attach(self.optimizer)
-        self.tamper = GradientTamper()
-        self.optimizer.register_step_pre_hook(self.tamper.restore)  # after the telemetry's hook
-        self.generator = torch.Generator().manual_seed(7)
-
-    def layer(self, seed: int, name: str) -> torch.nn.Parameter:
-        return dict(self.model.seeds[f"seed_{seed}"].named_parameters())[f"{name}.weight"]
-
-    def epoch(self, steps: int = 4, before: Callable[[int], None] | None = None) -> EpochSummary:
-        if before is not None:
-            before(len(self.summaries))
-        start = time.perf_counter()
-        train_epoch(self.model, self.optimizer, steps=steps, generator=self.generator,
-                    before_step=self.tamper.before_step)
-        summary = self.telemetry.end_epoch()
-        self.step_seconds.append((time.perf_counter() - start) / steps)
-        assert summary is not None
-        self.summaries.append(summary)
-        return summary
-
-    def close(self) -> None:
-        # Provider first: telemetry.close() clears the snapshot, so shutting down after it exports nothing.
-        self.provider.shutdown()
-        self.telemetry.close()
-
-
-def expected_layers(summary: EpochSummary) -> dict[tuple[str, str, str], float]:
-    return {(seed_id, seed.stage, layer): value for seed_id, seed in summary.seeds.items()
-            for layer, value in seed.top_layers if math.isfinite(value)}
-
-
-def as_layers(result: list[dict]) -> dict[tuple[str, str, str], float]:
-    return {(r["metric"]["seed_id"], r["metric"]["stage"], r["metric"]["layer"]): float(r["value"][1]) for r in result}
 
 
 @pytest.fixture
