@@ -93,7 +93,7 @@ def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
             total_norm=None if seed["total_norm"] is None else float(seed["total_norm"]),
             top_layers=tuple((layer["layer"], float(layer["value"])) for layer in seed["top_layers"]),
             layer_count=int(seed["layer_count"]),
-            sampled_steps=int(seed.get("sampled_steps", data["sampled_steps"])),  # files from before 0.3
+            sampled_steps=int(seed.get("sampled_steps", data["sampled_steps"])),  # files from 0.1 have none
         )
     return EpochSummary(epoch=int(data["epoch"]), sampled_steps=int(data["sampled_steps"]),
                         top_k=int(data["top_k"]), seeds=seeds)
