@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ import yaml
 from matplotlib.image import imread
 
 from dashboards import generate, seed_layers
-from devtools.stack import VictoriaMetrics, victoria_metrics, wait_until
+from devtools.stack import VictoriaMetrics, backend_binaries, prometheus, victoria_metrics, wait_until
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
 from tolaria_otel.plot import load_summaries, render
 from tolaria_otel.plot import main as plot_main
@@ -221,14 +223,15 @@ def test_grafana_interpolation_matches_grafana() -> None:
 
 @dataclass
 class Backend:
-    """A VictoriaMetrics holding a run's series, and the time range the run spans."""
+    """The query API of a store holding a run's series (VictoriaMetrics or Prometheus), and the time range
+    the run spans."""
 
-    vm: VictoriaMetrics
+    url: str
     started: float
     ended: float
 
     def api(self, path: str, **params: str) -> Any:
-        url = f"{self.vm.url}{path}?{urllib.parse.urlencode(params)}"
+        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         with urllib.request.urlopen(url, timeout=10) as response:
             payload = json.loads(response.read())
         assert payload["status"] == "success", payload
@@ -253,17 +256,19 @@ class Backend:
         return list(self.api(f"/api/v1/label/{label}/values", **{"match[]": selector},
                              start=f"{self.started - 1:.0f}", end=f"{self.ended + 1:.0f}"))
 
-    def settle(self, series: int) -> None:
-        """Wait until ``series`` series of the seed family are searchable (VictoriaMetrics makes a new
-        series searchable a few seconds after it arrives, even after its force_flush), and the budget
-        gauge; then end the time range a whole second after every export, already past."""
-        family = f"{{{seed_layers.SEED_FAMILY}}}"
-        wait_until(lambda: len(self.vm.series(family)) == series, timeout=20,
-                   message=f"the run's {series} series not searchable")
-        wait_until(lambda: len(self.vm.series(seed_layers.SERIES_BUDGET)) > 0, timeout=20,
-                   message="the run's series budget gauge not searchable")
-        self.ended = math.ceil(time.time())
-        wait_until(lambda: time.time() > self.ended + 0.05, timeout=2, message="clock")
+
+
+def settle(vm: VictoriaMetrics, series: int) -> float:
+    """Wait until ``series`` series of the seed family are searchable (VictoriaMetrics makes a new series
+    searchable a few seconds after it arrives, even after its force_flush), and the budget gauge; return
+    the end of the run's time range: a whole second after every export, and already past."""
+    family = f"{{{seed_layers.SEED_FAMILY}}}"
+    wait_until(lambda: len(vm.series(family)) == series, timeout=20, message=f"the run's {series} series not searchable")
+    wait_until(lambda: len(vm.series(seed_layers.SERIES_BUDGET)) > 0, timeout=20,
+               message="the run's series budget gauge not searchable")
+    ended = math.ceil(time.time())
+    wait_until(lambda: time.time() > ended + 0.05, timeout=2, message="clock")
+    return ended
 
 
 def exported_series(summaries: list[EpochSummary]) -> set[tuple[str, str, str, str | None]]:
@@ -338,9 +343,7 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
     finally:
         telemetry.close()
         provider.shutdown()
-    run = Run(vm, started, 0.0, summaries, faulty)
-    run.settle(len(exported_series(summaries)))
-    return run
+    return Run(vm.url, started, settle(vm, len(exported_series(summaries))), summaries, faulty)
 
 
 #: Prometheus' fixed 5 min lookback. VictoriaMetrics otherwise infers a series' lookback from its
@@ -484,6 +487,65 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
         assert [v for _, v in unmeasured[0]["values"]][-1] == "1"
         stored_layers = run.api("/api/v1/series", **{"match[]": f'{seed_layers.LAYER_NORM}{{seed_id="{NOT_MEASURED}"}}'})
         assert stored_layers, "the not-measured seed's earlier layers must be in the store for this check to mean much"
+
+
+def openmetrics(backend: Backend) -> str:
+    """Every tolaria sample the backend holds, as OpenMetrics text (one family after another)."""
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    families: dict[str, list[str]] = {}
+    query = urllib.parse.urlencode({"match[]": '{__name__=~"tolaria_.*"}'})
+    url = f"{backend.url}/api/v1/export?{query}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            series = json.loads(line)
+            name = series["metric"].pop("__name__")
+            labels = ",".join(f'{k}="{escape(v)}"' for k, v in sorted(series["metric"].items()))
+            families.setdefault(name, []).extend(f"{name}{{{labels}}} {value!r} {ms / 1000:.3f}"
+                                                 for value, ms in zip(series["values"], series["timestamps"]))
+    return "".join(f"# TYPE {name} gauge\n" + "\n".join(samples) + "\n" for name, samples in families.items()) + "# EOF\n"
+
+
+@pytest.fixture(scope="module")
+def faulty_in_prometheus(faulty: Run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """The faulty run's samples copied into a real Prometheus 2.53 (``promtool tsdb create-blocks-from``).
+
+    Prometheus' engine is stricter than VictoriaMetrics': a function that drops the metric name may not
+    leave two series with the same labels ("vector cannot contain metrics with the same labelset").
+    The faulty run has such pairs in the lookback window: seed-1's net.2 as layer_norm then
+    layer_nonfinite, seed-3 as seed_norm then not_measured, each in one stage.
+    """
+    tmp = tmp_path_factory.mktemp("prometheus-faulty")
+    (tmp / "run.om").write_text(openmetrics(faulty))
+    data = tmp / "prometheus" / "prometheus-data"
+    created = subprocess.run([backend_binaries().promtool, "tsdb", "create-blocks-from", "openmetrics",
+                              str(tmp / "run.om"), str(data)], capture_output=True, text=True, timeout=60, check=False)
+    assert created.returncode == 0, created.stdout + created.stderr
+    with prometheus("global: {}\n", tmp / "prometheus") as server:
+        yield Backend(server.url, faulty.started, faulty.ended)
+
+
+def test_every_panel_query_answers_the_same_on_prometheus(faulty: Run, faulty_in_prometheus: Backend,
+                                                         dashboard: dict[str, Any]) -> None:
+    def series(result: list[dict[str, Any]]) -> list[str]:
+        return sorted(json.dumps(r["metric"], sort_keys=True) for r in result)
+
+    assert faulty_in_prometheus.api("/api/v1/series", **{"match[]": f"{{{seed_layers.SEED_FAMILY}}}"})
+    values = dashboard_values(faulty, dashboard)
+    for panel, target in targets(dashboard):
+        where = f"panel {panel['id']} {panel['title']!r} {target['refId']}"
+        promql = interpolate(target["expr"], values)
+        try:
+            in_prometheus = faulty_in_prometheus.run_target(target, promql)
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"{where}: Prometheus rejects it: {error.read().decode(errors='replace')}")
+        in_victoria = faulty.run_target(target, promql)
+        assert series(in_prometheus) == series(in_victoria), where
+        if target.get("instant"):
+            got = {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in in_prometheus}
+            want = {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in in_victoria}
+            assert got == pytest.approx(want), where
 
 
 def test_stage_change_annotation_returns_the_run_stages(healthy: Run, dashboard: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from .test_dashboards import (
     interpolate,
     label_values_query,
     panel_target,
+    settle,
     variable_value,
     variables,
 )
@@ -96,9 +97,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             for *_, telemetry, _ in loops:
                 telemetry.close()
             provider.shutdown()
-        backend = Backend(vm, started, 0.0)
-        backend.settle(sum(len(exported_series(summaries)) for summaries in history.values()))
-        yield Fleet(backend, {env_id: summaries[-1] for env_id, summaries in history.items()})
+        ended = settle(vm, sum(len(exported_series(summaries)) for summaries in history.values()))
+        yield Fleet(Backend(vm.url, started, ended), {env_id: summaries[-1] for env_id, summaries in history.items()})
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_every_trainer_top_k_arrives_with_exact_values(fleet: Fleet) -> None:
     rules), per env_id: each trainer's latest top-K, nothing of the others, the values as exported."""
     (current,) = [rule["expr"] for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
                   for rule in group["rules"] if rule.get("record") == "tolaria:seed_layer_norm:current"]
-    result = fleet.backend.vm.query(current, at=fleet.backend.ended)
+    result = fleet.backend.api("/api/v1/query", query=current, time=f"{fleet.backend.ended:.3f}")["result"]
     got: dict[tuple[str, str, str], float] = {}
     for row in result:
         labels = row["metric"]
