@@ -190,17 +190,25 @@ def test_demo_defaults_need_no_server_and_write_runs_jsonl(tmp_path: Path) -> No
     assert "FOSSILIZED" in result.stdout and "CULLED" in result.stdout and "epoch 5" in result.stdout
     records = read_jsonl(tmp_path / "runs" / "demo.jsonl")
     assert [r["epoch"] for r in records] == list(range(6))
-    stages = {(r["epoch"], s["seed_id"]): s["stage"] for r in records for s in r["seeds"]}
+    stages = {(r["epoch"], s["seed_id"]): s["stage"].removeprefix("SEED_STAGE_") for r in records for s in r["seeds"]}
+    steps = {(r["epoch"], s["seed_id"]): s["sampled_steps"] for r in records for s in r["seeds"]}
     assert [stages.get((e, "seed-0")) for e in range(6)] == ["GERMINATED", "TRAINING", "BLENDING"] + ["FOSSILIZED"] * 3
-    assert [stages.get((e, "seed-1")) for e in range(6)] == ["GERMINATED", "TRAINING", "BLENDING", "CULLED", None, None]
-    assert [stages.get((e, "seed-3")) for e in range(6)] == [None, "GERMINATED", "TRAINING", "BLENDING"] + ["FOSSILIZED"] * 2
+    # Germinated right after epoch 0 ended: measured from epoch 1's first step. Culled: not measured, then gone.
+    assert [stages.get((e, "seed-1")) for e in range(6)] == [None, "GERMINATED", "TRAINING", "BLENDING", "CULLED", None]
+    assert steps[(1, "seed-1")] == 16
+    # Germinated mid-epoch: measured from that step, over the 8 steps it was there.
+    assert [stages.get((e, "seed-2")) for e in range(6)] == [None, "GERMINATED", "TRAINING", "BLENDING"] + ["FOSSILIZED"] * 2
+    assert [stages.get((e, "seed-3")) for e in range(6)] == [None, None, "GERMINATED", "TRAINING", "BLENDING", "FOSSILIZED"]
+    assert steps[(1, "seed-2")] == steps[(2, "seed-3")] == 8
     for record in records:
         assert set(record) == {"epoch", "sampled_steps", "top_k", "seeds", "loss"}
         assert record["sampled_steps"] == 16 and record["top_k"] == 3 and math.isfinite(record["loss"])
         for seed in record["seeds"]:
+            culled = seed["stage"] == "SEED_STAGE_CULLED"
+            assert (seed["total_norm"] is None) == culled  # not measured, never a zero
             values = [layer["value"] for layer in seed["top_layers"]]
-            assert len(values) == min(3, seed["layer_count"]) and values == sorted(values, reverse=True)
-            assert (seed["total_norm"] == 0) == (seed["stage"] == "CULLED")
+            assert seed["layer_count"] == 5
+            assert len(values) == (0 if culled else 3) and values == sorted(values, reverse=True)
 
 
 def test_plot_renders_a_demo_file_and_rejects_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],
