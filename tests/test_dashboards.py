@@ -263,7 +263,8 @@ def settle(vm: VictoriaMetrics, series: int) -> float:
     searchable a few seconds after it arrives, even after its force_flush), and the budget gauge; return
     the end of the run's time range: a whole second after every export, and already past."""
     family = f"{{{seed_layers.SEED_FAMILY}}}"
-    wait_until(lambda: len(vm.series(family)) == series, timeout=20, message=f"the run's {series} series not searchable")
+    wait_until(lambda: len(vm.series(family)) == series, timeout=20,
+               message=f"the run's {series} series not searchable")
     wait_until(lambda: len(vm.series(seed_layers.SERIES_BUDGET)) > 0, timeout=20,
                message="the run's series budget gauge not searchable")
     ended = math.ceil(time.time())
@@ -485,7 +486,8 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
         unmeasured = run.run_target(by_id[(10, "A")], interpolate(by_id[(10, "A")]["expr"], values))
         assert {(r["metric"]["seed_id"], r["metric"]["stage"]) for r in unmeasured} == {(NOT_MEASURED, "TRAINING")}
         assert [v for _, v in unmeasured[0]["values"]][-1] == "1"
-        stored_layers = run.api("/api/v1/series", **{"match[]": f'{seed_layers.LAYER_NORM}{{seed_id="{NOT_MEASURED}"}}'})
+        earlier_layers = f'{seed_layers.LAYER_NORM}{{seed_id="{NOT_MEASURED}"}}'
+        stored_layers = run.api("/api/v1/series", **{"match[]": earlier_layers})
         assert stored_layers, "the not-measured seed's earlier layers must be in the store for this check to mean much"
 
 
@@ -504,7 +506,8 @@ def openmetrics(backend: Backend) -> str:
             labels = ",".join(f'{k}="{escape(v)}"' for k, v in sorted(series["metric"].items()))
             families.setdefault(name, []).extend(f"{name}{{{labels}}} {value!r} {ms / 1000:.3f}"
                                                  for value, ms in zip(series["values"], series["timestamps"]))
-    return "".join(f"# TYPE {name} gauge\n" + "\n".join(samples) + "\n" for name, samples in families.items()) + "# EOF\n"
+    text = "".join(f"# TYPE {name} gauge\n" + "\n".join(samples) + "\n" for name, samples in families.items())
+    return text + "# EOF\n"
 
 
 @pytest.fixture(scope="module")
@@ -598,7 +601,8 @@ def test_thresholds_agree_with_the_alert_rules() -> None:
     assert seed_layers.VANISHING_BELOW in numbers_and_ranges(vanishing)[0]
     assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in vanishing
     not_measured = rules["TolariaSeedNotMeasured"]
-    assert seed_layers.SEED_NOT_MEASURED in not_measured and "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in not_measured
+    assert seed_layers.SEED_NOT_MEASURED in not_measured
+    assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in not_measured
     assert durations["TolariaSeedNotMeasured"] == seed_layers.NOT_MEASURED_FOR
 
 

@@ -1,9 +1,9 @@
 """The alert and recording rules (collector/rules/) with the real promtool and a real Prometheus.
 
 The rules' behaviour is unit-tested in collector/rules/tests/*.test.yml (both label shapes, several trainers
-of one process told apart by env_id, every alert's thresholds and `for`); tests/test_pipeline.py fires them on series from a real training run. Here: promtool
-runs those unit tests, and the contract the dashboards rely on (names, severities, `for`) is read back from
-the rules as a real Prometheus loaded them.
+of one process told apart by env_id, every alert's thresholds and `for`); tests/test_pipeline.py fires them on
+series from a real training run. Here: promtool runs those unit tests, and the contract the dashboards rely on
+(names, severities, `for`) is read back from the rules as a real Prometheus loaded them.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-from dashboards import seed_layers
 from devtools.stack import victoria_metrics
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
 
