@@ -6,7 +6,11 @@ Nothing here is skipped: without the binaries every test fails with
 
 from __future__ import annotations
 
+import json
+import re
+import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +26,8 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from devtools.stack import (
+    REPO_ROOT,
+    Prometheus,
     VictoriaMetrics,
     backend_binaries,
     free_port,
@@ -186,3 +192,47 @@ def test_wait_until_times_out_with_message() -> None:
     with pytest.raises(TimeoutError, match="never true"):
         wait_until(lambda: False, timeout=0.2, message="never true")
     assert wait_until(lambda: 3, timeout=0.2) == 3
+
+
+def test_make_stack_runs_the_whole_chain_and_the_demo_exports_through_what_it_prints(tmp_path: Path) -> None:
+    """`make stack` (python -m devtools.stack): Collector -> VictoriaMetrics -> Prometheus with the rules; the
+    printed OTEL_EXPORTER_OTLP_ENDPOINT, given to `tolaria-otel demo --otlp-endpoint`, reaches the rules."""
+    output = tmp_path / "stack.out"
+    with output.open("w") as out:
+        stack = subprocess.Popen([sys.executable, "-m", "devtools.stack", "--interval", "1s",
+                                  "--data-dir", str(tmp_path / "data")],
+                                 cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = wait_until(lambda: "Ctrl-C to stop." in output.read_text() and output.read_text(), timeout=60,
+                             message="the stack did not come up")
+        endpoint = re.search(r"^  export OTEL_EXPORTER_OTLP_ENDPOINT=(http://127\.0\.0\.1:\d+)$", printed, re.M)
+        prometheus_url = re.search(r"^Prometheus: +(http://127\.0\.0\.1:\d+)", printed, re.M)
+        assert endpoint and prometheus_url, printed
+        assert re.search(r"^OpenTelemetry Collector: OTLP/HTTP http://\S+, OTLP/gRPC http://\S+", printed, re.M)
+        assert re.search(r"^VictoriaMetrics: +http://127\.0\.0\.1:\d+", printed, re.M)
+
+        summaries = tmp_path / "demo.jsonl"
+        demo = subprocess.run([str(Path(sys.executable).with_name("tolaria-otel")), "demo", "--otlp-endpoint",
+                               endpoint.group(1), "--epochs", "2", "--quiet", "--output", str(summaries)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        last = json.loads(summaries.read_text().splitlines()[-1])
+        expected = {(seed["seed_id"], seed["stage"], layer["layer"]): layer["value"]
+                    for seed in last["seeds"] for layer in seed["top_layers"] if layer["value"] is not None}
+        assert expected
+
+        prom = Prometheus(backend_binaries().prometheus, tmp_path, tmp_path / "unused.yml")
+        prom.url = prometheus_url.group(1)  # the stack's own Prometheus, only queried here
+
+        def current() -> dict[tuple[str, str, str], float]:
+            return {(r["metric"]["seed_id"], r["metric"]["stage"], r["metric"]["layer"]): float(r["value"][1])
+                    for r in prom.query("tolaria:seed_layer_norm:current")}
+
+        prom.wait_for(lambda: current().keys() == expected.keys(), timeout=60,
+                      message="the demo's last top-K is not Prometheus' current top-K")
+        assert current() == pytest.approx(expected, rel=1e-9)
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(30)
+    assert stack.returncode == 0
+    assert output.read_text().rstrip().endswith("stopped.")
