@@ -9,7 +9,8 @@
 - the documented current-top-K query (docs/operations.md) follows a top-K change within a bounded delay;
 - faults: backend down at start, killed mid-run, back on the same port.
 
-The Collector itself cannot run here; OTLP goes straight to VictoriaMetrics (its OTLP receiver stands in).
+Here OTLP goes straight to VictoriaMetrics' OTLP receiver; the same through the real Collector, and its
+faults, are in tests/test_collector_pipeline.py and tests/test_collector_faults.py.
 """
 
 from __future__ import annotations
