@@ -1,0 +1,84 @@
+"""One training run inside a framework (Lightning's ``fit``, the Hugging Face ``Trainer.train``).
+
+What the framework callbacks share: a :class:`SeedLayerTelemetry` made at the start of the run,
+measured once per optimizer step from the optimizers' step post-hook (after the framework's
+gradient accumulation, AMP unscaling and clipping, so on the gradients the optimizer applies),
+summarised at each epoch end or every N optimizer steps, and closed at the end of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from opentelemetry.metrics import MeterProvider
+from torch import nn
+
+from .optimizer_hooks import EveryOptimizer
+from .seeds import SeedSource, StageNames
+from .settings import SeedLayerSettings
+from .summary import EpochSummary
+from .telemetry import SeedLayerTelemetry
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a framework callback was given; the keywords of :class:`SeedLayerTelemetry` and two more."""
+
+    seeds: SeedSource
+    settings: SeedLayerSettings
+    meter_provider: MeterProvider | None
+    attributes: Mapping[str, str] | None
+    stage_names: StageNames | None
+    every_n_steps: int | None
+    on_summary: Callable[[EpochSummary], object] | None
+
+    def __post_init__(self) -> None:
+        every = self.every_n_steps
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every_n_steps={every!r} is not valid: expected None (summarise at each epoch end) "
+                             "or an int >= 1 (summarise every that many optimizer steps)")
+        if self.on_summary is not None and not callable(self.on_summary):
+            raise TypeError(f"on_summary is {type(self.on_summary).__name__}: expected a callable taking an "
+                            "EpochSummary, or None")
+
+
+class FrameworkRun:
+    """The telemetry of one run of a framework's training loop, from its start to its end."""
+
+    def __init__(self, model: nn.Module, options: RunOptions) -> None:
+        self.options = options
+        self.telemetry = SeedLayerTelemetry(model, options.seeds, settings=options.settings,
+                                            meter_provider=options.meter_provider, attributes=options.attributes,
+                                            stage_names=options.stage_names)
+        self._steps_unsummarised = 0
+        # Every optimizer that holds a parameter of the model, once per training step: the
+        # framework's own (whatever wraps it), and one it swaps in mid-run.
+        self._hook = EveryOptimizer(model, self._after_optimizer_step).handle if self.telemetry.enabled else None
+
+    def epoch_end(self) -> None:
+        """The framework's epoch ended: summarise, unless summaries go every N steps."""
+        if self.options.every_n_steps is None:
+            self._summarise()
+
+    def close(self) -> None:
+        """The run ended: summarise steps not summarised yet (a run stopped mid-epoch), detach, close."""
+        if self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        if self._steps_unsummarised:
+            self._summarise()
+        self.telemetry.close()
+
+    def _after_optimizer_step(self) -> None:
+        self.telemetry.observe_step()
+        self._steps_unsummarised += 1
+        if self._steps_unsummarised == self.options.every_n_steps:
+            self._summarise()
+
+    def _summarise(self) -> None:
+        self._steps_unsummarised = 0
+        summary = self.telemetry.end_epoch()
+        if summary is not None and self.options.on_summary is not None:
+            self.options.on_summary(summary)

@@ -1,0 +1,63 @@
+"""An independent reference for the framework tests: the gradients an SGD step actually applied.
+
+For plain SGD (no momentum, no weight decay) a step is ``p -= lr * g``, so ``(p_before - p_after) / lr``
+is the gradient the optimizer applied: after accumulation, AMP unscaling and clipping, whatever the
+framework did in between. The reference snapshots the parameters in a step pre-hook (a closure does
+not move them) and differences them in a post-hook, in float64, for the seeds the source lists at that
+step; it never reads ``.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+
+class AppliedGradients:
+    def __init__(self, optimizer: torch.optim.Optimizer, seeds: Callable[[], Mapping[str, tuple[nn.Module, object]]]):
+        assert isinstance(optimizer, torch.optim.SGD), "the reference needs plain SGD"
+        for group in optimizer.param_groups:
+            assert group["momentum"] == 0 and group["weight_decay"] == 0
+        self.seeds = seeds
+        self._before: dict[int, torch.Tensor] = {}
+        self._lr: dict[int, float] = {}
+        self.step_totals: list[float] = []  # the whole model's applied gradient norm per step
+        self.reset()
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def reset(self) -> None:
+        self.squares: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.totals: dict[str, float] = defaultdict(float)
+        self.steps: dict[str, int] = defaultdict(int)
+
+    def _pre(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self._before = {id(p): p.detach().double().clone() for group in optimizer.param_groups for p in group["params"]}
+        self._lr = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+
+    def _applied(self, p: torch.Tensor) -> torch.Tensor:
+        return (self._before[id(p)] - p.detach().double()) / self._lr[id(p)]
+
+    def _post(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self.step_totals.append(math.sqrt(sum(float(self._applied(p).square().sum())
+                                              for group in optimizer.param_groups for p in group["params"])))
+        for seed_id, (module, _) in self.seeds().items():
+            self.steps[seed_id] += 1
+            for name, sub in module.named_modules():
+                params = [p for p in sub.parameters(recurse=False) if p.requires_grad]
+                if params:
+                    self.squares[seed_id][name or "(root)"] += sum(float(self._applied(p).square().sum())
+                                                                    for p in params)
+            self.totals[seed_id] += sum(float(self._applied(p).square().sum()) for p in module.parameters())
+
+    def epoch(self) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, int]]:
+        """(seed -> layer -> RMS, seed -> total RMS, seed -> steps) since the last call."""
+        layers = {s: {layer: math.sqrt(v / self.steps[s]) for layer, v in d.items()} for s, d in self.squares.items()}
+        totals = {s: math.sqrt(v / self.steps[s]) for s, v in self.totals.items()}
+        steps = dict(self.steps)
+        self.reset()
+        return layers, totals, steps

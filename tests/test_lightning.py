@@ -1,0 +1,171 @@
+"""tolaria_otel.lightning against a real Lightning fit: gradient accumulation, bf16-mixed, clipping,
+seeds that come and go, checked against the gradients the SGD steps actually applied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import _global_optimizer_post_hooks
+from torch.utils.data import DataLoader, TensorDataset
+
+from tolaria_otel import LAYER_NORM, SeedLayerSettings
+from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+
+from .framework_reference import AppliedGradients
+from .helpers import collect, expected_top_k, layer_points, metered
+
+pl = pytest.importorskip("lightning.pytorch")
+from tolaria_otel.lightning import SeedLayerCallback  # noqa: E402
+
+ON = SeedLayerSettings(enabled=True, top_k=2)
+ACCUMULATE = 4
+BATCHES = 12  # per epoch: 3 optimizer steps of 4 micro-batches
+CLIP = 0.03  # the whole model's gradient norm is clipped to this (it is 0.1 to 0.14 before)
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, model: SeededMLP, registry: SeedRegistry) -> None:
+        super().__init__()
+        self.model = model
+        self.registry = registry
+        self.reference: AppliedGradients | None = None
+        self.pre_clip_norms: list[float] = []
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def on_fit_start(self) -> None:  # the optimizer exists now; Lightning steps a wrapper of it
+        self.reference = AppliedGradients(self.trainer.optimizers[0], self.registry)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning's grad_norm hook: accumulated and unscaled, not yet clipped.
+        self.pre_clip_norms.append(float(torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None]))))
+
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        if step == 2 and "seed-2" not in self.registry.stages:  # germinated mid-epoch
+            self.registry.add("seed-2", self.model.seeds["seed_2"], "GERMINATED")
+        if step == 4 and "seed-0" in self.registry.stages:  # culled mid-epoch
+            self.registry.remove("seed-0")
+
+
+def network() -> tuple[SeededMLP, SeedRegistry]:
+    torch.manual_seed(0)
+    model = SeededMLP()
+    registry = SeedRegistry()
+    for i in range(3):
+        seed = model.graft(f"seed_{i}")
+        if i < 2:
+            registry.add(f"seed-{i}", seed, "TRAINING")
+    return model, registry
+
+
+def loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(BATCHES * 8, 32, generator=generator), torch.randn(BATCHES * 8, 10,
+                                                                                        generator=generator))
+    return DataLoader(data, batch_size=8)
+
+
+def trainer(*callbacks: pl.Callback, **kwargs: object) -> pl.Trainer:
+    options: dict = dict(accelerator="cpu", devices=1, max_epochs=2, accumulate_grad_batches=ACCUMULATE,
+                         precision="bf16-mixed", gradient_clip_val=CLIP, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    options.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **options)
+
+
+def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
+    model, registry = network()
+    module = Regression(model, registry)
+    provider, reader = metered(ON)
+    summaries = []
+    callback = SeedLayerCallback(registry, settings=ON, meter_provider=provider, on_summary=summaries.append)
+    expected = []
+
+    class Reference(pl.Callback):  # the reference's epoch, read when the package summarises it
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            expected.append(module.reference.epoch())
+
+    trainer(callback, Reference()).fit(module, loader())
+
+    assert [s.epoch for s in summaries] == [0, 1]
+    assert [s.sampled_steps for s in summaries] == [BATCHES // ACCUMULATE] * 2
+    # Clipping acted at every step, and what the optimizer applied is the clipped gradient.
+    assert min(module.pre_clip_norms) > 2 * CLIP
+    assert max(module.reference.step_totals) == pytest.approx(CLIP, rel=1e-3)
+    for summary, (layers, totals, steps) in zip(summaries, expected):
+        assert set(summary.seeds) <= set(steps)  # a seed culled mid-epoch is left out of that epoch's summary
+        for seed_id, seed in summary.seeds.items():
+            assert seed.sampled_steps == steps[seed_id]
+            assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-4)
+            want = expected_top_k(layers[seed_id], ON.top_k)
+            assert [layer for layer, _ in seed.top_layers] == [layer for layer, _ in want]
+            assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-4)
+    # Seed 2 germinated after step 2 and seed 0 was culled after step 4 (of 3 per epoch).
+    assert summaries[0].seeds["seed-2"].sampled_steps == 1
+    assert summaries[0].seeds.keys() == {"seed-0", "seed-1", "seed-2"}
+    assert summaries[1].seeds.keys() == {"seed-1", "seed-2"}
+    # The fit's end closed the telemetry: the hook is gone and the last epoch goes out with the next collection.
+    assert callback.telemetry is None
+    points = layer_points(collect(reader)[LAYER_NORM])
+    assert points == {("seed-1", layer): value for layer, value in summaries[1].seeds["seed-1"].top_layers} | {
+        ("seed-2", layer): value for layer, value in summaries[1].seeds["seed-2"].top_layers}
+    provider.shutdown()
+
+
+def test_step_based_fit_summarises_every_n_steps_and_the_rest_at_the_end() -> None:
+    model, registry = network()
+    summaries = []
+    callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], every_n_steps=2,
+                                 on_summary=summaries.append)
+    trainer(callback, max_epochs=-1, max_steps=5).fit(Regression(model, registry), loader())
+    assert [s.sampled_steps for s in summaries] == [2, 2, 1]  # the fifth step's summary comes with the fit's end
+    assert [s.epoch for s in summaries] == [0, 1, 2]
+
+
+def test_a_failing_fit_closes_the_telemetry_and_the_next_fit_starts_afresh() -> None:
+    model, registry = network()
+    provider, _ = metered(ON)
+    summaries = []
+    callback = SeedLayerCallback(registry, settings=ON, meter_provider=provider, on_summary=summaries.append)
+
+    class Failing(Regression):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            if self.trainer.global_step == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(callback).fit(Failing(model, registry), loader())
+    assert callback.telemetry is None
+    assert [s.sampled_steps for s in summaries] == [2]  # the steps before the failure, summarised at the close
+    # Same callback, same provider, same trainer identity: nothing of the failed fit is left in the way.
+    trainer(callback, max_epochs=1).fit(Regression(model, registry), loader())
+    assert [s.sampled_steps for s in summaries] == [2, BATCHES // ACCUMULATE]
+
+
+def test_off_installs_nothing() -> None:
+    model, registry = network()
+    callback = SeedLayerCallback(registry, settings=SeedLayerSettings(enabled=False))
+    module = Regression(model, registry)
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, *args: object) -> None:
+            assert callback.telemetry is not None and not callback.telemetry.enabled
+            assert not _global_optimizer_post_hooks
+
+    trainer(callback, Probe(), max_epochs=1).fit(module, loader())
+
+
+def test_bad_options_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"every_n_steps=0 is not valid: expected None .* or an int >= 1"):
+        SeedLayerCallback({}, settings=ON, every_n_steps=0)
+    with pytest.raises(TypeError, match="on_summary is list: expected a callable"):
+        SeedLayerCallback({}, settings=ON, on_summary=[])  # type: ignore[arg-type]
