@@ -1,0 +1,107 @@
+"""tolaria_otel.transformers against a real Trainer.train(): a tiny randomly initialised BERT (built from
+its config, nothing downloaded), gradient accumulation, bf16 on the CPU, clipping, a seed arriving
+mid-run; checked against the gradients the SGD steps actually applied."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks
+
+from tolaria_otel import SeedLayerSettings
+
+from .framework_reference import AppliedGradients
+from .helpers import expected_top_k, metered
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # read when transformers is imported: nothing may be fetched
+transformers = pytest.importorskip("transformers")
+from tolaria_otel.transformers import SeedLayerCallback  # noqa: E402
+
+ON = SeedLayerSettings(enabled=True, top_k=3)
+ACCUMULATE = 4
+SAMPLES = 48  # batches of 4: 12 micro-batches, 3 optimizer steps per epoch
+CLIP = 0.05  # max_grad_norm; the gradient norm before clipping is well above it
+
+
+class Sentences(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(1, 64, (SAMPLES, 8), generator=generator)
+        self.labels = torch.randint(0, 2, (SAMPLES,), generator=generator)
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
+
+
+def tiny_bert() -> transformers.BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    return transformers.BertForSequenceClassification(config)
+
+
+def arguments(tmp_path: object, **kwargs: object) -> transformers.TrainingArguments:
+    options: dict = dict(output_dir=str(tmp_path), use_cpu=True, bf16=True, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=ACCUMULATE, max_grad_norm=CLIP, num_train_epochs=2,
+                         lr_scheduler_type="constant", report_to="none", save_strategy="no", logging_steps=1,
+                         disable_tqdm=True, dataloader_num_workers=0)
+    options.update(kwargs)
+    return transformers.TrainingArguments(**options)
+
+
+def test_train_measures_the_applied_gradients_once_per_optimizer_step(tmp_path: object) -> None:
+    model = tiny_bert()
+    layers = model.bert.encoder.layer
+    seeds = {"layer-0": (layers[0], "TRAINING"), "layer-1": (layers[1], "TRAINING")}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    reference = AppliedGradients(optimizer, lambda: dict(seeds))
+    summaries = []
+    expected = []
+
+    class Lifecycle(transformers.TrainerCallback):
+        def on_step_end(self, args: object, state: transformers.TrainerState, control: object, **kw: object) -> None:
+            if state.global_step == 2:  # the pooler germinates mid-epoch
+                seeds["pooler"] = (model.bert.pooler, "GERMINATED")
+
+        def on_epoch_end(self, *args: object, **kw: object) -> None:
+            expected.append(reference.epoch())
+
+    provider, reader = metered(ON)
+    callback = SeedLayerCallback(lambda: seeds, settings=ON, meter_provider=provider, on_summary=summaries.append)
+    trainer = transformers.Trainer(model=model, args=arguments(tmp_path), train_dataset=Sentences(),
+                                   optimizers=(optimizer, None), callbacks=[callback, Lifecycle()])
+    trainer.train()
+
+    assert [s.sampled_steps for s in summaries] == [3, 3]
+    # Clipping acted at every step (the Trainer logs the norm before it), and what was applied is clipped.
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(logged) == 6 and min(logged) > 2 * CLIP
+    assert max(reference.step_totals) == pytest.approx(CLIP, rel=1e-3)
+    for summary, (want_layers, want_totals, want_steps) in zip(summaries, expected):
+        assert {seed_id: seed.sampled_steps for seed_id, seed in summary.seeds.items()} == want_steps
+        for seed_id, seed in summary.seeds.items():
+            assert seed.total_norm == pytest.approx(want_totals[seed_id], rel=1e-4)
+            want = expected_top_k(want_layers[seed_id], ON.top_k)
+            assert [layer for layer, _ in seed.top_layers] == [layer for layer, _ in want]
+            assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-4)
+    assert summaries[0].seeds["pooler"].sampled_steps == 1
+    # train()'s end closed the telemetry: no hook of ours is left on the optimizers.
+    assert callback.telemetry is None and not _global_optimizer_post_hooks
+    provider.shutdown()
+
+
+def test_max_steps_training_summarises_every_n_steps(tmp_path: object) -> None:
+    model = tiny_bert()
+    summaries = []
+    callback = SeedLayerCallback({"layer-0": (model.bert.encoder.layer[0], "TRAINING")}, settings=ON,
+                                 meter_provider=metered(ON)[0], every_n_steps=2, on_summary=summaries.append)
+    trainer = transformers.Trainer(model=model, args=arguments(tmp_path, max_steps=5, bf16=False),
+                                   train_dataset=Sentences(), callbacks=[callback])
+    trainer.train()  # accelerate's AcceleratedOptimizer around the Trainer's own AdamW
+    assert [s.sampled_steps for s in summaries] == [2, 2, 1]
+    assert all(s.seeds["layer-0"].total_norm > 0 for s in summaries)
