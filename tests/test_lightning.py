@@ -9,13 +9,15 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
-from tolaria_otel import LAYER_NORM, SeedLayerSettings
+from tolaria_otel import LAYER_NORM, SeedLayerSettings, SeedLayerTelemetry
 from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
 
 from .framework_reference import AppliedGradients
 from .helpers import collect, expected_top_k, layer_points, metered
 
 pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.core.optimizer import LightningOptimizer  # noqa: E402
+
 from tolaria_otel.lightning import SeedLayerCallback  # noqa: E402
 
 ON = SeedLayerSettings(enabled=True, top_k=2)
@@ -169,3 +171,24 @@ def test_bad_options_fail_at_construction() -> None:
         SeedLayerCallback({}, settings=ON, every_n_steps=0)
     with pytest.raises(TypeError, match="on_summary is list: expected a callable"):
         SeedLayerCallback({}, settings=ON, on_summary=[])  # type: ignore[arg-type]
+
+
+def test_attach_to_the_lightning_optimizer_gives_what_the_callback_gives() -> None:
+    model, registry = network()
+    summaries = []
+    callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
+    attached = SeedLayerTelemetry(model, registry, settings=ON, meter_provider=metered(ON)[0])
+    by_hand = []
+
+    class ByHand(pl.Callback):  # the README's loop inside Lightning: attach() to what self.optimizers() returns
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            optimizer = pl_module.optimizers()
+            assert isinstance(optimizer, LightningOptimizer)  # a subclass of LightningOptimizer and SGD both
+            attached.attach(optimizer)
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            by_hand.append(attached.end_epoch())
+
+    trainer(callback, ByHand()).fit(Regression(model, registry), loader())
+    assert [s.to_dict() for s in by_hand] == [s.to_dict() for s in summaries]
+    assert [s.sampled_steps for s in by_hand] == [BATCHES // ACCUMULATE] * 2

@@ -27,15 +27,21 @@ from torch.utils.hooks import RemovableHandle
 
 
 def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` inside a wrapper (accelerate's ``AcceleratedOptimizer``,
-    Lightning's ``LightningOptimizer``, anything with an inner ``optimizer``)."""
+    """The innermost ``torch.optim.Optimizer`` of a wrapper (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``, anything with an inner ``optimizer`` or ``_optimizer``).
+
+    The innermost, because a wrapper may subclass ``Optimizer`` without being one: accelerate's
+    never runs ``Optimizer.__init__``, so it has no step hooks, and its ``step`` calls the inner one's.
+    """
     inner: object = optimizer
     for _ in range(8):  # wrappers of wrappers, but never a cycle
-        if isinstance(inner, torch.optim.Optimizer):
-            return inner
-        inner = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
-        if inner is None:
+        nested = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
+        if not isinstance(nested, torch.optim.Optimizer) and not hasattr(nested, "optimizer") \
+                and not hasattr(nested, "_optimizer"):
             break
+        inner = nested
+    if isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "_optimizer_step_post_hooks"):
+        return inner
     raise TypeError(f"attach() got {type(optimizer).__name__}: expected a torch.optim.Optimizer or a wrapper with "
                     "one in its .optimizer attribute; or call attach() with no argument to measure every optimizer "
                     "that holds the model's parameters")
