@@ -3,6 +3,7 @@
     python -m benchmarks.overhead                  # workloads (a) and (b) on the CPU, a few minutes
     python -m benchmarks.overhead --workload a     # only the work-package's seeded MLP
     python -m benchmarks.overhead --quick          # tiny sizes, a few seconds (the smoke test)
+    python -m benchmarks.overhead --workload lightning   # (c): the same network under Lightning's Trainer
 
 Every variant trains its own copy of the same network (same initial weights, same batches) with
 its own optimizer. The variants run interleaved in one process, one measurement (``--epochs``
@@ -790,9 +791,106 @@ def report(workload: Workload, results: Sequence[Result], epochs: int, rounds: i
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------
+# Workload (c): a Lightning fit
+# --------------------------------------------------------------------------------------------
+
+LIGHTNING_VARIANTS = ("Lightning, no monitoring", "Lightning + tolaria_otel SeedLayerCallback",
+                      "Lightning + grad_norm logging (its docs' way)")
+
+
+def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: int,
+                     log: Callable[[str], None]) -> str:
+    """(c) Workload (a) trained by ``Trainer.fit``: the package's callback, Lightning's own ``grad_norm``
+    logged per seed in ``on_before_optimizer_step`` (as Lightning's docs show it) and no monitoring,
+    interleaved as above (one fit of ``epochs + 1`` epochs per variant per round, the first epoch
+    untimed). Each epoch is timed from ``on_train_epoch_start`` to the end of ``on_train_epoch_end``
+    (the callback's ``end_epoch`` included). Returns the section as markdown."""
+    try:
+        import lightning.pytorch as pl
+        from lightning.pytorch.utilities import grad_norm
+
+        from tolaria_otel.lightning import SeedLayerCallback
+    except Exception as error:  # noqa: BLE001 - reported instead of the table
+        return f"### Workload (c), a Lightning fit: not run: {type(error).__name__}: {error} ({PEER_INSTALL})\n"
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the per-fit banner
+    settings = SeedLayerSettings(enabled=True)
+    workload = seeded_mlp_workload(samples, batch, seeds)
+    template = workload.build()
+    x = torch.cat([b[0] for b in workload.batches])
+    y = torch.cat([b[1] for b in workload.batches])
+
+    class Fit(pl.LightningModule):
+        def __init__(self, log_grad_norm: bool) -> None:
+            super().__init__()
+            self.model, self.seeds = copy.deepcopy(template)
+            self.log_grad_norm = log_grad_norm
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return _mse(self.model, batch)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return _sgd(self.model)
+
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            if self.log_grad_norm:
+                for seed_id, seed in self.seeds.items():
+                    self.log_dict({f"{seed_id}/{k}": v for k, v in grad_norm(seed, norm_type=2).items()})
+
+    class EpochTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.times.append(time.perf_counter() - self.start)
+
+    def fit(variant: str) -> list[float]:
+        module = Fit(log_grad_norm=variant == LIGHTNING_VARIANTS[2])
+        callbacks: list[pl.Callback] = []
+        if variant == LIGHTNING_VARIANTS[1]:
+            provider = MeterProvider(metric_readers=[InMemoryMetricReader()], views=seed_layer_views(settings))
+            seeds_now = {seed_id: (seed, "TRAINING") for seed_id, seed in module.seeds.items()}
+            callbacks.append(SeedLayerCallback(seeds_now, settings=settings, meter_provider=provider))
+        timer = EpochTimer()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs + 1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[*callbacks, timer])  # the timer last: it sees the others' epoch ends
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+        trainer.fit(module, loader)
+        return timer.times[1:]
+
+    times: dict[str, list[float]] = {name: [] for name in LIGHTNING_VARIANTS}
+    paired: dict[str, list[float]] = {name: [] for name in LIGHTNING_VARIANTS}
+    for round_ in range(rounds):
+        order = LIGHTNING_VARIANTS[round_ % 3:] + LIGHTNING_VARIANTS[:round_ % 3]
+        this_round = {name: fit(name) for name in order}
+        for name, epoch_times in this_round.items():
+            times[name] += epoch_times
+            paired[name].append(statistics.median(epoch_times) / statistics.median(this_round[LIGHTNING_VARIANTS[0]]))
+        log(f"(c) round {round_ + 1}/{rounds}")
+    base = statistics.median(times[LIGHTNING_VARIANTS[0]])
+    steps = len(workload.batches)
+    lines = [f"### Workload (c): {workload.description}, trained by Lightning {pl.__version__} `Trainer.fit` "
+             f"(CPU, fp32); {rounds} rounds of {epochs} timed epochs\n",
+             "| variant | epoch median ms | ratio | paired ratio [IQR] | extra µs/step |",
+             "| --- | ---: | ---: | --- | ---: |"]
+    for name in LIGHTNING_VARIANTS:
+        median = statistics.median(times[name])
+        low, high = _quartiles(paired[name])
+        lines.append(f"| {name} | {median * 1e3:.2f} | {median / base:.3f} | {statistics.median(paired[name]):.3f} "
+                     f"[{low:.3f}, {high:.3f}] | {(median - base) / steps * 1e6:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=("a", "b", "all"), default="all")
+    parser.add_argument("--workload", choices=("a", "b", "all", "lightning"), default="all",
+                        help="lightning: workload (a) under Lightning's Trainer (not part of all)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 30 for a, 10 for b)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement, (a)")
@@ -868,6 +966,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_memory:
             print("Memory, deepest (b), each row a fresh process:\n")
             print(memory_table([*common, "--depth", str(depths[-1])], per_depth[-1][0], (args.deep_epochs,)) + "\n")
+    if args.workload == "lightning":
+        print(lightning_report(args.samples, args.batch, args.seeds, args.rounds or 10, args.epochs, log), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f)

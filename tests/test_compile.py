@@ -74,7 +74,7 @@ def train(compiled: str, attach: str | None, settings: SeedLayerSettings, recomp
         training_step(torch.randn(16, 32, generator=generator), torch.randn(16, 10, generator=generator))
         optimizer.zero_grad()
     counts = {"graph breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"],
-              "recompiles": recompiles.count, "compiled by aot": sum(counters["aot_autograd"].values())}
+              "recompiles": recompiles.count}
     summary = telemetry.end_epoch() if telemetry is not None else None
     if telemetry is not None:
         telemetry.close()
