@@ -192,3 +192,11 @@ def test_attach_to_the_lightning_optimizer_gives_what_the_callback_gives() -> No
     trainer(callback, ByHand()).fit(Regression(model, registry), loader())
     assert [s.to_dict() for s in by_hand] == [s.to_dict() for s in summaries]
     assert [s.sampled_steps for s in by_hand] == [BATCHES // ACCUMULATE] * 2
+
+
+def test_the_lightning_benchmark_runs_every_variant() -> None:
+    from benchmarks.overhead import LIGHTNING_VARIANTS, lightning_report
+
+    report = lightning_report(samples=64, batch=32, seeds=2, rounds=1, epochs=1, log=lambda line: None)
+    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| Lightning")]
+    assert rows == list(LIGHTNING_VARIANTS)  # timings are printed, never asserted
