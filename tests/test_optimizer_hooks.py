@@ -141,3 +141,28 @@ def test_zero_redundancy_optimizer_counts_each_step_once(one_process_group, atta
     assert summary.sampled_steps == 3
     assert_matches(summary, reference)
     telemetry.close()
+
+
+def test_grad_scaler_steps_are_measured_unscaled_and_skipped_steps_not_at_all() -> None:
+    model, registry = seeded_network(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    telemetry, _ = telemetry_for(model, registry, ON)
+    telemetry.attach(optimizer)
+    reference = ReferenceNorms(registry)
+    optimizer.register_step_post_hook(reference.hook)  # runs only for steps the scaler lets through
+    generator = torch.Generator().manual_seed(4)
+    for step in range(4):
+        x, y = torch.randn(8, 32, generator=generator), torch.randn(8, 10, generator=generator)
+        if step == 1:
+            x[0, 0] = float("inf")  # an overflow: the scaler skips this step
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    summary = telemetry.end_epoch()
+    assert summary.sampled_steps == reference.steps == 3
+    assert_matches(summary, reference)
+    assert all(seed.total_norm < 1.0 for seed in summary.seeds.values())  # unscaled (and clipped), not x4096
