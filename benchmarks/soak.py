@@ -38,7 +38,7 @@ class _Count(logging.Handler):
 def sdk_attribute_sets(telemetry: SeedLayerTelemetry) -> int:
     """The SDK's aggregations for the package's instruments (its internals, on purpose: that is what grew)."""
     total = 0
-    for gauge in telemetry._instruments._gauges:  # type: ignore[union-attr]
+    for gauge in telemetry._instruments.streams:  # type: ignore[union-attr]
         for storage in gauge._measurement_consumer._reader_storages.values():  # type: ignore[attr-defined]
             total += sum(len(m._attributes_aggregation) for m in storage._instrument_view_instrument_matches.get(gauge, ()))
     return total

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
@@ -21,7 +21,8 @@ def metered(settings: SeedLayerSettings) -> tuple[MeterProvider, InMemoryMetricR
 
 
 def collect(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict, float, str]]]:
-    """One collection: metric name -> [(attributes, value, unit)]."""
+    """One collection: metric name -> [(attributes, value, unit)]; a histogram's value is its
+    ``HistogramDataPoint``."""
     out: dict[str, list[tuple[dict, float, str]]] = defaultdict(list)
     data = reader.get_metrics_data()
     if data is None:
@@ -30,6 +31,9 @@ def collect(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict, float, s
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
                 for point in metric.data.data_points:
+                    if isinstance(point, HistogramDataPoint):
+                        out[metric.name].append((dict(point.attributes or {}), point, metric.unit))
+                        continue
                     assert isinstance(point, NumberDataPoint)
                     out[metric.name].append((dict(point.attributes or {}), point.value, metric.unit))
     return out
@@ -123,14 +127,15 @@ def layer_points(points: Iterable[tuple[dict, float, str]]) -> dict[tuple[str, s
     return {(attrs["seed_id"], attrs["layer"]): value for attrs, value, _ in points}
 
 
-def sdk_attribute_sets(telemetry: SeedLayerTelemetry) -> int:
-    """How many attribute sets the SDK holds for the telemetry's instruments, over all readers.
+def sdk_attribute_sets(telemetry: SeedLayerTelemetry, per_stream: bool = False):
+    """How many attribute sets the SDK holds for the telemetry's instruments, over all readers (or,
+    ``per_stream``, the list of each stream's count).
 
     Reads SDK internals on purpose: that state is what grows without bound when it is not released.
     """
-    total = 0
-    for gauge in telemetry._instruments._gauges:  # type: ignore[union-attr]
-        for storage in gauge._measurement_consumer._reader_storages.values():  # type: ignore[attr-defined]
-            for match in storage._instrument_view_instrument_matches.get(gauge, ()):
-                total += len(match._attributes_aggregation)
-    return total
+    counts = []
+    for instrument in telemetry._instruments.streams:  # type: ignore[union-attr]
+        for storage in instrument._measurement_consumer._reader_storages.values():  # type: ignore[attr-defined]
+            for match in storage._instrument_view_instrument_matches.get(instrument, ()):
+                counts.append(len(match._attributes_aggregation))
+    return counts if per_stream else sum(counts)

@@ -201,7 +201,8 @@ def test_demo_defaults_need_no_server_and_write_runs_jsonl(tmp_path: Path) -> No
     assert [stages.get((e, "seed-3")) for e in range(6)] == [None, None, "GERMINATED", "TRAINING", "BLENDING", "FOSSILIZED"]
     assert steps[(1, "seed-2")] == steps[(2, "seed-3")] == 8
     for record in records:
-        assert set(record) == {"epoch", "sampled_steps", "top_k", "seeds", "loss"}
+        assert set(record) == {"epoch", "sampled_steps", "top_k", "host_norm", "seeds", "loss"}
+        assert record["host_norm"] > 0  # the demo measures the host
         assert record["sampled_steps"] == 16 and record["top_k"] == 3 and math.isfinite(record["loss"])
         for seed in record["seeds"]:
             culled = seed["stage"] == "SEED_STAGE_CULLED"
@@ -209,6 +210,8 @@ def test_demo_defaults_need_no_server_and_write_runs_jsonl(tmp_path: Path) -> No
             values = [layer["value"] for layer in seed["top_layers"]]
             assert seed["layer_count"] == 5
             assert len(values) == (0 if culled else 3) and values == sorted(values, reverse=True)
+            assert seed["health"] == ("not_measured" if culled else "healthy")
+            assert (seed["host_ratio"] is None) == culled and sum(seed["step_norm_counts"]) == seed["sampled_steps"] * (not culled)
 
 
 def test_plot_renders_a_demo_file_and_rejects_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],

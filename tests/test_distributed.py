@@ -43,7 +43,7 @@ DEADLINE_S = 90.0  # a rank that fails leaves its peer in a collective until glo
 LOCAL_BATCH = 8
 STEPS = 3
 EPOCHS = 2
-ON = SeedLayerSettings(enabled=True, top_k=2)
+ON = SeedLayerSettings(enabled=True, top_k=2, host_norm=True)
 
 
 # --- running ranks --------------------------------------------------------------------------------
@@ -150,6 +150,7 @@ def assert_same_summaries(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for got_epoch, want_epoch in zip(got, want):
         assert got_epoch["sampled_steps"] == want_epoch["sampled_steps"]
+        assert got_epoch["host_norm"] == pytest.approx(want_epoch["host_norm"], rel=1e-4)
         assert [s["seed_id"] for s in got_epoch["seeds"]] == [s["seed_id"] for s in want_epoch["seeds"]]
         for got_seed, want_seed in zip(got_epoch["seeds"], want_epoch["seeds"]):
             assert (got_seed["stage"], got_seed["layer_count"]) == (want_seed["stage"], want_seed["layer_count"])
@@ -157,6 +158,14 @@ def assert_same_summaries(got: list[dict], want: list[dict]) -> None:
             assert [p["layer"] for p in got_seed["top_layers"]] == [p["layer"] for p in want_seed["top_layers"]]
             assert [p["value"] for p in got_seed["top_layers"]] == pytest.approx(
                 [p["value"] for p in want_seed["top_layers"]], rel=1e-4)
+            # The spikes and the distribution need the ranks' squares summed per step: exact too.
+            assert got_seed["max_norm"] == pytest.approx(want_seed["max_norm"], rel=1e-4)
+            assert [p["max"] for p in got_seed["top_layers"]] == pytest.approx(
+                [p["max"] for p in want_seed["top_layers"]], rel=1e-4)
+            assert got_seed["layers"] == pytest.approx(want_seed["layers"], rel=1e-4)
+            assert got_seed["host_ratio"] == pytest.approx(want_seed["host_ratio"], rel=1e-4)
+            assert (got_seed["step_norm_counts"], got_seed["nonfinite_steps"], got_seed["health"]) == (
+                want_seed["step_norm_counts"], want_seed["nonfinite_steps"], want_seed["health"])
 
 
 def exported(reader: InMemoryMetricReader) -> dict[str, Any]:
@@ -369,9 +378,12 @@ def test_bad_export_rank_names_variable_value_and_accepted(raw):
 
 def test_slot_layout_is_the_union_with_the_lowest_rank_stage():
     layout = SlotLayout.agree([
-        ((("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")), (("a", "TRAINING"), ("b", "TRAINING"))),
-        ((("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")), (("b", "BLENDING"), ("c", "GERMINATED"))),
+        ((("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")), (("a", "TRAINING"), ("b", "TRAINING")),
+         3),
+        ((("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")), (("b", "BLENDING"), ("c", "GERMINATED")),
+         2),
     ])
+    assert layout.steps == 3  # the rows of the per-step matrix: the most any rank sampled
     assert layout.stages == {"a": "TRAINING", "b": "TRAINING", "c": "GERMINATED"}
     assert layout.slots == (("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0"), ("b", "net.1"),
                             ("c", ""), ("c", "net.0"))

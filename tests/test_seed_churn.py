@@ -474,11 +474,11 @@ def test_a_parameter_that_left_its_device_is_detected_before_any_work():
     the step path notices the move before touching the old accumulators, and the new layout is keyed
     by device, so the next sampled step measures where the gradients now are."""
     from tolaria_otel.epoch import segment_key
-    from tolaria_otel.norms import DeviceMoved, GradientSquares
+    from tolaria_otel.norms import DeviceMoved, StepNorms
     from tolaria_otel.seeds import read_seeds
 
     seed = nn.Linear(2, 2)
-    squares = GradientSquares(list(seed.parameters()))
+    squares = StepNorms(list(seed.parameters()), [(0, 0, None), (1, 0, None)], 1, torch.device("cpu"))
     before = segment_key(read_seeds({"s": (seed, "TRAINING")}))
     torch.utils.swap_tensors(seed.weight, nn.Parameter(torch.empty(2, 2, device="meta")))  # as .to(device) can
     with pytest.raises(DeviceMoved):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from tolaria_otel.instruments import SEED_NORM_MAX, SEED_STEP_NORM
 from tolaria_otel import (
     LAYER_NONFINITE,
     LAYER_NORM,
@@ -171,7 +172,7 @@ def test_compact_mode_emits_seed_totals_only():
     train_epoch(model, optimizer, steps=2, generator=torch.Generator().manual_seed(0))
     summary = telemetry.end_epoch()
     exported = collect(reader)
-    assert set(exported) == {SEED_NORM, SETTINGS_INFO, SERIES_BUDGET}
+    assert set(exported) == {SEED_NORM, SEED_NORM_MAX, SEED_STEP_NORM, SETTINGS_INFO, SERIES_BUDGET}
     assert exported[SERIES_BUDGET] == [({}, 0, "")]
     assert exported[SETTINGS_INFO] == [
         ({"enabled": "true", "top_k": "3", "compact": "true", "sample_every": "1"}, 1, "")]

@@ -32,6 +32,7 @@ from .settings import (
     ENV_COMPACT,
     ENV_ENABLED,
     ENV_EXPORT_RANK,
+    ENV_HOST_NORM,
     ENV_SAMPLE_EVERY,
     ENV_TOP_K,
     TOP_K_MAX,
@@ -58,7 +59,7 @@ KNOWN_OTLP_PATHS = {
 
 #: The settings field each TOLARIA_* variable sets (for the defaults ``doctor`` shows).
 TOLARIA_FIELDS = {ENV_ENABLED: "enabled", ENV_TOP_K: "top_k", ENV_COMPACT: "compact",
-                  ENV_SAMPLE_EVERY: "sample_every", ENV_EXPORT_RANK: "export_rank"}
+                  ENV_SAMPLE_EVERY: "sample_every", ENV_EXPORT_RANK: "export_rank", ENV_HOST_NORM: "host_norm"}
 
 #: The OTEL_* variables that shape this package's export, with the default each falls back to.
 OTEL_DEFAULTS = {
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="train a small seeded network with the feature on",
         description="Train a small host network with seeds grafted in, through a scripted lifecycle on "
-        f"synthetic data, with the feature on unless {ENV_ENABLED} says otherwise. Summaries go to a JSON "
+        f"synthetic data, with the feature on unless {ENV_ENABLED} says otherwise, and the host measured "
+        f"unless {ENV_HOST_NORM} says otherwise. Summaries go to a JSON "
         "Lines file, one line per epoch. With no OTEL_METRICS_EXPORTER and no OTLP endpoint in the "
         "environment nothing is exported (OTEL_METRICS_EXPORTER=none); otherwise the OTEL_* variables "
         "apply. Ctrl-C stops at the next step, keeping every finished epoch.")
@@ -176,6 +178,7 @@ def run_plot_command(args: argparse.Namespace) -> int:
 def run_demo_command(args: argparse.Namespace) -> int:
     env = os.environ
     env.setdefault(ENV_ENABLED, "true")
+    env.setdefault(ENV_HOST_NORM, "true")  # the demo shows every diagnostic
     _demo_exporter_defaults(env, args.otlp_endpoint)
     settings = _checked(lambda: SeedLayerSettings.from_env(env))
     if args.top_k is not None:

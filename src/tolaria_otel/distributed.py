@@ -34,15 +34,26 @@ import torch.distributed as dist
 from opentelemetry.sdk.resources import Resource
 from torch import nn
 
-from .epoch import TOTAL, EpochSums, LocalEpoch, Slot
+from .epoch import (
+    BUCKETS,
+    TOTAL,
+    EpochSums,
+    HostFacts,
+    Segment,
+    Slot,
+    histogram_counts,
+    host_facts,
+    squared_boundaries,
+)
 from .norms import GradientHolder
 from .settings import ENV_EXPORT_RANK, SettingsError
 
 #: Resource attributes (no semantic convention names the rank; these follow ``torch.distributed``'s own API).
 RANK_ATTRIBUTE = "torch.distributed.rank"
 WORLD_SIZE_ATTRIBUTE = "torch.distributed.world_size"
-#: What one rank holds: the slots it measured this epoch, and the stages of the seeds listed at its end.
-Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str], ...]]
+#: What one rank holds: the slots it measured this epoch, the stages of the seeds listed at its end,
+#: and its sampled steps (the rows of the per-step matrix).
+Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str], ...], int]
 
 _logger = logging.getLogger(__name__)
 
@@ -116,31 +127,34 @@ def shard_weight(param: nn.Parameter) -> float | None:
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """The slot vector every rank agreed on, and each seed's stage (the lowest rank listing it wins)."""
+    """The slots every rank agreed on, each seed's stage (the lowest rank listing it wins), and the
+    steps (the most any rank sampled)."""
 
     slots: tuple[Slot, ...]
     stages: Mapping[str, str]
+    steps: int = 0
 
     @classmethod
     def agree(cls, descriptors: Sequence[Descriptor]) -> SlotLayout:
         stages: dict[str, str] = {}
         slots: set[Slot] = set()
-        for rank_slots, rank_stages in descriptors:  # in rank order
+        for rank_slots, rank_stages, _ in descriptors:  # in rank order
             slots.update(rank_slots)
             for seed_id, stage in rank_stages:
                 stages.setdefault(seed_id, stage)
-        return cls(tuple(sorted(slots)), dict(sorted(stages.items())))
-
-
-#: Sections of the reduced vector, each one slot long: squares of sharded (DTensor) gradients,
-#: squares of plain gradients, ranks that measured the slot, and, at a seed's TOTAL slot, the sum of
-#: its sampled steps over the ranks that listed it and how many ranks those were.
-_SHARDED, _REPLICATED, _MEASURED, _SEED_STEPS, _HOLDERS = range(5)
-_SECTIONS = 5
+        return cls(tuple(sorted(slots)), dict(sorted(stages.items())), max(steps for _, _, steps in descriptors))
 
 
 class RankReduction:
-    """One rank's side of the epoch reduction. Every rank must call :meth:`reduce` at every epoch end."""
+    """One rank's side of the epoch reduction. Every rank must call :meth:`reduce` at every epoch end.
+
+    Each rank keeps its per-step squared norms per slot (``Segment.keep_rows``) and contributes them
+    as a ``[steps, slots]`` matrix, sharded and plain gradients apart, with what the host knows
+    (measured, sizes, steps per seed) after it. One SUM all-reduce gives every rank the global
+    per-step norms, from which the sums, the largest step, the non-finite steps and the histograms
+    are computed on the device: exact for sharded gradients, where a step's norm exists only once
+    the ranks' squares are summed.
+    """
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
@@ -161,74 +175,101 @@ class RankReduction:
         return cls(*group)
 
     @torch.no_grad()
-    def reduce(self, local: LocalEpoch | None, steps: int,
-               stages: Mapping[str, str]) -> tuple[EpochSums, Mapping[str, str]]:
-        """All-reduce the epoch: one collective while no rank's slots or stages changed; when some did,
-        a layout exchange and a second all-reduce in the agreed new layout.
+    def reduce(self, segments: Sequence[Segment] | None, steps: int, stages: Mapping[str, str],
+               home: torch.device) -> tuple[EpochSums, Mapping[str, str]]:
+        """All-reduce the epoch: one collective while no rank's slots, stages or step count changed;
+        when some did, a layout exchange and a second all-reduce in the agreed new layout.
 
-        ``local`` is None on a rank that failed to measure: it still takes part, contributing
+        ``segments`` is None on a rank that failed to measure: it still takes part, contributing
         nothing, so no rank is left waiting in a collective.
         """
-        descriptor: Descriptor = ((() if local is None else local.slots), tuple(sorted(stages.items())))
+        facts = None
+        try:
+            if segments is not None:
+                for segment in segments:
+                    segment.absorb()
+                facts = host_facts(segments)
+        except Exception:  # telemetry must never stop (or hang) training
+            _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
+                            self.rank, exc_info=True)
+            segments, facts = None, None
+        descriptor: Descriptor = ((() if facts is None else facts.slots), tuple(sorted(stages.items())), steps)
         if self._agreed is None:
             self._agree(descriptor)
-        assert self._agreed is not None
-        values = self._all_reduce(local, steps, changed=descriptor != self._contributed)
+        values = self._all_reduce(segments, facts, steps, home, changed=descriptor != self._contributed)
         if values[-1]:  # some rank's layout changed: agree on the new one and reduce again in it
             self._agree(descriptor)
-            values = self._all_reduce(local, steps, changed=False)
-        layout = self._agreed
-        n = len(layout.slots)
-        section = [values[i * n:(i + 1) * n] for i in range(_SECTIONS)]
-        sums = [s + r / max(m, 1.0) for s, r, m in
-                zip(section[_SHARDED], section[_REPLICATED], section[_MEASURED])]
-        seed_steps = {seed_id: round(total / holders) for (seed_id, layer), total, holders in
-                      zip(layout.slots, section[_SEED_STEPS], section[_HOLDERS]) if layer == TOTAL and holders}
-        measured = [m > 0 for m in section[_MEASURED]]
-        epoch = EpochSums(layout.slots, sums, measured, seed_steps,
-                          self._agreed_steps(values[_SECTIONS * n:-1]))
-        return epoch, layout.stages
-
-    def _all_reduce(self, local: LocalEpoch | None, steps: int, changed: bool) -> list[float]:
+            values = self._all_reduce(segments, facts, steps, home, changed=False)
         assert self._agreed is not None
+        return self._epoch(values), self._agreed.stages
+
+    def _all_reduce(self, segments: Sequence[Segment] | None, facts: HostFacts | None, steps: int,
+                    home: torch.device, changed: bool) -> list[float]:
+        """Reduce, and compute the statistics on the device: the epoch's one host copy (steady state)."""
+        layout = self._agreed
+        assert layout is not None
+        device = _collective_device(home)
         tail = [0.0] * (self.world_size + 1)  # the sampled steps of every rank, then "layout changed"
         tail[self.rank] = float(steps)
         tail[-1] = float(changed)
         try:
-            vector = self._project(local, self._agreed)
+            vector = self._local(segments, facts, layout, device)
         except Exception:  # telemetry must never stop (or hang) training
             _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
                             self.rank, exc_info=True)
-            vector = torch.zeros(_SECTIONS * len(self._agreed.slots), dtype=torch.float32,
-                                 device=_collective_device(torch.device("cpu")))
-        vector = torch.cat([vector, torch.tensor(tail, dtype=torch.float32).to(vector.device)])
+            vector = torch.zeros(_length(layout), dtype=torch.float32, device=device)
+        vector = torch.cat([vector, torch.tensor(tail, dtype=torch.float32).to(device)])
         dist.all_reduce(vector)
-        return vector.tolist()  # the epoch's one host sync (two when the layout changed)
+        return torch.cat([_statistics(vector, layout), vector[-(self.world_size + 1):]]).tolist()
 
-    def _project(self, local: LocalEpoch | None, layout: SlotLayout) -> torch.Tensor:
-        """This rank's sections in the agreed slot order, on the collective's device."""
-        n = len(layout.slots)
-        device = _collective_device(torch.device("cpu") if local is None else local.vector.device)
-        vector = torch.zeros(_SECTIONS * n, dtype=torch.float32, device=device)
-        if local is None or not local.slots:
+    def _local(self, segments: Sequence[Segment] | None, facts: HostFacts | None, layout: SlotLayout,
+               device: torch.device) -> torch.Tensor:
+        """This rank's contribution in the agreed layout: the per-step matrices, then the host facts."""
+        n, steps = len(layout.slots), layout.steps
+        vector = torch.zeros(_length(layout), dtype=torch.float32, device=device)
+        if segments is None or facts is None:
             return vector
         index = {slot: i for i, slot in enumerate(layout.slots)}
-        known = [i for i, slot in enumerate(local.slots) if slot in index]
-        target = [index[local.slots[i]] for i in known]
-        m = len(local.slots)
-        source = torch.tensor(known + [m + i for i in known], dtype=torch.long, device=device)
-        squares = local.vector.to(device).index_select(0, source)
-        vector.index_copy_(0, torch.tensor(target + [n + t for t in target], dtype=torch.long, device=device),
-                           squares)
-        host = [0.0] * (3 * n)  # measured, seed steps, holders: host facts, copied to the device once
-        for i, t in zip(known, target):
-            seed_id, layer = local.slots[i]
-            host[t] = float(local.measured[i])
-            if layer == TOTAL and seed_id in local.seed_steps:
-                host[n + t] = float(local.seed_steps[seed_id])
-                host[2 * n + t] = 1.0
-        vector[2 * n:] = torch.tensor(host, dtype=torch.float32).to(device)
+        plain, sharded = vector[:steps * n].view(steps, n), vector[steps * n:2 * steps * n].view(steps, n)
+        for segment in segments:
+            columns = torch.tensor([index.get(slot, -1) for slot in segment.slots], dtype=torch.long)
+            known = columns >= 0
+            k = len(segment.slots)
+            for step_indices, rows in segment.rows:
+                rows = rows.to(device)
+                at = torch.tensor(step_indices, dtype=torch.long, device=device).unsqueeze(1)
+                into = columns[known].to(device).unsqueeze(0)
+                plain.index_put_((at, into), rows[:, :k][:, known.to(device)], accumulate=True)
+                if rows.shape[1] > k:
+                    sharded.index_put_((at, into), rows[:, k:][:, known.to(device)], accumulate=True)
+        host = [0.0] * (4 * n)  # measured, numel, a seed's steps and 1 per listing rank: copied to the device once
+        for slot, measured, numel in zip(facts.slots, facts.measured, facts.numel):
+            i = index.get(slot)
+            if i is None:
+                continue
+            host[i] = float(measured)
+            host[n + i] = float(numel) if measured else 0.0
+            if slot[1] == TOTAL and slot[0] in facts.seed_steps:
+                host[2 * n + i] = float(facts.seed_steps[slot[0]])
+                host[3 * n + i] = 1.0
+        vector[2 * steps * n:] = torch.tensor(host, dtype=torch.float32).to(device)
         return vector
+
+    def _epoch(self, values: list[float]) -> EpochSums:
+        layout = self._agreed
+        assert layout is not None
+        n = len(layout.slots)
+        sums, maxima, nonfinite = values[:n], values[n:2 * n], values[2 * n:3 * n]
+        measured, numel, seed_steps, holders = (values[(3 + i) * n:(4 + i) * n] for i in range(4))
+        seeds = [slot[0] for slot in layout.slots if slot[1] == TOTAL]
+        counts_flat = values[7 * n:7 * n + len(seeds) * BUCKETS]
+        return EpochSums(
+            layout.slots, sums, maxima, [int(v) for v in nonfinite], [m > 0 for m in measured],
+            [round(size / max(m, 1.0)) for size, m in zip(numel, measured)],
+            {seed: tuple(int(c) for c in counts_flat[i * BUCKETS:(i + 1) * BUCKETS]) for i, seed in enumerate(seeds)},
+            {slot[0]: round(total / count) for slot, total, count in zip(layout.slots, seed_steps, holders)
+             if slot[1] == TOTAL and count},
+            self._agreed_steps(values[-(self.world_size + 1):-1]))
 
     def _agree(self, descriptor: Descriptor) -> None:
         """Agree on the slot layout: every rank learns what every other rank holds."""
@@ -244,6 +285,30 @@ class RankReduction:
             _logger.warning("tolaria_otel: ranks sampled different numbers of steps this epoch (%s); "
                             "reporting the largest", ", ".join(str(int(c)) for c in counts))
         return int(max(counts))
+
+
+def _length(layout: SlotLayout) -> int:
+    n = len(layout.slots)
+    return 2 * layout.steps * n + 4 * n
+
+
+def _statistics(vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+    """From the reduced vector: ``[sums | maxima | non-finite steps | measured | numel | seed steps |
+    holders | histogram counts]``, on the device. A plain gradient is taken to be replicated across the
+    ranks that measured it, so its squares are divided by their number."""
+    n, steps = len(layout.slots), layout.steps
+    plain, sharded = vector[:steps * n].view(steps, n), vector[steps * n:2 * steps * n].view(steps, n)
+    host = vector[2 * steps * n:2 * steps * n + 4 * n]
+    rows = sharded + plain / host[:n].clamp(min=1.0)
+    totals = torch.tensor([i for i, slot in enumerate(layout.slots) if slot[1] == TOTAL], dtype=torch.long,
+                          device=vector.device)
+    if steps:
+        parts = [rows.sum(0), rows.amax(0), (~torch.isfinite(rows)).sum(0).float()]
+        counts = histogram_counts(rows.index_select(1, totals), squared_boundaries(vector.device)).float().flatten()
+    else:
+        parts = [torch.zeros(n, device=vector.device)] * 3
+        counts = torch.zeros(len(totals) * BUCKETS, device=vector.device)
+    return torch.cat([*parts, host, counts])
 
 
 def _collective_device(preferred: torch.device) -> torch.device:

@@ -26,18 +26,23 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, MeterProvider, ObservableGauge, Observation
-from opentelemetry.sdk.metrics.view import DropAggregation, View
+from opentelemetry.metrics import Asynchronous, CallbackOptions, Histogram, MeterProvider, ObservableGauge, Observation
+from opentelemetry.sdk.metrics.view import DropAggregation, ExplicitBucketHistogramAggregation, View
 
 from ._version import __version__
 from .sdk_state import release_idle_attribute_sets
 from .settings import SeedLayerSettings
-from .summary import EpochSummary
+from .summary import HISTOGRAM_BOUNDARIES, EpochSummary
 
 LAYER_NORM = "tolaria.grad_agg.seed.layer_norm"
+LAYER_NORM_MAX = "tolaria.grad_agg.seed.layer_norm_max"
 LAYER_NONFINITE = "tolaria.grad_agg.seed.layer_nonfinite"
 SEED_NORM = "tolaria.grad_agg.seed.norm"
+SEED_NORM_MAX = "tolaria.grad_agg.seed.norm_max"
+SEED_STEP_NORM = "tolaria.grad_agg.seed.step_norm"
+SEED_HOST_RATIO = "tolaria.grad_agg.seed.host_ratio"
 SEED_NOT_MEASURED = "tolaria.grad_agg.seed.not_measured"
+HOST_NORM = "tolaria.grad_agg.host.norm"
 SETTINGS_INFO = "tolaria.grad_agg.seed_layer.info"
 SERIES_BUDGET = "tolaria.grad_agg.seed_layer.series_budget"
 UNIT = "grad"
@@ -54,7 +59,8 @@ RESERVED_ATTRIBUTES = LAYER_ATTRIBUTES | SETTINGS_ATTRIBUTES
 STREAM_CARDINALITY_LIMIT = 2000
 
 _logger = logging.getLogger(__name__)
-_LAYER_INSTRUMENTS = (LAYER_NORM, LAYER_NONFINITE)
+_LAYER_INSTRUMENTS = (LAYER_NORM, LAYER_NORM_MAX, LAYER_NONFINITE)
+_SEED_GAUGES = (SEED_NORM, SEED_NORM_MAX, SEED_HOST_RATIO, SEED_NOT_MEASURED, HOST_NORM)
 _PointKey = tuple[tuple[str, str], ...]
 
 
@@ -66,7 +72,9 @@ def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
     """
     settings = SeedLayerSettings.from_env() if settings is None else settings
     views = [View(instrument_name=name, aggregation_cardinality_limit=STREAM_CARDINALITY_LIMIT)
-             for name in (SEED_NORM, SEED_NOT_MEASURED, SETTINGS_INFO, SERIES_BUDGET)]
+             for name in (*_SEED_GAUGES, SETTINGS_INFO, SERIES_BUDGET)]
+    views.append(View(instrument_name=SEED_STEP_NORM, aggregation_cardinality_limit=STREAM_CARDINALITY_LIMIT,
+                      aggregation=ExplicitBucketHistogramAggregation(HISTOGRAM_BOUNDARIES)))
     for name in _LAYER_INSTRUMENTS:
         if settings.compact:
             views.append(View(instrument_name=name, aggregation=DropAggregation()))
@@ -84,21 +92,29 @@ def snapshot_points(summary: EpochSummary, emit_layers: bool,
     that had no gradient in the epoch exports ``seed.not_measured`` = 1 and no norm at all.
     """
     identity = identity or {}
-    points: dict[str, list[Observation]] = {LAYER_NORM: [], LAYER_NONFINITE: [], SEED_NORM: [],
-                                            SEED_NOT_MEASURED: []}
+    points: dict[str, list[Observation]] = {name: [] for name in (*_LAYER_INSTRUMENTS, *_SEED_GAUGES)}
+
+    def add(name: str, value: float | None, attributes: dict[str, str]) -> None:
+        if value is not None and math.isfinite(value):  # the SDK would drop it with a warning
+            points[name].append(Observation(value, attributes))
+
+    if summary.host_norm is not None:
+        add(HOST_NORM, summary.host_norm, dict(identity))
     for seed in summary.seeds.values():
         seed_attributes = {**identity, "seed_id": seed.seed_id, "stage": seed.stage}
         if seed.total_norm is None:
             points[SEED_NOT_MEASURED].append(Observation(1, seed_attributes))
             continue
-        if math.isfinite(seed.total_norm):
-            points[SEED_NORM].append(Observation(seed.total_norm, seed_attributes))
+        add(SEED_NORM, seed.total_norm, seed_attributes)
+        add(SEED_NORM_MAX, seed.max_norm, seed_attributes)
+        add(SEED_HOST_RATIO, seed.host_ratio, seed_attributes)
         if not emit_layers:
             continue
         for layer, value in seed.top_layers:
             attributes = {**seed_attributes, "layer": layer}
             if math.isfinite(value):
                 points[LAYER_NORM].append(Observation(value, attributes))
+                add(LAYER_NORM_MAX, seed.layer_max.get(layer), attributes)
             else:
                 points[LAYER_NONFINITE].append(Observation(1, attributes))
     return points
@@ -147,11 +163,23 @@ class SeedLayerInstruments:
         self._final_collections = -1  # collections that still export after close(); -1 while open
         scope = {TRAINER_SCOPE_ATTRIBUTE: trainer_scope(self._identity)} if self._identity else None
         meter = meter_provider.get_meter(METER_NAME, __version__, attributes=scope)
-        self._gauges: list[ObservableGauge] = [
+        gauges: list[ObservableGauge] = [
             meter.create_observable_gauge(
                 SEED_NORM, [self._reader(SEED_NORM)], unit=UNIT,
                 description="Per seed, RMS over the epoch's sampled optimizer steps of the L2 norm of all its "
                 "gradients."),
+            meter.create_observable_gauge(
+                SEED_NORM_MAX, [self._reader(SEED_NORM_MAX)], unit=UNIT,
+                description="Per seed, the largest per-step L2 norm of all its gradients over the epoch's sampled "
+                "optimizer steps (a spike the RMS hides)."),
+            meter.create_observable_gauge(
+                SEED_HOST_RATIO, [self._reader(SEED_HOST_RATIO)], unit="",
+                description="Per seed, (seed norm / host norm) x sqrt(host parameters / seed parameters), epoch RMS "
+                "norms (TOLARIA_SEED_HOST_NORM)."),
+            meter.create_observable_gauge(
+                HOST_NORM, [self._reader(HOST_NORM)], unit=UNIT,
+                description="The host's gradient norm (every trainable parameter outside the seeds), RMS over the "
+                "epoch's sampled optimizer steps (TOLARIA_SEED_HOST_NORM)."),
             meter.create_observable_gauge(
                 SEED_NOT_MEASURED, [self._reader(SEED_NOT_MEASURED)],
                 unit="",  # unit-less: "1" would add a _ratio suffix in Prometheus
@@ -171,9 +199,19 @@ class SeedLayerInstruments:
                 description="Top-K layers per seed: RMS over the epoch's sampled optimizer steps of the "
                 "L2 norm of the layer's direct parameters' gradients."),
             meter.create_observable_gauge(
+                LAYER_NORM_MAX, [self._reader(LAYER_NORM_MAX)], unit=UNIT,
+                description="Top-K layers per seed (ranked by RMS): the largest per-step L2 norm of the layer's "
+                "direct parameters' gradients over the epoch's sampled optimizer steps."),
+            meter.create_observable_gauge(
                 LAYER_NONFINITE, [self._reader(LAYER_NONFINITE)], unit="",
                 description="1 for a top-K layer whose epoch gradient norm is NaN or Inf."),
         ]
+        self._step_norm: Histogram = meter.create_histogram(
+            SEED_STEP_NORM, unit=UNIT, explicit_bucket_boundaries_advisory=HISTOGRAM_BOUNDARIES,
+            description="Per seed, the distribution of its per-step gradient L2 norm over the epoch's sampled "
+            "optimizer steps; recorded at each epoch end (a value per step, at its bucket's upper bound).")
+        #: Every instrument of this trainer (the SDK state of each is released as seeds come and go).
+        self.streams: list[Asynchronous | Histogram] = [*gauges, self._step_norm]
         self._can_release = True
 
     def open(self, settings: SeedLayerSettings) -> None:
@@ -204,11 +242,22 @@ class SeedLayerInstruments:
             self._points = points
             keep = keys | self._previous_keys  # a collection running now may still observe the previous snapshot
             self._previous_keys = keys
-        if self._can_release and not release_idle_attribute_sets(self._gauges, lambda a: _key(a) in keep):
+        self._record_distribution(summary)
+        if self._can_release and not release_idle_attribute_sets(self.streams, lambda a: _key(a) in keep):
             self._can_release = False
             _logger.warning("tolaria_otel: this OpenTelemetry SDK does not let the package release idle attribute "
                             "sets; a long run with many seeds may reach the cardinality limit (%d)",
                             STREAM_CARDINALITY_LIMIT)
+
+    def _record_distribution(self, summary: EpochSummary) -> None:
+        """The epoch's per-step seed norms, from the device's bucket counts: each step recorded at its
+        bucket's upper bound, so the exported buckets are exact and the sum is an upper bound."""
+        top = HISTOGRAM_BOUNDARIES[-1] * 10 ** 0.25  # any value above the last bound
+        for seed in summary.seeds.values():
+            attributes = {**self._identity, "seed_id": seed.seed_id, "stage": seed.stage}
+            for bound, count in zip((*HISTOGRAM_BOUNDARIES, top), seed.step_norm_counts):
+                for _ in range(count):
+                    self._step_norm.record(bound, attributes)
 
     def close(self) -> None:
         """Export the latest snapshot at one more collection (the next export, a flush, or the
@@ -223,6 +272,8 @@ class SeedLayerInstruments:
                 if name == SEED_NORM and self._final_collections >= 0:  # the first callback of a collection
                     if self._final_collections == 0:
                         self._points = {}
+                        # The histogram is synchronous: its cumulative state would be exported for ever.
+                        release_idle_attribute_sets([self._step_norm], lambda attributes: False)
                     else:
                         self._final_collections -= 1
                 return self._points.get(name, [])

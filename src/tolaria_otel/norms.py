@@ -1,15 +1,16 @@
-"""The no-grad reduction: per-step gradient norms into device accumulators.
+"""The no-grad reduction: per-step gradient norms, batched on the device.
 
-Per sampled optimizer step the only work is, per device, one ``torch._foreach_norm`` over the
-gradients and one ``torch._foreach_addcmul_`` of the squared norms into a float32 accumulator per
-gradient tensor: no host sync, no Python loop over layers. Squared norms add across steps, and
+Per sampled optimizer step the only device work is, per device and gradient kind, one
+``torch._foreach_norm`` over the gradients; its results are kept as they are (0-d tensors) and
+every :data:`FLUSH_EVERY` steps one batch of ops turns them into per-slot squared norms per
+step (``take_rows``): a stack, a square, and a sum of each slot's parameters. No host sync, no
+Python loop over layers, and about 1.3 ops per step in all. Squared norms add across steps, and
 across ranks when gradients are sharded, which is why the epoch statistic is the root-mean-square
-(DESIGN.md). The epoch reduction (``epoch.py``) folds the accumulators into per-layer sums.
+(DESIGN.md); keeping them per step gives the largest step and the distribution too.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,10 +18,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-_logger = logging.getLogger(__name__)
+#: Sampled steps whose norms wait on the device before they are batched into slot rows: the step
+#: path then costs one foreach op per step plus 1/64 of the batch's thirty-odd (mostly view) ops.
+#: The waiting norms are 0-d tensors, 64 x parameters of them at most.
+FLUSH_EVERY = 64
 
 #: Gradient dtypes ``torch._foreach_norm(..., dtype=torch.float32)`` accepts; others (float64,
-#: complex) are normed in their own precision, then accumulated in float32 all the same.
+#: complex) are normed in their own precision, then converted to float32 with the batch.
 _FLOAT32_NORMABLE = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
@@ -38,56 +42,74 @@ class GradientHolder(Protocol):
 
 
 class DeviceMoved(Exception):
-    """A measured parameter is no longer on the device its accumulator lives on."""
+    """A measured parameter is no longer on the device its group was laid out for."""
 
 
 @dataclass
 class _Group:
-    """Parameters of one device and one norm kind, measured by the same two foreach ops."""
+    """Parameters of one device and one norm kind, measured by one foreach op per step."""
 
     device: torch.device
     float32_norm: bool
     params: list[GradientHolder]
-    positions: list[int]  # where each parameter sits in GradientSquares' global order
-    squares: list[torch.Tensor]  # 0-d views of the accumulator buffer, updated in place
+    positions: list[int]  # where each parameter sits in StepNorms' order
+    zero: torch.Tensor  # the norm of a parameter without a gradient this step
     sparse: list[int] = field(default_factory=list)  # indices (into params) measured one by one
+    pending: list[list[torch.Tensor]] = field(default_factory=list)  # per waiting step, one norm per parameter
 
 
-class GradientSquares:
-    """Per-parameter sums of squared gradient L2 norms over sampled steps.
+@dataclass
+class _DeviceBatch:
+    """How one device's waiting norms become slot rows: parameter columns to slots, with weights."""
 
-    Parameters without a gradient at a step add nothing for that step; which parameters ever had
-    one is tracked on the host (``had_gradient``), which costs nothing while every gradient is
-    present. A float32 accumulator overflows to ``inf`` once a squared norm passes about 3.4e38:
-    such a layer is reported as non-finite, which is where an exploding gradient belongs anyway.
+    groups: list[_Group]
+    source: torch.Tensor  # long [entries]: columns of the device's [steps, params] matrix
+    target: torch.Tensor  # long [entries]: slots (sharded slots offset by the slot count)
+    weights: torch.Tensor | None  # float32 [entries], or None when all are 1
+
+
+class StepNorms:
+    """Squared gradient norms per sampled step and slot, for one set of parameters.
+
+    ``entries`` map parameters to slots: ``(parameter position, slot, shard weight)``; a weight of
+    None is a plain (replicated) parameter, a float a DTensor shard's ``1 / replicas``, whose
+    squares go to the second half of the rows. A parameter without a gradient at a step adds 0;
+    which parameters ever had one is tracked on the host (``had_gradient``), at no cost while every
+    gradient is present.
     """
 
-    def __init__(self, params: Sequence[GradientHolder]) -> None:
+    def __init__(self, params: Sequence[GradientHolder], entries: Sequence[tuple[int, int, float | None]],
+                 slot_count: int, home: torch.device) -> None:
         self.params = list(params)
+        self.slot_count = slot_count
+        self.home = home
+        self.sharded = any(weight is not None for _, _, weight in entries)
         self.steps_all_present = 0  # steps at which every parameter had a gradient
         self._had: list[bool] = [False] * len(params)
+        self._waiting = 0
         keys: dict[tuple[torch.device, bool], list[int]] = {}
         for position, param in enumerate(params):
             keys.setdefault((param.device, param.dtype in _FLOAT32_NORMABLE), []).append(position)
-        self._buffers: list[tuple[torch.Tensor, list[int]]] = []
-        self._groups: list[_Group] = []
-        for device in dict.fromkeys(device for device, _ in keys):
-            positions = [p for (d, _), ps in keys.items() if d == device for p in ps]
-            buffer = torch.zeros(len(positions), dtype=torch.float32, device=device)
-            self._buffers.append((buffer, positions))
-            views = dict(zip(positions, buffer.unbind()))
-            for (group_device, float32_norm), group_positions in keys.items():
-                if group_device == device:
-                    self._groups.append(_Group(device, float32_norm, [params[p] for p in group_positions],
-                                               group_positions, [views[p] for p in group_positions]))
-
-    @property
-    def home(self) -> torch.device | None:
-        return self._buffers[0][0].device if self._buffers else None
+        self._groups = [_Group(device, float32_norm, [params[p] for p in positions], positions,
+                               torch.zeros((), dtype=torch.float32 if float32_norm else _wide(params[positions[0]]),
+                                           device=device))
+                        for (device, float32_norm), positions in keys.items()]
+        self._batches = []
+        for device in dict.fromkeys(group.device for group in self._groups):
+            groups = [group for group in self._groups if group.device == device]
+            column = {position: i for i, position in enumerate(p for group in groups for p in group.positions)}
+            mine = [(column[p], slot + (slot_count if weight is not None else 0), weight)
+                    for p, slot, weight in entries if p in column]
+            weights = None if all(w is None for _, _, w in mine) else torch.tensor(
+                [1.0 if w is None else w for _, _, w in mine], dtype=torch.float32, device=device)
+            self._batches.append(_DeviceBatch(groups, torch.tensor([c for c, _, _ in mine], dtype=torch.long,
+                                                                   device=device),
+                                              torch.tensor([t for _, t, _ in mine], dtype=torch.long, device=device),
+                                              weights))
 
     @torch.no_grad()
     def add_step(self) -> None:
-        """Queue this step's squared gradient norms onto the device accumulators (no host sync).
+        """Queue this step's gradient norms on the device (no host sync).
 
         Raises :class:`DeviceMoved` before touching anything when the parameters left their device.
         """
@@ -98,47 +120,83 @@ class GradientSquares:
         for group in self._groups:
             all_present &= self._add_group(group)
         self.steps_all_present += all_present
+        self._waiting += 1
+
+    @property
+    def waiting(self) -> int:
+        """Sampled steps whose norms wait for :meth:`take_rows`."""
+        return self._waiting
 
     def _add_group(self, group: _Group) -> bool:
         grads = [param.grad for param in group.params]
-        squares = group.squares
-        present = None
         # Identity test: `None in grads` would call Tensor.__eq__(None) per gradient (~12 us each).
-        if group.sparse or not all(grad is not None for grad in grads):  # frozen or unused parameters this step
-            skip = set(group.sparse)
-            present = [i for i, grad in enumerate(grads) if grad is not None]
-            for i in present:
-                self._had[group.positions[i]] = True
-            for i in group.sparse:
-                if grads[i] is not None:
-                    squares[i].add_(_sparse_norm(grads[i]).square())  # type: ignore[arg-type]
-            grads = [grads[i] for i in present if i not in skip]
-            squares = [squares[i] for i in present if i not in skip]
-            if not grads:
-                return False
+        if not group.sparse and all(grad is not None for grad in grads):
+            try:
+                group.pending.append(list(self._norms(group.float32_norm, grads)))  # type: ignore[arg-type]
+                return True
+            except (RuntimeError, NotImplementedError):
+                if not self._split_sparse(group):
+                    raise
+        norms = [group.zero] * len(grads)
+        dense = []
+        for i, grad in enumerate(grads):
+            if grad is None:
+                continue
+            self._had[group.positions[i]] = True
+            if i in group.sparse:
+                norms[i] = _sparse_norm(grad).to(group.zero.dtype)
+            else:
+                dense.append(i)
         try:
-            self._accumulate(group.float32_norm, grads, squares)  # type: ignore[arg-type]
-        except RuntimeError:
-            if not self._split_sparse(group, grads):  # type: ignore[arg-type]
+            for i, norm in zip(dense, self._norms(group.float32_norm, [grads[i] for i in dense])):  # type: ignore[misc]
+                norms[i] = norm
+        except (RuntimeError, NotImplementedError):
+            if not self._split_sparse(group):
                 raise
-            return self._add_group(group)  # nothing was accumulated: the foreach op failed first
-        return present is None or len(present) == len(group.params)
+            return self._add_group(group)  # nothing was queued: the foreach op failed first
+        group.pending.append(norms)
+        return len(dense) + sum(grads[i] is not None for i in group.sparse) == len(grads)
 
     @staticmethod
-    def _accumulate(float32_norm: bool, grads: list[torch.Tensor], squares: list[torch.Tensor]) -> None:
-        # Views into one buffer, not a stack of the norms: a third op per step (docs/benchmarks.md).
+    def _norms(float32_norm: bool, grads: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        if not grads:
+            return ()
         if float32_norm:
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[arg-type]
-        else:
-            norms = torch._foreach_norm(grads, 2)  # type: ignore[arg-type]
-        torch._foreach_addcmul_(squares, norms, norms)
+            return torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[arg-type]
+        return torch._foreach_norm(grads, 2)  # type: ignore[arg-type]
 
-    def _split_sparse(self, group: _Group, grads: list[torch.Tensor]) -> bool:
+    @staticmethod
+    def _split_sparse(group: _Group) -> bool:
         """Move the parameters whose gradient is sparse to the one-by-one path; False if none is."""
         sparse = [i for i, param in enumerate(group.params)
                   if param.grad is not None and param.grad.layout != torch.strided and i not in group.sparse]
         group.sparse.extend(sparse)
         return bool(sparse)
+
+    @torch.no_grad()
+    def take_rows(self) -> torch.Tensor | None:
+        """The waiting steps as float32 ``[steps, slots]`` squared norms on ``home`` (``[steps, 2 x slots]``
+        with the sharded half when some parameter is a DTensor shard), or None when none waits."""
+        if not self._waiting:
+            return None
+        steps, self._waiting = self._waiting, 0
+        width = self.slot_count * (2 if self.sharded else 1)
+        rows = None
+        for batch in self._batches:
+            columns = []
+            for group in batch.groups:
+                norms = torch.stack([norm for step in group.pending for norm in step]).view(steps, len(group.params))
+                group.pending = []
+                columns.append(norms if norms.dtype == torch.float32 else norms.float())
+            squares = (columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)).square()
+            picked = squares.index_select(1, batch.source)  # a column per (parameter, slot) pair
+            if batch.weights is not None:
+                picked = picked * batch.weights
+            device_rows = torch.zeros(steps, width, dtype=torch.float32, device=batch.source.device)
+            device_rows.index_add_(1, batch.target, picked)
+            device_rows = device_rows.to(self.home)
+            rows = device_rows if rows is None else rows + device_rows
+        return rows
 
     def had_gradient(self) -> list[bool]:
         """Per parameter, whether it had a gradient at some step so far."""
@@ -146,34 +204,29 @@ class GradientSquares:
             return [True] * len(self.params)
         return list(self._had)
 
-    @torch.no_grad()
     def reset(self) -> None:
-        for buffer, _ in self._buffers:
-            buffer.zero_()
+        """Forget the epoch: waiting norms and gradient presence."""
+        for group in self._groups:
+            group.pending = []
+        self._waiting = 0
         self.steps_all_present = 0
         self._had = [False] * len(self.params)
 
-    @torch.no_grad()
-    def device_sums(self, home: torch.device) -> torch.Tensor:
-        """All sums in parameter order, as one float32 tensor on ``home`` (no host sync)."""
-        if len(self._buffers) == 1 and self._buffers[0][0].device == home:
-            return self._buffers[0][0]
-        sums = torch.zeros(len(self.params), dtype=torch.float32, device=home)
-        for buffer, positions in self._buffers:
-            index = torch.tensor(positions, dtype=torch.long, device=home)
-            sums.index_copy_(0, index, buffer.to(home))
-        return sums
+
+def _wide(param: GradientHolder) -> torch.dtype:
+    """The dtype ``torch._foreach_norm`` returns for a float64 or complex gradient."""
+    return torch.float64 if param.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
 def _sparse_norm(grad: torch.Tensor) -> torch.Tensor:
     """L2 norm of a sparse gradient: duplicate indices sum, so coalesce first."""
     values = grad.coalesce().values()
-    return torch.linalg.vector_norm(values, dtype=torch.float32 if values.dtype in _FLOAT32_NORMABLE else None).float()
+    return torch.linalg.vector_norm(values, dtype=torch.float32 if values.dtype in _FLOAT32_NORMABLE else None)
 
 
 @dataclass(frozen=True)
 class SeedPositions:
-    """Where a seed's parameters sit in the accumulator: per layer, and once each for the total."""
+    """Where a seed's parameters sit: per layer, and once each for the total."""
 
     seed_id: str
     layers: tuple[tuple[str, tuple[int, ...]], ...]

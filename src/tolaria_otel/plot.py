@@ -90,13 +90,24 @@ def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
         seeds[seed["seed_id"]] = SeedSummary(
             seed_id=seed["seed_id"],
             stage=seed["stage"],
-            total_norm=None if seed["total_norm"] is None else float(seed["total_norm"]),
+            total_norm=_number(seed["total_norm"]),
             top_layers=tuple((layer["layer"], float(layer["value"])) for layer in seed["top_layers"]),
             layer_count=int(seed["layer_count"]),
             sampled_steps=int(seed.get("sampled_steps", data["sampled_steps"])),  # files from 0.1 have none
+            max_norm=_number(seed.get("max_norm")),
+            layer_norms={layer: _number(value) for layer, value in seed.get("layers", {}).items()},
+            layer_max={layer["layer"]: _number(layer["max"]) for layer in seed["top_layers"] if "max" in layer},
+            nonfinite_steps=int(seed.get("nonfinite_steps", 0)),
+            step_norm_counts=tuple(int(c) for c in seed.get("step_norm_counts", ())),
+            host_ratio=_number(seed.get("host_ratio")),
+            health=str(seed.get("health", "")),
         )
     return EpochSummary(epoch=int(data["epoch"]), sampled_steps=int(data["sampled_steps"]),
-                        top_k=int(data["top_k"]), seeds=seeds)
+                        top_k=int(data["top_k"]), seeds=seeds, host_norm=_number(data.get("host_norm")))
+
+
+def _number(value: float | str | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _seed_panel(ax: Any, seed_id: str, summaries: Sequence[EpochSummary]) -> None:

@@ -23,6 +23,8 @@ ENV_COMPACT = "TOLARIA_SEED_HEALTH_COMPACT"
 ENV_SAMPLE_EVERY = "TOLARIA_SEED_LAYER_SAMPLE_EVERY"
 #: Under torch.distributed, the one rank that exports (every rank computes and returns the summary).
 ENV_EXPORT_RANK = "TOLARIA_SEED_LAYER_EXPORT_RANK"
+#: Also measure the host (every trainable parameter outside the seeds): its norm and each seed's ratio to it.
+ENV_HOST_NORM = "TOLARIA_SEED_HOST_NORM"
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
@@ -64,9 +66,10 @@ class SeedLayerSettings:
     compact: bool = False
     sample_every: int = 1
     export_rank: int = 0
+    host_norm: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "compact"):
+        for name in ("enabled", "compact", "host_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(f"{name}={echoed(getattr(self, name))} is not valid: expected a bool")
         _check_int("top_k", self.top_k, TOP_K_MAX)
@@ -89,6 +92,7 @@ class SeedLayerSettings:
             compact=_parse_bool(env, ENV_COMPACT, defaults.compact),
             sample_every=_parse_int(env, ENV_SAMPLE_EVERY, defaults.sample_every, SAMPLE_EVERY_MAX),
             export_rank=_parse_int(env, ENV_EXPORT_RANK, defaults.export_rank, EXPORT_RANK_MAX, minimum=0),
+            host_norm=_parse_bool(env, ENV_HOST_NORM, defaults.host_norm),
         )
 
     def replace(self, **changes: object) -> SeedLayerSettings:

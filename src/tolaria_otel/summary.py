@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+#: Upper bounds of the per-step seed norm histogram's buckets: four per decade from 1e-8 to 1e4, plus
+#: one bucket above. Log-spaced because gradient norms span orders of magnitude; fixed so that every
+#: trainer's buckets line up in Prometheus and a quantile can aggregate across them.
+HISTOGRAM_BOUNDARIES: tuple[float, ...] = tuple(10.0 ** (k / 4) for k in range(-32, 17))
 
 
 @dataclass(frozen=True)
 class SeedSummary:
-    """One seed's epoch: its stage, total gradient norm and top-K layers in rank order.
+    """One seed's epoch.
 
-    Values are the RMS, over the epoch's sampled optimizer steps at which the seed source listed
-    the seed (``sampled_steps``), of the gradient L2 norm; NaN or Inf when a gradient was non-finite
-    at any of them. ``total_norm`` is None when no parameter of the seed had a gradient at any of
-    them: *not measured*, which is not a zero gradient; ``top_layers`` is then empty. A layer
-    without a gradient at any of them is left out of the top-K for the same reason.
+    Values are over the epoch's sampled optimizer steps at which the seed source listed the seed
+    (``sampled_steps``): the RMS of the per-step gradient L2 norm (``total_norm``, ``top_layers``,
+    ``layer_norms``) and its largest step (``max_norm``, ``layer_max``); NaN or Inf when a gradient
+    was non-finite at any of them. ``total_norm`` is None when no parameter of the seed had a
+    gradient at any of them: *not measured*, which is not a zero gradient; ``top_layers`` is then
+    empty, and a layer without a gradient is None in ``layer_norms`` and left out of the top-K.
+    ``step_norm_counts`` counts the per-step seed norms per bucket of :data:`HISTOGRAM_BOUNDARIES`
+    (the last bucket: above the last bound; non-finite steps are counted in ``nonfinite_steps``
+    instead). ``host_ratio`` is Esper's gate, ``(seed / host) * sqrt(host params / seed params)``,
+    when the host is measured (``TOLARIA_SEED_HOST_NORM``). ``health`` is one of
+    ``health.HEALTH_STATES`` (docs/tamiyo.md).
     """
 
     seed_id: str
@@ -25,6 +36,13 @@ class SeedSummary:
     top_layers: tuple[tuple[str, float], ...]
     layer_count: int
     sampled_steps: int
+    max_norm: float | None = None
+    layer_norms: Mapping[str, float | None] = field(default_factory=dict)
+    layer_max: Mapping[str, float | None] = field(default_factory=dict)
+    nonfinite_steps: int = 0
+    step_norm_counts: tuple[int, ...] = ()
+    host_ratio: float | None = None
+    health: str = ""
 
     @property
     def measured(self) -> bool:
@@ -37,27 +55,37 @@ class SeedSummary:
 
 @dataclass(frozen=True)
 class EpochSummary:
-    """All active seeds at the end of one epoch, ordered by seed id."""
+    """All active seeds at the end of one epoch, ordered by seed id; ``host_norm`` when measured."""
 
     epoch: int
     sampled_steps: int
     top_k: int
     seeds: Mapping[str, SeedSummary]
+    host_norm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; non-finite values become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+        """JSON-ready form; non-finite values become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``,
+        a value not measured is ``null``."""
         return {
             "epoch": self.epoch,
             "sampled_steps": self.sampled_steps,
             "top_k": self.top_k,
+            "host_norm": json_number(self.host_norm),
             "seeds": [
                 {
                     "seed_id": seed.seed_id,
                     "stage": seed.stage,
                     "sampled_steps": seed.sampled_steps,
-                    "total_norm": None if seed.total_norm is None else json_number(seed.total_norm),
+                    "total_norm": json_number(seed.total_norm),
+                    "max_norm": json_number(seed.max_norm),
                     "layer_count": seed.layer_count,
-                    "top_layers": [{"layer": layer, "value": json_number(value)} for layer, value in seed.top_layers],
+                    "top_layers": [{"layer": layer, "value": json_number(value),
+                                    "max": json_number(seed.layer_max.get(layer))} for layer, value in seed.top_layers],
+                    "layers": {layer: json_number(value) for layer, value in seed.layer_norms.items()},
+                    "nonfinite_steps": seed.nonfinite_steps,
+                    "step_norm_counts": list(seed.step_norm_counts),
+                    "host_ratio": json_number(seed.host_ratio),
+                    "health": seed.health,
                 }
                 for seed in self.seeds.values()
             ],
@@ -68,13 +96,13 @@ class EpochSummary:
         for seed in self.seeds.values():
             layers = ", ".join(f"{layer}={value:.4g}" for layer, value in seed.top_layers) or "no layers"
             total = "not measured" if seed.total_norm is None else f"{seed.total_norm:.4g}"
-            lines.append(f"  {seed.seed_id} [{seed.stage}] total={total}: {layers}")
+            lines.append(f"  {seed.seed_id} [{seed.stage}] {seed.health} total={total}: {layers}")
         return "\n".join(lines)
 
 
-def json_number(value: float) -> float | str:
-    """JSON has no NaN or Infinity; spell them as JavaScript's ``Number()`` reads them."""
-    if math.isfinite(value):
+def json_number(value: float | None) -> float | str | None:
+    """JSON has no NaN or Infinity; spell them as JavaScript's ``Number()`` reads them. None stays None."""
+    if value is None or math.isfinite(value):
         return value
     if math.isnan(value):
         return "NaN"

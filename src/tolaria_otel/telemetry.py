@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import sys
+from dataclasses import dataclass
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -15,9 +18,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import RankReduction
-from .epoch import TOTAL, EpochSums, Segment, SegmentKey, fold, segment_key
+from .epoch import HOST, TOTAL, EpochSums, Segment, SegmentKey, fold, segment_key
 from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
-from .norms import DeviceMoved
+from .health import classify
+from .norms import FLUSH_EVERY, DeviceMoved
 from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
 from .seeds import SeedSource, SeedView, StageNames, read_seeds, validate_seeds
 from .settings import SeedLayerSettings
@@ -112,12 +116,14 @@ class SeedLayerTelemetry:
             try:
                 segment = self._segment_now()
                 try:
-                    segment.squares.add_step()
+                    segment.add_step(self._sampled_steps)
                 except DeviceMoved:  # the model moved: measure this step on its new device
+                    segment.absorb()  # what it measured so far, while its device is there
                     segment = self._current = self._segment_for(self._read_seeds())
-                    segment.squares.add_step()
-                segment.steps += 1
+                    segment.add_step(self._sampled_steps)
                 self._sampled_steps += 1
+                if segment.norms.waiting >= FLUSH_EVERY:
+                    segment.absorb()
             except Exception:  # noqa: BLE001 - telemetry must never stop training
                 self._failed("observe_step")
 
@@ -190,11 +196,18 @@ class SeedLayerTelemetry:
         return self._current
 
     def _segment_for(self, seeds: Mapping[str, SeedView]) -> Segment:
-        key = segment_key(seeds)
+        host = self._host_parameters(seeds) if self.settings.host_norm else ()
+        key = segment_key(seeds, host)
         segment = self._segments.get(key)
         if segment is None:
-            segment = self._segments[key] = Segment(seeds, key)
+            segment = self._segments[key] = Segment(seeds, key, host=host, keep_rows=self._ranks is not None)
         return segment
+
+    def _host_parameters(self, seeds: Mapping[str, SeedView]) -> list[nn.Parameter]:
+        """Every trainable parameter of the model that belongs to no seed (walked only when a seed
+        came, went or was swapped, and at epoch ends)."""
+        in_seeds = {id(p) for view in seeds.values() for p in view.module.parameters()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_seeds]
 
     def _read_seeds(self) -> dict[str, SeedView]:
         return read_seeds(self._source, self._stage_names)
@@ -210,50 +223,55 @@ class SeedLayerTelemetry:
             self._failed("seed source")
         stages: Mapping[str, str] = self._stages
         segments = list(self._segments.values())
-        home = self._current.squares.home or torch.device("cpu")
+        home = self._current.home
+        sums: EpochSums | None = None
         if self._ranks is not None:  # on every rank at every epoch end: the others wait in the all-reduce
-            local = None
-            try:
-                local = fold(segments, home)
-            except Exception:  # noqa: BLE001
-                self._failed("end_epoch")
-            sums, stages = self._ranks.reduce(local, steps, stages)
+            sums, stages = self._ranks.reduce(segments, steps, stages, home)
             steps = sums.steps
         elif steps:
-            sums = EpochSums.of(fold(segments, home), steps)  # the epoch's one host sync
-        else:
-            sums = None
+            sums = fold(segments, home, steps)  # the epoch's one host sync
         if not steps and self._stages:
             _logger.log(logging.DEBUG if self._warned_unsampled else logging.WARNING,
                         "tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
                         self.epoch, self.settings.sample_every)
             self._warned_unsampled = True
-        seeds = {} if sums is None else self._seed_summaries(sums, stages)
-        return EpochSummary(self.epoch, steps, self.settings.top_k, seeds)
+        if sums is None or not steps:
+            return EpochSummary(self.epoch, steps, self.settings.top_k, {})
+        host = _slot_values(sums, HOST).get(TOTAL)
+        host_norm = host.rms if host is not None else None
+        return EpochSummary(self.epoch, steps, self.settings.top_k, self._seed_summaries(sums, stages, host),
+                            host_norm)
 
-    def _seed_summaries(self, sums: EpochSums, stages: Mapping[str, str]) -> dict[str, SeedSummary]:
+    def _seed_summaries(self, sums: EpochSums, stages: Mapping[str, str],
+                        host: _SlotValues | None) -> dict[str, SeedSummary]:
         """Every seed listed at the epoch end that was listed at some sampled step of it."""
-        slots_of: dict[str, list[int]] = {}
-        for i, (seed_id, _) in enumerate(sums.slots):
-            slots_of.setdefault(seed_id, []).append(i)
         seeds = {}
         for seed_id, stage in stages.items():
-            steps = sums.seed_steps.get(seed_id, 0)
-            if not steps:
+            if not sums.seed_steps.get(seed_id):
                 continue  # listed only after the last sampled step: measured from the next epoch on
-            total: float | None = None
-            values: dict[str, float] = {}
-            layer_count = 0
-            for i in slots_of.get(seed_id, ()):
-                value = (sums.sums[i] / steps) ** 0.5 if sums.measured[i] else None
-                if sums.slots[i][1] == TOTAL:
-                    total = value
-                    continue
-                layer_count += 1
-                if value is not None:
-                    values[sums.slots[i][1]] = value
-            seeds[seed_id] = SeedSummary(seed_id, stage, total, top_k(values, self.settings.top_k) if total is not None
-                                         else (), layer_count, steps)
+            slots = _slot_values(sums, seed_id)
+            total = slots.pop(TOTAL, None)
+            measured = total is not None and total.rms is not None
+            layers = {layer: values.rms for layer, values in slots.items()}
+            layer_max = {layer: values.max for layer, values in slots.items()}
+            ratio = None
+            if measured and host is not None and host.rms and total.numel:  # type: ignore[union-attr]
+                # Esper's lifecycle gate: the seed's gradient against the host's, per parameter.
+                ratio = (total.rms / host.rms) * math.sqrt(host.numel / total.numel)  # type: ignore[union-attr,operator]
+            summary = SeedSummary(
+                seed_id=seed_id, stage=stage,
+                total_norm=total.rms if measured else None,  # type: ignore[union-attr]
+                top_layers=top_k({k: v for k, v in layers.items() if v is not None}, self.settings.top_k)
+                if measured else (),
+                layer_count=len(slots),
+                sampled_steps=sums.seed_steps[seed_id],
+                max_norm=total.max if measured else None,  # type: ignore[union-attr]
+                layer_norms=layers, layer_max=layer_max,
+                nonfinite_steps=total.nonfinite if total is not None else 0,
+                step_norm_counts=sums.counts.get(seed_id, ()) if measured else (),
+                host_ratio=ratio,
+            )
+            seeds[seed_id] = dataclasses.replace(summary, health=classify(summary))
         return seeds
 
     def _failed(self, where: str) -> None:
@@ -264,6 +282,27 @@ class SeedLayerTelemetry:
         _logger.log(logging.WARNING if first else logging.DEBUG,
                     "tolaria_otel: %s failed; training goes on without this measurement", where,
                     exc_info=first)
+
+
+@dataclass(frozen=True)
+class _SlotValues:
+    rms: float | None  # None: not measured
+    max: float | None
+    nonfinite: int
+    numel: int
+
+
+def _slot_values(sums: EpochSums, seed_id: str) -> dict[str, _SlotValues]:
+    """A seed's slots, by layer (``TOTAL`` for the seed's total): RMS and largest step over its steps."""
+    steps = sums.seed_steps.get(seed_id, 0)
+    out = {}
+    for i, (seed, layer) in enumerate(sums.slots):
+        if seed != seed_id:
+            continue
+        measured = sums.measured[i] and steps > 0
+        out[layer] = _SlotValues(math.sqrt(sums.sums[i] / steps) if measured else None,
+                                 math.sqrt(sums.maxima[i]) if measured else None, sums.nonfinite[i], sums.numel[i])
+    return out
 
 
 def _checked_identity(attributes: Mapping[str, str] | None) -> dict[str, str]:

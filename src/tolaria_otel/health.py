@@ -1,0 +1,38 @@
+"""A seed's health in one epoch, from its summary: the thresholds Tamiyo and the alert rules share.
+
+In order, the first that applies:
+
+* ``not_measured``: no gradient reached the seed at any of its sampled steps;
+* ``nonfinite``: some sampled step had a NaN or Inf norm (``nonfinite_steps`` says how many);
+* ``exploding``: a layer's RMS above :data:`EXPLODING_ABOVE` (the alert TolariaSeedLayerGradientExploding's
+  absolute branch), or a single step of the seed above :data:`SPIKE_ABOVE` times its RMS;
+* ``vanishing``: every layer's RMS below :data:`VANISHING_BELOW` (TolariaSeedGradientVanishing);
+* ``healthy``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .summary import SeedSummary
+
+EXPLODING_ABOVE = 1000.0
+VANISHING_BELOW = 1e-6
+#: A step more than this many times the epoch's RMS: one step carried most of the epoch's gradient
+#: (with N equal steps max/RMS is 1; one step alone among N gives sqrt(N)).
+SPIKE_ABOVE = 10.0
+HEALTH_STATES = ("not_measured", "nonfinite", "exploding", "vanishing", "healthy")
+
+
+def classify(seed: SeedSummary) -> str:
+    if seed.total_norm is None:
+        return "not_measured"
+    values = [v for v in seed.layer_norms.values() if v is not None]
+    if seed.nonfinite_steps or not all(math.isfinite(v) for v in (seed.total_norm, *values)):
+        return "nonfinite"
+    if any(v > EXPLODING_ABOVE for v in values) or (
+            seed.max_norm is not None and seed.total_norm > 0 and seed.max_norm > SPIKE_ABOVE * seed.total_norm):
+        return "exploding"
+    if max(values, default=0.0) < VANISHING_BELOW:
+        return "vanishing"
+    return "healthy"
