@@ -3,7 +3,7 @@
     python -m benchmarks.overhead                  # workloads (a) and (b) on the CPU, a few minutes
     python -m benchmarks.overhead --workload a     # only the work-package's seeded MLP
     python -m benchmarks.overhead --quick          # tiny sizes, a few seconds (the smoke test)
-    python -m benchmarks.overhead --workload lightning   # (c): the same network under Lightning's Trainer
+    python -m benchmarks.overhead --workload lightning   # (d): the same network under Lightning's Trainer
 
 Every variant trains its own copy of the same network (same initial weights, same batches) with
 its own optimizer. The variants run interleaved in one process, one measurement (``--epochs``
@@ -792,7 +792,7 @@ def report(workload: Workload, results: Sequence[Result], epochs: int, rounds: i
 
 
 # --------------------------------------------------------------------------------------------
-# Workload (c): a Lightning fit
+# Workload (d): a Lightning fit
 # --------------------------------------------------------------------------------------------
 
 LIGHTNING_VARIANTS = ("Lightning, no monitoring", "Lightning + tolaria_otel SeedLayerCallback",
@@ -801,7 +801,7 @@ LIGHTNING_VARIANTS = ("Lightning, no monitoring", "Lightning + tolaria_otel Seed
 
 def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: int,
                      log: Callable[[str], None]) -> str:
-    """(c) Workload (a) trained by ``Trainer.fit``: the package's callback, Lightning's own ``grad_norm``
+    """(d) Workload (a) trained by ``Trainer.fit``: the package's callback, Lightning's own ``grad_norm``
     logged per seed in ``on_before_optimizer_step`` (as Lightning's docs show it) and no monitoring,
     interleaved as above (one fit of ``epochs + 1`` epochs per variant per round, the first epoch
     untimed). Each epoch is timed from ``on_train_epoch_start`` to the end of ``on_train_epoch_end``
@@ -812,7 +812,7 @@ def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: 
 
         from tolaria_otel.lightning import SeedLayerCallback
     except Exception as error:  # noqa: BLE001 - reported instead of the table
-        return f"### Workload (c), a Lightning fit: not run: {type(error).__name__}: {error} ({PEER_INSTALL})\n"
+        return f"### Workload (d), a Lightning fit: not run: {type(error).__name__}: {error} ({PEER_INSTALL})\n"
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the per-fit banner
@@ -872,10 +872,10 @@ def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: 
         for name, epoch_times in this_round.items():
             times[name] += epoch_times
             paired[name].append(statistics.median(epoch_times) / statistics.median(this_round[LIGHTNING_VARIANTS[0]]))
-        log(f"(c) round {round_ + 1}/{rounds}")
+        log(f"(d) round {round_ + 1}/{rounds}")
     base = statistics.median(times[LIGHTNING_VARIANTS[0]])
     steps = len(workload.batches)
-    lines = [f"### Workload (c): {workload.description}, trained by Lightning {pl.__version__} `Trainer.fit` "
+    lines = [f"### Workload (d): {workload.description}, trained by Lightning {pl.__version__} `Trainer.fit` "
              f"(CPU, fp32); {rounds} rounds of {epochs} timed epochs\n",
              "| variant | epoch median ms | ratio | paired ratio [IQR] | extra µs/step |",
              "| --- | ---: | ---: | --- | ---: |"]
