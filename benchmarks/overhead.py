@@ -213,12 +213,14 @@ class Telemetry(Variant):
     kind = "ours"
 
     def __init__(self, name: str, *, enabled: bool = True, seeds: int | None = None, sample_every: int = 1,
-                 compact: bool = False, top_k: int = 3, source: str = "callable", attach: str = "optimizer") -> None:
+                 compact: bool = False, top_k: int = 3, source: str = "callable", attach: str = "optimizer",
+                 host_norm: bool = False) -> None:
         super().__init__()
         self.name = name
         self.source = source  # "callable": Kasmina's registry, called at every sampled step; "mapping": a dict
         self.attach = attach  # "optimizer": attach(optimizer); "every": attach(), the process-wide hook
-        self.settings = SeedLayerSettings(enabled=enabled, top_k=top_k, compact=compact, sample_every=sample_every)
+        self.settings = SeedLayerSettings(enabled=enabled, top_k=top_k, compact=compact, sample_every=sample_every,
+                                          host_norm=host_norm)
         self.seed_count = seeds
         self.summary: Any = None
         if not enabled:
@@ -252,8 +254,8 @@ class Telemetry(Variant):
 
     def feature_bytes(self) -> int:
         segments = getattr(self.telemetry, "_segments", {}).values()
-        return sum(buffer.numel() * buffer.element_size() for segment in segments
-                   for buffer, _ in segment.squares._buffers)
+        stats = [segment.stats for segment in segments]
+        return sum(t.numel() * t.element_size() for s in stats for t in (s.sums, s.maxima, s.nonfinite, s.counts))
 
     def close(self) -> None:
         self.telemetry.close()
@@ -403,6 +405,7 @@ def all_variants(seed_count: int = 4) -> list[Variant]:
         Telemetry(f"enabled, {seed_count} seeds", seeds=seed_count),
         Telemetry(f"enabled, {seed_count} seeds, seed source a dict", seeds=seed_count, source="mapping"),
         Telemetry(f"enabled, {seed_count} seeds, attach()", seeds=seed_count, attach="every"),
+        Telemetry(f"enabled, {seed_count} seeds, host norm", seeds=seed_count, host_norm=True),
         Telemetry(f"enabled, {seed_count} seeds, sample_every=4", seeds=seed_count, sample_every=4),
         Telemetry(f"enabled, {seed_count} seeds, compact", seeds=seed_count, compact=True),
         Floor(),

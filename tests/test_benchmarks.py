@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS_A = [
     "baseline", "baseline again (A/A)", "disabled (flag off)", "enabled, 1 seed", "enabled, 2 seeds",
     "enabled, 4 seeds", "enabled, 4 seeds, seed source a dict", "enabled, 4 seeds, attach()",
+    "enabled, 4 seeds, host norm",
     "enabled, 4 seeds, sample_every=4", "enabled, 4 seeds, compact",
     "floor: _foreach_norm only", "peer: per-layer .item() loop", "peer: Lightning grad_norm",
     "peer: wandb.watch gradients", "peer: TensorBoard add_histogram",
@@ -71,7 +72,8 @@ def test_overhead_script_prints_every_variant() -> None:
     _check_table(_rows(stdout, "### Workload (b20)"), deep)
     assert "extra time per step against the number of seed layers" in stdout
     # The SDK really got the points: 3 layers x 4 seeds, one total per seed.
-    assert re.search(r"^- enabled, 4 seeds: .*\b12 layer_norm, 4 norm\b.*; 4 seeds summarised$", stdout, re.M)
+    assert re.search(r"^- enabled, 4 seeds: .*\b12 layer_norm, 12 layer_norm_max, 4 norm, 4 norm_max\b.*; 4 seeds summarised$",
+                     stdout, re.M)
 
 
 @pytest.mark.parametrize("module", ["benchmarks.gpu"])
