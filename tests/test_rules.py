@@ -25,6 +25,8 @@ ALERTS = {
     "TolariaSeedGradientVanishing": ("warning", 900),
     "TolariaSeedNotMeasured": ("warning", 900),
     "TolariaSeedLayerTelemetryAbsent": ("warning", 1800),
+    "TolariaSeedGradientSpike": ("warning", 900),
+    "TolariaSeedGradientNoisy": ("warning", 1800),
 }
 RECORDS = ["tolaria:seed_layer_norm:current", "tolaria:seed_layer_norm:top1", "tolaria:seed_layer_norm:series",
            "tolaria:seed_layer_norm:budget"]
@@ -38,7 +40,7 @@ def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def test_rule_files_are_valid() -> None:
     result = promtool("check", "rules", *sorted(RULES_DIR.glob("*.rules.yml")))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
