@@ -21,6 +21,8 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
+from tolaria_otel.health import SPIKE_ABOVE
+
 UID = "tolaria-seed-layers"
 TITLE = "Tolaria: seed layer gradients"
 
@@ -39,6 +41,10 @@ DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 #       VANISHING_EXEMPT_STAGES (with or without the SEED_STAGE_ prefix)
 #   TolariaSeedNotMeasured:            tolaria_grad_agg_seed_not_measured == 1 for NOT_MEASURED_FOR, outside the
 #       same stages
+#   TolariaSeedGradientSpike:          a seed's norm_max / norm > SPIKE_ABOVE (tolaria_otel.health's, the in-process
+#       health state "exploding"), the step > EXPLODING_RELATIVE_FLOOR, for SPIKE_FOR
+#   TolariaSeedGradientNoisy:          p99 / p50 of a seed's per-step norm over NOISY_WINDOW > NOISY_FACTOR, with at
+#       least NOISY_MIN_STEPS steps in the window and p99 > EXPLODING_RELATIVE_FLOOR, for NOISY_FOR
 EXPLODING_ABSOLUTE = 1000.0
 EXPLODING_FACTOR = 10.0
 EXPLODING_BASELINE = "1h"
@@ -47,10 +53,22 @@ NONFINITE_VALUE = 1
 VANISHING_BELOW = 1e-6
 VANISHING_EXEMPT_STAGES = ("DORMANT", "CULLED", "EMBARGOED", "RESETTING", "TERMINATED")
 NOT_MEASURED_FOR = "15m"
+SPIKE_FOR = "15m"
+NOISY_WINDOW = "15m"
+NOISY_FACTOR = 10.0
+NOISY_MIN_STEPS = 100
+NOISY_FOR = "30m"
 
 LAYER_NORM = "tolaria_grad_agg_seed_layer_norm"
 LAYER_NONFINITE = "tolaria_grad_agg_seed_layer_nonfinite"
 SEED_NORM = "tolaria_grad_agg_seed_norm"
+#: A seed's largest per-step norm of the epoch, exported beside ``seed_norm`` (same labels and timestamp).
+SEED_NORM_MAX = "tolaria_grad_agg_seed_norm_max"
+#: The histogram of a seed's per-step norms: cumulative bucket counts (``le``) and the step count.
+SEED_STEP_NORM_BUCKET = "tolaria_grad_agg_seed_step_norm_bucket"
+SEED_STEP_NORM_COUNT = "tolaria_grad_agg_seed_step_norm_count"
+#: Esper's gate, (seed norm / host norm) x sqrt(host params / seed params); only with TOLARIA_SEED_HOST_NORM=true.
+SEED_HOST_RATIO = "tolaria_grad_agg_seed_host_ratio"
 #: 1 for a seed that had no gradient at any sampled step of the epoch: it has no norm point at all.
 SEED_NOT_MEASURED = "tolaria_grad_agg_seed_not_measured"
 SETTINGS_INFO = "tolaria_grad_agg_seed_layer_info"
@@ -369,7 +387,7 @@ def volume_panel() -> timeseries.Panel:
 def seed_panel() -> timeseries.Panel:
     expr = f"topk by ({TRAINER}, seed_id) ($top_k, {layer_norms('seed_id, layer')})"
     return (
-        timeseries.Panel().id(9).title("Top-K layers: $seed_id").grid_pos(grid(0, 25, 8, 9))
+        timeseries.Panel().id(9).title("Top-K layers: $seed_id").grid_pos(grid(0, 33, 8, 9))
         .description("This seed's top-K layers over time, one line per layer and trainer (a layer that leaves the "
                      f"top-K ends its line). Dashed lines: {_fmt(EXPLODING_ABSOLUTE)} "
                      f"(TolariaSeedLayerGradientExploding) and {_fmt(VANISHING_BELOW)} (TolariaSeedGradientVanishing). "
@@ -382,6 +400,79 @@ def seed_panel() -> timeseries.Panel:
         .scale_distribution(log_axis()).show_points(common.VisibilityMode.ALWAYS)
         .line_interpolation(common.LineInterpolation.STEP_AFTER).legend(legend_table())
         .no_value("no layer points for this seed")
+    )
+
+
+def step_norm_quantile(quantile: float) -> str:
+    """Per seed of a trainer, a quantile of its per-step norms over the steps of the epochs exported within
+    ``NOISY_WINDOW``: the window of TolariaSeedGradientNoisy. ``> 0`` drops the NaN of a seed with no step in it."""
+    buckets = f"sum by ({TRAINER}, seed_id, le) (increase({SEED_STEP_NORM_BUCKET}{{{SEEDS_STAGES}}}[{NOISY_WINDOW}]))"
+    return f"histogram_quantile({quantile:g}, {buckets}) > 0"
+
+
+def distribution_panel() -> timeseries.Panel:
+    return (
+        timeseries.Panel().id(11).title(f"Per-step seed norm: p50 and p99 over {NOISY_WINDOW}")
+        .grid_pos(grid(0, 24, 10, 8))
+        .description("Per seed, the median (p50) and the p99 of its per-step gradient L2 norm (all the seed's "
+                     "parameters at one sampled optimizer step) over the sampled steps of the epochs exported in the "
+                     f"last {NOISY_WINDOW}: histogram_quantile over the increase of the histogram "
+                     f"{SEED_STEP_NORM_BUCKET}, whose buckets the package fixes (four per decade, 1e-8 to 1e4; each "
+                     "quantile is within a factor 1.78 of the exact one). The epoch RMS hides this spread. The alert "
+                     f"TolariaSeedGradientNoisy fires when p99 stays above {_fmt(NOISY_FACTOR)}x p50 for {NOISY_FOR} "
+                     f"(at least {NOISY_MIN_STEPS} steps in the window, per stage; here a seed's stages are merged, "
+                     "the Stage variable filters them). A seed with no sampled step in the window has no point.")
+        .datasource(DATASOURCE)
+        .with_target(query(step_norm_quantile(0.5), per_trainer("{{seed_id}} p50")))
+        .with_target(query(step_norm_quantile(0.99), per_trainer("{{seed_id}} p99"), "B"))
+        .with_transformation(NO_TRAINER_RENAME)
+        .unit("none").scale_distribution(log_axis()).show_points(common.VisibilityMode.ALWAYS)
+        .legend(legend_table()).no_value(f"no sampled step in the last {NOISY_WINDOW}")
+    )
+
+
+def spike_ratio() -> str:
+    """Per seed, the latest epoch's largest step over its RMS."""
+    per_seed = f"max by ({TRAINER}, seed_id)"
+    return (f"{per_seed} {latest(f'{SEED_NORM_MAX}{{{SEEDS_STAGES}}}')}\n"
+            f"  / {per_seed} {latest(f'{SEED_NORM}{{{SEEDS_STAGES}}}')}")
+
+
+def spike_panel() -> timeseries.Panel:
+    return (
+        timeseries.Panel().id(12).title("Spikes: largest step / epoch RMS").grid_pos(grid(10, 24, 7, 8))
+        .description("Per seed, the largest per-step gradient norm of the latest epoch over the epoch's RMS (both "
+                     f"over all the seed's parameters: {SEED_NORM_MAX} / {SEED_NORM}). 1 when every step is alike; "
+                     "with N sampled steps at most sqrt(N), reached when one step alone carries the gradient, so an "
+                     f"epoch of at most {int(SPIKE_ABOVE ** 2)} sampled steps cannot cross the dashed line at "
+                     f"{_fmt(SPIKE_ABOVE)}. Above it, Tamiyo's in-process health says exploding, and the alert "
+                     f"TolariaSeedGradientSpike fires when it holds for {SPIKE_FOR} (the step above "
+                     f"{_fmt(EXPLODING_RELATIVE_FLOOR)}). A seed not measured or with a NaN/Inf total has no point.")
+        .datasource(DATASOURCE).with_target(query(spike_ratio(), per_trainer("{{seed_id}}")))
+        .with_transformation(NO_TRAINER_RENAME)
+        .unit("none").min(1)
+        .thresholds(db.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps([
+            model.Threshold(value=None, color="green"), model.Threshold(value=SPIKE_ABOVE, color="red")]))
+        .thresholds_style(common_builders.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED))
+        .show_points(common.VisibilityMode.ALWAYS).line_interpolation(common.LineInterpolation.STEP_AFTER)
+        .legend(legend_table()).no_value("no measured seed")
+    )
+
+
+def host_ratio_panel() -> timeseries.Panel:
+    expr = f"max by ({TRAINER}, seed_id) {latest(f'{SEED_HOST_RATIO}{{{SEEDS_STAGES}}}')}"
+    return (
+        timeseries.Panel().id(13).title("Seed-to-host gradient ratio").grid_pos(grid(17, 24, 7, 8))
+        .description("Per seed, Esper's lifecycle gate: (seed norm / host norm) x sqrt(host parameters / seed "
+                     "parameters), with the epoch RMS norms and the parameters that had a gradient; 1 means the seed's "
+                     "gradient per parameter is the host's. The host (every trainable parameter outside the seeds) "
+                     "is measured only with TOLARIA_SEED_HOST_NORM=true (one more pass over its gradients per step); "
+                     "without it this panel is empty.")
+        .datasource(DATASOURCE).with_target(query(expr, per_trainer("{{seed_id}}")))
+        .with_transformation(NO_TRAINER_RENAME)
+        .unit("none").scale_distribution(log_axis()).show_points(common.VisibilityMode.ALWAYS)
+        .line_interpolation(common.LineInterpolation.STEP_AFTER).legend(legend_table())
+        .no_value("host not measured: set TOLARIA_SEED_HOST_NORM=true")
     )
 
 
@@ -430,10 +521,11 @@ def build() -> model.Dashboard:
     for variable in variables():
         dashboard = dashboard.with_variable(variable)
     for panel in (nonfinite_panel(), exploding_panel(), vanishing_panel(), not_measured_panel(), latest_table(),
-                  stage_timeline(), seed_totals_panel(), volume_panel()):
+                  stage_timeline(), seed_totals_panel(), volume_panel(), distribution_panel(), spike_panel(),
+                  host_ratio_panel()):
         dashboard = dashboard.with_panel(panel)
     # An expanded row keeps its panels at the top level of the JSON (only a collapsed row nests them).
-    dashboard = (dashboard.with_row(db.Row("Per seed: top-K layers").id(8).grid_pos(grid(0, 24, 24, 1)).collapsed(False))
+    dashboard = (dashboard.with_row(db.Row("Per seed: top-K layers").id(8).grid_pos(grid(0, 32, 24, 1)).collapsed(False))
                  .with_panel(seed_panel()))
     built = dashboard.build()
     built.annotations = model.AnnotationContainer(list_val=[stage_change_annotation()])

@@ -4,9 +4,9 @@ Every PromQL expression is parsed by a real PromQL parser (``promql-parser``, th
 ``promql-parser`` crate that GreptimeDB uses) after substituting the template variables as
 Grafana does, then run against a real VictoriaMetrics fed over OTLP/HTTP by short real training
 runs: a healthy one, in which the alarm panels must be empty, and one with a NaN, an exploding, a
-vanishing and a not-measured seed, in which they must not be. Both runs set no trainer identity
-(``env_id``): the Trainer variable's All must still show them. Several trainers in one process are
-tests/test_trainers_live.py.
+vanishing, a not-measured, a spiking and a noisy seed, in which they must not be. Both runs measure the
+host (the seed-to-host ratio) and set no trainer identity (``env_id``): the Trainer variable's All must
+still show them. Several trainers in one process are tests/test_trainers_live.py.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from matplotlib.image import imread
 
 from dashboards import generate, seed_layers
 from devtools.stack import VictoriaMetrics, backend_binaries, prometheus, victoria_metrics, wait_until
-from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
+from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider, health
 from tolaria_otel.plot import load_summaries, render
 from tolaria_otel.plot import main as plot_main
+from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
 
 from .helpers import seeded_network, train_epoch
 
@@ -45,16 +46,23 @@ DASHBOARD_PROVISIONING = REPO / "dashboards" / "provisioning" / "dashboards" / "
 RULES_FILE = REPO / "collector" / "rules" / "tolaria-seed-layers.rules.yml"
 
 TOP_K = 2
-SEEDS = ("seed-0", "seed-1", "seed-2", "seed-3")
+SEEDS = ("seed-0", "seed-1", "seed-2", "seed-3", "seed-4", "seed-5")
 EPOCHS = 4
 STEPS = 3
+#: The last epoch is long: with N sampled steps max/RMS is at most sqrt(N), so a spike above 10x the RMS
+#: needs more than 100 steps, and a p99 that is not simply the largest step needs 100 too.
+LAST_EPOCH_STEPS = 200
 # The stages as Kasmina names them (canonical, prefixed) in the healthy run; the faulty run uses the
 # unprefixed form, which the dashboards accept too.
 STAGE_PREFIX = {False: "SEED_STAGE_", True: ""}
 STAGE_CHANGE = ("seed-1", 2, "BLENDING")  # seed-1 moves from TRAINING to BLENDING at epoch 2
-# The faulty run's last epoch: seed-3's module leaves the graph, so it gets no gradient at all.
-EXPLODING, NONFINITE, VANISHING, NOT_MEASURED = "seed-0", "seed-1", "seed-2", "seed-3"
+# The faulty run's last epoch: seed-0's gradients are x1e8 at every step, seed-1 gets a NaN at the last
+# step, seed-3's module leaves the graph (no gradient at all), seed-4's gradient is x40 at the last step
+# (a spike: max/RMS ~13, the RMS only ~3x up). From the first step: seed-2's gradients are x1e-12, and
+# every third step seed-5's are x100 (noisy: p99 ~100x p50, max/RMS ~sqrt(3), the RMS the same each epoch).
+EXPLODING, NONFINITE, VANISHING, NOT_MEASURED, SPIKE, NOISY = SEEDS
 NONFINITE_LAYER = "net.2"
+SPIKE_SCALE, NOISY_SCALE, NOISY_EVERY = 40.0, 100.0, 3
 
 # What Grafana puts for its global variables (any valid value does for parsing and running).
 GRAFANA_GLOBALS = {"__interval": "15s", "__rate_interval": "1m", "__range": "6h", "__range_s": "21600",
@@ -156,7 +164,7 @@ def test_dashboard_is_valid_grafana_json(dashboard: dict[str, Any]) -> None:
     assert dashboard["time"] == {"from": "now-6h", "to": "now"} and dashboard["refresh"] == "1m"
     ids = [p["id"] for p in panels(dashboard)]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
-    assert sorted(ids) == list(range(1, 11))  # stable ids: a new panel gets a new number, never a reused one
+    assert sorted(ids) == list(range(1, 14))  # stable ids: a new panel gets a new number, never a reused one
     bound = {"type": "prometheus", "uid": "${datasource}"}
     for panel in panels(dashboard):
         grid = panel["gridPos"]
@@ -258,12 +266,17 @@ class Backend:
 
 
 
+#: Every per-seed metric a run exports (the histogram by its buckets and count).
+PER_SEED_METRICS = (*seed_layers.SEED_FAMILY_NAMES, seed_layers.SEED_NORM_MAX, seed_layers.SEED_HOST_RATIO,
+                    seed_layers.SEED_STEP_NORM_BUCKET, seed_layers.SEED_STEP_NORM_COUNT)
+
+
 def settle(vm: VictoriaMetrics, series: int) -> float:
-    """Wait until ``series`` series of the seed family are searchable (VictoriaMetrics makes a new series
-    searchable a few seconds after it arrives, even after its force_flush), and the budget gauge; return
-    the end of the run's time range: a whole second after every export, and already past."""
-    family = f"{{{seed_layers.SEED_FAMILY}}}"
-    wait_until(lambda: len(vm.series(family)) == series, timeout=20,
+    """Wait until ``series`` per-seed series are searchable (VictoriaMetrics makes a new series searchable
+    a few seconds after it arrives, even after its force_flush), and the budget gauge; return the end of
+    the run's time range: a whole second after every export, and already past."""
+    every = f'{{__name__=~"{"|".join(PER_SEED_METRICS)}"}}'
+    wait_until(lambda: len(vm.series(every)) == series, timeout=20,
                message=f"the run's {series} series not searchable")
     wait_until(lambda: len(vm.series(seed_layers.SERIES_BUDGET)) > 0, timeout=20,
                message="the run's series budget gauge not searchable")
@@ -273,17 +286,26 @@ def settle(vm: VictoriaMetrics, series: int) -> float:
 
 
 def exported_series(summaries: list[EpochSummary]) -> set[tuple[str, str, str, str | None]]:
-    """The seed-family series a run's summaries export: (metric, seed, stage, layer or None)."""
+    """The per-seed series (``PER_SEED_METRICS``) a run's summaries export: (metric, seed, stage, layer,
+    bucket or None)."""
+    def finite(value: float | None) -> bool:
+        return value is not None and math.isfinite(value)
+
     series = set()
     for summary in summaries:
         for seed in summary.seeds.values():
             if seed.total_norm is None:
                 series.add(("not_measured", seed.seed_id, seed.stage, None))
                 continue
-            if math.isfinite(seed.total_norm):
-                series.add(("norm", seed.seed_id, seed.stage, None))
+            for metric, value in (("norm", seed.total_norm), ("norm_max", seed.max_norm),
+                                  ("host_ratio", seed.host_ratio)):
+                if finite(value):
+                    series.add((metric, seed.seed_id, seed.stage, None))
             for layer, value in seed.top_layers:
                 series.add(("layer_norm" if math.isfinite(value) else "nonfinite", seed.seed_id, seed.stage, layer))
+            if sum(seed.step_norm_counts):  # the histogram: every bucket (+Inf too) and the count
+                series |= {("bucket", seed.seed_id, seed.stage, str(b)) for b in range(len(HISTOGRAM_BOUNDARIES) + 1)}
+                series.add(("count", seed.seed_id, seed.stage, None))
     return series
 
 
@@ -294,7 +316,7 @@ class Run(Backend):
 
 
 def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
-    """A real training run exporting over OTLP/HTTP, one export per epoch end."""
+    """A real training run exporting over OTLP/HTTP, one export per epoch end, measuring the host."""
     model, kasmina = seeded_network(len(SEEDS))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(7)
@@ -307,6 +329,7 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
         env.setenv("OTEL_SERVICE_NAME", "tolaria-dashboards-test")
         env.setenv("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "true")
         env.setenv("TOLARIA_SEED_LAYER_TOPK", str(TOP_K))
+        env.setenv("TOLARIA_SEED_HOST_NORM", "true")
         settings = SeedLayerSettings.from_env()
         provider = configure_meter_provider(settings)
     for seed_id in SEEDS:
@@ -314,18 +337,21 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
     telemetry = SeedLayerTelemetry(model, kasmina, settings=settings, meter_provider=provider)
     telemetry.attach(optimizer)
     step = 0
+    last_epoch_from = (EPOCHS - 1) * STEPS + 1
+    last_step = last_epoch_from + LAST_EPOCH_STEPS - 1
 
-    def inject_faults() -> None:  # runs before optimizer.step(), so before the telemetry's pre-hook
+    def inject_faults() -> None:  # runs before optimizer.step(), so before the telemetry's post-hook
         nonlocal step
         step += 1
-        last_step = step == EPOCHS * STEPS
-        for seed_id, module in kasmina.modules.items():
-            for parameter in module.parameters():
-                if seed_id == VANISHING:
-                    parameter.grad.mul_(1e-12)
-                elif seed_id == EXPLODING and last_step:
-                    parameter.grad.mul_(1e8)
-        if last_step:  # the NaN reaches the parameters only after the last forward pass
+        scale = {VANISHING: 1e-12, NOISY: NOISY_SCALE if step % NOISY_EVERY == 0 else 1.0}
+        if step >= last_epoch_from:
+            scale[EXPLODING] = 1e8
+        if step == last_step:
+            scale[SPIKE] = SPIKE_SCALE
+        for seed_id, factor in scale.items():
+            for parameter in kasmina.modules[seed_id].parameters():
+                parameter.grad.mul_(factor)
+        if step == last_step:  # the NaN reaches the parameters only after the last forward pass
             kasmina.modules[NONFINITE].net[2].weight.grad[0, 0] = float("nan")
 
     summaries = []
@@ -333,12 +359,11 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
         for epoch in range(EPOCHS):
             if epoch == STAGE_CHANGE[1]:
                 kasmina.stages[STAGE_CHANGE[0]] = STAGE_PREFIX[faulty] + STAGE_CHANGE[2]
-            fault = inject_faults if faulty and epoch == EPOCHS - 1 else None
-            if fault is not None:
+            if faulty and epoch == EPOCHS - 1:
                 kasmina.modules[NOT_MEASURED].in_graph = False
-            train_epoch(model, optimizer, steps=STEPS, generator=generator, before_step=fault)
-            if fault is None:
-                step += STEPS
+            steps = LAST_EPOCH_STEPS if epoch == EPOCHS - 1 else STEPS
+            train_epoch(model, optimizer, steps=steps, generator=generator,
+                        before_step=inject_faults if faulty else None)
             summaries.append(telemetry.end_epoch())
             assert provider.force_flush(10_000)
     finally:
@@ -392,6 +417,10 @@ EXPECTED: dict[tuple[int, str], tuple[set[str], bool, bool]] = {
     (7, "B"): (set(), True, True),  # budget
     (7, "C"): (set(), True, True),  # series count of the latest export
     (9, "A"): ({"seed_id", "layer"}, True, True),  # repeated per seed
+    (11, "A"): ({"seed_id"}, True, True),  # per-step seed norm, p50
+    (11, "B"): ({"seed_id"}, True, True),  # per-step seed norm, p99
+    (12, "A"): ({"seed_id"}, True, True),  # spikes: max / RMS
+    (13, "A"): ({"seed_id"}, True, True),  # seed-to-host ratio
 }
 
 
@@ -473,6 +502,7 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
     # Push has no staleness markers: seed-1's layers of its previous stage are still in the lookback.
     assert int(stored["values"][-1][1]) >= TOP_K * len(SEEDS) + TOP_K
 
+    check_step_diagnostics(run, dashboard)
     if run.faulty:
         nonfinite = run.run_target(by_id[(1, "A")], interpolate(by_id[(1, "A")]["expr"], values))
         assert {(r["metric"]["seed_id"], r["metric"]["layer"]) for r in nonfinite} == {(NONFINITE, NONFINITE_LAYER)}
@@ -489,6 +519,58 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
         earlier_layers = f'{seed_layers.LAYER_NORM}{{seed_id="{NOT_MEASURED}"}}'
         stored_layers = run.api("/api/v1/series", **{"match[]": earlier_layers})
         assert stored_layers, "the not-measured seed's earlier layers must be in the store for this check to mean much"
+
+
+def at_end(run: Run, result: list[dict[str, Any]]) -> dict[str, float]:
+    """Per seed, the value at the end of the run of a range query's series (none for a series that ended before)."""
+    ends = {r["metric"]["seed_id"]: r["values"][-1] for r in result}
+    return {seed_id: float(value) for seed_id, (at, value) in ends.items() if at == run.ended}
+
+
+def quantile_bucket(counts: list[int], quantile: float) -> tuple[float, float]:
+    """The bounds (lower, upper] of the bucket that holds the ``quantile`` of steps counted per bucket of
+    ``HISTOGRAM_BOUNDARIES`` (the last: above them), where histogram_quantile interpolates; a quantile in
+    the last bucket is its lower bound (histogram_quantile's answer for the +Inf bucket)."""
+    rank = quantile * sum(counts)
+    cumulative = 0
+    for index, count in enumerate(counts):
+        cumulative += count
+        if cumulative >= rank:
+            break
+    if index == len(HISTOGRAM_BOUNDARIES):
+        return HISTOGRAM_BOUNDARIES[-1], HISTOGRAM_BOUNDARIES[-1]
+    return (HISTOGRAM_BOUNDARIES[index - 1] if index else 0.0), HISTOGRAM_BOUNDARIES[index]
+
+
+def check_step_diagnostics(run: Run, dashboard: dict[str, Any]) -> None:
+    """The per-step panels against the in-process summaries: the quantiles in the buckets the run's step
+    counts put them in, max/RMS and the host ratio of the last epoch; the spiking and the noisy seed, and
+    only they, cross the alerts' factors."""
+    values = dashboard_values(run, dashboard)
+    last = run.summaries[-1].seeds
+    # The run lasts seconds: the window holds every epoch, so every step of the seed, whatever its stage.
+    steps = {s: [sum(c) for c in zip(*(e.seeds[s].step_norm_counts for e in run.summaries if e.seeds[s].measured))]
+             for s in SEEDS}
+    quantiles = {}
+    for ref, quantile in (("A", 0.5), ("B", 0.99)):
+        _, target = panel_target(dashboard, 11, ref)
+        quantiles[quantile] = got = at_end(run, run.run_target(target, interpolate(target["expr"], values)))
+        assert got.keys() == set(SEEDS), (ref, got)
+        for seed_id, value in got.items():
+            lower, upper = quantile_bucket(steps[seed_id], quantile)
+            assert lower < value <= upper or lower == value == upper, (ref, seed_id, value, lower, upper)
+    spread = {s: quantiles[0.99][s] / quantiles[0.5][s] for s in SEEDS}
+    assert {s for s, ratio in spread.items() if ratio > seed_layers.NOISY_FACTOR} == ({NOISY} if run.faulty else set())
+
+    _, target = panel_target(dashboard, 12)
+    spikes = at_end(run, run.run_target(target, interpolate(target["expr"], values)))
+    finite = [s for s in last.values() if s.measured and math.isfinite(s.total_norm)]
+    assert spikes == pytest.approx({s.seed_id: s.max_norm / s.total_norm for s in finite}, rel=1e-9)
+    assert {s for s, ratio in spikes.items() if ratio > seed_layers.SPIKE_ABOVE} == ({SPIKE} if run.faulty else set())
+
+    _, target = panel_target(dashboard, 13)
+    ratios = at_end(run, run.run_target(target, interpolate(target["expr"], values)))
+    assert ratios == pytest.approx({s.seed_id: s.host_ratio for s in finite}, rel=1e-9)
 
 
 def openmetrics(backend: Backend) -> str:
@@ -551,6 +633,20 @@ def test_every_panel_query_answers_the_same_on_prometheus(faulty: Run, faulty_in
             assert got == pytest.approx(want), where
 
 
+def test_spike_and_noisy_alerts_catch_their_seeds_on_the_runs(healthy: Run, faulty: Run,
+                                                                faulty_in_prometheus: Backend) -> None:
+    """The conditions of TolariaSeedGradientSpike and TolariaSeedGradientNoisy (their `for` aside, which
+    promtool tests) on the runs' real series: in the faulty run exactly the spiking and the noisy seed, on
+    VictoriaMetrics and on Prometheus (whose increase() extrapolates); nothing in the healthy run."""
+    rules = {rule["alert"]: rule["expr"] for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
+             for rule in group["rules"] if "alert" in rule}
+    for alert, seed_id in (("TolariaSeedGradientSpike", SPIKE), ("TolariaSeedGradientNoisy", NOISY)):
+        for run, backend, want in ((healthy, healthy, set()), (faulty, faulty, {seed_id}),
+                                   (faulty, faulty_in_prometheus, {seed_id})):
+            result = backend.api("/api/v1/query", query=rules[alert], time=f"{run.ended:.3f}")["result"]
+            assert {r["metric"]["seed_id"] for r in result} == want, (alert, backend.url, result)
+
+
 def test_stage_change_annotation_returns_the_run_stages(healthy: Run, dashboard: dict[str, Any]) -> None:
     (annotation,) = dashboard["annotations"]["list"]
     promql = interpolate(annotation["expr"], dashboard_values(healthy, dashboard))
@@ -604,6 +700,24 @@ def test_thresholds_agree_with_the_alert_rules() -> None:
     assert seed_layers.SEED_NOT_MEASURED in not_measured
     assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in not_measured
     assert durations["TolariaSeedNotMeasured"] == seed_layers.NOT_MEASURED_FOR
+    numbers = numbers_and_ranges(rules["TolariaSeedGradientSpike"])[0]
+    assert {seed_layers.SPIKE_ABOVE, seed_layers.EXPLODING_RELATIVE_FLOOR} <= numbers
+    assert seed_layers.SEED_NORM_MAX in rules["TolariaSeedGradientSpike"]
+    assert durations["TolariaSeedGradientSpike"] == seed_layers.SPIKE_FOR
+    numbers, ranges = numbers_and_ranges(rules["TolariaSeedGradientNoisy"])
+    noisy = {0.99, 0.5, seed_layers.NOISY_FACTOR, seed_layers.NOISY_MIN_STEPS, seed_layers.EXPLODING_RELATIVE_FLOOR}
+    assert noisy <= numbers
+    assert ranges == {seed_layers.NOISY_WINDOW}
+    assert durations["TolariaSeedGradientNoisy"] == seed_layers.NOISY_FOR
+    for name in (seed_layers.SEED_STEP_NORM_BUCKET, seed_layers.SEED_STEP_NORM_COUNT):
+        assert name in rules["TolariaSeedGradientNoisy"]
+
+
+def test_thresholds_agree_with_the_in_process_health_states() -> None:
+    """Tamiyo's health classification (tolaria_otel.health) and the dashboard's thresholds are the same numbers."""
+    assert seed_layers.EXPLODING_ABSOLUTE == health.EXPLODING_ABOVE
+    assert seed_layers.VANISHING_BELOW == health.VANISHING_BELOW
+    assert seed_layers.SPIKE_ABOVE == health.SPIKE_ABOVE
 
 
 # -- the PNG ----------------------------------------------------------------------------------------

@@ -181,3 +181,27 @@ def test_trainer_variable_lists_the_four_env_ids(fleet: Fleet, dashboard: dict[s
     assert sorted(fleet.backend.label_values(label, interpolate(seed_selector, chosen))) == list(SEEDS)
     missing = {"env_id": variable_value(vars_["env_id"], "7")}
     assert fleet.backend.label_values(label, interpolate(seed_selector, missing)) == []
+
+
+def test_per_step_panels_keep_the_trainers_apart_and_the_ratio_says_the_host_is_not_measured(
+        fleet: Fleet, dashboard: dict[str, Any]) -> None:
+    values = dashboard_values(fleet.backend, dashboard)
+    for ref in ("A", "B"):  # p50, p99: every seed of every trainer had steps in the window
+        panel, target = panel_target(dashboard, 11, ref)
+        series = fleet.backend.run_target(target, interpolate(target["expr"], values))
+        keys = [(s["metric"]["env_id"], s["metric"]["seed_id"]) for s in series]
+        assert sorted(keys) == [(env_id, seed_id) for env_id in ENV_IDS for seed_id in SEEDS]
+        quantile = {"A": "p50", "B": "p99"}[ref]
+        assert {display_name(panel, target, s["metric"]) for s in series} == {
+            f"env_id={env_id} {seed_id} {quantile}" for env_id, seed_id in keys}
+
+    panel, target = panel_target(dashboard, 12)  # spikes: max / RMS of each trainer's last epoch
+    series = fleet.backend.run_target(target, interpolate(target["expr"], values))
+    at_end = {(s["metric"]["env_id"], s["metric"]["seed_id"]): float(s["values"][-1][1]) for s in series
+              if s["values"][-1][0] == fleet.backend.ended}
+    assert at_end == pytest.approx({(env_id, seed.seed_id): seed.max_norm / seed.total_norm for env_id in ENV_IDS
+                                    for seed in fleet.last[env_id].seeds.values() if seed.measured}, rel=1e-9)
+
+    panel, target = panel_target(dashboard, 13)  # these trainers do not measure the host
+    assert fleet.backend.run_target(target, interpolate(target["expr"], values)) == []
+    assert "TOLARIA_SEED_HOST_NORM=true" in panel["fieldConfig"]["defaults"]["noValue"]
