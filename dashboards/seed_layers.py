@@ -60,6 +60,8 @@ NOISY_MIN_STEPS = 100
 NOISY_FOR = "30m"
 
 LAYER_NORM = "tolaria_grad_agg_seed_layer_norm"
+#: A top-K layer's largest per-step norm of the epoch (the layers ranked by RMS, as ``layer_norm``).
+LAYER_NORM_MAX = "tolaria_grad_agg_seed_layer_norm_max"
 LAYER_NONFINITE = "tolaria_grad_agg_seed_layer_nonfinite"
 SEED_NORM = "tolaria_grad_agg_seed_norm"
 #: A seed's largest per-step norm of the epoch, exported beside ``seed_norm`` (same labels and timestamp).
@@ -295,23 +297,31 @@ def not_measured_panel() -> statetimeline.Panel:
 def latest_table() -> table.Panel:
     # Non-finite layers are part of the exported top-K too: they come back as +Inf, which ranks first
     # (as in the package's own ordering), crosses the red threshold, and is mapped to "NaN/Inf".
+    top_k = f"topk by ({TRAINER}, seed_id) ($top_k, {layer_norms('seed_id, stage, layer')})"
     expr = (f"topk by ({TRAINER}, seed_id) ($top_k, {layer_norms('seed_id, stage, layer')}\n"
             f"  or max by ({TRAINER}, seed_id, stage, layer) {latest(f'{LAYER_NONFINITE}{{{SEEDS_STAGES}}}')} * +Inf)")
-    value = "RMS gradient L2 norm"
+    # The same layers' largest step, a column beside the RMS (a NaN/Inf layer has none).
+    largest = (f"max by ({TRAINER}, seed_id, stage, layer) {latest(f'{LAYER_NORM_MAX}{{{SEEDS_STAGES}}}')}\n"
+               f"  and on ({TRAINER}, seed_id, stage, layer) {top_k}")
+    value, step = "RMS gradient L2 norm", "largest step"
     return (
         table.Panel().id(4).title("Latest top-K layers per seed").grid_pos(grid(0, 7, 14, 9))
         .description("The top-K layers of each seed (of each trainer, column env_id when the trainers set it) at "
-                     "the end of the time range, largest first, with the seed's stage. A seed not measured in its "
+                     "the end of the time range, largest first, with the seed's stage, and each layer's largest "
+                     "per-step norm of the epoch (a spike the RMS hides). A seed not measured in its "
                      "latest epoch has no rows. "
                      f"Red: above {_fmt(EXPLODING_ABSOLUTE)} (TolariaSeedLayerGradientExploding) or NaN/Inf "
                      f"(TolariaSeedLayerNonFinite); blue: below {_fmt(VANISHING_BELOW)}. " + LAYER_MEANING)
         .datasource(DATASOURCE).with_target(query(expr, instant=True))
+        .with_target(query(largest, ref_id="B", instant=True))
         .unit("none").decimals(4).thresholds(layer_thresholds())
         .mappings([model.ValueMap(options={"Infinity": model.ValueMappingResult(text="NaN/Inf", color="red")})])
+        # One row per layer: the two queries' frames joined on their labels.
+        .with_transformation(model.DataTransformerConfig(id_val="merge", options={}))
         .with_transformation(model.DataTransformerConfig(id_val="organize", options={
             "excludeByName": {"Time": True},
-            "indexByName": {TRAINER: 0, "seed_id": 1, "stage": 2, "layer": 3, "Value": 4},
-            "renameByName": {"Value": value},
+            "indexByName": {TRAINER: 0, "seed_id": 1, "stage": 2, "layer": 3, "Value #A": 4, "Value #B": 5},
+            "renameByName": {"Value #A": value, "Value #B": step},
         }))
         .override_by_name(value, [model.DynamicConfigValue(id_val="custom.cellOptions",
                                                            value={"type": "color-background", "mode": "basic"})])

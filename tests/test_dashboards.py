@@ -411,6 +411,7 @@ EXPECTED: dict[tuple[int, str], tuple[set[str], bool, bool]] = {
     (3, "A"): ({"seed_id", "stage"}, False, True),  # vanishing
     (10, "A"): ({"seed_id", "stage"}, False, True),  # not measured
     (4, "A"): ({"seed_id", "stage", "layer"}, True, True),  # latest top-K table
+    (4, "B"): ({"seed_id", "stage", "layer"}, True, True),  # latest top-K table: the largest step
     (5, "A"): ({"seed_id"}, True, True),  # stage timeline
     (6, "A"): ({"seed_id"}, True, True),  # per-seed totals
     (7, "A"): (set(), True, True),  # series count
@@ -486,6 +487,13 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == (math.inf if not math.isfinite(value) else pytest.approx(value, rel=1e-6)), key
+    largest = run.run_target(by_id[(4, "B")], interpolate(by_id[(4, "B")]["expr"], values))
+    got_max = {(r["metric"]["seed_id"], r["metric"]["stage"], r["metric"]["layer"]): float(r["value"][1])
+               for r in largest}
+    want_max = {(s.seed_id, s.stage, layer): s.layer_max[layer] for s in last.seeds.values()
+                for layer, value in s.top_layers if math.isfinite(value)}  # a NaN layer has no largest step
+    assert got_max == pytest.approx(want_max, rel=1e-9)
+    assert all(got_max[key] >= got[key] * (1 - 1e-9) for key in got_max)  # the largest step is at least the RMS
 
     stages = run.run_target(by_id[(5, "A")], interpolate(by_id[(5, "A")]["expr"], values))
     code = {r["metric"]["seed_id"]: r["values"][-1][1] for r in stages}
