@@ -95,7 +95,8 @@ def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             expected.append(module.reference.epoch())
 
-    trainer(callback, Reference()).fit(module, loader())
+    fit = trainer(callback, Reference())
+    fit.fit(module, loader())
 
     assert [s.epoch for s in summaries] == [0, 1]
     assert [s.sampled_steps for s in summaries] == [BATCHES // ACCUMULATE] * 2
@@ -114,8 +115,10 @@ def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
     assert summaries[0].seeds["seed-2"].sampled_steps == 1
     assert summaries[0].seeds.keys() == {"seed-0", "seed-1", "seed-2"}
     assert summaries[1].seeds.keys() == {"seed-1", "seed-2"}
-    # The fit's end closed the telemetry: the hook is gone and the last epoch goes out with the next collection.
+    # The fit's end closed the telemetry: the hook is gone (the reference's is left) and the last epoch goes
+    # out with the next collection.
     assert callback.telemetry is None
+    assert len(fit.optimizers[0]._optimizer_step_post_hooks) == 1
     points = layer_points(collect(reader)[LAYER_NORM])
     assert points == {("seed-1", layer): value for layer, value in summaries[1].seeds["seed-1"].top_layers} | {
         ("seed-2", layer): value for layer, value in summaries[1].seeds["seed-2"].top_layers}
@@ -159,9 +162,10 @@ def test_off_installs_nothing() -> None:
     module = Regression(model, registry)
 
     class Probe(pl.Callback):
-        def on_train_batch_end(self, *args: object) -> None:
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
             assert callback.telemetry is not None and not callback.telemetry.enabled
             assert not _global_optimizer_post_hooks
+            assert len(trainer.optimizers[0]._optimizer_step_post_hooks) == 1  # the reference's alone
 
     trainer(callback, Probe(), max_epochs=1).fit(module, loader())
 
@@ -200,3 +204,36 @@ def test_the_lightning_benchmark_runs_every_variant() -> None:
     report = lightning_report(samples=64, batch=32, seeds=2, rounds=1, epochs=1, log=lambda line: None)
     rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| Lightning")]
     assert rows == list(LIGHTNING_VARIANTS)  # timings are printed, never asserted
+
+
+def test_several_optimizers_stepping_on_the_same_gradients_count_once_per_batch() -> None:
+    model, registry = network()
+    summaries = []
+    callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
+
+    class HostAndSeeds(Regression):  # manual optimization: one optimizer for the host, one for the seeds
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+            self.automatic_optimization = False
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            host = [p for name, p in self.model.named_parameters() if not name.startswith("seeds.")]
+            return [torch.optim.SGD(host, lr=0.1), torch.optim.SGD(self.model.seeds.parameters(), lr=0.1)]
+
+        def on_fit_start(self) -> None:
+            pass
+
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            pass
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+            host, seeds = self.optimizers()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            host.step()
+            seeds.step()
+            host.zero_grad()
+            seeds.zero_grad()
+
+    trainer(callback, max_epochs=1, precision="32-true", gradient_clip_val=None, accumulate_grad_batches=1).fit(
+        HostAndSeeds(model, registry), loader())
+    assert [s.sampled_steps for s in summaries] == [BATCHES]

@@ -90,8 +90,9 @@ def test_train_measures_the_applied_gradients_once_per_optimizer_step(tmp_path: 
             assert [layer for layer, _ in seed.top_layers] == [layer for layer, _ in want]
             assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-4)
     assert summaries[0].seeds["pooler"].sampled_steps == 1
-    # train()'s end closed the telemetry: no hook of ours is left on the optimizers.
+    # train()'s end closed the telemetry: the reference's is the only hook left on the optimizer.
     assert callback.telemetry is None and not _global_optimizer_post_hooks
+    assert len(optimizer._optimizer_step_post_hooks) == 1
     provider.shutdown()
 
 

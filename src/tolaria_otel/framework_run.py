@@ -8,13 +8,13 @@ summarised at each epoch end or every N optimizer steps, and closed at the end o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.metrics import MeterProvider
 from torch import nn
 
-from .optimizer_hooks import EveryOptimizer
+from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
 from .seeds import SeedSource, StageNames
 from .settings import SeedLayerSettings
 from .summary import EpochSummary
@@ -46,15 +46,18 @@ class RunOptions:
 class FrameworkRun:
     """The telemetry of one run of a framework's training loop, from its start to its end."""
 
-    def __init__(self, model: nn.Module, options: RunOptions) -> None:
+    def __init__(self, model: nn.Module, optimizers: Sequence[object], options: RunOptions) -> None:
         self.options = options
         self.telemetry = SeedLayerTelemetry(model, options.seeds, settings=options.settings,
                                             meter_provider=options.meter_provider, attributes=options.attributes,
                                             stage_names=options.stage_names)
         self._steps_unsummarised = 0
-        # Every optimizer that holds a parameter of the model, once per training step: the
-        # framework's own (whatever wraps it), and one it swaps in mid-run.
-        self._hook = EveryOptimizer(model, self._after_optimizer_step).handle if self.telemetry.enabled else None
+        self._hook = None
+        if self.telemetry.enabled:
+            # One optimizer (the usual case): a hook on it, about 1 µs a step. Several: every
+            # optimizer holding a model parameter, counted once when they step on the same gradients.
+            self._hook = (OptimizerSteps(unwrap_optimizer(optimizers[0]), self._after_optimizer_step).handle
+                          if len(optimizers) == 1 else EveryOptimizer(model, self._after_optimizer_step).handle)
 
     def epoch_end(self) -> None:
         """The framework's epoch ended: summarise, unless summaries go every N steps."""

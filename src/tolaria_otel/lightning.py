@@ -57,7 +57,7 @@ class SeedLayerCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()  # a fit that failed before Lightning could tell us
-        self._run = FrameworkRun(pl_module, self.options)
+        self._run = FrameworkRun(pl_module, trainer.optimizers, self.options)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._run is not None:

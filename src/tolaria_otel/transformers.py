@@ -62,12 +62,12 @@ class SeedLayerCallback(transformers.TrainerCallback):
         return None if self._run is None else self._run.telemetry
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       **kwargs: Any) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"the Trainer passed model={type(model).__name__} to on_train_begin: expected a "
-                            "torch.nn.Module")
+                       optimizer: object = None, **kwargs: Any) -> None:
+        if not isinstance(model, nn.Module) or optimizer is None:
+            raise TypeError(f"the Trainer passed model={type(model).__name__}, optimizer={type(optimizer).__name__} "
+                            "to on_train_begin: expected a torch.nn.Module and its optimizer")
         self.close()  # a train() that raised
-        self._run = FrameworkRun(model, self.options)
+        self._run = FrameworkRun(model, [optimizer], self.options)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._run is not None:
