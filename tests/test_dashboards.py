@@ -58,8 +58,9 @@ STAGE_PREFIX = {False: "SEED_STAGE_", True: ""}
 STAGE_CHANGE = ("seed-1", 2, "BLENDING")  # seed-1 moves from TRAINING to BLENDING at epoch 2
 # The faulty run's last epoch: seed-0's gradients are x1e8 at every step, seed-1 gets a NaN at the last
 # step, seed-3's module leaves the graph (no gradient at all), seed-4's gradient is x40 at the last step
-# (a spike: max/RMS ~13, the RMS only ~3x up). From the first step: seed-2's gradients are x1e-12, and
-# every third step seed-5's are x100 (noisy: p99 ~100x p50, max/RMS ~sqrt(3), the RMS the same each epoch).
+# (a spike: max/RMS above 10, the RMS only a few times up, so no exploding layer). From the first step:
+# seed-2's gradients are x1e-12, and every third step seed-5's are x100 (noisy: p99 far above 10x p50,
+# max/RMS below 10, and every epoch alike, so no exploding layer either).
 EXPLODING, NONFINITE, VANISHING, NOT_MEASURED, SPIKE, NOISY = SEEDS
 NONFINITE_LAYER = "net.2"
 SPIKE_SCALE, NOISY_SCALE, NOISY_EVERY = 40.0, 100.0, 3
