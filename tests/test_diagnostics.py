@@ -145,3 +145,35 @@ def test_health_states_with_their_thresholds():
         "vanishing": "vanishing", "healthy": "healthy"}
     assert summary.seeds["nan"].nonfinite_steps == 67  # steps 1, 4, 7, ... of 200
     assert summary.to_dict()["seeds"][0]["health"] == "not_measured"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_recording_counts_equals_recording_each_value_in_every_reader(monkeypatch, fast):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from tolaria_otel import sdk_state
+
+    if not fast:  # an SDK whose internals are not the known ones: one record() per value
+        monkeypatch.setattr(sdk_state, "_add_to_buckets", lambda *args: False)
+    counts = [(1e-3, 5), (0.1, 1), (10.0, 300), (HISTOGRAM_BOUNDARIES[-1] * 2, 2)]
+
+    def points(record) -> list[tuple]:
+        readers = [InMemoryMetricReader(), InMemoryMetricReader()]
+        histogram = MeterProvider(metric_readers=readers).get_meter("t").create_histogram(
+            "h", explicit_bucket_boundaries_advisory=HISTOGRAM_BOUNDARIES)
+        record(histogram)
+        out = []
+        for reader in readers:
+            (point,) = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+            out.append((point.count, point.sum, tuple(point.bucket_counts), point.min, point.max))
+        return out
+
+    def one_by_one(histogram) -> None:
+        for value, count in counts:
+            for _ in range(count):
+                histogram.record(value, {"seed_id": "s"})
+
+    got = points(lambda h: sdk_state.record_counts(h, {"seed_id": "s"}, counts))
+    want = points(one_by_one)
+    assert got == pytest.approx(want)

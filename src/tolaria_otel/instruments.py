@@ -30,7 +30,7 @@ from opentelemetry.metrics import Asynchronous, CallbackOptions, Histogram, Mete
 from opentelemetry.sdk.metrics.view import DropAggregation, ExplicitBucketHistogramAggregation, View
 
 from ._version import __version__
-from .sdk_state import release_idle_attribute_sets
+from .sdk_state import record_counts, release_idle_attribute_sets
 from .settings import SeedLayerSettings
 from .summary import HISTOGRAM_BOUNDARIES, EpochSummary
 
@@ -255,9 +255,7 @@ class SeedLayerInstruments:
         top = HISTOGRAM_BOUNDARIES[-1] * 10 ** 0.25  # any value above the last bound
         for seed in summary.seeds.values():
             attributes = {**self._identity, "seed_id": seed.seed_id, "stage": seed.stage}
-            for bound, count in zip((*HISTOGRAM_BOUNDARIES, top), seed.step_norm_counts):
-                for _ in range(count):
-                    self._step_norm.record(bound, attributes)
+            record_counts(self._step_norm, attributes, zip((*HISTOGRAM_BOUNDARIES, top), seed.step_norm_counts))
 
     def close(self) -> None:
         """Export the latest snapshot at one more collection (the next export, a flush, or the

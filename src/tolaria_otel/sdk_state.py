@@ -1,4 +1,5 @@
-"""Releasing the OpenTelemetry SDK's state for attribute sets the package no longer observes.
+"""The two places the package reaches into the OpenTelemetry SDK: releasing the state of attribute
+sets it no longer observes, and recording many equal histogram values at once.
 
 The SDK (1.30 to at least 1.45) keeps one aggregation per attribute set an asynchronous instrument
 ever observed, for the life of the process, and counts them against the stream's cardinality limit.
@@ -10,6 +11,7 @@ when the SDK's internals are not the ones it knows, leaving the state untouched.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -38,4 +40,42 @@ def release_idle_attribute_sets(instruments: Iterable[Any], keep: Callable[[Mapp
                         if keep(aggregation._attributes or {})}
         except AttributeError:
             return False
+    return True
+
+
+def record_counts(histogram: Any, attributes: Mapping[str, Any], counts: Iterable[tuple[float, int]]) -> None:
+    """Record ``count`` measurements of ``value`` for each pair, as ``count`` calls of ``record`` would.
+
+    The API records one value per call (about 11 us each in SDK 1.45): an epoch of 10,000 steps would
+    cost a tenth of a second per seed. On the SDK, one call per value creates the aggregation (and its
+    min, max and exemplar), and the remaining ``count - 1`` go into its bucket and sum directly, under
+    its lock; where that is not possible, the remaining calls are made.
+    """
+    for value, count in counts:
+        if count <= 0:
+            continue
+        histogram.record(value, attributes)
+        if count > 1 and not _add_to_buckets(histogram, attributes, value, count - 1):
+            for _ in range(count - 1):
+                histogram.record(value, attributes)
+
+
+def _add_to_buckets(histogram: Any, attributes: Mapping[str, Any], value: float, count: int) -> bool:
+    try:
+        storages = list(histogram._measurement_consumer._reader_storages.values())
+        aggregations = []
+        for storage in storages:
+            for match in storage._instrument_view_instrument_matches.get(histogram, ()):
+                found = [a for a in match._attributes_aggregation.values() if a._attributes == attributes]
+                if len(found) != 1 or not hasattr(found[0], "_boundaries"):
+                    return False  # nothing adjusted yet: the caller records the rest one by one
+                aggregations.append(found[0])
+        for aggregation in aggregations:
+            with aggregation._lock:
+                if aggregation._value is None:  # collected since the record() above
+                    aggregation._value = aggregation._get_empty_bucket_counts()
+                aggregation._value[bisect.bisect_left(aggregation._boundaries, value)] += count
+                aggregation._sum += value * count
+    except AttributeError:
+        return False
     return True
