@@ -62,8 +62,12 @@ class _StepHook:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if torch.compiler.is_compiling():
-            dynamo: Any = torch._dynamo  # loaded: it is tracing this; older ones lack skip_frame
-            getattr(dynamo, "skip_frame", dynamo.graph_break)("tolaria_otel: optimizer step hooks run eagerly")
+            dynamo: Any = torch._dynamo  # loaded: it is tracing this
+            skip_frame = getattr(dynamo, "skip_frame", None)
+            if skip_frame is not None:
+                skip_frame("tolaria_otel: optimizer step hooks run eagerly")
+            else:  # an older dynamo: a graph break there runs the hook eagerly too
+                dynamo.graph_break()
         work = self._uncompiled
         if work is None:
             if "torch._dynamo" not in sys.modules:  # nothing compiles yet, and loading it takes a second
