@@ -126,6 +126,7 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # torch.distributed's own TorchScript
 @pytest.mark.parametrize("attach", ["optimizer", "every_optimizer"])
 def test_zero_redundancy_optimizer_counts_each_step_once(one_process_group, attach: str) -> None:
     from torch.distributed.optim import ZeroRedundancyOptimizer
