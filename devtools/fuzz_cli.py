@@ -139,6 +139,7 @@ def verdict(variable: str, value: str) -> str:
     rules: dict[str, Callable[[str], bool]] = {
         "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
         "TOLARIA_SEED_HEALTH_COMPACT": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
+        "TOLARIA_SEED_HOST_NORM": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
         "TOLARIA_SEED_LAYER_TOPK": lambda v: integer_in(v, 1, 100),
         "TOLARIA_SEED_LAYER_SAMPLE_EVERY": lambda v: integer_in(v, 1, 1_000_000),
         "TOLARIA_SEED_LAYER_EXPORT_RANK": lambda v: integer_in(v, 0, 1_000_000),
