@@ -34,6 +34,17 @@ class Recompiles(logging.Handler):
         self.count += "Recompiling function" in record.getMessage()
 
 
+@pytest.fixture(autouse=True)
+def no_process_wide_hooks() -> Iterator[None]:
+    """Without the package means without: a process-wide hook another test left would be traced too."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    left = dict(_global_optimizer_post_hooks)
+    _global_optimizer_post_hooks.clear()
+    yield
+    _global_optimizer_post_hooks.update(left)
+
+
 @pytest.fixture
 def recompiles() -> Iterator[Recompiles]:
     handler = Recompiles()

@@ -55,6 +55,7 @@ def arguments(tmp_path: object, **kwargs: object) -> transformers.TrainingArgume
 
 
 def test_train_measures_the_applied_gradients_once_per_optimizer_step(tmp_path: object) -> None:
+    global_hooks = set(_global_optimizer_post_hooks)  # other tests' may be there: ours must not be added
     model = tiny_bert()
     layers = model.bert.encoder.layer
     seeds = {"layer-0": (layers[0], "TRAINING"), "layer-1": (layers[1], "TRAINING")}
@@ -91,7 +92,7 @@ def test_train_measures_the_applied_gradients_once_per_optimizer_step(tmp_path: 
             assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-4)
     assert summaries[0].seeds["pooler"].sampled_steps == 1
     # train()'s end closed the telemetry: the reference's is the only hook left on the optimizer.
-    assert callback.telemetry is None and not _global_optimizer_post_hooks
+    assert callback.telemetry is None and set(_global_optimizer_post_hooks) == global_hooks
     assert len(optimizer._optimizer_step_post_hooks) == 1
     provider.shutdown()
 
