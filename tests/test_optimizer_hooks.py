@@ -1,5 +1,6 @@
-"""attach(optimizer) on what frameworks hand out: closure steps, accelerate's AcceleratedOptimizer and ZeroRedundancyOptimizer on a one-process
-gloo group; the process-wide attach() there too. Values against the gradients each step used."""
+"""attach(optimizer) on what frameworks hand out: closure steps, GradScaler, accelerate's
+AcceleratedOptimizer, ZeroRedundancyOptimizer on a one-process gloo group (and the process-wide
+attach() there). Values against the gradients each step used."""
 
 from __future__ import annotations
 
