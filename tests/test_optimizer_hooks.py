@@ -13,7 +13,7 @@ from torch import nn
 
 from tolaria_otel import SeedLayerSettings
 
-from .helpers import ReferenceNorms, expected_top_k, seeded_network, telemetry_for
+from .helpers import ReferenceNorms, expected_top_k, metered, seeded_network, telemetry_for
 
 ON = SeedLayerSettings(enabled=True, top_k=3)
 
@@ -168,3 +168,16 @@ def test_grad_scaler_steps_are_measured_unscaled_and_skipped_steps_not_at_all() 
     assert summary.sampled_steps == reference.steps == 3
     assert_matches(summary, reference)
     assert all(seed.total_norm < 1.0 for seed in summary.seeds.values())  # unscaled (and clipped), not x4096
+
+
+def test_a_framework_optimizer_with_no_torch_optimizer_inside_is_measured_by_the_process_wide_hook() -> None:
+    from tolaria_otel.framework_run import FrameworkRun, RunOptions
+
+    model, registry = seeded_network(1)
+    summaries = []
+    options = RunOptions(registry, ON, metered(ON)[0], None, None, None, summaries.append)
+    run = FrameworkRun(model, [types.SimpleNamespace(step=lambda: None)], options)  # DeepSpeed's own, say
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    closure_steps(model, optimizer, 2, micro_batches=1)
+    run.close()
+    assert [s.sampled_steps for s in summaries] == [2]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from opentelemetry.metrics import MeterProvider
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
 from .seeds import SeedSource, StageNames
@@ -52,12 +53,20 @@ class FrameworkRun:
                                             meter_provider=options.meter_provider, attributes=options.attributes,
                                             stage_names=options.stage_names)
         self._steps_unsummarised = 0
-        self._hook = None
+        self._hook: RemovableHandle | None = None
         if self.telemetry.enabled:
-            # One optimizer (the usual case): a hook on it, about 1 µs a step. Several: every
-            # optimizer holding a model parameter, counted once when they step on the same gradients.
-            self._hook = (OptimizerSteps(unwrap_optimizer(optimizers[0]), self._after_optimizer_step).handle
-                          if len(optimizers) == 1 else EveryOptimizer(model, self._after_optimizer_step).handle)
+            self._hook = self._attach(model, optimizers)
+
+    def _attach(self, model: nn.Module, optimizers: Sequence[object]) -> RemovableHandle:
+        """One optimizer (the usual case): a hook on it, about 1 µs a step. Several, or one that is no
+        torch optimizer inside (DeepSpeed's own): every optimizer that holds a parameter of the model,
+        counted once when they step on the same gradients."""
+        if len(optimizers) == 1:
+            try:
+                return OptimizerSteps(unwrap_optimizer(optimizers[0]), self._after_optimizer_step).handle
+            except TypeError:
+                pass
+        return EveryOptimizer(model, self._after_optimizer_step).handle
 
     def epoch_end(self) -> None:
         """The framework's epoch ended: summarise, unless summaries go every N steps."""
@@ -70,9 +79,11 @@ class FrameworkRun:
             return
         self._hook.remove()
         self._hook = None
-        if self._steps_unsummarised:
-            self._summarise()
-        self.telemetry.close()
+        try:
+            if self._steps_unsummarised:
+                self._summarise()
+        finally:
+            self.telemetry.close()
 
     def _after_optimizer_step(self) -> None:
         self.telemetry.observe_step()
