@@ -103,6 +103,13 @@ def arrives(store: VictoriaMetrics, run: Run, summary: EpochSummary) -> None:
                timeout=RESUME_TIMEOUT_S, message=f"epoch {summary.epoch} did not arrive in the store")
 
 
+def settled(run: Run) -> None:
+    """Wait until no export of an earlier epoch is still retrying: the reader exports one at a time, so once a
+    flush of the latest epoch has failed (within the OTLP timeout), every earlier attempt is over. Without it,
+    an export still retrying when the Collector comes back delivers its epoch late (docs/operations.md)."""
+    run.provider.force_flush(10_000)  # True or False: the export it made is over either way
+
+
 def close_within_bound(run: Run, fault: str) -> None:
     close_s, shutdown_s = run.close()
     print(f"\n{fault}: telemetry.close() {close_s:.2f}s, provider.shutdown() {shutdown_s:.2f}s "
@@ -116,6 +123,7 @@ def test_collector_down_at_the_trainers_start(env, store, collector_for, protoco
     run = new_run(env, collector, protocol)
     superseded = run.epoch()  # nothing listens: every export of this epoch fails, and the next epoch replaces it
     latest = run.epoch()
+    settled(run)
     collector.start()
     arrives(store, run, latest)
     assert not overlap(values(superseded), stored(store, run)), "an epoch superseded while it was down arrived"
@@ -134,6 +142,7 @@ def test_collector_killed_mid_run_and_restarted(env, store, collector_for, proto
     collector.kill()  # SIGKILL: what it held (repeats of `before`, already stored) is gone with it
     superseded = run.epoch()
     latest = run.epoch()
+    settled(run)
     collector.start()  # same ports
     arrives(store, run, latest)
     assert within(values(before), stored(store, run))
