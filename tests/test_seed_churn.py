@@ -146,6 +146,7 @@ def test_seeds_germinated_after_end_epoch_and_mid_epoch_are_measured_at_once(att
     assert "seed-0" not in summary.seeds  # culled mid-epoch: gone, not zero
     train(3, {})
     assert_matches(telemetry.end_epoch(), reference.epoch(registry.modules), ON.top_k)
+    telemetry.close()  # attach() without an optimizer hooks every optimizer of the process until then
 
 
 def test_culled_seed_stops_being_measured_at_the_first_step_it_is_gone():
