@@ -241,9 +241,11 @@ class SeedLayerInstruments:
         with self._lock:
             self._points = points
             keep = keys | self._previous_keys  # a collection running now may still observe the previous snapshot
+            steady = keys == self._previous_keys  # nothing became idle: the usual epoch, nothing to release
             self._previous_keys = keys
         self._record_distribution(summary)
-        if self._can_release and not release_idle_attribute_sets(self.streams, lambda a: _key(a) in keep):
+        if not steady and self._can_release and not release_idle_attribute_sets(self.streams,
+                                                                                lambda a: _key(a) in keep):
             self._can_release = False
             _logger.warning("tolaria_otel: this OpenTelemetry SDK does not let the package release idle attribute "
                             "sets; a long run with many seeds may reach the cardinality limit (%d)",

@@ -6,10 +6,10 @@ import dataclasses
 import logging
 import math
 import sys
-from dataclasses import dataclass
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from opentelemetry import metrics
@@ -19,8 +19,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .distributed import RankReduction
 from .epoch import HOST, TOTAL, EpochSums, Segment, SegmentKey, fold, segment_key
-from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .health import classify
+from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .norms import FLUSH_EVERY, DeviceMoved
 from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
 from .seeds import SeedSource, SeedView, StageNames, read_seeds, validate_seeds
@@ -29,6 +29,7 @@ from .summary import EpochSummary, SeedSummary
 from .topk import top_k
 
 _logger = logging.getLogger(__name__)
+
 
 class SeedLayerTelemetry:
     """Per-seed, per-layer gradient norms of a training run, summarised per epoch.
