@@ -31,6 +31,19 @@ def _time(code: str) -> float:
     return time.perf_counter() - start
 
 
+#: Imported after torch, timed inside the interpreter (free of start-up noise).
+AFTER_TORCH = {
+    "SeedLayerTelemetry": "from tolaria_otel import SeedLayerTelemetry",
+    "the public API": "from tolaria_otel import SeedLayerTelemetry, configure_meter_provider, SeedLayerSettings",
+}
+
+
+def _time_after_torch(statement: str) -> float:
+    code = f"import time, torch\nstart = time.perf_counter()\n{statement}\nprint(time.perf_counter() - start)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout.split()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.imports", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -45,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, samples in times.items():
         median = statistics.median(samples)
         print(f"| {name} | {median:.3f} | {median - torch_alone:+.3f} |")
+    print("\n| after `import torch`, in the same interpreter | median s |\n| --- | ---: |")
+    for name, statement in AFTER_TORCH.items():
+        print(f"| {name} | {statistics.median(_time_after_torch(statement) for _ in range(args.rounds)):.3f} |")
     return 0
 
 

@@ -27,11 +27,10 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from opentelemetry.sdk.resources import Resource
 from torch import nn
 
 from .epoch import (
@@ -47,6 +46,9 @@ from .epoch import (
 )
 from .norms import GradientHolder
 from .settings import ENV_EXPORT_RANK, SettingsError
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
 
 #: Resource attributes (no semantic convention names the rank; these follow ``torch.distributed``'s own API).
 RANK_ATTRIBUTE = "torch.distributed.rank"
@@ -70,6 +72,8 @@ def distributed_resource() -> Resource:
 
     Resource, not point, attributes: the points of one run must not multiply by the world size.
     """
+    from opentelemetry.sdk.resources import Resource  # the SDK, only where a provider is configured
+
     group = process_group()
     if group is None:
         return Resource.get_empty()

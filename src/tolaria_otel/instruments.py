@@ -24,15 +24,17 @@ import math
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import Asynchronous, CallbackOptions, Histogram, MeterProvider, ObservableGauge, Observation
-from opentelemetry.sdk.metrics.view import DropAggregation, ExplicitBucketHistogramAggregation, View
 
 from ._version import __version__
 from .sdk_state import record_counts, release_idle_attribute_sets
 from .settings import SeedLayerSettings
 from .summary import HISTOGRAM_BOUNDARIES, EpochSummary
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.view import View
 
 LAYER_NORM = "tolaria.grad_agg.seed.layer_norm"
 LAYER_NORM_MAX = "tolaria.grad_agg.seed.layer_norm_max"
@@ -70,6 +72,9 @@ def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
     They make the cardinality limit explicit and, in compact mode, drop the per-layer instruments.
     They keep every attribute the package gives (the contract's, plus a trainer's identity).
     """
+    # The SDK, imported here only: a trainer that takes its provider from elsewhere needs just the API.
+    from opentelemetry.sdk.metrics.view import DropAggregation, ExplicitBucketHistogramAggregation, View
+
     settings = SeedLayerSettings.from_env() if settings is None else settings
     views = [View(instrument_name=name, aggregation_cardinality_limit=STREAM_CARDINALITY_LIMIT)
              for name in (*_SEED_GAUGES, SETTINGS_INFO, SERIES_BUDGET)]
