@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from tolaria_otel.instruments import SEED_NORM_MAX, SEED_STEP_NORM
 from tolaria_otel import (
     LAYER_NONFINITE,
     LAYER_NORM,
@@ -16,6 +15,7 @@ from tolaria_otel import (
     SeedLayerSettings,
     SeedLayerTelemetry,
 )
+from tolaria_otel.instruments import SEED_NORM_MAX, SEED_STEP_NORM
 from tolaria_otel.seeded_mlp import SeedRegistry
 
 from .helpers import (

@@ -16,6 +16,7 @@ before. A step that ``16-mixed`` skips for inf or NaN is not measured.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+
 import lightning.pytorch as pl
 from opentelemetry.metrics import MeterProvider
 

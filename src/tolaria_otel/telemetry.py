@@ -11,7 +11,6 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider
 from torch import nn
