@@ -104,7 +104,9 @@ class Segment:
                 entries.extend((i, len(self.slots), weights[i]) for i in indices)
                 self.slots.append((seed.seed_id, layer))
         self.numel = [param.numel() for param in params]
-        self.slot_params = [[i for i, slot, _ in entries if slot == s] for s in range(len(self.slots))]
+        self.slot_params: list[list[int]] = [[] for _ in self.slots]
+        for i, slot, _ in entries:
+            self.slot_params[slot].append(i)
         self.home = params[0].device if params else torch.device("cpu")
         self.norms = StepNorms(local_gradients(params), entries, len(self.slots), self.home)
         self.total_slots = [i for i, (_, layer) in enumerate(self.slots) if layer == TOTAL]
