@@ -96,3 +96,47 @@ class FrameworkRun:
         summary = self.telemetry.end_epoch()
         if summary is not None and self.options.on_summary is not None:
             self.options.on_summary(summary)
+
+
+class FrameworkCallback:
+    """What both framework callbacks hold: their options and the run in progress, if any.
+
+    A mix-in: ``class SeedLayerCallback(FrameworkCallback, pl.Callback)``. ``seeds`` and the keywords
+    are those of :class:`SeedLayerTelemetry` (``settings`` defaults to ``SeedLayerSettings.from_env()``,
+    read here); ``every_n_steps`` summarises every that many optimizer steps instead of at each epoch end;
+    ``on_summary`` gets each :class:`EpochSummary` (Tamiyo's in-process view).
+    """
+
+    def __init__(
+        self,
+        seeds: SeedSource,
+        *,
+        settings: SeedLayerSettings | None = None,
+        meter_provider: MeterProvider | None = None,
+        attributes: Mapping[str, str] | None = None,
+        stage_names: StageNames | None = None,
+        every_n_steps: int | None = None,
+        on_summary: Callable[[EpochSummary], object] | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = RunOptions(seeds, SeedLayerSettings.from_env() if settings is None else settings,
+                                  meter_provider, attributes, stage_names, every_n_steps, on_summary)
+        self._run: FrameworkRun | None = None
+
+    @property
+    def telemetry(self) -> SeedLayerTelemetry | None:
+        """The running run's telemetry, or None between runs."""
+        return None if self._run is None else self._run.telemetry
+
+    def _start_run(self, model: nn.Module, optimizers: Sequence[object]) -> None:
+        self._close_run()  # a run that failed before the framework could tell us
+        self._run = FrameworkRun(model, optimizers, self.options)
+
+    def _end_epoch(self) -> None:
+        if self._run is not None:
+            self._run.epoch_end()
+
+    def _close_run(self) -> None:
+        if self._run is not None:
+            self._run.close()
+            self._run = None

@@ -18,66 +18,33 @@ telemetry attached until the next ``train()`` starts (which closes it) or ``clos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import transformers
-from opentelemetry.metrics import MeterProvider
 from torch import nn
 
-from .framework_run import FrameworkRun, RunOptions
-from .seeds import SeedSource, StageNames
-from .settings import SeedLayerSettings
-from .summary import EpochSummary
-from .telemetry import SeedLayerTelemetry
+from .framework_run import FrameworkCallback
 
 
-class SeedLayerCallback(transformers.TrainerCallback):
+class SeedLayerCallback(FrameworkCallback, transformers.TrainerCallback):
     """Per-seed, per-layer gradient summaries of a Hugging Face ``Trainer.train()``.
 
-    ``seeds`` and the keywords are those of :class:`~tolaria_otel.SeedLayerTelemetry` (``settings``
-    defaults to ``SeedLayerSettings.from_env()``, read here); ``every_n_steps`` summarises every that
-    many optimizer steps instead of at each epoch end; ``on_summary`` gets each
-    :class:`~tolaria_otel.EpochSummary` (Tamiyo's in-process view). ``telemetry`` is the running
-    ``train()``'s, or ``None`` between runs.
+    ``seeds`` and the keywords: see :class:`~tolaria_otel.framework_run.FrameworkCallback`.
     """
-
-    def __init__(
-        self,
-        seeds: SeedSource,
-        *,
-        settings: SeedLayerSettings | None = None,
-        meter_provider: MeterProvider | None = None,
-        attributes: Mapping[str, str] | None = None,
-        stage_names: StageNames | None = None,
-        every_n_steps: int | None = None,
-        on_summary: Callable[[EpochSummary], object] | None = None,
-    ) -> None:
-        self.options = RunOptions(seeds, SeedLayerSettings.from_env() if settings is None else settings,
-                                  meter_provider, attributes, stage_names, every_n_steps, on_summary)
-        self._run: FrameworkRun | None = None
-
-    @property
-    def telemetry(self) -> SeedLayerTelemetry | None:
-        return None if self._run is None else self._run.telemetry
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        optimizer: object = None, **kwargs: Any) -> None:
         if not isinstance(model, nn.Module) or optimizer is None:
             raise TypeError(f"the Trainer passed model={type(model).__name__}, optimizer={type(optimizer).__name__} "
                             "to on_train_begin: expected a torch.nn.Module and its optimizer")
-        self.close()  # a train() that raised
-        self._run = FrameworkRun(model, [optimizer], self.options)
+        self._start_run(model, [optimizer])  # closes a train() that raised
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._run is not None:
-            self._run.epoch_end()
+        self._end_epoch()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.close()
+        self._close_run()
 
     def close(self) -> None:
         """Summarise what is left, detach and close; ``train()``'s end does it (and a new one after a failure)."""
-        if self._run is not None:
-            self._run.close()
-            self._run = None
+        self._close_run()
