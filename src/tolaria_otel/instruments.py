@@ -65,6 +65,29 @@ _LAYER_INSTRUMENTS = (LAYER_NORM, LAYER_NORM_MAX, LAYER_NONFINITE)
 _SEED_GAUGES = (SEED_NORM, SEED_NORM_MAX, SEED_HOST_RATIO, SEED_NOT_MEASURED, HOST_NORM)
 _PointKey = tuple[tuple[str, str], ...]
 
+#: Every gauge of a trainer: name, unit, description. The unit-less ones have unit "" ("1" would add a
+#: _ratio suffix in Prometheus). The layer gauges exist in compact mode too (they export nothing then,
+#: and the views drop them), so a trainer that takes an identity over with other settings finds them.
+#: SEED_NORM comes first: its callback, the first of a collection, counts the collections after close().
+_GAUGES = (
+    (SEED_NORM, UNIT, "Per seed, RMS over the epoch's sampled optimizer steps of the L2 norm of all its gradients."),
+    (SEED_NORM_MAX, UNIT, "Per seed, the largest per-step L2 norm of all its gradients over the epoch's sampled "
+     "optimizer steps (a spike the RMS hides)."),
+    (SEED_HOST_RATIO, "", "Per seed, (seed norm / host norm) x sqrt(host parameters / seed parameters), epoch RMS "
+     "norms (TOLARIA_SEED_HOST_NORM)."),
+    (HOST_NORM, UNIT, "The host's gradient norm (every trainable parameter outside the seeds), RMS over the epoch's "
+     "sampled optimizer steps (TOLARIA_SEED_HOST_NORM)."),
+    (SEED_NOT_MEASURED, "", "1 for a seed that had no gradient at any sampled step of the epoch (not a zero "
+     "gradient: none at all)."),
+    (SETTINGS_INFO, "", "1 while the per-layer seed summaries are on; attributes give the effective settings."),
+    (SERIES_BUDGET, "", "Per-layer series this trainer may export now: top_k x active seeds (0 in compact mode)."),
+    (LAYER_NORM, UNIT, "Top-K layers per seed: RMS over the epoch's sampled optimizer steps of the L2 norm of the "
+     "layer's direct parameters' gradients."),
+    (LAYER_NORM_MAX, UNIT, "Top-K layers per seed (ranked by RMS): the largest per-step L2 norm of the layer's "
+     "direct parameters' gradients over the epoch's sampled optimizer steps."),
+    (LAYER_NONFINITE, "", "1 for a top-K layer whose epoch gradient norm is NaN or Inf."),
+)
+
 
 def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
     """Views for an application that builds its own ``MeterProvider``.
@@ -169,47 +192,8 @@ class SeedLayerInstruments:
         scope = {TRAINER_SCOPE_ATTRIBUTE: trainer_scope(self._identity)} if self._identity else None
         meter = meter_provider.get_meter(METER_NAME, __version__, attributes=scope)
         gauges: list[ObservableGauge] = [
-            meter.create_observable_gauge(
-                SEED_NORM, [self._reader(SEED_NORM)], unit=UNIT,
-                description="Per seed, RMS over the epoch's sampled optimizer steps of the L2 norm of all its "
-                "gradients."),
-            meter.create_observable_gauge(
-                SEED_NORM_MAX, [self._reader(SEED_NORM_MAX)], unit=UNIT,
-                description="Per seed, the largest per-step L2 norm of all its gradients over the epoch's sampled "
-                "optimizer steps (a spike the RMS hides)."),
-            meter.create_observable_gauge(
-                SEED_HOST_RATIO, [self._reader(SEED_HOST_RATIO)], unit="",
-                description="Per seed, (seed norm / host norm) x sqrt(host parameters / seed parameters), epoch RMS "
-                "norms (TOLARIA_SEED_HOST_NORM)."),
-            meter.create_observable_gauge(
-                HOST_NORM, [self._reader(HOST_NORM)], unit=UNIT,
-                description="The host's gradient norm (every trainable parameter outside the seeds), RMS over the "
-                "epoch's sampled optimizer steps (TOLARIA_SEED_HOST_NORM)."),
-            meter.create_observable_gauge(
-                SEED_NOT_MEASURED, [self._reader(SEED_NOT_MEASURED)],
-                unit="",  # unit-less: "1" would add a _ratio suffix in Prometheus
-                description="1 for a seed that had no gradient at any sampled step of the epoch (not a zero "
-                "gradient: none at all)."),
-            meter.create_observable_gauge(
-                SETTINGS_INFO, [self._reader(SETTINGS_INFO)], unit="",
-                description="1 while the per-layer seed summaries are on; attributes give the effective settings."),
-            meter.create_observable_gauge(
-                SERIES_BUDGET, [self._reader(SERIES_BUDGET)], unit="",
-                description="Per-layer series this trainer may export now: top_k x active seeds (0 in compact "
-                "mode)."),
-            # Created in compact mode too (they export nothing then, and the views drop them), so a
-            # trainer that takes the identity over with other settings finds them.
-            meter.create_observable_gauge(
-                LAYER_NORM, [self._reader(LAYER_NORM)], unit=UNIT,
-                description="Top-K layers per seed: RMS over the epoch's sampled optimizer steps of the "
-                "L2 norm of the layer's direct parameters' gradients."),
-            meter.create_observable_gauge(
-                LAYER_NORM_MAX, [self._reader(LAYER_NORM_MAX)], unit=UNIT,
-                description="Top-K layers per seed (ranked by RMS): the largest per-step L2 norm of the layer's "
-                "direct parameters' gradients over the epoch's sampled optimizer steps."),
-            meter.create_observable_gauge(
-                LAYER_NONFINITE, [self._reader(LAYER_NONFINITE)], unit="",
-                description="1 for a top-K layer whose epoch gradient norm is NaN or Inf."),
+            meter.create_observable_gauge(name, [self._reader(name)], unit=unit, description=description)
+            for name, unit, description in _GAUGES
         ]
         self._step_norm: Histogram = meter.create_histogram(
             SEED_STEP_NORM, unit=UNIT, explicit_bucket_boundaries_advisory=HISTOGRAM_BOUNDARIES,

@@ -55,7 +55,7 @@ class _Group:
     positions: list[int]  # where each parameter sits in StepNorms' order
     zero: torch.Tensor  # the norm of a parameter without a gradient this step
     sparse: list[int] = field(default_factory=list)  # indices (into params) measured one by one
-    pending: list[list[torch.Tensor]] = field(default_factory=list)  # per waiting step, one norm per parameter
+    pending: list[Sequence[torch.Tensor]] = field(default_factory=list)  # per waiting step, one norm per parameter
 
 
 @dataclass
@@ -132,7 +132,7 @@ class StepNorms:
         # Identity test: `None in grads` would call Tensor.__eq__(None) per gradient (~12 us each).
         if not group.sparse and all(grad is not None for grad in grads):
             try:
-                group.pending.append(list(self._norms(group.float32_norm, grads)))  # type: ignore[arg-type]
+                group.pending.append(self._norms(group.float32_norm, grads))  # type: ignore[arg-type]
                 return True
             except (RuntimeError, NotImplementedError):
                 if not self._split_sparse(group):

@@ -46,8 +46,8 @@ def release_idle_attribute_sets(instruments: Iterable[Any], keep: Callable[[Mapp
 def record_counts(histogram: Any, attributes: Mapping[str, Any], counts: Iterable[tuple[float, int]]) -> None:
     """Record ``count`` measurements of ``value`` for each pair, as ``count`` calls of ``record`` would.
 
-    The API records one value per call (about 11 us each in SDK 1.45): an epoch of 10,000 steps would
-    cost a tenth of a second per seed. On the SDK, one call per value creates the aggregation (and its
+    The API records one value per call, and an epoch of many steps would make that many calls per seed
+    at its end. On the SDK, one call per value creates the aggregation (and its
     min, max and exemplar), and the remaining ``count - 1`` go into its bucket and sum directly, under
     its lock; where that is not possible, the remaining calls are made.
     """

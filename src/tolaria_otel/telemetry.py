@@ -237,19 +237,20 @@ class SeedLayerTelemetry:
             self._warned_unsampled = True
         if sums is None or not steps:
             return EpochSummary(self.epoch, steps, self.settings.top_k, {})
-        host = _slot_values(sums, HOST).get(TOTAL)
+        by_seed = _slot_values(sums)
+        host = by_seed.get(HOST, {}).get(TOTAL)
         host_norm = host.rms if host is not None else None
-        return EpochSummary(self.epoch, steps, self.settings.top_k, self._seed_summaries(sums, stages, host),
-                            host_norm)
+        return EpochSummary(self.epoch, steps, self.settings.top_k,
+                            self._seed_summaries(sums, by_seed, stages, host), host_norm)
 
-    def _seed_summaries(self, sums: EpochSums, stages: Mapping[str, str],
-                        host: _SlotValues | None) -> dict[str, SeedSummary]:
+    def _seed_summaries(self, sums: EpochSums, by_seed: Mapping[str, dict[str, _SlotValues]],
+                        stages: Mapping[str, str], host: _SlotValues | None) -> dict[str, SeedSummary]:
         """Every seed listed at the epoch end that was listed at some sampled step of it."""
         seeds = {}
         for seed_id, stage in stages.items():
             if not sums.seed_steps.get(seed_id):
                 continue  # listed only after the last sampled step: measured from the next epoch on
-            slots = _slot_values(sums, seed_id)
+            slots = dict(by_seed.get(seed_id, {}))
             total = slots.pop(TOTAL, None)
             measured = total is not None and total.rms is not None
             layers = {layer: values.rms for layer, values in slots.items()}
@@ -292,16 +293,15 @@ class _SlotValues:
     numel: int
 
 
-def _slot_values(sums: EpochSums, seed_id: str) -> dict[str, _SlotValues]:
-    """A seed's slots, by layer (``TOTAL`` for the seed's total): RMS and largest step over its steps."""
-    steps = sums.seed_steps.get(seed_id, 0)
-    out = {}
+def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
+    """Per seed, its slots by layer (``TOTAL`` for the seed's total): RMS and largest step over its steps."""
+    out: dict[str, dict[str, _SlotValues]] = {}
     for i, (seed, layer) in enumerate(sums.slots):
-        if seed != seed_id:
-            continue
+        steps = sums.seed_steps.get(seed, 0)
         measured = sums.measured[i] and steps > 0
-        out[layer] = _SlotValues(math.sqrt(sums.sums[i] / steps) if measured else None,
-                                 math.sqrt(sums.maxima[i]) if measured else None, sums.nonfinite[i], sums.numel[i])
+        out.setdefault(seed, {})[layer] = _SlotValues(
+            math.sqrt(sums.sums[i] / steps) if measured else None,
+            math.sqrt(sums.maxima[i]) if measured else None, sums.nonfinite[i], sums.numel[i])
     return out
 
 
