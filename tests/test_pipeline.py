@@ -36,7 +36,7 @@ from devtools.stack import (
 )
 from tolaria_otel import SeedLayerSettings
 
-from .pipeline_run import EXPORT_INTERVAL_MS, Run, as_layers, current_top_k, expected_layers
+from .pipeline_run import EXPORT_INTERVAL_MS, Run, as_layers, current_top_k, expected_layers, run_env
 
 PROMETHEUS_CONFIG = REPO_ROOT / "collector" / "prometheus.yml"
 RULES_DIR = REPO_ROOT / "collector" / "rules"
@@ -51,12 +51,9 @@ PUSH_RESOURCE_LABELS = {"service_name", "service_instance_id", "telemetry_sdk_la
 
 @pytest.fixture
 def otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """The variables every run here shares: bounded OTLP timeouts (docs/operations.md, "Collector down")."""
-    monkeypatch.setenv("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "true")
-    monkeypatch.setenv("OTEL_SERVICE_NAME", "tolaria-pipeline-test")
-    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", str(EXPORT_INTERVAL_MS))
+    """The variables every pipeline run shares, with an OTLP timeout of 1 s (docs/operations.md, "Collector down")."""
+    run_env(monkeypatch)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # seconds, in the Python SDK
-    monkeypatch.setenv("OTEL_METRIC_EXPORT_TIMEOUT", "2000")  # milliseconds
     return monkeypatch
 
 
