@@ -255,7 +255,7 @@ class Telemetry(Variant):
     def feature_bytes(self) -> int:
         segments = getattr(self.telemetry, "_segments", {}).values()
         stats = [segment.stats for segment in segments]
-        return sum(t.numel() * t.element_size() for s in stats for t in (s.sums, s.maxima, s.nonfinite, s.counts))
+        return sum(s.values.numel() * s.values.element_size() for s in stats)
 
     def close(self) -> None:
         self.telemetry.close()

@@ -34,15 +34,16 @@ import torch.distributed as dist
 from torch import nn
 
 from .epoch import (
-    BUCKETS,
     TOTAL,
     EpochSums,
     HostFacts,
     Segment,
     Slot,
-    histogram_counts,
+    bucket_bounds,
+    epoch_sums,
     host_facts,
-    squared_boundaries,
+    slot_statistics,
+    statistics_length,
 )
 from .norms import GradientHolder
 from .settings import ENV_EXPORT_RANK, SettingsError
@@ -263,17 +264,14 @@ class RankReduction:
         layout = self._agreed
         assert layout is not None
         n = len(layout.slots)
-        sums, maxima, nonfinite = values[:n], values[n:2 * n], values[2 * n:3 * n]
-        measured, numel, seed_steps, holders = (values[(3 + i) * n:(4 + i) * n] for i in range(4))
-        seeds = [slot[0] for slot in layout.slots if slot[1] == TOTAL]
-        counts_flat = values[7 * n:7 * n + len(seeds) * BUCKETS]
-        return EpochSums(
-            layout.slots, sums, maxima, [int(v) for v in nonfinite], [m > 0 for m in measured],
-            [round(size / max(m, 1.0)) for size, m in zip(numel, measured)],
-            {seed: tuple(int(c) for c in counts_flat[i * BUCKETS:(i + 1) * BUCKETS]) for i, seed in enumerate(seeds)},
+        length = statistics_length(n)
+        measured, numel, seed_steps, holders = (values[length + i * n:length + (i + 1) * n] for i in range(4))
+        facts = HostFacts(
+            layout.slots, tuple(m > 0 for m in measured),
+            tuple(round(size / max(m, 1.0)) for size, m in zip(numel, measured)),
             {slot[0]: round(total / count) for slot, total, count in zip(layout.slots, seed_steps, holders)
-             if slot[1] == TOTAL and count},
-            self._agreed_steps(values[-(self.world_size + 1):-1]))
+             if slot[1] == TOTAL and count})
+        return epoch_sums(facts, values[:length], self._agreed_steps(values[-(self.world_size + 1):-1]))
 
     def _agree(self, descriptor: Descriptor) -> None:
         """Agree on the slot layout: every rank learns what every other rank holds."""
@@ -297,22 +295,17 @@ def _length(layout: SlotLayout) -> int:
 
 
 def _statistics(vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-    """From the reduced vector: ``[sums | maxima | non-finite steps | measured | numel | seed steps |
-    holders | histogram counts]``, on the device. A plain gradient is taken to be replicated across the
-    ranks that measured it, so its squares are divided by their number."""
+    """From the reduced vector, on the device: the statistics (``epoch.statistics_length``), then what the
+    host knew, ``[measured | numel | seed steps | holders]``. A plain gradient is taken to be replicated
+    across the ranks that measured it, so its squares are divided by their number."""
     n, steps = len(layout.slots), layout.steps
     plain, sharded = vector[:steps * n].view(steps, n), vector[steps * n:2 * steps * n].view(steps, n)
     host = vector[2 * steps * n:2 * steps * n + 4 * n]
+    if not steps:
+        return torch.cat([torch.zeros(statistics_length(n), device=vector.device), host])
     rows = sharded + plain / host[:n].clamp(min=1.0)
-    totals = torch.tensor([i for i, slot in enumerate(layout.slots) if slot[1] == TOTAL], dtype=torch.long,
-                          device=vector.device)
-    if steps:
-        parts = [rows.sum(0), rows.amax(0), (~torch.isfinite(rows)).sum(0).float()]
-        counts = histogram_counts(rows.index_select(1, totals), squared_boundaries(vector.device)).float().flatten()
-    else:
-        parts = [torch.zeros(n, device=vector.device)] * 3
-        counts = torch.zeros(len(totals) * BUCKETS, device=vector.device)
-    return torch.cat([*parts, host, counts])
+    sums, maxima, counts = slot_statistics(rows, bucket_bounds(vector.device))
+    return torch.cat([sums, maxima, counts.flatten().float(), host])
 
 
 def _collective_device(preferred: torch.device) -> torch.device:

@@ -47,39 +47,51 @@ def segment_key(seeds: Mapping[str, SeedView], host: Sequence[nn.Parameter] = ()
     return (*key, (HOST, tuple((id(p), p.device) for p in host))) if host else key
 
 
-class SlotStats:
-    """Running per-slot statistics of a single process's steps, on the device."""
+#: Per slot, one count per histogram bucket and a last one for the non-finite steps.
+COLUMNS = BUCKETS + 1
 
-    def __init__(self, slot_count: int, totals: Sequence[int], device: torch.device) -> None:
-        self.totals = torch.tensor(totals, dtype=torch.long, device=device)
-        self.sums = torch.zeros(slot_count, dtype=torch.float32, device=device)
-        self.maxima = torch.zeros(slot_count, dtype=torch.float32, device=device)
-        self.nonfinite = torch.zeros(slot_count, dtype=torch.float32, device=device)
-        self.counts = torch.zeros(len(totals), BUCKETS, dtype=torch.float32, device=device)
-        self.boundaries = squared_boundaries(device)
+
+def statistics_length(slot_count: int) -> int:
+    """Length of the flat statistics vector: ``[sums | maxima | counts]``, ``counts`` being
+    ``[slots, COLUMNS]``."""
+    return slot_count * (2 + COLUMNS)
+
+
+def bucket_bounds(device: torch.device) -> torch.Tensor:
+    """The histogram's bounds, squared (the rows hold squared norms: no sqrt per step), and a last bound
+    at float32's largest value, so a finite square above the top bound falls in the top bucket and only
+    NaN and Inf fall past it, in the non-finite column."""
+    bounds = [b * b for b in HISTOGRAM_BOUNDARIES] + [torch.finfo(torch.float32).max]
+    return torch.tensor(bounds, dtype=torch.float32, device=device)
+
+
+def slot_statistics(rows: torch.Tensor, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[steps, slots]`` squared norms -> per slot the sum, the largest step, and ``[slots, COLUMNS]``
+    counts (histogram buckets, then non-finite steps): seven ops for any number of steps."""
+    slots = rows.shape[1]
+    columns = torch.bucketize(rows, bounds)  # (b[i-1], b[i]]: OpenTelemetry's explicit buckets
+    columns += torch.arange(0, slots * COLUMNS, COLUMNS, device=rows.device)
+    counts = torch.bincount(columns.flatten(), minlength=slots * COLUMNS).view(slots, COLUMNS)
+    return rows.sum(0), rows.amax(0), counts
+
+
+class SlotStats:
+    """Running per-slot statistics of a single process's steps, on the device, in one flat vector
+    (``statistics_length``) so the epoch end copies it to the host as it is."""
+
+    def __init__(self, slot_count: int, device: torch.device) -> None:
+        self.values = torch.zeros(statistics_length(slot_count), dtype=torch.float32, device=device)
+        self.sums, self.maxima, counts = self.values.split([slot_count, slot_count, slot_count * COLUMNS])
+        self.counts = counts.view(slot_count, COLUMNS)
+        self.bounds = bucket_bounds(device)
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
-        """Add ``[steps, slots]`` squared norms (a dozen ops for the whole batch of steps)."""
-        self.sums += rows.sum(0)
-        torch.maximum(self.maxima, rows.amax(0), out=self.maxima)
-        self.nonfinite += (~torch.isfinite(rows)).sum(0)
-        self.counts += histogram_counts(rows.index_select(1, self.totals), self.boundaries)
-
-
-def squared_boundaries(device: torch.device) -> torch.Tensor:
-    """The histogram's bounds, squared: the rows hold squared norms, and a sqrt per step is not needed."""
-    return torch.tensor([b * b for b in HISTOGRAM_BOUNDARIES], dtype=torch.float32, device=device)
-
-
-def histogram_counts(squares: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
-    """``[steps, seeds]`` squared norms -> ``[seeds, BUCKETS]`` counts of the norms per bucket;
-    non-finite steps are left out (they are counted apart)."""
-    seeds = squares.shape[1]
-    buckets = torch.bucketize(squares, boundaries)  # (b[i-1], b[i]]: OpenTelemetry's explicit buckets
-    buckets = torch.where(torch.isfinite(squares), buckets, BUCKETS)  # one extra bucket, dropped below
-    flat = buckets + torch.arange(seeds, device=squares.device) * (BUCKETS + 1)
-    return torch.bincount(flat.flatten(), minlength=seeds * (BUCKETS + 1)).view(seeds, BUCKETS + 1)[:, :BUCKETS]
+        """Add ``[steps, slots]`` squared norms (ten ops for the whole batch of steps)."""
+        sums, maxima, counts = slot_statistics(rows, self.bounds)
+        self.sums += sums
+        torch.maximum(self.maxima, maxima, out=self.maxima)
+        self.counts += counts
 
 
 class Segment:
@@ -95,21 +107,21 @@ class Segment:
         if host:
             layouts.append((HOST, (("host", tuple(host)),)))
         params, positions = index_parameters(layouts)
-        self.slots: list[Slot] = []
-        entries: list[tuple[int, int, float | None]] = []
-        weights = [shard_weight(param) for param in params]
+        slot_indices: dict[Slot, tuple[int, ...]] = {}
         for seed in positions:
             layers = () if seed.seed_id == HOST else seed.layers
             for layer, indices in (*layers, (TOTAL, seed.total)):
-                entries.extend((i, len(self.slots), weights[i]) for i in indices)
-                self.slots.append((seed.seed_id, layer))
+                slot_indices[(seed.seed_id, layer)] = indices
+        #: Sorted: the order of every epoch's statistics, so a lone segment's are copied out as they are.
+        self.slots: list[Slot] = sorted(slot_indices)
+        self.slot_params = [slot_indices[slot] for slot in self.slots]
+        weights = [shard_weight(param) for param in params]
+        entries = [(i, slot, weights[i]) for slot, indices in enumerate(self.slot_params) for i in indices]
         self.numel = [param.numel() for param in params]
-        self.slot_params: list[list[int]] = [[] for _ in self.slots]
-        for i, slot, _ in entries:
-            self.slot_params[slot].append(i)
+        self.slot_numel = [sum(self.numel[i] for i in indices) for indices in self.slot_params]
+        self.seed_ids = {seed for seed, _ in self.slots}
         self.home = params[0].device if params else torch.device("cpu")
         self.norms = StepNorms(local_gradients(params), entries, len(self.slots), self.home)
-        self.total_slots = [i for i, (_, layer) in enumerate(self.slots) if layer == TOTAL]
         self.steps = 0
         # A single process folds each batch of rows into running statistics (memory independent of
         # the epoch's length); under torch.distributed the rows are kept, since a spike or a bucket of
@@ -117,7 +129,7 @@ class Segment:
         self.keep_rows = keep_rows
         self.rows: list[tuple[list[int], torch.Tensor]] = []  # (epoch step indices, rows)
         self._row_steps: list[int] = []
-        self.stats = SlotStats(len(self.slots), self.total_slots, self.home)
+        self.stats = SlotStats(len(self.slots), self.home)
 
     def lists_same_modules(self, mapping: Mapping[str, tuple[nn.Module, object]]) -> bool:
         """The step path's check: the same seed ids with the same module objects (no walk over modules)."""
@@ -151,7 +163,7 @@ class Segment:
         self.steps = 0
         self.rows = []
         self._row_steps = []
-        self.stats = SlotStats(len(self.slots), self.total_slots, self.home)
+        self.stats.values.zero_()
 
 
 @dataclass(frozen=True)
@@ -180,13 +192,17 @@ class HostFacts:
 
 
 def host_facts(segments: Sequence[Segment]) -> HostFacts:
+    active = [segment for segment in segments if segment.steps]
+    if len(active) == 1 and active[0].norms.steps_all_present:  # the usual epoch: every parameter had a gradient
+        segment = active[0]
+        return HostFacts(tuple(segment.slots), tuple(bool(params) for params in segment.slot_params),
+                         tuple(segment.slot_numel),
+                         dict.fromkeys(sorted(segment.seed_ids), segment.steps))
     seed_steps: dict[str, int] = {}
     measured: dict[Slot, bool] = {}
     numel: dict[Slot, int] = {}
-    for segment in segments:
-        if not segment.steps:
-            continue
-        for seed_id in {seed for seed, _ in segment.slots}:
+    for segment in active:
+        for seed_id in segment.seed_ids:
             seed_steps[seed_id] = seed_steps.get(seed_id, 0) + segment.steps
         had = segment.norms.had_gradient()
         for slot, params in zip(segment.slots, segment.slot_params):
@@ -196,32 +212,35 @@ def host_facts(segments: Sequence[Segment]) -> HostFacts:
     return HostFacts(slots, tuple(measured[s] for s in slots), tuple(numel[s] for s in slots), seed_steps)
 
 
+def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int) -> EpochSums:
+    """The epoch from its statistics vector (``statistics_length``, in ``facts.slots`` order), copied to the host."""
+    n = len(facts.slots)
+    counts = values[2 * n:]
+    return EpochSums(
+        facts.slots, values[:n], values[n:2 * n],
+        [int(counts[i * COLUMNS + BUCKETS]) for i in range(n)], facts.measured, facts.numel,
+        {seed: tuple(int(c) for c in counts[i * COLUMNS:i * COLUMNS + BUCKETS])
+         for i, (seed, layer) in enumerate(facts.slots) if layer == TOTAL},
+        facts.seed_steps, steps)
+
+
 @torch.no_grad()
 def fold(segments: Sequence[Segment], home: torch.device, steps: int) -> EpochSums:
     """A single process's epoch: the segments' statistics in one vector, copied to the host once."""
     for segment in segments:
         segment.absorb()
     facts = host_facts(segments)
+    active = [segment for segment in segments if segment.steps]
+    if len(active) == 1 and tuple(active[0].slots) == facts.slots:  # one segment: its vector as it is
+        return epoch_sums(facts, active[0].stats.values.tolist(), steps)  # the epoch's one host sync
     n = len(facts.slots)
     index = {slot: i for i, slot in enumerate(facts.slots)}
-    seeds = sorted({seed for seed, layer in facts.slots if layer == TOTAL})
-    seed_index = {seed: i for i, seed in enumerate(seeds)}
-    vector = torch.zeros(3 * n + len(seeds) * BUCKETS, dtype=torch.float32, device=home)
-    for segment in segments:
-        if not segment.steps:
-            continue
+    vector = torch.zeros(statistics_length(n), dtype=torch.float32, device=home)
+    sums, maxima, counts = vector.split([n, n, n * COLUMNS])
+    for segment in active:
         stats = segment.stats
         target = torch.tensor([index[slot] for slot in segment.slots], dtype=torch.long, device=home)
-        vector[:n].index_add_(0, target, stats.sums.to(home))
-        vector[n:2 * n].scatter_reduce_(0, target, stats.maxima.to(home), reduce="amax")
-        vector[2 * n:3 * n].index_add_(0, target, stats.nonfinite.to(home))
-        totals = [seed_index[segment.slots[i][0]] for i in segment.total_slots]
-        counts = vector[3 * n:].view(len(seeds), BUCKETS)
-        counts.index_add_(0, torch.tensor(totals, dtype=torch.long, device=home), stats.counts.to(home))
-    values = vector.tolist()  # the epoch's one host sync
-    counts_flat = values[3 * n:]
-    return EpochSums(
-        facts.slots, values[:n], values[n:2 * n], [int(v) for v in values[2 * n:3 * n]], facts.measured,
-        facts.numel, {seed: tuple(int(c) for c in counts_flat[i * BUCKETS:(i + 1) * BUCKETS])
-                      for i, seed in enumerate(seeds)},
-        facts.seed_steps, steps)
+        sums.index_add_(0, target, stats.sums.to(home))
+        maxima.scatter_reduce_(0, target, stats.maxima.to(home), reduce="amax")
+        counts.view(n, COLUMNS).index_add_(0, target, stats.counts.to(home))
+    return epoch_sums(facts, vector.tolist(), steps)  # the epoch's one host sync
