@@ -162,11 +162,12 @@ def test_recording_counts_equals_recording_each_value_in_every_reader(monkeypatc
         readers = [InMemoryMetricReader(), InMemoryMetricReader()]
         histogram = MeterProvider(metric_readers=readers).get_meter("t").create_histogram(
             "h", explicit_bucket_boundaries_advisory=HISTOGRAM_BOUNDARIES)
-        record(histogram)
         out = []
-        for reader in readers:
-            (point,) = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
-            out.append((point.count, point.sum, tuple(point.bucket_counts), point.min, point.max))
+        for _ in range(2):  # new attributes, then an aggregation that exists (the next epoch)
+            record(histogram)
+            for reader in readers:
+                (point,) = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+                out.append((point.count, point.sum, tuple(point.bucket_counts), point.min, point.max))
         return out
 
     def one_by_one(histogram) -> None:

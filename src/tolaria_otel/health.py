@@ -13,6 +13,7 @@ In order, the first that applies:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from .summary import SeedSummary
 
@@ -25,13 +26,19 @@ HEALTH_STATES = ("not_measured", "nonfinite", "exploding", "vanishing", "healthy
 
 
 def classify(seed: SeedSummary) -> str:
-    if seed.total_norm is None:
+    return health_of(seed.total_norm, seed.max_norm, seed.layer_norms.values(), seed.nonfinite_steps)
+
+
+def health_of(total_norm: float | None, max_norm: float | None, layer_norms: Iterable[float | None],
+              nonfinite_steps: int) -> str:
+    """:func:`classify` from a summary's parts (the epoch end classifies before it builds the summary)."""
+    if total_norm is None:
         return "not_measured"
-    values = [v for v in seed.layer_norms.values() if v is not None]
-    if seed.nonfinite_steps or not all(math.isfinite(v) for v in (seed.total_norm, *values)):
+    values = [v for v in layer_norms if v is not None]
+    if nonfinite_steps or not all(math.isfinite(v) for v in (total_norm, *values)):
         return "nonfinite"
     if any(v > EXPLODING_ABOVE for v in values) or (
-            seed.max_norm is not None and seed.total_norm > 0 and seed.max_norm > SPIKE_ABOVE * seed.total_norm):
+            max_norm is not None and total_norm > 0 and max_norm > SPIKE_ABOVE * total_norm):
         return "exploding"
     if max(values, default=0.0) < VANISHING_BELOW:
         return "vanishing"

@@ -63,7 +63,7 @@ STREAM_CARDINALITY_LIMIT = 2000
 _logger = logging.getLogger(__name__)
 _LAYER_INSTRUMENTS = (LAYER_NORM, LAYER_NORM_MAX, LAYER_NONFINITE)
 _SEED_GAUGES = (SEED_NORM, SEED_NORM_MAX, SEED_HOST_RATIO, SEED_NOT_MEASURED, HOST_NORM)
-_PointKey = tuple[tuple[str, str], ...]
+_PointKey = frozenset[tuple[str, object]]
 
 #: Every gauge of a trainer: name, unit, description. The unit-less ones have unit "" ("1" would add a
 #: _ratio suffix in Prometheus). The layer gauges exist in compact mode too (they export nothing then,
@@ -271,7 +271,7 @@ class SeedLayerInstruments:
 
 
 def _key(attributes: Mapping[str, object] | None) -> _PointKey:
-    return tuple(sorted((k, str(v)) for k, v in (attributes or {}).items()))
+    return frozenset((attributes or {}).items())
 
 
 def _cap(name: str, points: Sequence[Observation]) -> list[Observation]:

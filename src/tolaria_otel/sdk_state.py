@@ -47,20 +47,23 @@ def record_counts(histogram: Any, attributes: Mapping[str, Any], counts: Iterabl
     """Record ``count`` measurements of ``value`` for each pair, as ``count`` calls of ``record`` would.
 
     The API records one value per call, and an epoch of many steps would make that many calls per seed
-    at its end. On the SDK, one call per value creates the aggregation (and its
-    min, max and exemplar), and the remaining ``count - 1`` go into its bucket and sum directly, under
-    its lock; where that is not possible, the remaining calls are made.
+    at its end. On the SDK, the measurements go into the aggregation's buckets, sum, min and max
+    directly, under its lock (one ``record`` first creates the aggregation of new attributes); where that
+    is not possible, the remaining calls are made.
     """
-    for value, count in counts:
-        if count <= 0:
-            continue
-        histogram.record(value, attributes)
-        if count > 1 and not _add_to_buckets(histogram, attributes, value, count - 1):
-            for _ in range(count - 1):
+    pairs = [(value, count) for value, count in counts if count > 0]
+    if not pairs or _add_to_buckets(histogram, attributes, pairs):
+        return
+    first, count = pairs[0]
+    histogram.record(first, attributes)
+    rest = [(first, count - 1), *pairs[1:]] if count > 1 else pairs[1:]
+    if rest and not _add_to_buckets(histogram, attributes, rest):
+        for value, times in rest:
+            for _ in range(times):
                 histogram.record(value, attributes)
 
 
-def _add_to_buckets(histogram: Any, attributes: Mapping[str, Any], value: float, count: int) -> bool:
+def _add_to_buckets(histogram: Any, attributes: Mapping[str, Any], counts: list[tuple[float, int]]) -> bool:
     try:
         storages = list(histogram._measurement_consumer._reader_storages.values())
         aggregations = []
@@ -70,12 +73,18 @@ def _add_to_buckets(histogram: Any, attributes: Mapping[str, Any], value: float,
                 if len(found) != 1 or not hasattr(found[0], "_boundaries"):
                     return False  # nothing adjusted yet: the caller records the rest one by one
                 aggregations.append(found[0])
+        if not aggregations:  # the SDK has not seen the instrument yet
+            return False
         for aggregation in aggregations:
             with aggregation._lock:
                 if aggregation._value is None:  # collected since the record() above
                     aggregation._value = aggregation._get_empty_bucket_counts()
-                aggregation._value[bisect.bisect_left(aggregation._boundaries, value)] += count
-                aggregation._sum += value * count
+                for value, count in counts:
+                    aggregation._value[bisect.bisect_left(aggregation._boundaries, value)] += count
+                    aggregation._sum += value * count
+                    if aggregation._record_min_max:
+                        aggregation._min = min(aggregation._min, value)
+                        aggregation._max = max(aggregation._max, value)
     except AttributeError:
         return False
     return True

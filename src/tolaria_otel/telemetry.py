@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import sys
@@ -17,8 +16,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import RankReduction
-from .epoch import HOST, TOTAL, EpochSums, Segment, SegmentKey, fold, segment_key
-from .health import classify
+from .epoch import HOST, TOTAL, EpochSums, Segment, SegmentKey, fold, module_parameters, segment_key
+from .health import health_of
 from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .norms import FLUSH_EVERY, DeviceMoved
 from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
@@ -206,8 +205,8 @@ class SeedLayerTelemetry:
     def _host_parameters(self, seeds: Mapping[str, SeedView]) -> list[nn.Parameter]:
         """Every trainable parameter of the model that belongs to no seed (walked only when a seed
         came, went or was swapped, and at epoch ends)."""
-        in_seeds = {id(p) for view in seeds.values() for p in view.module.parameters()}
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_seeds]
+        in_seeds = {id(p) for view in seeds.values() for p in module_parameters(view.module)}
+        return [p for p in module_parameters(self.model) if p.requires_grad and id(p) not in in_seeds]
 
     def _read_seeds(self) -> dict[str, SeedView]:
         return read_seeds(self._source, self._stage_names)
@@ -259,20 +258,20 @@ class SeedLayerTelemetry:
             if measured and host is not None and host.rms and total.numel:  # type: ignore[union-attr]
                 # Esper's lifecycle gate: the seed's gradient against the host's, per parameter.
                 ratio = (total.rms / host.rms) * math.sqrt(host.numel / total.numel)  # type: ignore[union-attr,operator]
-            summary = SeedSummary(
-                seed_id=seed_id, stage=stage,
-                total_norm=total.rms if measured else None,  # type: ignore[union-attr]
+            total_norm = total.rms if measured else None  # type: ignore[union-attr]
+            max_norm = total.max if measured else None  # type: ignore[union-attr]
+            nonfinite_steps = total.nonfinite if total is not None else 0
+            seeds[seed_id] = SeedSummary(
+                seed_id=seed_id, stage=stage, total_norm=total_norm,
                 top_layers=top_k({k: v for k, v in layers.items() if v is not None}, self.settings.top_k)
                 if measured else (),
                 layer_count=len(slots),
                 sampled_steps=sums.seed_steps[seed_id],
-                max_norm=total.max if measured else None,  # type: ignore[union-attr]
-                layer_norms=layers, layer_max=layer_max,
-                nonfinite_steps=total.nonfinite if total is not None else 0,
+                max_norm=max_norm, layer_norms=layers, layer_max=layer_max, nonfinite_steps=nonfinite_steps,
                 step_norm_counts=sums.counts.get(seed_id, ()) if measured else (),
                 host_ratio=ratio,
+                health=health_of(total_norm, max_norm, layers.values(), nonfinite_steps),
             )
-            seeds[seed_id] = dataclasses.replace(summary, health=classify(summary))
         return seeds
 
     def _failed(self, where: str) -> None:
