@@ -73,7 +73,7 @@ def _add_to_buckets(histogram: Any, attributes: Mapping[str, Any], counts: list[
                 if len(found) != 1 or not hasattr(found[0], "_boundaries"):
                     return False  # nothing adjusted yet: the caller records the rest one by one
                 aggregations.append(found[0])
-        if not aggregations:  # the SDK has not seen the instrument yet
+        if storages and not aggregations:  # the SDK has not seen the instrument yet (no reader: nothing to add)
             return False
         for aggregation in aggregations:
             with aggregation._lock:
