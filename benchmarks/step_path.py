@@ -95,7 +95,7 @@ def main() -> None:
         samples.append((time.perf_counter() - start) / 50)
     print(f"\nend_epoch() with one sampled step: {statistics.median(samples) * 1e6:.0f} µs (observe_step included)")
     samples = []
-    for _ in range(300):
+    for _ in range(args.epochs):
         for _ in range(STEPS):
             telemetry.observe_step()
         start = time.perf_counter()

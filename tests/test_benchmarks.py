@@ -85,6 +85,7 @@ def test_gpu_script_runs_on_cpu_at_tiny_sizes(module: str) -> None:
 def test_step_path_breakdown_runs_and_prints_every_piece():
     stdout = _run("benchmarks.step_path")
     pieces = re.findall(r"^\| ([^|]+?) \| [+-]\d+\.\d \|$", stdout, re.MULTILINE)
-    assert pieces == ["floor: _foreach_norm only", "observe_step(), no end_epoch", "attached, no end_epoch",
-                      "attached, with end_epoch"]
+    assert pieces == ["floor: _foreach_norm only", "floor, norms kept: _foreach_norm + stack",
+                      "observe_step(), no end_epoch", "attached, no end_epoch", "attached, with end_epoch"]
     assert re.search(r"^end_epoch\(\) with one sampled step: \d+ µs", stdout, re.MULTILINE)
+    assert re.search(r"^end_epoch\(\) after 16 sampled steps: \d+ µs", stdout, re.MULTILINE)
