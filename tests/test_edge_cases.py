@@ -187,3 +187,17 @@ def test_no_seed_yet_then_one_germinates():
     model[0].weight.grad = torch.ones(2, 2)
     telemetry.observe_step()
     assert [layer for layer, _ in telemetry.end_epoch().seeds["s"].top_layers] == ["(root)"]
+
+
+def test_gradients_of_a_create_graph_backward_are_measured_without_keeping_their_graph():
+    seed = nn.Linear(3, 2)
+    telemetry, _ = telemetry_for(seed, {"s": (seed, "TRAINING")}, ON)
+    (seed(torch.randn(4, 3)) ** 2).sum().backward(create_graph=True)  # gradients that require grad
+    assert seed.weight.grad.requires_grad
+    expected = math.sqrt(sum(float(p.grad.detach().square().sum()) for p in seed.parameters()))
+    telemetry.observe_step()
+    assert torch.is_grad_enabled()  # the caller's grad mode is back
+    # A norm that required grad would keep the whole double-backward graph alive until the epoch end.
+    waiting = [norm for group in telemetry._current.norms._groups for step in group.pending for norm in step]
+    assert waiting and not any(norm.requires_grad for norm in waiting)
+    assert telemetry.end_epoch().seeds["s"].total_norm == pytest.approx(expected, rel=1e-6)
