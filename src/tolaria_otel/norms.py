@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 #: Sampled steps whose norms wait on the device before they are batched into slot rows: the step
-#: path then costs one foreach op per step plus 1/64 of the batch's thirty-odd (mostly view) ops.
+#: path then costs one foreach op per step plus 1/64 of the batch's seventeen ops.
 #: The waiting norms are 0-d tensors, 64 x parameters of them at most.
 FLUSH_EVERY = 64
 
