@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from .summary import SeedSummary
-
 EXPLODING_ABOVE = 1000.0
 VANISHING_BELOW = 1e-6
 #: A step more than this many times the epoch's RMS: one step carried most of the epoch's gradient
@@ -25,13 +23,9 @@ SPIKE_ABOVE = 10.0
 HEALTH_STATES = ("not_measured", "nonfinite", "exploding", "vanishing", "healthy")
 
 
-def classify(seed: SeedSummary) -> str:
-    return health_of(seed.total_norm, seed.max_norm, seed.layer_norms.values(), seed.nonfinite_steps)
-
-
-def health_of(total_norm: float | None, max_norm: float | None, layer_norms: Iterable[float | None],
-              nonfinite_steps: int) -> str:
-    """:func:`classify` from a summary's parts (the epoch end classifies before it builds the summary)."""
+def classify(total_norm: float | None, max_norm: float | None, layer_norms: Iterable[float | None],
+             nonfinite_steps: int) -> str:
+    """A seed's health from its summary's values (``SeedSummary.health``), before the summary is built."""
     if total_norm is None:
         return "not_measured"
     values = [v for v in layer_norms if v is not None]

@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .distributed import RankReduction
 from .epoch import HOST, TOTAL, EpochSums, Segment, SegmentKey, fold, module_parameters, segment_key
-from .health import health_of
+from .health import classify
 from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .norms import FLUSH_EVERY, DeviceMoved
 from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
@@ -270,7 +270,7 @@ class SeedLayerTelemetry:
                 max_norm=max_norm, layer_norms=layers, layer_max=layer_max, nonfinite_steps=nonfinite_steps,
                 step_norm_counts=sums.counts.get(seed_id, ()) if measured else (),
                 host_ratio=ratio,
-                health=health_of(total_norm, max_norm, layers.values(), nonfinite_steps),
+                health=classify(total_norm, max_norm, layers.values(), nonfinite_steps),
             )
         return seeds
 
