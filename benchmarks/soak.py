@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=12, help="layers per seed")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--churn", type=int, default=10, help="a seed is replaced every N epochs")
+    parser.add_argument("--quick", action="store_true", help="100 epochs: a smoke run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs = 100
     torch.set_num_threads(1)
     warnings = _Count()
     logging.getLogger("opentelemetry").addHandler(warnings)
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         data = reader.get_metrics_data()
         points = sum(len(m.data.data_points) for rm in data.resource_metrics for sm in rm.scope_metrics
                      for m in sm.metrics) if data else 0
-        expected = sum(len(s.top_layers) + 1 for s in summary.seeds.values()) + 2  # + info, budget
+        # Per seed: its norm, largest step and step-norm histogram, and per top-K layer its norm and largest
+        # step; then the settings info and the series budget.
+        expected = sum(2 * len(s.top_layers) + 3 for s in summary.seeds.values()) + 2
         if points != expected:
             print(f"epoch {epoch}: {points} points exported, expected {expected}", file=sys.stderr)
             return 1
