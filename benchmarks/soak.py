@@ -22,6 +22,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
+from tolaria_otel.instruments import SEED_STEP_NORM
 
 STAGES = ["SEED_STAGE_GERMINATED", "SEED_STAGE_TRAINING", "SEED_STAGE_BLENDING", "SEED_STAGE_FOSSILIZED"]
 
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = {1, 10, 100, 1000} | {args.epochs * i // 10 for i in range(1, 11)}
     print("| epoch | SDK attribute sets | Python heap MiB | RSS MiB | seed ids seen | OTel warnings | points |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    latest: set[tuple[str, str]] = set()  # the histogram series of the latest snapshot, and of the one before
+    previous: set[tuple[str, str]] = set()
     for epoch in range(1, args.epochs + 1):
         for module, _ in active.values():
             for layer in module:
@@ -80,13 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         telemetry.observe_step()
         summary = telemetry.end_epoch()
         data = reader.get_metrics_data()
-        points = sum(len(m.data.data_points) for rm in data.resource_metrics for sm in rm.scope_metrics
-                     for m in sm.metrics) if data else 0
-        # Per seed: its norm, largest step and step-norm histogram, and per top-K layer its norm and largest
-        # step; then the settings info and the series budget.
-        expected = sum(2 * len(s.top_layers) + 3 for s in summary.seeds.values()) + 2
-        if points != expected:
-            print(f"epoch {epoch}: {points} points exported, expected {expected}", file=sys.stderr)
+        metrics = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics] if data else []
+        points = sum(len(m.data.data_points) for m in metrics)
+        gauges = sum(len(m.data.data_points) for m in metrics if m.name != SEED_STEP_NORM)
+        # The gauges: exactly the latest snapshot (per seed its norm and largest step, per top-K layer its norm
+        # and largest step; the settings info and the series budget).
+        expected = sum(2 * len(s.top_layers) + 2 for s in summary.seeds.values()) + 2
+        # The histogram is cumulative: the series of a seed's stage it left is still exported (its counts must
+        # reach the collector) until the next change of the exported sets releases it.
+        histograms = {(p.attributes["seed_id"], p.attributes["stage"]) for m in metrics if m.name == SEED_STEP_NORM
+                      for p in m.data.data_points}
+        now = {(s.seed_id, s.stage) for s in summary.seeds.values()}
+        if now != latest:
+            previous, latest = latest, now
+        if gauges != expected or not now <= histograms <= now | previous:
+            print(f"epoch {epoch}: {gauges} gauge points exported, expected {expected}; histogram series "
+                  f"{sorted(histograms)}, expected {sorted(now)} and at most {sorted(previous - now)}", file=sys.stderr)
             return 1
         moved = rng.choice(sorted(active))
         active[moved] = (active[moved][0], rng.choice(STAGES))

@@ -67,7 +67,7 @@ def bucket_bounds(device: torch.device) -> torch.Tensor:
 
 def slot_statistics(rows: torch.Tensor, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[steps, slots]`` squared norms -> per slot the sum, the largest step, and ``[slots, COLUMNS]``
-    counts (histogram buckets, then non-finite steps): seven ops for any number of steps."""
+    counts (histogram buckets, then non-finite steps): eight ops (two of them views) for any number of steps."""
     slots = rows.shape[1]
     columns = torch.bucketize(rows, bounds)  # (b[i-1], b[i]]: OpenTelemetry's explicit buckets
     columns += torch.arange(0, slots * COLUMNS, COLUMNS, device=rows.device)
@@ -105,7 +105,7 @@ class SlotStats:
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
-        """Add ``[steps, slots]`` squared norms (ten ops for the whole batch of steps)."""
+        """Add ``[steps, slots]`` squared norms (eleven ops for the whole batch of steps)."""
         sums, maxima, counts = slot_statistics(rows, self.bounds)
         self.sums += sums
         torch.maximum(self.maxima, maxima, out=self.maxima)

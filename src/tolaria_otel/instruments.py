@@ -199,7 +199,6 @@ class SeedLayerInstruments:
             SEED_STEP_NORM, unit=UNIT, explicit_bucket_boundaries_advisory=HISTOGRAM_BOUNDARIES,
             description="Per seed, the distribution of its per-step gradient L2 norm over the epoch's sampled "
             "optimizer steps; recorded at each epoch end (a value per step, at its bucket's upper bound).")
-        self._gauges = gauges
         #: Every instrument of this trainer (the SDK state of each is released as seeds come and go).
         self.streams: list[Asynchronous | Histogram] = [*gauges, self._step_norm]
         self._can_release = True
@@ -234,11 +233,8 @@ class SeedLayerInstruments:
             steady = keys == self._previous_keys  # nothing became idle: the usual epoch, nothing to release
             self._previous_keys = keys
         self._record_distribution(summary)
-        # The gauges keep the previous snapshot's sets too; the histogram, recorded just above on this thread,
-        # only the current ones: its cumulative state would otherwise export a seed's previous stage once more.
-        if not steady and self._can_release and not (
-                release_idle_attribute_sets(self._gauges, lambda a: _key(a) in keep)
-                and release_idle_attribute_sets([self._step_norm], lambda a: _key(a) in keys)):
+        if not steady and self._can_release and not release_idle_attribute_sets(self.streams,
+                                                                                lambda a: _key(a) in keep):
             self._can_release = False
             _logger.warning("tolaria_otel: this OpenTelemetry SDK does not let the package release idle attribute "
                             "sets; a long run with many seeds may reach the cardinality limit (%d)",
