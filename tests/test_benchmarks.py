@@ -93,7 +93,7 @@ def test_step_path_breakdown_runs_and_prints_every_piece():
     assert re.search(r"^seed source read \(call \+ identity check of 4 seeds\): \d+\.\d µs$", stdout, re.MULTILINE)
 
 
-def test_soak_runs_and_every_epoch_exports_exactly_its_points():
+def test_soak_runs_and_every_collection_holds_the_latest_snapshot():
     stdout = _run("benchmarks.soak")  # exits 1, naming the epoch, when a collection differs from the summary
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| \d+ \| \d+ \| (\d+) \| (\d+) \|$", stdout, re.MULTILINE)
     assert [int(epoch) for epoch, *_ in rows] == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
