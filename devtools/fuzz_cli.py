@@ -35,12 +35,11 @@ import re
 import socket
 import sys
 import tempfile
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from devtools.stack import QuietHandler, http_server
 from tolaria_otel.cli import OTEL_DEFAULTS, TOLARIA_FIELDS, main
 
 SECRET = "S3CR3T-MARKER"
@@ -259,23 +258,15 @@ def cases(rng: random.Random, count: int, busy_port: int, certificate: str, rece
 def otlp_receiver() -> Iterator[str]:
     """An endpoint that takes OTLP/HTTP exports (answers 200 to any POST): its base URL."""
 
-    class Accept(BaseHTTPRequestHandler):
+    class Accept(QuietHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Accept)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Accept) as url:
+        yield url
 
 
 def run_case(case: Case, output_dir: str) -> tuple[str, str]:

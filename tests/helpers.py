@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
+import pytest
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
@@ -139,3 +140,15 @@ def sdk_attribute_sets(telemetry: SeedLayerTelemetry, per_stream: bool = False):
             for match in storage._instrument_view_instrument_matches.get(instrument, ()):
                 counts.append(len(match._attributes_aggregation))
     return counts if per_stream else sum(counts)
+
+
+def export_each_flush(env: pytest.MonkeyPatch, metrics_url: str, service: str, top_k: int) -> None:
+    """The feature on at ``top_k``, exporting OTLP/HTTP straight to ``metrics_url`` as ``service`` only when the
+    provider is flushed (once per epoch end in these tests)."""
+    env.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    env.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", metrics_url)
+    env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    env.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")
+    env.setenv("OTEL_SERVICE_NAME", service)
+    env.setenv("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "true")
+    env.setenv("TOLARIA_SEED_LAYER_TOPK", str(top_k))

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
+from devtools.stack import QuietHandler, http_server
 from tolaria_otel import LAYER_NORM, SEED_NORM, SeedLayerSettings, SettingsError, settings
 from tolaria_otel.cli import TOLARIA_FIELDS, main
 
@@ -93,7 +94,7 @@ class OtlpReceiver:
         lock = threading.Lock()
         requests = self.requests
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path != "/v1/metrics":
@@ -111,20 +112,16 @@ class OtlpReceiver:
                 self.end_headers()
                 self.wfile.write(reply)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        # Bound and listening once constructed: ready before the thread starts.
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._handler = Handler
+        self._serving = ExitStack()
+        self.url = ""
 
     def __enter__(self) -> OtlpReceiver:  # noqa: PYI034 - typing.Self needs Python 3.11
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = self._serving.enter_context(http_server(self._handler))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serving.close()
 
     def snapshots(self) -> list[dict[tuple[str, str, str, str], float]]:
         """Per export request with seed points: (metric, seed_id, stage, layer) -> value."""

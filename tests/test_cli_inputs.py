@@ -14,14 +14,12 @@ import base64
 import os
 import re
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from devtools.stack import victoria_metrics
+from devtools.stack import QuietHandler, http_server, victoria_metrics
 from tests.test_cli import (  # noqa: F401 - fixtures: the environment is restored after each test
     OtlpReceiver,
     assert_one_line_error,
@@ -290,20 +288,12 @@ def test_a_wrong_path_on_a_collector_gets_the_collectors_path(capsys: Capsys, tm
 def refusing_everything() -> Iterator[str]:
     """An HTTP server answering 404 to every request: no OTLP receiver on any path."""
 
-    class NotFound(BaseHTTPRequestHandler):
+    class NotFound(QuietHandler):
         def do_POST(self) -> None:
             self.send_error(404)
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(NotFound) as url:
+        yield url
 
 
 def test_a_server_with_no_otlp_path_gets_the_usual_urls(capsys: Capsys, tmp_path: Path,

@@ -37,7 +37,7 @@ from tolaria_otel.plot import load_summaries, render
 from tolaria_otel.plot import main as plot_main
 from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
 
-from .helpers import seeded_network, train_epoch
+from .helpers import export_each_flush, seeded_network, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_FILE = REPO / "dashboards" / "json" / "tolaria-seed-layers.json"
@@ -323,13 +323,7 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
     generator = torch.Generator().manual_seed(7)
     started = time.time()
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("OTEL_METRICS_EXPORTER", "otlp")
-        env.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", vm.otlp_metrics_url)
-        env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        env.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # exports only when flushed
-        env.setenv("OTEL_SERVICE_NAME", "tolaria-dashboards-test")
-        env.setenv("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "true")
-        env.setenv("TOLARIA_SEED_LAYER_TOPK", str(TOP_K))
+        export_each_flush(env, vm.otlp_metrics_url, "tolaria-dashboards-test", TOP_K)
         env.setenv("TOLARIA_SEED_HOST_NORM", "true")
         settings = SeedLayerSettings.from_env()
         provider = configure_meter_provider(settings)

@@ -22,7 +22,7 @@ import yaml
 from devtools.stack import victoria_metrics
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
 
-from .helpers import seeded_network, train_epoch
+from .helpers import export_each_flush, seeded_network, train_epoch
 from .test_dashboards import (
     DASHBOARD_FILE,
     RULES_FILE,
@@ -58,13 +58,7 @@ class Fleet:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with victoria_metrics(tmp_path_factory.mktemp("vm-trainers"), extra_args=VM_ARGS) as vm:
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("OTEL_METRICS_EXPORTER", "otlp")
-            env.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", vm.otlp_metrics_url)
-            env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-            env.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # exports only when flushed
-            env.setenv("OTEL_SERVICE_NAME", "tolaria-trainers-test")
-            env.setenv("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "true")
-            env.setenv("TOLARIA_SEED_LAYER_TOPK", str(TOP_K))
+            export_each_flush(env, vm.otlp_metrics_url, "tolaria-trainers-test", TOP_K)
             settings = SeedLayerSettings.from_env()
             provider = configure_meter_provider(settings)
         loops = []
