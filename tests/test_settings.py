@@ -10,14 +10,38 @@ def test_defaults_with_nothing_set():
     assert SeedLayerSettings.from_env({}) == SeedLayerSettings(enabled=False, top_k=3, compact=False, sample_every=1)
 
 
-@pytest.mark.parametrize("raw", ["true", "TRUE", "True", "1", "yes", "On", "  on  "])
+@pytest.mark.parametrize("raw", ["true", "TRUE", "True", "1", "yes", "On", "  on  ", "t", "T", "y", "Y"])
 def test_bool_true_spellings(raw):
     assert SeedLayerSettings.from_env({ENV_ENABLED: raw}).enabled is True
 
 
-@pytest.mark.parametrize("raw", ["false", "FALSE", "0", "no", "Off", " off\t"])
+@pytest.mark.parametrize("raw", ["false", "FALSE", "0", "no", "Off", " off\t", "f", "F", "n", "N"])
 def test_bool_false_spellings(raw):
     assert SeedLayerSettings.from_env({ENV_ENABLED: raw}).enabled is False
+
+
+WORDS = ["1", "0", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off", "2", "-1", "tru", "yess", "enabled",
+         "none", "null", "", "oui", "１", "1.0", "0.0"]
+
+
+@pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT])
+@pytest.mark.parametrize("word", [w for word in WORDS for w in {word, word.upper(), word.capitalize()}])
+def test_bool_grammar_is_esper_settings_own(name, word):
+    """Esper's settings read these flags as pydantic booleans: whatever pydantic takes, the package takes the
+    same way, and whatever it refuses, the package refuses (a blank value is unset in both)."""
+    pydantic = pytest.importorskip("pydantic")  # a test dependency: never skipped in CI
+    try:
+        expected = pydantic.TypeAdapter(bool).validate_python(word)
+    except pydantic.ValidationError:
+        expected = None
+    if not word.strip():
+        assert SeedLayerSettings.from_env({name: word}) == SeedLayerSettings()
+    elif expected is None:
+        with pytest.raises(SettingsError, match=name):
+            SeedLayerSettings.from_env({name: word})
+    else:
+        field = "enabled" if name == ENV_ENABLED else "compact"
+        assert getattr(SeedLayerSettings.from_env({name: word}), field) is expected
 
 
 @pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT, ENV_TOP_K, ENV_SAMPLE_EVERY])
@@ -27,9 +51,9 @@ def test_empty_or_blank_counts_as_unset(name, raw):
 
 
 @pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT])
-@pytest.mark.parametrize("raw", ["-1", "3.5", "abc", "2", "tru", "y", "enabled", "１"])
+@pytest.mark.parametrize("raw", ["-1", "3.5", "abc", "2", "tru", "yy", "enabled", "１"])
 def test_bad_bool_names_variable_value_and_accepted(name, raw):
-    with pytest.raises(SettingsError, match="^" + re.escape(f"{name}={raw!r} is not valid: expected one of true/false")):
+    with pytest.raises(SettingsError, match="^" + re.escape(f"{name}={raw!r} is not valid: expected one of 1/true/t/yes/y/on")):
         SeedLayerSettings.from_env({name: raw})
 
 

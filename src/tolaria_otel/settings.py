@@ -26,9 +26,11 @@ ENV_EXPORT_RANK = "TOLARIA_SEED_LAYER_EXPORT_RANK"
 #: Also measure the host (every trainable parameter outside the seeds): its norm and each seed's ratio to it.
 ENV_HOST_NORM = "TOLARIA_SEED_HOST_NORM"
 
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-_BOOL_ACCEPTED = "one of true/false, 1/0, yes/no, on/off (any case)"
+# Esper's settings read the same two flags with pydantic's boolean grammar: the same words here, so a
+# deployment Esper accepts starts the trainer too.
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
+_BOOL_ACCEPTED = "one of 1/true/t/yes/y/on or 0/false/f/no/n/off (any case)"
 
 #: top_k times the number of active seeds must stay within the metric stream's cardinality
 #: limit (2000 points); 100 leaves room for 20 seeds, five times the prototype's four.
