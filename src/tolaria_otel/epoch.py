@@ -159,8 +159,8 @@ class Segment:
                 return False
         return True
 
-    def add_step(self, epoch_step: int) -> None:
-        self.norms.add_step()
+    def add_step(self, epoch_step: int, precomputed: Mapping[int, torch.Tensor] | None = None) -> None:
+        self.norms.add_step(precomputed)
         self.steps += 1
         if self.keep_rows:
             self._row_steps.append(epoch_step)

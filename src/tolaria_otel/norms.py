@@ -11,7 +11,7 @@ across ranks when gradients are sharded, which is why the epoch statistic is the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -107,9 +107,12 @@ class StepNorms:
                                               torch.tensor([t for _, t, _ in mine], dtype=torch.long, device=device),
                                               weights))
 
-    def add_step(self) -> None:
+    def add_step(self, precomputed: Mapping[int, torch.Tensor] | None = None) -> None:
         """Queue this step's gradient norms on the device (no host sync).
 
+        ``precomputed`` maps ``id(parameter)`` to the L2 norm of its gradient this step (a 0-d tensor on
+        its device, float32 or wider) when the caller has them already (a clip computes every norm): those
+        are taken as they are, a parameter absent from it is one without a gradient.
         Raises :class:`DeviceMoved` before touching anything when the parameters left their device.
         """
         for group in self._groups:
@@ -122,7 +125,10 @@ class StepNorms:
         try:
             all_present = True
             for group in self._groups:
-                all_present &= self._add_group(group)
+                if precomputed is None or group.sparse:
+                    all_present &= self._add_group(group)
+                else:
+                    all_present &= self._add_precomputed(group, precomputed)
         finally:
             torch.set_grad_enabled(grad_enabled)
         self.steps_all_present += all_present
@@ -165,6 +171,17 @@ class StepNorms:
             return self._add_group(group)  # nothing was queued: the foreach op failed first
         group.pending.append(norms)
         return len(dense) + sum(grads[i] is not None for i in group.sparse) == len(grads)
+
+    def _add_precomputed(self, group: _Group, precomputed: Mapping[int, torch.Tensor]) -> bool:
+        norms = [precomputed.get(id(param)) for param in group.params]
+        if all(norm is not None for norm in norms):
+            group.pending.append(norms)  # type: ignore[arg-type]
+            return True
+        for i, norm in enumerate(norms):
+            if norm is not None:
+                self._had[group.positions[i]] = True
+        group.pending.append([group.zero if norm is None else norm for norm in norms])
+        return False
 
     @staticmethod
     def _norms(float32_norm: bool, grads: list[torch.Tensor]) -> Sequence[torch.Tensor]:

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider
 from torch import nn
@@ -107,6 +108,10 @@ class SeedLayerTelemetry:
         """Queue this optimizer step's gradient norms on the device. No host sync."""
         if not self._enabled:
             return
+        self._observe(None)
+
+    def _observe(self, precomputed: Mapping[int, torch.Tensor] | None) -> None:
+        """A step, measured here or from the norms a caller computed already (``StepNorms.add_step``)."""
         self._countdown -= 1
         if self._countdown:
             return
@@ -115,11 +120,11 @@ class SeedLayerTelemetry:
             try:
                 segment = self._segment_now()
                 try:
-                    segment.add_step(self._sampled_steps)
+                    segment.add_step(self._sampled_steps, precomputed)
                 except DeviceMoved:  # the model moved: measure this step on its new device
                     segment.absorb()  # what it measured so far, while its device is there
                     segment = self._current = self._segment_for(self._read_seeds())
-                    segment.add_step(self._sampled_steps)
+                    segment.add_step(self._sampled_steps, precomputed)
                 self._sampled_steps += 1
                 if segment.norms.waiting >= FLUSH_EVERY:
                     segment.absorb()

@@ -1,0 +1,43 @@
+"""The step path's entry for norms a caller computed already (a clip computes every gradient's norm)."""
+
+import math
+
+import torch
+
+from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
+from tolaria_otel.norms import StepNorms
+
+from .helpers import ReferenceNorms, seeded_network, train_epoch
+
+
+def test_precomputed_norms_are_taken_as_given_and_missing_ones_count_as_no_gradient():
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    norms = StepNorms(params, [(0, 0, None), (1, 0, None), (2, 1, None)], 2, torch.device("cpu"))
+    given = {id(params[0]): torch.tensor(2.0), id(params[2]): torch.tensor(5.0)}  # params[1]: no gradient
+    norms.add_step(given)
+    rows = norms.take_rows()
+    assert rows is not None
+    assert rows.tolist() == [[4.0, 25.0]]  # what was given, not what the gradients hold
+    assert norms.had_gradient() == [True, False, True]
+
+
+def test_a_step_from_precomputed_norms_equals_the_measured_one():
+    model, registry = seeded_network(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    reference = ReferenceNorms(registry)
+    telemetry = SeedLayerTelemetry(model, registry, settings=SeedLayerSettings(enabled=True))
+
+    def from_precomputed():
+        reference.hook(optimizer, (), {})
+        grads = {id(p): torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None}
+        telemetry._observe(grads)
+
+    train_epoch(model, optimizer, steps=5, generator=torch.Generator().manual_seed(1), before_step=from_precomputed)
+    summary = telemetry.end_epoch()
+    layers, totals = reference.epoch()
+    for seed_id, seed in summary.seeds.items():
+        assert math.isclose(seed.total_norm, totals[seed_id], rel_tol=1e-5)
+        for layer, value in seed.layer_norms.items():
+            assert math.isclose(value, layers[seed_id][layer], rel_tol=1e-5)
