@@ -25,7 +25,8 @@ class PresenceReference:
     """The contract, the plain way, in float64: read the seed source at the step, measure what it lists.
 
     A seed's epoch value is the RMS over the steps at which it was listed; it is not measured when none
-    of its parameters had a gradient at any of them.
+    of its parameters had a gradient at any of them. Every seed listed at some step of the epoch belongs
+    to it, with the last stage it was listed with.
     """
 
     def __init__(self, source) -> None:
@@ -37,10 +38,12 @@ class PresenceReference:
         self.totals: dict[str, float] = defaultdict(float)
         self.steps: dict[str, int] = defaultdict(int)
         self.had: dict[str, bool] = defaultdict(bool)
+        self.stages: dict[str, str] = {}
 
     def step(self) -> None:
-        for seed_id, (module, _) in self.source().items():
+        for seed_id, (module, stage) in self.source().items():
             self.steps[seed_id] += 1
+            self.stages[seed_id] = stage
             seen: dict[int, torch.Tensor] = {}
             for name, sub in module.named_modules():
                 params = [p for p in sub.parameters(recurse=False) if p.requires_grad]
@@ -52,24 +55,26 @@ class PresenceReference:
             self.totals[seed_id] += sum(float(g.double().pow(2).sum()) for g in seen.values())
             self.had[seed_id] |= bool(seen)
 
-    def epoch(self, listed_at_end) -> dict[str, tuple[int, float | None, dict[str, float]]]:
-        """seed -> (steps listed, total RMS or None, layer -> RMS) for the seeds listed at the end, then reset."""
+    def epoch(self) -> dict[str, tuple[int, float | None, dict[str, float], str, bool]]:
+        """seed -> (steps listed, total RMS or None, layer -> RMS, last stage, gone at the end) for every seed
+        listed at some step, then reset."""
+        listed_at_end = self.source()
         out = {}
-        for seed_id in listed_at_end:
-            steps = self.steps.get(seed_id, 0)
-            if not steps:
-                continue
+        for seed_id, steps in self.steps.items():
             total = math.sqrt(self.totals[seed_id] / steps) if self.had[seed_id] else None
-            out[seed_id] = (steps, total, {k: math.sqrt(v / steps) for k, v in self.squares[seed_id].items()})
+            out[seed_id] = (steps, total, {k: math.sqrt(v / steps) for k, v in self.squares[seed_id].items()},
+                            listed_at_end[seed_id][1] if seed_id in listed_at_end else self.stages[seed_id],
+                            seed_id not in listed_at_end)
         self.reset()
         return out
 
 
 def assert_matches(summary, want, top_k: int) -> None:
     assert sorted(summary.seeds) == sorted(want)
-    for seed_id, (steps, total, layers) in want.items():
+    for seed_id, (steps, total, layers, stage, left) in want.items():
         got = summary.seeds[seed_id]
         assert got.sampled_steps == steps, seed_id
+        assert (got.stage, got.left) == (stage, left), seed_id
         if total is None:
             assert got.total_norm is None and got.top_layers == (), seed_id
             continue
@@ -135,17 +140,17 @@ def test_seeds_germinated_after_end_epoch_and_mid_epoch_are_measured_at_once(att
             optimizer.zero_grad()
 
     train(4, {})
-    want = reference.epoch(registry.modules)
+    want = reference.epoch()
     assert_matches(telemetry.end_epoch(), want, ON.top_k)
     controller.germinate("seed-1")  # Tamiyo read the summary and germinated: measured from the next step
     train(6, {2: [("germinate", "seed-2")], 4: [("cull", "seed-0")]})
-    want = reference.epoch(registry.modules)
+    want = reference.epoch()
     summary = telemetry.end_epoch()
     assert_matches(summary, want, ON.top_k)
-    assert {s: v.sampled_steps for s, v in summary.seeds.items()} == {"seed-1": 6, "seed-2": 4}
-    assert "seed-0" not in summary.seeds  # culled mid-epoch: gone, not zero
+    assert {s: v.sampled_steps for s, v in summary.seeds.items()} == {"seed-0": 4, "seed-1": 6, "seed-2": 4}
+    assert summary.seeds["seed-0"].left  # culled mid-epoch: its last summary covers its four steps
     train(3, {})
-    assert_matches(telemetry.end_epoch(), reference.epoch(registry.modules), ON.top_k)
+    assert_matches(telemetry.end_epoch(), reference.epoch(), ON.top_k)
     telemetry.close()  # attach() without an optimizer hooks every optimizer of the process until then
 
 
@@ -195,7 +200,7 @@ def test_module_swapped_under_the_same_seed_id_mid_epoch_counts_the_modules_in_t
         telemetry.observe_step()
         optimizer.step()
         optimizer.zero_grad()
-    assert_matches(telemetry.end_epoch(), reference.epoch(registry.modules), 5)
+    assert_matches(telemetry.end_epoch(), reference.epoch(), 5)
 
 
 def test_optimizer_replaced_mid_run_is_followed_by_attach_without_an_optimizer():
@@ -216,7 +221,7 @@ def test_optimizer_replaced_mid_run_is_followed_by_attach_without_an_optimizer()
     other.step()
     summary = telemetry.end_epoch()
     assert summary.sampled_steps == 7
-    assert_matches(summary, reference.epoch(registry.modules), ON.top_k)
+    assert_matches(summary, reference.epoch(), ON.top_k)
     telemetry.close()
 
 
@@ -485,3 +490,126 @@ def test_a_parameter_that_left_its_device_is_detected_before_any_work():
     with pytest.raises(DeviceMoved):
         squares.add_step()
     assert segment_key(read_seeds({"s": (seed, "TRAINING")})) != before
+
+
+def test_a_seed_culled_mid_epoch_keeps_that_epoch_in_the_summary_and_the_export_then_is_released():
+    """Kasmina drops a culled seed from its registry at once: listed at steps 0 to 4, gone at step 5 of 8."""
+    torch.manual_seed(0)
+    model, registry = SeededMLP(), SeedRegistry()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    controller = Controller(model, registry, optimizer)
+    for seed_id in ("seed-0", "seed-1"):
+        controller.germinate(seed_id)
+    telemetry, reader = telemetry_for(model, registry, ON)
+    telemetry.attach(optimizer)
+    reference = PresenceReference(registry)
+
+    def at_step(step):
+        if step == 4:
+            registry.stages["seed-1"] = "SEED_STAGE_CULLED"  # Tamiyo culls: its last step is this one
+        if step == 5:
+            controller.cull("seed-1")
+
+    _train(model, optimizer, 8, torch.Generator().manual_seed(4), at_step, reference)
+    want = reference.epoch()
+    assert want["seed-1"][0] == 5 and want["seed-1"][3:] == ("SEED_STAGE_CULLED", True)
+    summary = telemetry.end_epoch()
+    assert_matches(summary, want, ON.top_k)
+    assert not summary.seeds["seed-0"].left
+    assert summary.to_dict()["seeds"][1]["left"] is True
+    exported = collect(reader)
+    assert {(a["seed_id"], a["stage"]) for a, _, _ in exported[LAYER_NORM]} == {
+        ("seed-0", "SEED_STAGE_GERMINATED"), ("seed-1", "SEED_STAGE_CULLED")}
+    _train(model, optimizer, 2, torch.Generator().manual_seed(5), reference=reference)
+    summary = telemetry.end_epoch()
+    assert sorted(summary.seeds) == ["seed-0"]  # released after its last epoch
+    assert {a["seed_id"] for a, _, _ in collect(reader)[LAYER_NORM]} == {"seed-0"}
+
+
+def test_a_parameter_replaced_inside_a_seed_is_followed_at_the_next_check_and_the_epoch_flagged_partial():
+    from tolaria_otel.telemetry import PARAMETER_CHECK_EVERY
+
+    torch.manual_seed(0)
+    model, registry = SeededMLP(), SeedRegistry()
+    for seed_id in ("seed-0", "seed-1"):
+        registry.add(seed_id, model.graft(seed_id.replace("-", "_")), "SEED_STAGE_TRAINING")
+    telemetry, _ = telemetry_for(model, registry, ON.replace(top_k=5))
+    layer = registry.modules["seed-0"].net[0]
+    replaced_at, steps = 3, PARAMETER_CHECK_EVERY + 6
+    weight: list[float] = []  # seed-0's net.0 per step, float64, on the parameters the module holds
+    bias: list[float] = []
+    generator = torch.Generator().manual_seed(6)
+    for step in range(steps):
+        if step == replaced_at:  # re-initialised: a new nn.Parameter in the same module object
+            layer.weight = nn.Parameter(torch.randn_like(layer.weight))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)  # the manager rebuilds it every step
+        x, y = torch.randn(16, 32, generator=generator), torch.randn(16, 10, generator=generator)
+        nn.functional.mse_loss(model(x), y).backward()
+        weight.append(float(layer.weight.grad.double().pow(2).sum()))
+        bias.append(float(layer.bias.grad.double().pow(2).sum()))
+        telemetry.observe_step()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    summary = telemetry.end_epoch()
+    seed = summary.seeds["seed-0"]
+    assert seed.partial and not summary.seeds["seed-1"].partial
+    # Until a check finds it, at most PARAMETER_CHECK_EVERY sampled steps later, the old weight is measured
+    # (it has no gradient after the replacement); from the step after that check, the new one.
+    def partial_value(followed_from: int) -> float:
+        measured = [w for step, w in enumerate(weight) if step < replaced_at or step >= followed_from]
+        return math.sqrt((sum(measured) + sum(bias)) / steps)
+
+    candidates = [partial_value(step) for step in range(replaced_at + 1, replaced_at + PARAMETER_CHECK_EVERY + 1)]
+    assert any(seed.layer_norms["net.0"] == pytest.approx(value, rel=1e-5) for value in candidates)
+    assert seed.layer_norms["net.0"] < 0.9 * math.sqrt((sum(weight) + sum(bias)) / steps)
+    # The next epoch measures the new parameter at every step, and is not partial.
+    squares = []
+    for _ in range(3):
+        x, y = torch.randn(16, 32, generator=generator), torch.randn(16, 10, generator=generator)
+        nn.functional.mse_loss(model(x), y).backward()
+        squares.append(sum(float(p.grad.double().pow(2).sum()) for p in layer.parameters(recurse=False)))
+        telemetry.observe_step()
+        model.zero_grad(set_to_none=True)
+    seed = telemetry.end_epoch().seeds["seed-0"]
+    assert not seed.partial
+    assert seed.layer_norms["net.0"] == pytest.approx(math.sqrt(sum(squares) / 3), rel=1e-5)
+
+
+def test_a_second_attach_is_refused_until_the_first_is_removed():
+    model, registry = SeededMLP(), SeedRegistry()
+    registry.add("seed-0", model.graft("seed_0"), "SEED_STAGE_TRAINING")
+    telemetry, _ = telemetry_for(model, registry, ON)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = telemetry.attach(optimizer)
+    for second in (lambda: telemetry.attach(optimizer), telemetry.attach):
+        with pytest.raises(RuntimeError, match=r"attach\(\) was already called .* remove the first handle"):
+            second()
+    _train(model, optimizer, 4, torch.Generator().manual_seed(0))
+    assert telemetry.end_epoch().sampled_steps == 4  # each step once
+    handle.remove()
+    telemetry.attach(optimizer)
+    _train(model, optimizer, 2, torch.Generator().manual_seed(0))
+    assert telemetry.end_epoch().sampled_steps == 2
+
+
+def test_a_seed_outside_the_model_is_named_once(caplog):
+    model, registry = SeededMLP(), SeedRegistry()
+    registry.add("inside", model.graft("inside"), "SEED_STAGE_TRAINING")
+    elsewhere = SeededMLP().graft("elsewhere")  # another network's seed, never in this model's forward
+    registry.add("elsewhere", elsewhere, "SEED_STAGE_TRAINING")
+    with caplog.at_level(logging.WARNING, logger="tolaria_otel"):
+        telemetry, _ = telemetry_for(model, registry, ON)
+        telemetry.attach()
+        _train(model, torch.optim.SGD(model.parameters(), lr=0.01), 2, torch.Generator().manual_seed(0))
+        summary = telemetry.end_epoch()
+    warnings = [r.getMessage() for r in caplog.records if "not inside the model" in r.getMessage()]
+    assert len(warnings) == 1 and "'elsewhere'" in warnings[0] and "'inside'" not in warnings[0]
+    assert summary.seeds["elsewhere"].total_norm is None
+    late = model.graft("late")  # grafted into the model after construction: inside, no warning
+    registry.add("late", late, "SEED_STAGE_GERMINATED")
+    with caplog.at_level(logging.WARNING, logger="tolaria_otel"):
+        caplog.clear()
+        _train(model, torch.optim.SGD(model.parameters(), lr=0.01), 1, torch.Generator().manual_seed(0))
+        telemetry.end_epoch()
+    assert not [r for r in caplog.records if "not inside the model" in r.getMessage()]
+    telemetry.close()

@@ -138,6 +138,7 @@ class Segment:
         self.numel = [param.numel() for param in params]
         self.slot_numel = [sum(self.numel[i] for i in indices) for indices in self.slot_params]
         self.seed_ids = {seed for seed, _ in self.slots}
+        self.measured_parameters = {id(param) for param in params}
         self.home = params[0].device if params else torch.device("cpu")
         self.norms = StepNorms(local_gradients(params), entries, len(self.slots), self.home)
         self.steps = 0

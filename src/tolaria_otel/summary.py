@@ -43,6 +43,12 @@ class SeedSummary:
     step_norm_counts: tuple[int, ...] = ()
     host_ratio: float | None = None
     health: str = ""
+    #: Listed at some sampled step of the epoch but no longer at its end (culled, or gone from the source):
+    #: this is its last summary; its values cover the steps it was listed at.
+    left: bool = False
+    #: A parameter was replaced or added inside the seed's module mid-epoch: measured on the new one from
+    #: at most ``telemetry.PARAMETER_CHECK_EVERY`` sampled steps later, so the epoch's values are partial.
+    partial: bool = False
 
     @property
     def measured(self) -> bool:
@@ -86,6 +92,8 @@ class EpochSummary:
                     "step_norm_counts": list(seed.step_norm_counts),
                     "host_ratio": json_number(seed.host_ratio),
                     "health": seed.health,
+                    "left": seed.left,
+                    "partial": seed.partial,
                 }
                 for seed in self.seeds.values()
             ],

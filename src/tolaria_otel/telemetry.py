@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +23,16 @@ from .health import classify
 from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .norms import FLUSH_EVERY, DeviceMoved
 from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
-from .seeds import SeedSource, SeedView, StageNames, read_seeds, validate_seeds
+from .seeds import SeedSource, SeedView, StageNames, read_seeds, stage_name, validate_seeds
 from .settings import SeedLayerSettings
 from .summary import EpochSummary, SeedSummary
 from .topk import top_k
 
 _logger = logging.getLogger(__name__)
+
+#: Sampled steps between two walks over the seeds' parameters that find a parameter replaced or added
+#: inside a seed module (a walk per step would cost more than the step's measurement; docs/benchmarks.md).
+PARAMETER_CHECK_EVERY = 64
 
 
 class SeedLayerTelemetry:
@@ -88,6 +93,13 @@ class SeedLayerTelemetry:
         self._ranks = RankReduction.current(self.settings.export_rank)
         seeds_now = read_seeds(seeds, stage_names)  # fail fast on a malformed source
         self._stages = {seed_id: view.stage for seed_id, view in seeds_now.items()}
+        #: Every seed listed at some point of this epoch, with the last stage seen: a seed culled
+        #: mid-epoch keeps its place in the epoch's summary.
+        self._epoch_stages = dict(self._stages)
+        self._last_mapping: object = None  # what the source returned at the last sampled step
+        self._partial: set[str] = set()  # seeds with parameters replaced or added in place this epoch
+        self._model_parameters: set[int] = set()
+        self._warned_outside: set[str] = set()
         self._segments: dict[SegmentKey, Segment] = {}
         self._current = self._segment_for(seeds_now)
         self._instruments: SeedLayerInstruments | None = None
@@ -128,6 +140,7 @@ class SeedLayerTelemetry:
                 self._sampled_steps += 1
                 if segment.norms.waiting >= FLUSH_EVERY:
                     segment.absorb()
+                self._follow_replaced_parameters()
             except Exception:  # noqa: BLE001 - telemetry must never stop training
                 self._failed("observe_step")
 
@@ -140,6 +153,10 @@ class SeedLayerTelemetry:
         """
         if not self._enabled:
             return RemovableHandle(OrderedDict())  # a handle whose remove() has nothing to do
+        if any(_active(hook) for hook in self._hooks):
+            raise RuntimeError("attach() was already called on this SeedLayerTelemetry and its hook is still "
+                               "attached: a second one would measure every step twice; remove the first handle "
+                               "(handle.remove()) before attaching again")
         if optimizer is None:
             handle = EveryOptimizer(self.model, self.observe_step).handle
         else:
@@ -161,6 +178,8 @@ class SeedLayerTelemetry:
                 self._failed("end_epoch")
             self.epoch += 1
             self._sampled_steps = 0
+            self._epoch_stages = dict(self._stages)  # the gone seeds had their last summary
+            self._partial = set()
             for segment in self._segments.values():
                 segment.reset()
             self._segments = {self._current.key: self._current}
@@ -190,22 +209,77 @@ class SeedLayerTelemetry:
         check of its modules; a walk over parameters only when a seed came, went or was swapped."""
         try:
             mapping = self._source() if callable(self._source) else self._source
+            previous, self._last_mapping = self._last_mapping, mapping
             if self._current.lists_same_modules(mapping):
                 return self._current
             views = validate_seeds(mapping, self._stage_names)
         except Exception:  # noqa: BLE001 - measure the seeds known last rather than nothing
             self._failed("seed source")
             return self._current
+        self._note_gone(previous, views)
         self._current = self._segment_for(views)
         return self._current
 
+    def _note_gone(self, previous: object, views: Mapping[str, SeedView]) -> None:
+        """A seed the source no longer lists keeps the stage it had at the last sampled step it was
+        listed at (a culled seed's CULLED, when the source gave a new mapping at each call)."""
+        if not isinstance(previous, Mapping):
+            return
+        for seed_id in self._current.modules.keys() - views.keys():
+            entry = previous.get(seed_id)
+            if isinstance(entry, tuple) and len(entry) == 2:
+                try:
+                    self._epoch_stages[seed_id] = stage_name(seed_id, entry[1], self._stage_names)
+                except TypeError:
+                    pass  # keep the stage seen before
+
+    def _follow_replaced_parameters(self) -> None:
+        """A parameter replaced or added inside a seed module that stays the same object is not seen by
+        the step path's module check. Each seed's parameters are walked once every PARAMETER_CHECK_EVERY
+        sampled steps (a share of the seeds at each step, so no step pays for all) and at the epoch end;
+        a seed whose parameters changed is measured on the new ones from the next step, its epoch flagged
+        partial."""
+        count = len(self._current.modules)
+        share = -(-count // PARAMETER_CHECK_EVERY)  # seeds walked at a step that checks
+        if not share:
+            return
+        groups = -(-count // share)
+        stride = PARAMETER_CHECK_EVERY // groups  # sampled steps between two checks
+        if self._sampled_steps % stride:
+            return
+        start = self._sampled_steps // stride % groups * share
+        seeds = itertools.islice(self._current.modules, start, start + share)
+        changed = _seeds_with_new_parameters(self._current, seeds)
+        if changed:
+            self._partial |= changed
+            self._current = self._segment_for(self._read_seeds())
+
     def _segment_for(self, seeds: Mapping[str, SeedView]) -> Segment:
+        for seed_id, view in seeds.items():
+            self._epoch_stages[seed_id] = view.stage
+        self._warn_outside_model(seeds)
         host = self._host_parameters(seeds) if self.settings.host_norm else ()
         key = segment_key(seeds, host)
         segment = self._segments.get(key)
         if segment is None:
             segment = self._segments[key] = Segment(seeds, key, host=host, keep_rows=self._ranks is not None)
         return segment
+
+    def _warn_outside_model(self, seeds: Mapping[str, SeedView]) -> None:
+        """Say once per seed when its module is not inside ``model``: attach() follows the optimizers of the
+        model's parameters, and a module outside the model's forward pass gets no gradient."""
+        outside = [seed_id for seed_id, view in seeds.items() if seed_id not in self._warned_outside
+                   and not {id(p) for p in module_parameters(view.module)} <= self._model_parameters]
+        if not outside:
+            return
+        self._model_parameters = {id(p) for p in module_parameters(self.model)}  # the model may have grown
+        for seed_id in outside:
+            if not {id(p) for p in module_parameters(seeds[seed_id].module)} <= self._model_parameters:
+                self._warned_outside.add(seed_id)
+                _logger.warning("tolaria_otel: seed %r is not inside the model given to SeedLayerTelemetry (its "
+                                "parameters are not among model.parameters()): attach() does not follow its "
+                                "optimizer and it is measured only when its gradients are set at an observed step; "
+                                "pass the model that contains the seeds", seed_id)
 
     def _host_parameters(self, seeds: Mapping[str, SeedView]) -> list[nn.Parameter]:
         """Every trainable parameter of the model that belongs to no seed (walked only when a seed
@@ -219,13 +293,16 @@ class SeedLayerTelemetry:
     def _summarise(self) -> EpochSummary:
         steps = self._sampled_steps
         try:
+            self._partial |= _seeds_with_new_parameters(self._current, self._current.modules)  # since the last check
             seeds_now = self._read_seeds()
+            self._note_gone(self._last_mapping, seeds_now)
             self._stages = {seed_id: view.stage for seed_id, view in seeds_now.items()}
-            # Parameters frozen, unfrozen or added in place are seen here (the step path checks modules only).
+            # Parameters frozen or unfrozen in place are seen here too (the step path checks modules only).
             self._current = self._segment_for(seeds_now)
         except Exception:  # noqa: BLE001 - keep the last known seeds and stages
             self._failed("seed source")
-        stages: Mapping[str, str] = self._stages
+        # Every seed listed at some sampled step, the gone ones included (with their last stage).
+        stages: Mapping[str, str] = dict(sorted(self._epoch_stages.items()))
         segments = list(self._segments.values())
         home = self._current.home
         sums: EpochSums | None = None
@@ -234,7 +311,7 @@ class SeedLayerTelemetry:
             steps = sums.steps
         elif steps:
             sums = fold(segments, home, steps)  # the epoch's one host sync
-        if not steps and self._stages:
+        if not steps and stages:
             _logger.log(logging.DEBUG if self._warned_unsampled else logging.WARNING,
                         "tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
                         self.epoch, self.settings.sample_every)
@@ -249,7 +326,7 @@ class SeedLayerTelemetry:
 
     def _seed_summaries(self, sums: EpochSums, by_seed: Mapping[str, dict[str, _SlotValues]],
                         stages: Mapping[str, str], host: _SlotValues | None) -> dict[str, SeedSummary]:
-        """Every seed listed at the epoch end that was listed at some sampled step of it."""
+        """Every seed listed at some sampled step of the epoch, the ones gone before its end included."""
         seeds = {}
         for seed_id, stage in stages.items():
             if not sums.seed_steps.get(seed_id):
@@ -276,6 +353,8 @@ class SeedLayerTelemetry:
                 step_norm_counts=sums.counts.get(seed_id, ()) if measured else (),
                 host_ratio=ratio,
                 health=classify(total_norm, max_norm, layers.values(), nonfinite_steps),
+                left=seed_id not in self._stages,
+                partial=seed_id in self._partial,
             )
         return seeds
 
@@ -307,6 +386,19 @@ def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
             math.sqrt(sums.sums[i] / steps) if measured else None,
             math.sqrt(sums.maxima[i]) if measured else None, sums.nonfinite[i], sums.numel[i])
     return out
+
+
+def _active(handle: RemovableHandle) -> bool:
+    """Whether a hook handle is still registered (``remove()`` takes its id out of the hooks dict)."""
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and handle.id in hooks
+
+
+def _seeds_with_new_parameters(segment: Segment, seed_ids: Iterable[str]) -> set[str]:
+    """Those of ``seed_ids`` whose modules now hold a trainable parameter ``segment`` does not measure."""
+    measured = segment.measured_parameters
+    return {seed_id for seed_id in seed_ids
+            if any(p.requires_grad and id(p) not in measured for p in module_parameters(segment.modules[seed_id]))}
 
 
 def _checked_identity(attributes: Mapping[str, str] | None) -> dict[str, str]:

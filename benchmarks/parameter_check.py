@@ -1,0 +1,41 @@
+"""What following parameters replaced inside a seed module costs on the step path: each seed's parameters
+are walked once every ``PARAMETER_CHECK_EVERY`` sampled steps, a share of the seeds at each step
+(``SeedLayerTelemetry._follow_replaced_parameters``). Times that call alone at every step of two rounds,
+median and slowest, next to the walk over every seed at once. ``python -m benchmarks.parameter_check``."""
+
+import time
+
+from torch import nn
+
+from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
+from tolaria_otel.telemetry import PARAMETER_CHECK_EVERY, _seeds_with_new_parameters
+
+
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    print(f"parameter check, one seed share per sampled step (PARAMETER_CHECK_EVERY={PARAMETER_CHECK_EVERY})")
+    for seeds, layers in [(4, 3), (64, 20), (256, 20), (2000, 1)]:
+        model = nn.ModuleDict({f"s{i}": nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
+                               for i in range(seeds)})
+        registry = {f"s{i}": (model[f"s{i}"], "TRAINING") for i in range(seeds)}
+        telemetry = SeedLayerTelemetry(model, registry, settings=SeedLayerSettings(enabled=True),
+                                       attributes={"benchmark": f"{seeds}x{layers}"})
+        per_step = []
+        for step in range(2 * PARAMETER_CHECK_EVERY):
+            telemetry._sampled_steps = step + 1
+            start = time.perf_counter()
+            telemetry._follow_replaced_parameters()
+            per_step.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _seeds_with_new_parameters(telemetry._current, telemetry._current.modules)
+        whole = time.perf_counter() - start
+        telemetry.close()
+        print(f"  {seeds}x{layers} ({seeds * layers * 2} tensors): per step median {_median(per_step) * 1e6:.1f} us, "
+              f"slowest {max(per_step) * 1e6:.1f} us; every seed at once {whole * 1e6:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
