@@ -327,11 +327,12 @@ def test_seeds_on_some_ranks_and_an_idle_rank_give_exact_values_and_no_hang(tmp_
     assert (zero["exports"], one["exports"]) == (False, True)
     assert zero["points"] == []
 
-    expected_seeds = [["idle", "only0", "only1", "shared"], ["idle", "late", "only0", "only1", "shared"]]
+    expected_seeds = [["gone", "idle", "only0", "only1", "shared"], ["idle", "late", "only0", "only1", "shared"]]
     for epoch, summary in enumerate(one["summaries"]):
         assert summary["sampled_steps"] == STEPS
         seeds = {s["seed_id"]: s for s in summary["seeds"]}
-        assert sorted(seeds) == expected_seeds[epoch]  # "gone" culled at the end of epoch 0, "late" from epoch 1
+        assert sorted(seeds) == expected_seeds[epoch]  # "gone" culled at the end of epoch 0 (its last), "late" from 1
+        assert [s for s in seeds if seeds[s]["left"]] == (["gone"] if epoch == 0 else [])
         assert seeds["only1"]["stage"] == "BLENDING"  # rank 1's stage, known to rank 0
         for seed_id, seed in seeds.items():
             # A plain gradient counts as replicated across its holders: the mean over those that saw one.
@@ -376,14 +377,15 @@ def test_bad_export_rank_names_variable_value_and_accepted(raw):
         SeedLayerSettings.from_env({ENV_EXPORT_RANK: raw})
 
 
-def test_slot_layout_is_the_union_with_the_lowest_rank_stage():
+def test_slot_layout_is_the_union_with_the_lowest_rank_stage_and_left_where_no_rank_lists_a_seed_at_the_end():
     layout = SlotLayout.agree([
-        ((("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")), (("a", "TRAINING"), ("b", "TRAINING")),
-         3),
-        ((("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")), (("b", "BLENDING"), ("c", "GERMINATED")),
-         2),
+        ((("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")),
+         (("a", "TRAINING", False), ("b", "TRAINING", False)), 3),
+        ((("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")),
+         (("b", "BLENDING", True), ("c", "GERMINATED", True)), 2),
     ])
     assert layout.steps == 3  # the rows of the per-step matrix: the most any rank sampled
     assert layout.stages == {"a": "TRAINING", "b": "TRAINING", "c": "GERMINATED"}
+    assert layout.left == {"a"}  # "b" left rank 0 but rank 1 still lists it
     assert layout.slots == (("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0"), ("b", "net.1"),
                             ("c", ""), ("c", "net.0"))

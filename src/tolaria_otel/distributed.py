@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +54,9 @@ if TYPE_CHECKING:
 #: Resource attributes (no semantic convention names the rank; these follow ``torch.distributed``'s own API).
 RANK_ATTRIBUTE = "torch.distributed.rank"
 WORLD_SIZE_ATTRIBUTE = "torch.distributed.world_size"
-#: What one rank holds: the slots it measured this epoch, the stages of the seeds listed at its end,
-#: and its sampled steps (the rows of the per-step matrix).
-Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str], ...], int]
+#: What one rank holds: the slots it measured this epoch, the stages of the seeds listed in it (and
+#: whether each is still listed at its end), and its sampled steps (the rows of the per-step matrix).
+Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str, bool], ...], int]
 
 _logger = logging.getLogger(__name__)
 
@@ -137,17 +137,22 @@ class SlotLayout:
 
     slots: tuple[Slot, ...]
     stages: Mapping[str, str]
+    left: frozenset[str] = frozenset()  # seeds no rank lists at the epoch end
     steps: int = 0
 
     @classmethod
     def agree(cls, descriptors: Sequence[Descriptor]) -> SlotLayout:
         stages: dict[str, str] = {}
+        listed: set[str] = set()
         slots: set[Slot] = set()
         for rank_slots, rank_stages, _ in descriptors:  # in rank order
             slots.update(rank_slots)
-            for seed_id, stage in rank_stages:
+            for seed_id, stage, at_end in rank_stages:
                 stages.setdefault(seed_id, stage)
-        return cls(tuple(sorted(slots)), dict(sorted(stages.items())), max(steps for _, _, steps in descriptors))
+                if at_end:
+                    listed.add(seed_id)
+        return cls(tuple(sorted(slots)), dict(sorted(stages.items())), frozenset(stages.keys() - listed),
+                   max(steps for _, _, steps in descriptors))
 
 
 class RankReduction:
@@ -181,7 +186,7 @@ class RankReduction:
 
     @torch.no_grad()
     def reduce(self, segments: Sequence[Segment] | None, steps: int, stages: Mapping[str, str],
-               home: torch.device) -> tuple[EpochSums, Mapping[str, str]]:
+               listed: Collection[str], home: torch.device) -> tuple[EpochSums, Mapping[str, str], frozenset[str]]:
         """All-reduce the epoch: one collective while no rank's slots, stages or step count changed;
         when some did, a layout exchange and a second all-reduce in the agreed new layout.
 
@@ -198,7 +203,9 @@ class RankReduction:
             _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
                             self.rank, exc_info=True)
             segments, facts = None, None
-        descriptor: Descriptor = ((() if facts is None else facts.slots), tuple(sorted(stages.items())), steps)
+        descriptor: Descriptor = ((() if facts is None else facts.slots),
+                                  tuple((seed_id, stage, seed_id in listed) for seed_id, stage in sorted(stages.items())),
+                                  steps)
         if self._agreed is None:
             self._agree(descriptor)
         values = self._all_reduce(segments, facts, steps, home, changed=descriptor != self._contributed)
@@ -206,7 +213,7 @@ class RankReduction:
             self._agree(descriptor)
             values = self._all_reduce(segments, facts, steps, home, changed=False)
         assert self._agreed is not None
-        return self._epoch(values), self._agreed.stages
+        return self._epoch(values), self._agreed.stages, self._agreed.left
 
     def _all_reduce(self, segments: Sequence[Segment] | None, facts: HostFacts | None, steps: int,
                     home: torch.device, changed: bool) -> list[float]:

@@ -8,7 +8,7 @@ import math
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +162,7 @@ class SeedLayerTelemetry:
         else:
             handle = OptimizerSteps(unwrap_optimizer(optimizer), self.observe_step).handle
         self._hooks.append(handle)
+        self._warn_outside_model(self._current.modules)
         return handle
 
     def end_epoch(self) -> EpochSummary | None:
@@ -257,7 +258,8 @@ class SeedLayerTelemetry:
     def _segment_for(self, seeds: Mapping[str, SeedView]) -> Segment:
         for seed_id, view in seeds.items():
             self._epoch_stages[seed_id] = view.stage
-        self._warn_outside_model(seeds)
+        if any(_active(hook) for hook in self._hooks):
+            self._warn_outside_model(seeds)
         host = self._host_parameters(seeds) if self.settings.host_norm else ()
         key = segment_key(seeds, host)
         segment = self._segments.get(key)
@@ -265,16 +267,17 @@ class SeedLayerTelemetry:
             segment = self._segments[key] = Segment(seeds, key, host=host, keep_rows=self._ranks is not None)
         return segment
 
-    def _warn_outside_model(self, seeds: Mapping[str, SeedView]) -> None:
-        """Say once per seed when its module is not inside ``model``: attach() follows the optimizers of the
-        model's parameters, and a module outside the model's forward pass gets no gradient."""
-        outside = [seed_id for seed_id, view in seeds.items() if seed_id not in self._warned_outside
-                   and not {id(p) for p in module_parameters(view.module)} <= self._model_parameters]
+    def _warn_outside_model(self, modules: Mapping[str, nn.Module | SeedView]) -> None:
+        """Under attach(), say once per seed when its module is not inside ``model``: attach() follows the
+        optimizers of the model's parameters, and a module outside the model's forward gets no gradient."""
+        seeds = {seed_id: m.module if isinstance(m, SeedView) else m for seed_id, m in modules.items()}
+        outside = [seed_id for seed_id, module in seeds.items() if seed_id not in self._warned_outside
+                   and not {id(p) for p in module_parameters(module)} <= self._model_parameters]
         if not outside:
             return
         self._model_parameters = {id(p) for p in module_parameters(self.model)}  # the model may have grown
         for seed_id in outside:
-            if not {id(p) for p in module_parameters(seeds[seed_id].module)} <= self._model_parameters:
+            if not {id(p) for p in module_parameters(seeds[seed_id])} <= self._model_parameters:
                 self._warned_outside.add(seed_id)
                 _logger.warning("tolaria_otel: seed %r is not inside the model given to SeedLayerTelemetry (its "
                                 "parameters are not among model.parameters()): attach() does not follow its "
@@ -306,8 +309,9 @@ class SeedLayerTelemetry:
         segments = list(self._segments.values())
         home = self._current.home
         sums: EpochSums | None = None
+        left = stages.keys() - self._stages.keys()
         if self._ranks is not None:  # on every rank at every epoch end: the others wait in the all-reduce
-            sums, stages = self._ranks.reduce(segments, steps, stages, home)
+            sums, stages, left = self._ranks.reduce(segments, steps, stages, self._stages.keys(), home)
             steps = sums.steps
         elif steps:
             sums = fold(segments, home, steps)  # the epoch's one host sync
@@ -322,10 +326,11 @@ class SeedLayerTelemetry:
         host = by_seed.get(HOST, {}).get(TOTAL)
         host_norm = host.rms if host is not None else None
         return EpochSummary(self.epoch, steps, self.settings.top_k,
-                            self._seed_summaries(sums, by_seed, stages, host), host_norm)
+                            self._seed_summaries(sums, by_seed, stages, left, host), host_norm)
 
     def _seed_summaries(self, sums: EpochSums, by_seed: Mapping[str, dict[str, _SlotValues]],
-                        stages: Mapping[str, str], host: _SlotValues | None) -> dict[str, SeedSummary]:
+                        stages: Mapping[str, str], left: Collection[str],
+                        host: _SlotValues | None) -> dict[str, SeedSummary]:
         """Every seed listed at some sampled step of the epoch, the ones gone before its end included."""
         seeds = {}
         for seed_id, stage in stages.items():
@@ -353,7 +358,7 @@ class SeedLayerTelemetry:
                 step_norm_counts=sums.counts.get(seed_id, ()) if measured else (),
                 host_ratio=ratio,
                 health=classify(total_norm, max_norm, layers.values(), nonfinite_steps),
-                left=seed_id not in self._stages,
+                left=seed_id in left,
                 partial=seed_id in self._partial,
             )
         return seeds
