@@ -104,7 +104,7 @@ def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
     assert min(module.pre_clip_norms) > 2 * CLIP
     assert max(module.reference.step_totals) == pytest.approx(CLIP, rel=1e-3)
     for summary, (layers, totals, steps) in zip(summaries, expected):
-        assert set(summary.seeds) <= set(steps)  # a seed culled mid-epoch is left out of that epoch's summary
+        assert set(summary.seeds) == set(steps)  # a seed culled mid-epoch keeps that epoch's steps
         for seed_id, seed in summary.seeds.items():
             assert seed.sampled_steps == steps[seed_id]
             assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-4)
@@ -114,14 +114,15 @@ def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
     # Seed 2 germinated after step 2 and seed 0 was culled after step 4 (of 3 per epoch).
     assert summaries[0].seeds["seed-2"].sampled_steps == 1
     assert summaries[0].seeds.keys() == {"seed-0", "seed-1", "seed-2"}
-    assert summaries[1].seeds.keys() == {"seed-1", "seed-2"}
+    assert summaries[1].seeds.keys() == {"seed-0", "seed-1", "seed-2"}
+    assert [seed.left for seed in summaries[1].seeds.values()] == [True, False, False]
     # The fit's end closed the telemetry: the hook is gone (the reference's is left) and the last epoch goes
     # out with the next collection.
     assert callback.telemetry is None
     assert len(fit.optimizers[0]._optimizer_step_post_hooks) == 1
     points = layer_points(collect(reader)[LAYER_NORM])
-    assert points == {("seed-1", layer): value for layer, value in summaries[1].seeds["seed-1"].top_layers} | {
-        ("seed-2", layer): value for layer, value in summaries[1].seeds["seed-2"].top_layers}
+    assert points == {(seed_id, layer): value for seed_id, seed in summaries[1].seeds.items()
+                      for layer, value in seed.top_layers}
     provider.shutdown()
 
 
