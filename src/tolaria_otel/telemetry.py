@@ -259,7 +259,7 @@ class SeedLayerTelemetry:
         for seed_id, view in seeds.items():
             self._epoch_stages[seed_id] = view.stage
         if any(_active(hook) for hook in self._hooks):
-            self._warn_outside_model(seeds)
+            self._warn_outside_model({seed_id: view.module for seed_id, view in seeds.items()})
         host = self._host_parameters(seeds) if self.settings.host_norm else ()
         key = segment_key(seeds, host)
         segment = self._segments.get(key)
@@ -267,10 +267,9 @@ class SeedLayerTelemetry:
             segment = self._segments[key] = Segment(seeds, key, host=host, keep_rows=self._ranks is not None)
         return segment
 
-    def _warn_outside_model(self, modules: Mapping[str, nn.Module | SeedView]) -> None:
+    def _warn_outside_model(self, seeds: Mapping[str, nn.Module]) -> None:
         """Under attach(), say once per seed when its module is not inside ``model``: attach() follows the
         optimizers of the model's parameters, and a module outside the model's forward gets no gradient."""
-        seeds = {seed_id: m.module if isinstance(m, SeedView) else m for seed_id, m in modules.items()}
         outside = [seed_id for seed_id, module in seeds.items() if seed_id not in self._warned_outside
                    and not {id(p) for p in module_parameters(module)} <= self._model_parameters]
         if not outside:
