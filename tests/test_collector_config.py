@@ -179,10 +179,15 @@ CONTRIB_ONLY = {
     "agent-gateway/agent.resourcedetection.yaml": "resourcedetection processor",
 }
 #: What each config the core Collector covers needs from its environment to validate (required addresses).
+#: TLS file paths are not read by `validate`; tests/test_tls.py runs these configs with real certificates.
+GATEWAY_TLS_ENV = {"OTELCOL_TLS_CERT_FILE": "/etc/otelcol/gateway.pem", "OTELCOL_TLS_KEY_FILE": "/etc/otelcol/gateway-key.pem",
+                   "OTELCOL_TLS_CLIENT_CA_FILE": "/etc/otelcol/ca.pem"}
 REQUIRED_ENV = {
-    "agent-gateway/agent.yaml": {"OTELCOL_GATEWAY_ENDPOINT": "127.0.0.1:4317"},
+    "agent-gateway/agent.yaml": {"OTELCOL_GATEWAY_ENDPOINT": "127.0.0.1:4317", "OTELCOL_TLS_CA_FILE": "/etc/otelcol/ca.pem",
+                                 "OTELCOL_TLS_CERT_FILE": "/etc/otelcol/agent.pem",
+                                 "OTELCOL_TLS_KEY_FILE": "/etc/otelcol/agent-key.pem"},
     "agent-gateway/gateway-store.yaml": {
-        "OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics"},
+        "OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics", **GATEWAY_TLS_ENV},
 }
 COLLECTOR_CONFIGS = sorted(str(path.relative_to(REPO_ROOT / "collector"))
                            for path in (REPO_ROOT / "collector").rglob("*.yaml")

@@ -512,10 +512,31 @@ def _otlp_exporter() -> MetricExporter:
     if otlp_protocol() == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-        return OTLPMetricExporter()
+        return OTLPMetricExporter(session=_session_keeping_its_ca())
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
     return GrpcExporter()
+
+
+def _session_keeping_its_ca() -> object:
+    """A ``requests`` session on which ``OTEL_EXPORTER_OTLP_[METRICS_]CERTIFICATE`` holds.
+
+    The HTTP exporter puts the CA file on its session (``session.verify``), but ``requests`` lets a
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` in the environment (set system-wide on many distributions
+    and images) override a session's ``verify`` at every request, so the CA the user named would be
+    ignored and every export fail certificate verification. Proxies and the rest of the environment
+    still apply.
+    """
+    import requests
+
+    class Session(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if isinstance(self.verify, str) and verify is None:  # the exporter's CA file, not a per-request choice
+                settings["verify"] = self.verify
+            return settings
+
+    return Session()
 
 
 def _milliseconds(env: Environ, variable: str, default: float) -> float:
