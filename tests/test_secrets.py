@@ -188,3 +188,36 @@ def test_no_secret_in_any_output(case: str, failing_port: int, capfd: pytest.Cap
     captured = capfd.readouterr()
     everything = "\n".join([captured.out, captured.err, logged(caplog)])
     assert not leaks(everything), f"{case}: {leaks(everything)} in:\n{everything}"
+
+
+# ------------------------------------------------------------------ headers read as the exporter reads them
+def test_a_comma_inside_a_value_is_refused_because_the_exporter_splits_there() -> None:
+    from opentelemetry.util.re import parse_env_headers
+
+    from tolaria_otel.provider import otlp_headers
+
+    raw = f"authorization=Basic {HEADER_TOKEN}"
+    sent = dict(parse_env_headers(raw, liberal=True))  # what the OTLP exporters would send: the SDK itself
+    assert sent["authorization"] != f"Basic {HEADER_TOKEN}" and len(sent) == 2, sent
+    with pytest.raises(ConfigurationError, match=r"entry 2 of 2 has an empty value .* %2C") as refused:
+        otlp_headers({"OTEL_EXPORTER_OTLP_HEADERS": raw})
+    assert not leaks(str(refused.value))
+    encoded = f"authorization=Basic%20{q(HEADER_TOKEN, safe='')}"
+    assert otlp_headers({"OTEL_EXPORTER_OTLP_HEADERS": encoded}) == dict(parse_env_headers(encoded, liberal=True)) \
+        == {"authorization": f"Basic {HEADER_TOKEN}"}
+
+
+@pytest.mark.parametrize("url", [
+    f"http://user:{PASSWORD}@collector.example:4318/v1/metrics",
+    f"http://{TOKEN}@collector.example:4318",
+    f"https://{USER}:{q(PASSWORD, safe='')}@collector.example:4318/v1/metrics?api_key={API_KEY}#{FRAGMENT}",
+    f"http://collector.example:4318/v1/metrics?api_key={API_KEY}",
+    f"http://u:{PASSWORD}@[::1",
+    f"collector.example/v1?{TOKEN}",
+])
+def test_a_url_is_shown_without_user_info_query_or_fragment(url: str) -> None:
+    from tolaria_otel.redaction import redacted_url
+
+    shown = redacted_url(url)
+    assert not leaks(shown), shown
+    assert "collector.example" in shown or "[::1" in shown

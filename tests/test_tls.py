@@ -69,6 +69,8 @@ def client_tls(env: pytest.MonkeyPatch, pki: Pki) -> None:
     env.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(pki.ca))
     env.setenv("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", str(pki.client_cert))
     env.setenv("OTEL_EXPORTER_OTLP_CLIENT_KEY", str(pki.client_key))
+    # As on many images: a system-wide bundle for requests, which would override the exporter's CA file.
+    env.setenv("REQUESTS_CA_BUNDLE", str(pki.stranger_cert))
 
 
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
@@ -156,3 +158,30 @@ def test_the_agent_forwards_to_the_gateway_over_mutual_tls(monkeypatch, pki, sto
                 in_store(store, instance, expected_layers(run.epoch()))
         finally:
             run.close()
+
+
+# ------------------------------------------------------------------ the variables as each exporter reads them
+def test_client_certificate_rules(pki: Pki) -> None:
+    from tolaria_otel.provider import ConfigurationError, otlp_client_certificate
+
+    pair = {"OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(pki.client_cert),
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key)}
+    ca = {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca)}
+    expected = (str(pki.client_cert), str(pki.client_key))
+    assert otlp_client_certificate(pair, "http/protobuf") == expected
+    assert otlp_client_certificate({**pair, **ca}, "grpc") == expected
+    assert otlp_client_certificate({}, "grpc") is None
+    refused = {
+        # The gRPC exporter loads a client certificate only with a CA file, and never mixes the two sets.
+        "grpc without a CA": ({**pair}, "grpc", r"^OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE is not used: over grpc"),
+        "grpc, general pair under a metrics CA": (
+            {**pair, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": str(pki.ca)}, "grpc",
+            r"^OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE is not used: .*METRICS_CLIENT_CERTIFICATE"),
+        "a key alone": ({"OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key)}, "http/protobuf",
+                        r"^OTEL_EXPORTER_OTLP_CLIENT_KEY is set but neither .* is set"),
+        "a missing file": ({**pair, "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY": "/no/such/key.pem"}, "http/protobuf",
+                           r"^OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY='/no/such/key.pem' is not valid: not a readable"),
+    }
+    for case, (env, protocol, message) in refused.items():
+        with pytest.raises(ConfigurationError, match=message):
+            otlp_client_certificate(env, protocol)
