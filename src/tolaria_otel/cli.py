@@ -90,8 +90,9 @@ OTEL_DEFAULTS = {
     "OTEL_EXPORTER_PROMETHEUS_PORT": "9464",
 }
 _ENDPOINT_VARIABLES = (otel.ENV_ENDPOINT, otel.ENV_METRICS_ENDPOINT)
-_TLS_VARIABLES = (otel.ENV_CERTIFICATE, otel.ENV_METRICS_CERTIFICATE, otel.ENV_CLIENT_CERTIFICATE,
-                  otel.ENV_METRICS_CLIENT_CERTIFICATE, otel.ENV_CLIENT_KEY, otel.ENV_METRICS_CLIENT_KEY)
+_CLIENT_TLS_VARIABLES = (otel.ENV_CLIENT_CERTIFICATE, otel.ENV_METRICS_CLIENT_CERTIFICATE, otel.ENV_CLIENT_KEY,
+                         otel.ENV_METRICS_CLIENT_KEY)
+_TLS_VARIABLES = (otel.ENV_CERTIFICATE, otel.ENV_METRICS_CERTIFICATE, *_CLIENT_TLS_VARIABLES)
 #: The OTLP variables, each with the metrics-specific one that overrides it.
 _OTLP_PAIRS = {otel.ENV_PROTOCOL: otel.ENV_METRICS_PROTOCOL, otel.ENV_ENDPOINT: otel.ENV_METRICS_ENDPOINT,
                otel.ENV_HEADERS: otel.ENV_METRICS_HEADERS, otel.ENV_TIMEOUT: otel.ENV_METRICS_TIMEOUT,
@@ -116,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except CommandError as error:
-        print(f"{PROG} {args.command}: error: {redact(str(error), secrets_in(os.environ, fragments=False))}", file=sys.stderr)
+        message = redact(str(error), secrets_in(os.environ, fragments=False))  # a second guard, as in doctor
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the demo's own handler is installed, or a second Ctrl-C
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
@@ -277,7 +279,8 @@ def run_doctor_command(args: argparse.Namespace) -> int:
         problems += _check_otlp(env, settings, in_force, args.timeout)
         problems += _check_pull_mode(env, in_force)
 
-    secrets = secrets_in(env, fragments=False)  # a second guard: a problem's text from a library (an OSError) is masked too
+    # A second guard: a problem's text that comes from a library (an OSError) is masked too.
+    secrets = secrets_in(env, fragments=False)
     for problem in problems:
         print(f"{PROG} doctor: {redact(problem, secrets)}", file=sys.stderr)
     print(f"{len(problems)} problem(s)" if problems else "all is well")
@@ -345,7 +348,7 @@ def _check_otlp(env: Mapping[str, str], settings: SeedLayerSettings, in_force: _
     certificate = _or_none(lambda: otel.otlp_certificate(env))
     certificate_set = _value(env, otel.ENV_METRICS_CERTIFICATE) or _value(env, otel.ENV_CERTIFICATE)
     client = _or_none(lambda: otel.otlp_client_certificate(env, in_force.protocol))
-    client_bad = client is None and any(_value(env, name) for name in _TLS_VARIABLES[2:])
+    client_bad = client is None and any(_value(env, name) for name in _CLIENT_TLS_VARIABLES)
     if headers is None or (in_force.endpoint.startswith("https:") and (
             (certificate_set and certificate is None) or client_bad)):
         print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: its headers or TLS files are not valid")

@@ -46,8 +46,11 @@ EXPORTER_LOGGERS = (
     "requests",
 )
 #: Shorter runs of letters and digits are not redacted on their own (they would mangle every line);
-#: a secret is caught whole, as written or percent-decoded, whatever its length.
+#: a secret is caught whole, as written or percent-decoded.
 FRAGMENT_MIN = 6
+#: A value shorter than this is no credential (a header ``x-team=ml``, a query ``?v=1``), and masking every
+#: "1" or "ml" would garble every line; it is not masked.
+SECRET_MIN = 4
 
 _URL_USER_INFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*@")
 _QUERY = re.compile(r"(\S)\?[^\s'\"<>)]+")
@@ -103,7 +106,7 @@ def secrets_in(environ: Mapping[str, str], fragments: bool = True) -> set[str]:
                 add(query)
                 for pair in re.split(r"[&;#]", query):
                     add(pair.partition("=")[2])
-    return {secret for secret in found if secret}
+    return {secret for secret in found if len(secret) >= SECRET_MIN}
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
