@@ -19,9 +19,9 @@ import base64
 import logging
 import os
 import re
+import sys
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -177,7 +177,7 @@ def test_no_secret_in_any_output(case: str, failing_port: int, capfd: pytest.Cap
         run = Run("secrets", settings=SeedLayerSettings(enabled=True, top_k=2))
     except ConfigurationError as error:
         outcome = "refused"
-        print(error, file=os.sys.stderr)
+        print(error, file=sys.stderr)  # searched below with the rest
     else:
         run.epoch(steps=2)
         run.close()  # the final export: to a port that refuses, or a server that answers 503
