@@ -221,3 +221,17 @@ def test_a_url_is_shown_without_user_info_query_or_fragment(url: str) -> None:
     shown = redacted_url(url)
     assert not leaks(shown), shown
     assert "collector.example" in shown or "[::1" in shown
+
+
+def test_a_traceback_logged_by_the_sdk_is_masked_too(caplog: pytest.LogCaptureFixture) -> None:
+    """The periodic reader logs an exporter's exception with its traceback, whose text may hold the URL."""
+    from tolaria_otel.redaction import install_log_redaction
+
+    install_log_redaction({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://h:1/v1/metrics?api_key={TOKEN}"})
+    logger = logging.getLogger("opentelemetry.sdk.metrics._internal.export")
+    try:
+        raise ConnectionError(f"cannot reach /v1/metrics?api_key={TOKEN} (key {TOKEN})")
+    except ConnectionError:
+        logger.exception("Exception while exporting metrics")
+    assert "Exception while exporting metrics" in caplog.text and "ConnectionError" in caplog.text
+    assert not leaks(caplog.text), caplog.text
