@@ -98,12 +98,17 @@ def host_ok(host: str) -> bool:
     return all(re.fullmatch(r"[A-Za-z0-9_-]{1,63}", label) for label in labels)
 
 
-def endpoint_ok(value: str) -> bool:
+def endpoint_ok(value: str, base: bool = False) -> bool:
+    """An OTLP/HTTP endpoint; ``base``: OTEL_EXPORTER_OTLP_ENDPOINT, to which the exporter appends /v1/metrics."""
     text = value.strip()
-    match = re.fullmatch(r"https?://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#\[\]@]+)(?::(\d*))?(?:[/?#]\S*)?", text)
+    match = re.fullmatch(r"https?://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#\[\]@]+)(?::(\d*))?([/?#]\S*)?", text)
     if not match or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in text):
         return False
-    port = match[2]
+    port, tail = match[2], match[3] or ""
+    # A fragment is never sent; an "@" after the host is user info that was not percent-encoded; a query in
+    # the base URL would end up before the /v1/metrics the exporter appends.
+    if "#" in tail or "@" in tail or (base and "?" in tail):
+        return False
     return host_ok(match[1]) and (not port or 1 <= int(port) <= 65535)
 
 
@@ -111,6 +116,8 @@ def headers_ok(value: str) -> bool:
     for entry in value.split(","):
         entry = entry.strip(" \t")
         if entry and not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+[ \t]*=[ \t]*[ !#-+\--:<-\[\]-~]*", entry):
+            return False
+        if entry and not entry.partition("=")[2].strip(" \t="):  # a value split at a comma ('Basic X,Y==')
             return False
     return True
 
@@ -131,10 +138,17 @@ def bindable(host: str, port: int) -> bool:
     return True
 
 
+#: The mutual TLS variables, each with the one it needs beside it.
+CLIENT_TLS = {"CLIENT_CERTIFICATE": "CLIENT_KEY", "CLIENT_KEY": "CLIENT_CERTIFICATE",
+              "METRICS_CLIENT_CERTIFICATE": "METRICS_CLIENT_KEY", "METRICS_CLIENT_KEY": "METRICS_CLIENT_CERTIFICATE"}
+
+
 def verdict(variable: str, value: str) -> str:
     """ok, bad or flagged: what ``value`` is for ``variable``, by the documented contract."""
     if not value.strip():
-        return "ok"  # blank counts as unset
+        # Blank counts as unset; a client certificate or key is fuzzed with its partner set (contexts()),
+        # and one without the other is refused.
+        return "bad" if variable.removeprefix("OTEL_EXPORTER_OTLP_") in CLIENT_TLS else "ok"
     rules: dict[str, Callable[[str], bool]] = {
         "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
         "TOLARIA_SEED_HEALTH_COMPACT": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
@@ -146,7 +160,7 @@ def verdict(variable: str, value: str) -> str:
         "OTEL_METRICS_EXPORTER": exporters_ok,
         "OTEL_EXPORTER_OTLP_PROTOCOL": one_of("http/protobuf", "grpc"),
         "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": one_of("http/protobuf", "grpc"),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint_ok,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": lambda value: endpoint_ok(value, base=True),
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": endpoint_ok,
         "OTEL_EXPORTER_OTLP_HEADERS": headers_ok,
         "OTEL_EXPORTER_OTLP_METRICS_HEADERS": headers_ok,
@@ -156,6 +170,7 @@ def verdict(variable: str, value: str) -> str:
         "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": one_of("none", "gzip", "deflate"),
         "OTEL_EXPORTER_OTLP_CERTIFICATE": lambda v: os.path.isfile(v) and os.access(v, os.R_OK),
         "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": lambda v: os.path.isfile(v) and os.access(v, os.R_OK),
+        **{f"OTEL_EXPORTER_OTLP_{kind}": lambda v: os.path.isfile(v) and os.access(v, os.R_OK) for kind in CLIENT_TLS},
         "OTEL_METRIC_EXPORT_INTERVAL": positive_finite,
         "OTEL_METRIC_EXPORT_TIMEOUT": positive_finite,
         "OTEL_SERVICE_NAME": lambda v: True,
@@ -177,8 +192,11 @@ def contexts(certificate: str, receiver: str) -> dict[str, dict[str, str]]:
     pull = {"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
             "OTEL_EXPORTER_PROMETHEUS_PORT": "0"}
     https = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://127.0.0.1:4318"}
+    # A client certificate is fuzzed with its key in place (a readable file), and the other way round.
+    client = {f"OTEL_EXPORTER_OTLP_{kind}": {**https, f"OTEL_EXPORTER_OTLP_{partner}": certificate}
+              for kind, partner in CLIENT_TLS.items()}
     return {"OTEL_EXPORTER_PROMETHEUS_HOST": pull, "OTEL_EXPORTER_PROMETHEUS_PORT": pull,
-            "OTEL_EXPORTER_OTLP_CERTIFICATE": https, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": https,
+            "OTEL_EXPORTER_OTLP_CERTIFICATE": https, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": https, **client,
             "OTEL_METRICS_EXPORTER": {"OTEL_EXPORTER_PROMETHEUS_PORT": "0"},
             "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver}}
 
@@ -211,6 +229,8 @@ def picked(variable: str, busy_port: int, certificate: str) -> list[str]:
         "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": ["gzip", "zstd"],
         "OTEL_EXPORTER_OTLP_CERTIFICATE": [certificate, "/no/such/ca.pem", tempfile.gettempdir()],
         "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": [certificate, "/no/such/ca.pem"],
+        **{f"OTEL_EXPORTER_OTLP_{kind}": [certificate, "/no/such/client.pem", tempfile.gettempdir()]
+           for kind in CLIENT_TLS},
         "OTEL_RESOURCE_ATTRIBUTES": ["service.instance.id=run-42", "a=1,b=2", "a=b,", "novalue", "=x", "a=b=c"],
         "OTEL_SERVICE_NAME": ["tolaria", "trainer 7"],
         "OTEL_EXPORTER_PROMETHEUS_HOST": ["localhost", "127.0.0.1", "0.0.0.0", "::1", "no-such-host.invalid",

@@ -179,10 +179,15 @@ CONTRIB_ONLY = {
     "agent-gateway/agent.resourcedetection.yaml": "resourcedetection processor",
 }
 #: What each config the core Collector covers needs from its environment to validate (required addresses).
+#: TLS file paths are not read by `validate`; tests/test_tls.py runs these configs with real certificates.
+GATEWAY_TLS_ENV = {"OTELCOL_TLS_CERT_FILE": "/etc/otelcol/gateway.pem", "OTELCOL_TLS_KEY_FILE": "/etc/otelcol/gateway-key.pem",
+                   "OTELCOL_TLS_CLIENT_CA_FILE": "/etc/otelcol/ca.pem"}
 REQUIRED_ENV = {
-    "agent-gateway/agent.yaml": {"OTELCOL_GATEWAY_ENDPOINT": "127.0.0.1:4317"},
+    "agent-gateway/agent.yaml": {"OTELCOL_GATEWAY_ENDPOINT": "127.0.0.1:4317", "OTELCOL_TLS_CA_FILE": "/etc/otelcol/ca.pem",
+                                 "OTELCOL_TLS_CERT_FILE": "/etc/otelcol/agent.pem",
+                                 "OTELCOL_TLS_KEY_FILE": "/etc/otelcol/agent-key.pem"},
     "agent-gateway/gateway-store.yaml": {
-        "OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics"},
+        "OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics", **GATEWAY_TLS_ENV},
 }
 COLLECTOR_CONFIGS = sorted(str(path.relative_to(REPO_ROOT / "collector"))
                            for path in (REPO_ROOT / "collector").rglob("*.yaml")
@@ -234,3 +239,70 @@ def test_store_and_contrib_configs_share_receivers_and_processors() -> None:
         one_pipeline, other_pipeline = (c["service"]["pipelines"]["metrics"] for c in (one, other))
         assert one_pipeline["receivers"] == other_pipeline["receivers"]
         assert one_pipeline["processors"] == other_pipeline["processors"]
+
+
+# ------------------------------------------------------------------------------- listeners and TLS
+LOOPBACK = ("127.0.0.1:", "localhost:", "[::1]:")
+
+
+def listeners(name: str) -> dict[str, dict]:
+    """Every server a config starts, by what it is, with its settings (``endpoint``, ``tls``)."""
+    config = yaml.safe_load((REPO_ROOT / "collector" / name).read_text())
+    found = {f"otlp {protocol}": settings
+             for protocol, settings in config.get("receivers", {}).get("otlp", {}).get("protocols", {}).items()}
+    if "prometheus" in config.get("exporters", {}):
+        found["prometheus exporter"] = config["exporters"]["prometheus"]
+    return found
+
+
+def required_env(value: str) -> str:
+    """`${env:VAR}` (no default: the Collector refuses to start without it) -> VAR."""
+    match = re.fullmatch(r"\$\{env:(\w+)\}", str(value))
+    assert match, f"{value!r}: expected ${{env:VAR}} without a default"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("name", [n for n in COLLECTOR_CONFIGS if listeners(n)])
+def test_a_listener_beyond_loopback_takes_mutual_tls_only(name: str) -> None:
+    for what, settings in listeners(name).items():
+        address = default_address(settings["endpoint"])
+        if address.startswith(LOOPBACK):
+            continue
+        tls = settings.get("tls") or {}
+        assert {key: required_env(tls.get(key)) for key in ("cert_file", "key_file", "client_ca_file")} == {
+            "cert_file": "OTELCOL_TLS_CERT_FILE", "key_file": "OTELCOL_TLS_KEY_FILE",
+            "client_ca_file": "OTELCOL_TLS_CLIENT_CA_FILE"}, f"{name}: {what} on {address} without mutual TLS"
+
+
+def test_the_agent_exports_to_the_gateway_with_its_certificate() -> None:
+    agent = yaml.safe_load((REPO_ROOT / "collector" / "agent-gateway" / "agent.yaml").read_text())
+    tls = agent["exporters"]["otlp"]["tls"]
+    assert "insecure" not in tls
+    assert {key: required_env(value) for key, value in tls.items()} == {
+        "ca_file": "OTELCOL_TLS_CA_FILE", "cert_file": "OTELCOL_TLS_CERT_FILE", "key_file": "OTELCOL_TLS_KEY_FILE"}
+
+
+def test_the_gateway_does_not_start_without_its_certificates() -> None:
+    result = Collector(collector_binary(), REPO_ROOT / ".cache" / "otelcol",
+                       [REPO_ROOT / "collector" / "agent-gateway" / "gateway-store.yaml"],
+                       {"OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics"}).validate()
+    assert result.returncode != 0 and "certificate and key" in result.stderr, result.stderr
+
+
+def test_the_ports_table_has_every_listener_with_its_default_address() -> None:
+    table = OPERATIONS.split("## Ports and bind addresses", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    for name in COLLECTOR_CONFIGS:
+        for what, settings in listeners(name).items():
+            address = default_address(settings["endpoint"])
+            file_name = name.rsplit("/", 1)[-1].removesuffix(".yaml")
+            assert any(address in row and (file_name in row or "Collector" in row and "/" not in name)
+                       for row in rows), f"{name}: {what} {address} not in docs/operations.md's ports table"
+            if not address.startswith(LOOPBACK):
+                assert any(address in row and "mutual TLS" in row for row in rows), f"{address}: TLS not said"
+    for address in ("localhost:9464", "127.0.0.1:8888", "127.0.0.1:8428", "127.0.0.1:9090", "127.0.0.1:3000"):
+        assert any(address in row for row in rows), address  # pull mode, telemetry, the store, compose
+    for variable in ("OTELCOL_TLS_CERT_FILE", "OTELCOL_TLS_KEY_FILE", "OTELCOL_TLS_CLIENT_CA_FILE", "OTELCOL_TLS_CA_FILE",
+                     "OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                     "OTEL_EXPORTER_OTLP_CLIENT_KEY"):
+        assert variable in OPERATIONS.split("## TLS", 1)[1], f"{variable} not documented in docs/operations.md, TLS"

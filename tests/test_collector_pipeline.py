@@ -6,7 +6,8 @@ memory_limiter, batch, otlphttp exporter), which writes into VictoriaMetrics; Ni
 - the documented current-top-K query answers exactly the latest epoch's top-K, in the store and in Prometheus
   (the recording rule), across a top-K change and a stage change, over both protocols;
 - the alerts fire on a run with a NaN layer and an exploding layer, and stay quiet for a healthy run beside it;
-- the agent/gateway pair of collector/agent-gateway/ runs as two real Collectors.
+- the agent/gateway pair of collector/agent-gateway/ (mutual TLS between them) runs as two real Collectors in
+  tests/test_tls.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 
 from devtools.stack import (
-    COLLECTOR_DIR,
     Collector,
     Prometheus,
     VictoriaMetrics,
@@ -27,11 +27,8 @@ from devtools.stack import (
     victoria_metrics,
     wait_until,
 )
-from tolaria_otel import SeedLayerSettings
-
 from .pipeline_run import Run, as_layers, current_top_k, expected_layers, export_to, run_env
 
-AGENT_GATEWAY = COLLECTOR_DIR / "agent-gateway"
 PROTOCOLS = ("http/protobuf", "grpc")
 #: Generous bounds for a loaded 2-core machine; the pipeline normally takes a fraction of them (the delays
 #: are documented in docs/operations.md, "The current top-K, and its delay").
@@ -144,18 +141,3 @@ def test_alerts_fire_through_the_collector_and_a_healthy_run_stays_quiet(env, st
         for run in runs.values():
             run.close()
 
-
-def test_agent_and_gateway_run_as_two_collectors(env, store, tmp_path):
-    """collector/agent-gateway/: the trainer -> agent (OTLP/HTTP, loopback) -> gateway (OTLP/gRPC) -> the store."""
-    with otel_collector(tmp_path / "gateway", [AGENT_GATEWAY / "gateway-store.yaml"], name="gateway",
-                        env={"OTELCOL_STORE_OTLP_ENDPOINT": store.otlp_metrics_url}) as gateway, \
-         otel_collector(tmp_path / "agent", [AGENT_GATEWAY / "agent.yaml"], name="agent",
-                        env={"OTELCOL_GATEWAY_ENDPOINT": f"127.0.0.1:{gateway.grpc_port}"}) as agent:
-        instance = f"multi-node-{uuid.uuid4().hex[:8]}"
-        export_to(env, agent.otlp_endpoints["http/protobuf"], instance)
-        run = Run(instance, settings=SeedLayerSettings(enabled=True, top_k=3))
-        try:
-            for _ in range(2):
-                in_store(store, instance, expected_layers(run.epoch()))
-        finally:
-            run.close()

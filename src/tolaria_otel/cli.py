@@ -27,7 +27,8 @@ from typing import NoReturn, TypeVar
 
 from . import provider as otel
 from ._version import __version__
-from .provider import ConfigurationError, redacted_url
+from .provider import ConfigurationError
+from .redaction import HEADER_VARIABLES, MASK, redact, redacted_url, secrets_in
 from .settings import (
     ENV_COMPACT,
     ENV_ENABLED,
@@ -77,6 +78,10 @@ OTEL_DEFAULTS = {
     "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": "OTEL_EXPORTER_OTLP_COMPRESSION",
     "OTEL_EXPORTER_OTLP_CERTIFICATE": "the system's CAs",
     "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "none (no mutual TLS)",
+    "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE": "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_KEY": "none (no mutual TLS)",
+    "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY": "OTEL_EXPORTER_OTLP_CLIENT_KEY",
     "OTEL_METRIC_EXPORT_INTERVAL": "60000 (ms)",
     "OTEL_METRIC_EXPORT_TIMEOUT": "30000 (ms)",
     "OTEL_SERVICE_NAME": "tolaria",
@@ -84,12 +89,16 @@ OTEL_DEFAULTS = {
     "OTEL_EXPORTER_PROMETHEUS_HOST": "localhost",
     "OTEL_EXPORTER_PROMETHEUS_PORT": "9464",
 }
-_SECRET_VARIABLES = (otel.ENV_HEADERS, otel.ENV_METRICS_HEADERS)
 _ENDPOINT_VARIABLES = (otel.ENV_ENDPOINT, otel.ENV_METRICS_ENDPOINT)
+_CLIENT_TLS_VARIABLES = (otel.ENV_CLIENT_CERTIFICATE, otel.ENV_METRICS_CLIENT_CERTIFICATE, otel.ENV_CLIENT_KEY,
+                         otel.ENV_METRICS_CLIENT_KEY)
+_TLS_VARIABLES = (otel.ENV_CERTIFICATE, otel.ENV_METRICS_CERTIFICATE, *_CLIENT_TLS_VARIABLES)
 #: The OTLP variables, each with the metrics-specific one that overrides it.
 _OTLP_PAIRS = {otel.ENV_PROTOCOL: otel.ENV_METRICS_PROTOCOL, otel.ENV_ENDPOINT: otel.ENV_METRICS_ENDPOINT,
                otel.ENV_HEADERS: otel.ENV_METRICS_HEADERS, otel.ENV_TIMEOUT: otel.ENV_METRICS_TIMEOUT,
-               otel.ENV_COMPRESSION: otel.ENV_METRICS_COMPRESSION, otel.ENV_CERTIFICATE: otel.ENV_METRICS_CERTIFICATE}
+               otel.ENV_COMPRESSION: otel.ENV_METRICS_COMPRESSION, otel.ENV_CERTIFICATE: otel.ENV_METRICS_CERTIFICATE,
+               otel.ENV_CLIENT_CERTIFICATE: otel.ENV_METRICS_CLIENT_CERTIFICATE,
+               otel.ENV_CLIENT_KEY: otel.ENV_METRICS_CLIENT_KEY}
 
 
 class CommandError(Exception):
@@ -108,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except CommandError as error:
-        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        message = redact(str(error), secrets_in(os.environ, fragments=False))  # a second guard, as in doctor
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the demo's own handler is installed, or a second Ctrl-C
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
@@ -192,7 +202,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         # OTEL_EXPORTER_OTLP_METRICS_ENDPOINT takes a full URL as is, the way to give a store's path.
         setting = "--otlp-endpoint" if args.otlp_endpoint is not None else otel.ENV_METRICS_ENDPOINT
         problem = probe_otlp(otel.otlp_metrics_endpoint(env, protocol), protocol, otel.otlp_headers(env),
-                             otel.otlp_certificate(env), PROBE_TIMEOUT_S, setting)
+                             otel.otlp_certificate(env), PROBE_TIMEOUT_S, setting,
+                             otel.otlp_client_certificate(env, protocol))
         if problem:
             raise CommandError(problem)
     device = _device(args.device)
@@ -268,8 +279,10 @@ def run_doctor_command(args: argparse.Namespace) -> int:
         problems += _check_otlp(env, settings, in_force, args.timeout)
         problems += _check_pull_mode(env, in_force)
 
+    # A second guard: a problem's text that comes from a library (an OSError) is masked too.
+    secrets = secrets_in(env, fragments=False)
     for problem in problems:
-        print(f"{PROG} doctor: {problem}", file=sys.stderr)
+        print(f"{PROG} doctor: {redact(problem, secrets)}", file=sys.stderr)
     print(f"{len(problems)} problem(s)" if problems else "all is well")
     return 1 if problems else 0
 
@@ -305,8 +318,7 @@ class _InForce:
                 return "no otlp exporter"
             if name in _OTLP_PAIRS and _value(env, _OTLP_PAIRS[name]) is not None:
                 return f"{_OTLP_PAIRS[name]} is set"
-            if name in (otel.ENV_CERTIFICATE, otel.ENV_METRICS_CERTIFICATE) and not (
-                    self.endpoint or "").startswith("https:"):
+            if name in _TLS_VARIABLES and not (self.endpoint or "").startswith("https:"):
                 return "the endpoint is not https"
         if name in (otel.ENV_EXPORT_INTERVAL, otel.ENV_EXPORT_TIMEOUT) and not {"otlp", "console"} & set(self.exporters):
             return "no periodic exporter (otlp, console)"
@@ -335,10 +347,14 @@ def _check_otlp(env: Mapping[str, str], settings: SeedLayerSettings, in_force: _
     headers = _or_none(lambda: otel.otlp_headers(env))
     certificate = _or_none(lambda: otel.otlp_certificate(env))
     certificate_set = _value(env, otel.ENV_METRICS_CERTIFICATE) or _value(env, otel.ENV_CERTIFICATE)
-    if headers is None or (in_force.endpoint.startswith("https:") and certificate_set and certificate is None):
-        print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: its headers or CA certificate are not valid")
+    client = _or_none(lambda: otel.otlp_client_certificate(env, in_force.protocol))
+    client_bad = client is None and any(_value(env, name) for name in _CLIENT_TLS_VARIABLES)
+    if headers is None or (in_force.endpoint.startswith("https:") and (
+            (certificate_set and certificate is None) or client_bad)):
+        print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: its headers or TLS files are not valid")
         return problems
-    problem = probe_otlp(in_force.endpoint, in_force.protocol, headers, certificate, timeout, otel.ENV_METRICS_ENDPOINT)
+    problem = probe_otlp(in_force.endpoint, in_force.protocol, headers, certificate, timeout, otel.ENV_METRICS_ENDPOINT,
+                         client)
     print(f"OTLP endpoint: {shown} ({in_force.protocol}): {'does not work (below)' if problem else 'answers'}")
     return [*problems, *([problem] if problem else [])]
 
@@ -382,13 +398,15 @@ def volume_estimate(settings: SeedLayerSettings, seeds: int, in_force: _InForce)
 
 
 def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certificate: str | None, timeout: float,
-               setting: str) -> str | None:
+               setting: str, client: tuple[str, str] | None = None) -> str | None:
     """None when the endpoint answers as a receiver would; otherwise why not and what to try, in one line.
 
     OTLP/HTTP gets an empty export request (a valid, empty protobuf message) with the export's
     headers, and user info in the URL as HTTP basic auth (as the exporter's ``requests`` sends it),
-    so a wrong path or a refused token shows up too; gRPC gets a TCP connection. ``setting`` is
-    where the user sets the endpoint, for the advice.
+    so a wrong path or a refused token shows up too; over ``https`` it trusts ``certificate`` (a CA file, or
+    the system's CAs) and shows ``client`` (certificate and key files) as the exporter does, so a receiver
+    that requires mutual TLS answers too. gRPC gets a TCP connection. ``setting`` is where the user sets
+    the endpoint, for the advice.
     """
     shown = redacted_url(endpoint)
     parts = urllib.parse.urlsplit(endpoint)
@@ -396,7 +414,8 @@ def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certifi
         if protocol == "grpc":
             socket.create_connection((parts.hostname, parts.port or 4317), timeout=timeout).close()
             return None
-        status = _post_empty_export(endpoint, headers, certificate, timeout)
+        context = _tls_context(certificate, client) if parts.scheme == "https" else None
+        status = _post_empty_export(endpoint, headers, context, timeout)
     except (OSError, ssl.SSLError) as error:
         reason = error.reason if isinstance(error, urllib.error.URLError) else error
         return f"OTLP endpoint {shown} does not answer: {reason}"
@@ -407,7 +426,7 @@ def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certifi
                 f"credentials; check {otel.ENV_HEADERS} (or the URL's user info)")
     tail = ""
     if 400 <= status[0] < 500:
-        found = _answering_path(endpoint, headers, certificate, timeout)
+        found = _answering_path(endpoint, headers, context, timeout)
         if found:
             alternative, what = found
             tail = f"; {redacted_url(alternative)} answers ({what}'s OTLP path): try {_set(setting, alternative)}"
@@ -417,7 +436,14 @@ def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certifi
     return f"OTLP endpoint {shown} answered HTTP {status[0]} {status[1]}{tail}"
 
 
-def _post_empty_export(endpoint: str, headers: Mapping[str, str], certificate: str | None,
+def _tls_context(certificate: str | None, client: tuple[str, str] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=certificate)
+    if client is not None:
+        context.load_cert_chain(*client)
+    return context
+
+
+def _post_empty_export(endpoint: str, headers: Mapping[str, str], context: ssl.SSLContext | None,
                        timeout: float) -> tuple[int, str] | None:
     """POST an empty export request: None on success, else (HTTP status, reason). Raises OSError."""
     parts = urllib.parse.urlsplit(endpoint)
@@ -428,7 +454,6 @@ def _post_empty_export(endpoint: str, headers: Mapping[str, str], certificate: s
         sent["Authorization"] = "Basic " + base64.b64encode(credentials.encode("latin-1", "replace")).decode()
         endpoint = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     request = urllib.request.Request(endpoint, data=b"", method="POST", headers=sent)
-    context = ssl.create_default_context(cafile=certificate) if parts.scheme == "https" else None
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context):
             return None
@@ -436,7 +461,7 @@ def _post_empty_export(endpoint: str, headers: Mapping[str, str], certificate: s
         return error.code, str(error.reason)
 
 
-def _answering_path(endpoint: str, headers: Mapping[str, str], certificate: str | None,
+def _answering_path(endpoint: str, headers: Mapping[str, str], context: ssl.SSLContext | None,
                     timeout: float) -> tuple[str, str] | None:
     """A well-known OTLP path on the same server that takes an empty export, with whose path it is."""
     parts = urllib.parse.urlsplit(endpoint)
@@ -445,7 +470,7 @@ def _answering_path(endpoint: str, headers: Mapping[str, str], certificate: str 
             continue
         candidate = parts._replace(path=path, query="", fragment="").geturl()
         try:
-            if _post_empty_export(candidate, headers, certificate, timeout) is None:
+            if _post_empty_export(candidate, headers, context, timeout) is None:
                 return candidate, what
         except OSError:
             return None
@@ -516,17 +541,16 @@ def _value(env: Mapping[str, str], name: str) -> str | None:
 
 def _shown(name: str, raw: str) -> str:
     """A value as ``doctor`` prints it: header values and URL secrets masked, long values cut."""
-    if name in _SECRET_VARIABLES:
-        return ",".join(_masked_header(entry) for entry in raw.split(",") if entry.strip()) or "***"
-    text = redacted_url(raw) if name in _ENDPOINT_VARIABLES else raw
+    if name in HEADER_VARIABLES:
+        # The names as the exporter will send them (parsed as it parses them), and only from a valid list: in
+        # an invalid one, what looks like a name may be the end of a value ('authorization=Basic X,Y==').
+        headers = _or_none(lambda: otel.otlp_headers({name: raw}))
+        if headers is None:
+            return f"{MASK} (not valid, not shown)"
+        text = ",".join(f"{header}={MASK}" for header in headers) or MASK
+    else:
+        text = redacted_url(raw) if name in _ENDPOINT_VARIABLES else raw
     return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}... ({len(text)} characters)"
-
-
-def _masked_header(entry: str) -> str:
-    name, equals, _ = entry.partition("=")
-    name = name.strip()
-    printable = equals and name and all(33 <= ord(char) < 127 for char in name) and len(name) <= SHOWN_MAX
-    return f"{name}=***" if printable else "***"
 
 
 def _format(value: object) -> str:

@@ -9,7 +9,12 @@ value for its default with a logged warning (which prints a malformed header, se
 takes a value that never exports (``OTEL_METRIC_EXPORT_INTERVAL=inf``, a zero timeout) without a
 word. Here a bad value fails at start, naming the variable and what is accepted; an error never
 shows a header value, a URL's user info or its query string, and echoes at most a short prefix
-of any other value.
+of any other value. The exporters' own log lines are masked too (:mod:`tolaria_otel.redaction`).
+
+TLS: the exporters read ``OTEL_EXPORTER_OTLP_[METRICS_]CERTIFICATE`` (the CA to trust) and, for mutual
+TLS, ``_CLIENT_CERTIFICATE`` and ``_CLIENT_KEY`` themselves; :func:`otlp_client_certificate` checks the
+pair as the chosen exporter will read it (the gRPC exporter ignores a client certificate without a CA
+file, and mixes no metrics-specific variable with a general one).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.util.re import parse_env_headers
 
 from .instruments import seed_layer_views
+from .redaction import install_log_redaction, redacted_url
 from .settings import SeedLayerSettings, echoed
 
 ENV_SDK_DISABLED = "OTEL_SDK_DISABLED"
@@ -50,6 +56,10 @@ ENV_COMPRESSION = "OTEL_EXPORTER_OTLP_COMPRESSION"
 ENV_METRICS_COMPRESSION = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION"
 ENV_CERTIFICATE = "OTEL_EXPORTER_OTLP_CERTIFICATE"
 ENV_METRICS_CERTIFICATE = "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE"
+ENV_CLIENT_CERTIFICATE = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"
+ENV_METRICS_CLIENT_CERTIFICATE = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE"
+ENV_CLIENT_KEY = "OTEL_EXPORTER_OTLP_CLIENT_KEY"
+ENV_METRICS_CLIENT_KEY = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY"
 ENV_EXPORT_INTERVAL = "OTEL_METRIC_EXPORT_INTERVAL"
 ENV_EXPORT_TIMEOUT = "OTEL_METRIC_EXPORT_TIMEOUT"
 ENV_SERVICE_NAME = "OTEL_SERVICE_NAME"
@@ -109,6 +119,7 @@ def configure_meter_provider(
         raise problems[0]
     if sdk_disabled():
         return MeterProvider(views=views)  # the SDK hands out no-op meters
+    install_log_redaction()  # before any exporter reads (and may log) the variables
     if resource is None:
         resource = Resource.create()
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
@@ -156,6 +167,7 @@ def environment_problems(environ: Environ | None = None) -> list[ConfigurationEr
             endpoint = check(lambda: otlp_metrics_endpoint(env, protocol))
             if isinstance(endpoint, str) and endpoint.startswith("https:"):
                 check(lambda: otlp_certificate(env))
+                check(lambda: otlp_client_certificate(env, protocol))
             if protocol == "grpc" and importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is None:
                 problems.append(ConfigurationError(
                     "OTLP over grpc needs the exporter package: pip install 'tolaria-otel[grpc]'"))
@@ -226,6 +238,11 @@ def otlp_metrics_endpoint(environ: Environ | None = None, protocol: str | None =
         url = f"{(base or DEFAULT_HTTP_ENDPOINT).strip().removesuffix('/')}/v1/metrics"
     # The base URL is checked before the path is added: 'http://' + '/v1/metrics' would name a host "v1".
     problem = url_problem(raw.strip()) if raw else url_problem(url)
+    if problem is None:
+        problem = _unsent_part(url, protocol)
+    if problem is None and variable == ENV_ENDPOINT and protocol != "grpc" and "?" in raw:
+        problem = (f"a query string here ends up before the /v1/metrics the exporter appends; give the full URL, "
+                   f"query included, in {ENV_METRICS_ENDPOINT}")
     if problem:
         raise ConfigurationError(f"{variable}={echoed(redacted_url(raw))} is not valid: {problem}; expected "
                                  "http://host:port or https://host:port, with a path where the receiver needs one")
@@ -238,13 +255,21 @@ def otlp_headers(environ: Environ | None = None) -> dict[str, str]:
     if found is None:
         return {}
     variable, raw = found
+    # Split, matched and decoded as the exporters do (opentelemetry.util.re.parse_env_headers, liberal: an
+    # entry that is not percent-encoded is taken as written), so that what is checked is what is sent.
     entries = [entry for entry in _HEADER_DELIMITER.split(raw) if entry]
     for number, entry in enumerate(entries, 1):
+        problem = None
         if not _HEADER_ENTRY.fullmatch(entry.strip()):
+            problem = "is not name=value in printable ASCII"
+        elif not entry.partition("=")[2].strip(" \t="):
+            # 'authorization=Basic X,Y==': the exporter splits at every comma and would send a header "y".
+            problem = "has an empty value (or only '='): a comma inside a value must be percent-encoded as %2C"
+        if problem:
             raise ConfigurationError(
-                f"{variable} is not valid: entry {number} of {len(entries)} is not name=value in printable ASCII "
-                "(not shown: it may hold a secret); expected comma-separated name=value pairs, special "
-                "characters URL-encoded, e.g. authorization=Bearer%20TOKEN")
+                f"{variable} is not valid: entry {number} of {len(entries)} {problem} (not shown: it may hold a "
+                "secret); expected comma-separated name=value pairs, special characters URL-encoded, "
+                "e.g. authorization=Bearer%20TOKEN")
     return dict(parse_env_headers(raw, liberal=True))
 
 
@@ -281,6 +306,54 @@ def otlp_certificate(environ: Environ | None = None) -> str | None:
         raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: not a readable file; expected the path "
                                  "of a PEM file of CA certificates")
     return raw
+
+
+def otlp_client_certificate(environ: Environ | None = None, protocol: str | None = None) -> tuple[str, str] | None:
+    """The client certificate and key for mutual TLS, as the ``protocol``'s exporter will read them, or None.
+
+    OTLP/HTTP takes each of ``OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE`` / ``_CLIENT_KEY`` or else the
+    general one. The gRPC exporter reads the metrics-specific three (CA, certificate, key) when
+    ``OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE`` is set and the general three otherwise, and a client
+    certificate only together with a CA file: what it would ignore is refused here.
+    """
+    env = _environ(environ)
+    protocol = otlp_protocol(env) if protocol is None else protocol
+    general = (ENV_CERTIFICATE, ENV_CLIENT_CERTIFICATE, ENV_CLIENT_KEY)
+    specific = (ENV_METRICS_CERTIFICATE, ENV_METRICS_CLIENT_CERTIFICATE, ENV_METRICS_CLIENT_KEY)
+    if protocol == "grpc":
+        used, ignored = (specific, general) if _value(env, ENV_METRICS_CERTIFICATE) else (general, specific)
+        for variable in ignored[1:]:
+            if _value(env, variable) is not None:
+                raise ConfigurationError(
+                    f"{variable} is not used: over grpc the exporter reads {used[1]} and {used[2]} (because "
+                    f"{ENV_METRICS_CERTIFICATE} is {'set' if used is specific else 'not set'}); set those")
+        ca, cert_variable, key_variable = used
+        given = [variable for variable in (cert_variable, key_variable) if _value(env, variable) is not None]
+        if given and _value(env, ca) is None:
+            raise ConfigurationError(
+                f"{given[0]} is not used: over grpc the exporter sends a client certificate only when {ca} "
+                "names the CA file to trust; set it (the system's CAs: /etc/ssl/certs/ca-certificates.crt)")
+    else:
+        cert_variable = ENV_METRICS_CLIENT_CERTIFICATE if _value(env, ENV_METRICS_CLIENT_CERTIFICATE) else \
+            ENV_CLIENT_CERTIFICATE
+        key_variable = ENV_METRICS_CLIENT_KEY if _value(env, ENV_METRICS_CLIENT_KEY) else ENV_CLIENT_KEY
+    cert, key = _value(env, cert_variable), _value(env, key_variable)
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        missing, given = (cert_variable, key_variable) if cert is None else (key_variable, cert_variable)
+        general_name = missing.replace("_OTLP_METRICS_", "_OTLP_")
+        if protocol != "grpc":  # either spelling of the missing one would do
+            missing = f"neither {general_name.replace('_OTLP_', '_OTLP_METRICS_')} nor {general_name} is set"
+        else:
+            missing = f"{missing} is not"
+        raise ConfigurationError(f"{given} is set but {missing}: mutual TLS needs both, the client certificate "
+                                 "(PEM) and its private key (PEM)")
+    for variable, path, what in ((cert_variable, cert, "certificate"), (key_variable, key, "private key")):
+        if not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigurationError(f"{variable}={echoed(path)} is not valid: not a readable file; expected the "
+                                     f"path of the client's {what} (PEM)")
+    return cert, key
 
 
 def export_interval_ms(environ: Environ | None = None) -> float:
@@ -348,38 +421,42 @@ def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be an OTLP endpoint, or None."""
     if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
         return "it has a space or a control character"
+    # A "/", "?" or "#" in a password ends the authority for every URL parser: the rest would be a path.
+    encode = (" (a '/', '?', '#' or '@' in the user info must be percent-encoded: %2F, %3F, %23, %40)"
+              if "@" in url.partition("://")[2] else "")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as error:  # 'http://[::1' (unclosed bracket), 'http://host:99999'
-        return "the port is not a number from 1 to 65535" if "Port" in str(error) else "it does not parse as a URL"
+        return ("the port is not a number from 1 to 65535" if "Port" in str(error) else
+                "it does not parse as a URL") + encode
     if parts.scheme not in ("http", "https"):
         return "the scheme is not http or https"
     if not parts.hostname:
-        return "it has no host"
+        return "it has no host" + encode
     try:
         host = parts.hostname.encode("idna").decode("ascii")  # as the socket layer will: labels of 1 to 63
     except UnicodeError:
-        return "the host name is not valid"
+        return "the host name is not valid" + encode
     if not (_HOST_NAME.fullmatch(host) or ":" in host):  # a name, an IPv4 address, or an IPv6 one in brackets
-        return "the host name is not valid"
+        return "the host name is not valid" + encode
     if port == 0:
         return "the port is not a number from 1 to 65535"
+    if "@" in parts.path + parts.query + parts.fragment and "@" not in parts.netloc:
+        return "the host ends before an '@'" + encode  # 'http://user:1234/x@host': host "user", port 1234
     return None
 
 
-def redacted_url(url: str) -> str:
-    """``url`` without what may be a secret, even when it does not parse: the user info
-    (``https://TOKEN@host``, ``user:pass@``) becomes ``***@``, a query or fragment ``?***``."""
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        scheme, rest = "", url
-    cut = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
-    authority, tail = rest[:cut], rest[cut:]
-    if "@" in authority:
-        authority = "***@" + authority.rpartition("@")[2]
-    end = min([i for i in (tail.find("?"), tail.find("#")) if i >= 0] or [len(tail)])
-    return f"{scheme}{separator}{authority}{tail[:end]}{'?***' if end < len(tail) else ''}"
+def _unsent_part(url: str, protocol: str) -> str | None:
+    """A part of a valid URL that the exporter would drop or misuse, silently (and perhaps log)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.fragment or url.endswith("#"):
+        return "it has a fragment (#...), which is never sent"
+    if protocol == "grpc" and (parts.username is not None or parts.query or "?" in url):
+        return ("a gRPC endpoint takes no user info or query string (the gRPC exporter uses only host:port and "
+                f"sends neither); give credentials as a header in {ENV_METRICS_HEADERS} or {ENV_HEADERS}, "
+                "e.g. authorization=Bearer%20TOKEN")
+    return None
 
 
 def _check_arguments(settings: object, resource: object, readers: object) -> None:
@@ -435,10 +512,31 @@ def _otlp_exporter() -> MetricExporter:
     if otlp_protocol() == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-        return OTLPMetricExporter()
+        return OTLPMetricExporter(session=_session_keeping_its_ca())
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
     return GrpcExporter()
+
+
+def _session_keeping_its_ca() -> object:
+    """A ``requests`` session on which ``OTEL_EXPORTER_OTLP_[METRICS_]CERTIFICATE`` holds.
+
+    The HTTP exporter puts the CA file on its session (``session.verify``), but ``requests`` lets a
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` in the environment (set system-wide on many distributions
+    and images) override a session's ``verify`` at every request, so the CA the user named would be
+    ignored and every export fail certificate verification. Proxies and the rest of the environment
+    still apply.
+    """
+    import requests
+
+    class Session(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if isinstance(self.verify, str) and verify is None:  # the exporter's CA file, not a per-request choice
+                settings["verify"] = self.verify
+            return settings
+
+    return Session()
 
 
 def _milliseconds(env: Environ, variable: str, default: float) -> float:
