@@ -368,9 +368,9 @@ def test_doctor_all_well_masks_secrets(receiver: OtlpReceiver, capsys: pytest.Ca
         assert re.search(rf"^  {name} ", out, re.MULTILINE), f"{name} missing from doctor's report"
     assert re.search(r"TOLARIA_SEED_LAYER_SUMMARIES_ENABLED +true  \(env; default: false\)$", out, re.MULTILINE)
     assert re.search(r"TOLARIA_SEED_LAYER_TOPK +3  \(default\)$", out, re.MULTILINE)
-    # 4 seeds x top 3 layer_norm series + 4 seed_norm series + info + budget, every 15 s
-    assert "18 series per export (12 layer_norm = top_k 3 x 4 seeds, 4 seed_norm, 1 info, 1 series_budget), " \
-           "every 15 s: 4,320 points per hour" in out
+    # 4 seeds x (top 3 layer_norm and layer_norm_max, norm, norm_max, 16 coarse histogram series) + info + budget
+    assert "98 series = 4 exported seeds x 24 (2 x 3 per-layer (top 3 of 3 layers), 2 seed totals, " \
+           "16 step_norm histogram (coarse)) + 2 per trainer; every 15 s: 6.53 samples per second" in out
     assert f"{receiver.url}/v1/metrics (http/protobuf): answers" in out
     headers, _ = receiver.requests[-1]
     assert headers["authorization"] == "Bearer s3cret"

@@ -120,7 +120,7 @@ def test_a_long_field_value_in_code_is_cut_too():
         SeedLayerSettings(top_k=[0] * 10_000)
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("coarse", "coarse"), (" FINE ", "fine"), ("Off", "off"), ("", "fine")])
+@pytest.mark.parametrize(("raw", "expected"), [("coarse", "coarse"), (" FINE ", "fine"), ("Off", "off"), ("", "coarse")])
 def test_step_norm_histogram_accepted(raw, expected):
     assert SeedLayerSettings.from_env({ENV_STEP_NORM_HISTOGRAM: raw}).step_norm_histogram == expected
 

@@ -77,7 +77,7 @@ class SeedLayerSettings:
     export_rank: int = 0
     host_norm: bool = False
     max_seeds: int = 1000
-    step_norm_histogram: str = "fine"
+    step_norm_histogram: str = "coarse"
 
     def __post_init__(self) -> None:
         for name in ("enabled", "compact", "host_norm"):
