@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import capacity
 from devtools.stack import Prometheus, VictoriaMetrics, prometheus, store_prometheus_config, victoria_metrics, wait_until
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
 from tolaria_otel.volume import per_seed, trainer_series
@@ -133,10 +134,17 @@ def test_series_in_prometheus_are_the_counted_ones(stores: Stores, case: Case) -
 def test_the_operations_volume_table_is_the_counted_one() -> None:
     """docs/operations.md, "Volume": per seed and per trainer of 4 seeds of 3 layers, per resolution."""
     volume = (ROOT / "docs" / "operations.md").read_text().split("\n## Volume\n", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `(coarse|fine|off)`[^|]*\| (\d+) \| (\d+) \| (\d+) \|", volume, re.MULTILINE)
+    rows = re.findall(r"^\| `(coarse|fine|off)`[^|]*\|[^|]*\| (\d+) \| (\d+) \| (\d+) \|", volume, re.MULTILINE)
     assert {row[0] for row in rows} == {"coarse", "fine", "off"}
     for resolution, buckets, seed, trainer in rows:
         settings = SeedLayerSettings(enabled=True, step_norm_histogram=resolution)
         series = trainer_series(settings, 4, 3)
         histogram = sum(count for name, count in series.items() if "_step_norm_" in name) // 4
         assert (int(buckets), int(seed), int(trainer)) == (histogram, per_seed(settings, 3), sum(series.values()))
+
+
+def test_the_capacity_table_is_the_command_output() -> None:
+    """docs/operations.md, "Capacity planning", is `python -m benchmarks.capacity` at its defaults."""
+    section = (ROOT / "docs" / "operations.md").read_text().split("\n## Capacity planning\n", 1)[1].split("\n## ", 1)[0]
+    table = capacity.table(1000, 4, 4, 3, 3).split("\n\n", 1)[1]
+    assert table in section
