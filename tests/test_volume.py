@@ -148,3 +148,13 @@ def test_the_capacity_table_is_the_command_output() -> None:
     section = (ROOT / "docs" / "operations.md").read_text().split("\n## Capacity planning\n", 1)[1].split("\n## ", 1)[0]
     table = capacity.table(1000, 4, 4, 3, 3).split("\n\n", 1)[1]
     assert table in section
+
+
+@pytest.mark.parametrize("resolution", ["coarse", "fine", "off"])
+@pytest.mark.parametrize(("compact", "host"), [(False, False), (True, False), (False, True)])
+def test_per_seed_and_per_trainer_add_up(resolution: str, compact: bool, host: bool) -> None:
+    """The per-seed figure the docs give adds up to the counted trainer: seeds x per seed + the trainer's own."""
+    for top_k, layers in ((1, 3), (3, 3), (7, 12), (3, 1)):
+        settings = SeedLayerSettings(enabled=True, top_k=top_k, compact=compact, host_norm=host,
+                                     step_norm_histogram=resolution)
+        assert sum(trainer_series(settings, 5, layers).values()) == 5 * per_seed(settings, layers) + 2 + host

@@ -109,7 +109,9 @@ def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
 
     They size each stream's cardinality limit for the settings (:func:`stream_limits`), set the step
     norm histogram's buckets (or drop it) and, in compact mode, drop the per-layer instruments. They
-    keep every attribute the package gives (the contract's, plus a trainer's identity).
+    keep every attribute the package gives (the contract's, plus a trainer's identity). Build them from
+    the settings the trainers use: streams sized for fewer seeds or a smaller top_k than a trainer
+    exports would fold its points into the SDK's overflow series.
     """
     # The SDK, imported here only: a trainer that takes its provider from elsewhere needs just the API.
     from opentelemetry.sdk.metrics.view import DropAggregation, ExplicitBucketHistogramAggregation, View

@@ -55,6 +55,8 @@ def trainer_series(settings: SeedLayerSettings, seeds: int, layers: int) -> dict
 
 
 def per_seed(settings: SeedLayerSettings, layers: int) -> int:
-    """The series each exported seed adds (the trainer's own, info and budget, aside)."""
-    with_one = sum(trainer_series(settings.replace(host_norm=False), 1, layers).values())
-    return with_one - 2 + int(settings.host_norm)  # its host_ratio, when the host is measured
+    """The series each exported seed adds (beside the trainer's own: info, budget and host_norm)."""
+    layer_series = 2 * min(settings.top_k, layers) if settings.emits_layers else 0
+    buckets = step_norm_buckets(settings)
+    histogram = buckets + 2 if buckets else 0  # the buckets, _sum and _count
+    return layer_series + 2 + int(settings.host_norm) + histogram  # norm, norm_max (and host_ratio)
