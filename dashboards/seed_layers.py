@@ -43,8 +43,9 @@ DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 #       same stages
 #   TolariaSeedGradientSpike:          a seed's norm_max / norm > SPIKE_ABOVE (tolaria_otel.health's, the in-process
 #       health state "exploding"), the step > EXPLODING_RELATIVE_FLOOR, for SPIKE_FOR
-#   TolariaSeedGradientNoisy:          p99 / p50 of a seed's per-step norm over NOISY_WINDOW > NOISY_FACTOR, with at
-#       least NOISY_MIN_STEPS steps in the window and p99 > EXPLODING_RELATIVE_FLOOR, for NOISY_FOR
+#   TolariaSeedGradientNoisy:          p99 of a seed's per-step norm over NOISY_WINDOW at least NOISY_DECADES decade
+#       buckets above p50 (so above NOISY_FACTOR x p50), with at least NOISY_MIN_STEPS steps in the window and
+#       p99 > EXPLODING_RELATIVE_FLOOR, for NOISY_FOR
 EXPLODING_ABSOLUTE = 1000.0
 EXPLODING_FACTOR = 10.0
 EXPLODING_BASELINE = "1h"
@@ -55,7 +56,9 @@ VANISHING_EXEMPT_STAGES = ("DORMANT", "CULLED", "EMBARGOED", "RESETTING", "TERMI
 NOT_MEASURED_FOR = "15m"
 SPIKE_FOR = "15m"
 NOISY_WINDOW = "15m"
-NOISY_FACTOR = 10.0
+NOISY_DECADES = 2
+#: What NOISY_DECADES promises of the exact quantiles: p99 above this many times p50.
+NOISY_FACTOR = 10.0 ** (NOISY_DECADES - 1)
 NOISY_MIN_STEPS = 100
 NOISY_FOR = "30m"
 
@@ -373,11 +376,12 @@ def volume_panel() -> timeseries.Panel:
     return (
         timeseries.Panel().id(7).title("Telemetry volume vs budget").grid_pos(grid(16, 16, 8, 8))
         .description("Series of the per-layer family (layer_norm and layer_nonfinite, all seeds of the selected "
-                     "trainers, every run in the data source) against the budget top_k x active seeds, summed over "
-                     f"the trainers: each exports its own as {SERIES_BUDGET}, updated at every epoch end (0 in "
-                     "compact mode). "
-                     "Latest export: the series each seed's newest export sent, exactly min(top_k, layers) per "
-                     "measured seed, so never above the budget. In the backend: every series still inside the "
+                     "trainers, every run in the data source) against the budget, summed over the trainers: each "
+                     f"exports its own as {SERIES_BUDGET}, the per-layer series its latest epoch exports, "
+                     "min(top_k, layers) per measured seed of the first TOLARIA_SEED_LAYER_MAX_SEEDS (0 in compact "
+                     "mode), updated at every epoch end. "
+                     "Latest export: the series each seed's newest export sent, so equal to the budget once the "
+                     "export has arrived. In the backend: every series still inside the "
                      "lookback window; above the budget for a few minutes after the top-K or a stage changes "
                      "(a layer that left the top-K stays until the lookback or the Collector's expiry drops it).")
         .datasource(DATASOURCE)
@@ -427,9 +431,11 @@ def distribution_panel() -> timeseries.Panel:
         .description("Per seed, the median (p50) and the p99 of its per-step gradient L2 norm (all the seed's "
                      "parameters at one sampled optimizer step) over the sampled steps of the epochs exported in the "
                      f"last {NOISY_WINDOW}: histogram_quantile over the increase of the histogram "
-                     f"{SEED_STEP_NORM_BUCKET}, whose buckets the package fixes (four per decade, 1e-8 to 1e4; each "
-                     "quantile is within a factor 1.78 of the exact one). The epoch RMS hides this spread. The alert "
-                     f"TolariaSeedGradientNoisy fires when p99 stays above {_fmt(NOISY_FACTOR)}x p50 for {NOISY_FOR} "
+                     f"{SEED_STEP_NORM_BUCKET}, whose buckets the package fixes from 1e-8 to 1e4: one per decade by "
+                     "default (each quantile within a factor 10 of the exact one: read the decade it is in), four "
+                     "with TOLARIA_SEED_STEP_NORM_HISTOGRAM=fine (within 1.78). The epoch RMS hides this spread. The "
+                     f"alert TolariaSeedGradientNoisy fires when p99 stays {NOISY_DECADES} decades above p50 (so above "
+                     f"{_fmt(NOISY_FACTOR)}x p50) for {NOISY_FOR} "
                      f"(at least {NOISY_MIN_STEPS} steps in the window, per stage; here a seed's stages are merged, "
                      "the Stage variable filters them). A seed with no sampled step in the window has no point.")
         .datasource(DATASOURCE)

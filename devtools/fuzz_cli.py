@@ -153,7 +153,9 @@ def verdict(variable: str, value: str) -> str:
         "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
         "TOLARIA_SEED_HEALTH_COMPACT": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
         "TOLARIA_SEED_HOST_NORM": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
-        "TOLARIA_SEED_LAYER_TOPK": lambda v: integer_in(v, 1, 100),
+        "TOLARIA_SEED_LAYER_TOPK": lambda v: integer_in(v, 1, 1_000_000),
+        "TOLARIA_SEED_LAYER_MAX_SEEDS": lambda v: integer_in(v, 1, 1_000_000),
+        "TOLARIA_SEED_STEP_NORM_HISTOGRAM": one_of("coarse", "fine", "off"),
         "TOLARIA_SEED_LAYER_SAMPLE_EVERY": lambda v: integer_in(v, 1, 1_000_000),
         "TOLARIA_SEED_LAYER_EXPORT_RANK": lambda v: integer_in(v, 0, 1_000_000),
         "OTEL_SDK_DISABLED": one_of("true", "false"),
@@ -248,7 +250,7 @@ def random_values(rng: random.Random, count: int) -> list[str]:
 def demo_option_cases() -> Iterator[Case]:
     """The demo's options, each given a value it must refuse before any training."""
     bad = {"--epochs": ["0", "1001", "-1", "x", "1.5", "\uff11"], "--seeds": ["1", "5", "99", "two"],
-           "--top-k": ["0", "101", "many"], "--seed": ["-1", str(2**32), "x"],
+           "--top-k": ["0", "1000001", "many"], "--seed": ["-1", str(2**32), "x"],
            "--device": ["tpu", "cuda:x", "cuda:-1", "meta", HUGE],
            "--otlp-endpoint": ["http://[::1", "localhost:4318", "http://", f"http://{SECRET}@[::1",
                                f"http://u:{SECRET}@exa mple:1", "ftp://x", "http://" + HUGE, "http://h:0"]}

@@ -1,4 +1,5 @@
-"""A long run with a rotating top-K, seeds coming and going and stage changes: bounded SDK state, no overflow."""
+"""A long run with a rotating top-K, seeds coming and going and stage changes: bounded SDK state, no overflow.
+Many seeds: every seed the settings allow is exported, and a cut beyond them is said once (issue 17.6)."""
 
 import logging
 import random
@@ -6,22 +7,25 @@ import random
 import pytest
 import torch
 
-from tolaria_otel import LAYER_NORM, SEED_NORM, SeedLayerSettings, instruments
+from tolaria_otel import LAYER_NONFINITE, LAYER_NORM, SEED_NORM, SERIES_BUDGET, SeedLayerSettings, instruments
+from tolaria_otel.instruments import LAYER_NORM_MAX, SEED_STEP_NORM
+from tolaria_otel.settings import ENV_MAX_SEEDS, ENV_TOP_K, SettingsError
 
 from .helpers import collect, layer_points, sdk_attribute_sets, telemetry_for
 
 STAGES = ["GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY", "FOSSILIZED"]
 
 
-def _long_run(epochs: int, layers_per_seed: int, top_k: int, *, churn_every: int = 5) -> tuple[list[int], object]:
+def _long_run(epochs: int, layers_per_seed: int, top_k: int, *, churn_every: int = 5,
+              max_seeds: int = 1000) -> tuple[list[int], object]:
     """Kasmina's churn: a stage moves every epoch, a seed is culled and a new one germinates every
     ``churn_every`` epochs. Returns the SDK's attribute-set count after each epoch's collection."""
     rng = random.Random(0)
     seeds = {f"seed-{i}": torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(layers_per_seed))
              for i in range(4)}
     active = {seed_id: (module, "GERMINATED") for seed_id, module in seeds.items()}
-    telemetry, reader = telemetry_for(torch.nn.Module(), lambda: dict(active), SeedLayerSettings(enabled=True,
-                                                                                                  top_k=top_k))
+    settings = SeedLayerSettings(enabled=True, top_k=top_k, max_seeds=max_seeds)
+    telemetry, reader = telemetry_for(torch.nn.Module(), lambda: dict(active), settings)
     next_seed = len(seeds)
     counts = []
     for epoch in range(epochs):
@@ -60,14 +64,81 @@ def test_sdk_state_stays_bounded_under_churn_with_every_point_exported(caplog):
 
 
 def test_without_the_release_the_sdk_would_overflow(monkeypatch):
-    """The test above can fail: with the release switched off the small limit below is passed."""
-    monkeypatch.setattr(instruments, "STREAM_CARDINALITY_LIMIT", 40)
+    """The test above can fail: with the release switched off, streams sized for the 4 seeds present
+    (current and previous snapshot) overflow as seed ids come and go."""
     monkeypatch.setattr(instruments, "release_idle_attribute_sets", lambda instruments, keep: True)
     with pytest.raises(AssertionError):
-        _long_run(epochs=60, layers_per_seed=12, top_k=3, churn_every=1)
+        _long_run(epochs=60, layers_per_seed=12, top_k=3, churn_every=1, max_seeds=4)
 
 
-def test_long_run_at_a_small_limit_never_overflows(monkeypatch):
-    monkeypatch.setattr(instruments, "STREAM_CARDINALITY_LIMIT", 40)
-    _, telemetry = _long_run(epochs=120, layers_per_seed=12, top_k=3)
-    assert max(sdk_attribute_sets(telemetry, per_stream=True)) <= 40
+def test_long_run_with_streams_sized_for_the_seeds_present_never_overflows():
+    _, telemetry = _long_run(epochs=120, layers_per_seed=12, top_k=3, max_seeds=4)
+    seed_limit, layer_limit = instruments.stream_limits(SeedLayerSettings(top_k=3, max_seeds=4))
+    assert (seed_limit, layer_limit) == (8, 24)
+    assert max(sdk_attribute_sets(telemetry, per_stream=True)) <= layer_limit
+
+
+def _many_seeds(seeds: int, layers: int, settings: SeedLayerSettings, epochs: int = 1):
+    """``seeds`` seeds of ``layers`` one-weight layers, each layer's gradient its own value; the exported
+    points of the last epoch and its summary."""
+    modules = {f"seed-{i:04d}": torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(layers))
+               for i in range(seeds)}
+    for i, module in enumerate(modules.values()):
+        for j, layer in enumerate(module):
+            layer.weight.grad = torch.full_like(layer.weight, 1.0 + i + j / layers)
+    telemetry, reader = telemetry_for(torch.nn.Module(), {s: (m, "TRAINING") for s, m in modules.items()}, settings)
+    for _ in range(epochs):
+        telemetry.observe_step()
+        summary = telemetry.end_epoch()
+        exported = collect(reader)
+    return exported, summary
+
+
+def test_a_thousand_seeds_of_five_layers_export_every_top_k_layer(caplog):
+    """Issue 17.6: on main 333 of these seeds exported no layer point (a fixed 2,000-point stream limit)
+    while series_budget said 3,000. Every seed's top 3 now arrives, nothing overflows, nothing is said."""
+    with caplog.at_level(logging.WARNING):
+        exported, summary = _many_seeds(1000, 5, SeedLayerSettings(enabled=True, top_k=3))
+    assert len(summary.seeds) == 1000
+    want = {(seed_id, layer): value for seed_id, seed in summary.seeds.items() for layer, value in seed.top_layers}
+    assert len(want) == 3000
+    assert layer_points(exported[LAYER_NORM]) == pytest.approx(want)
+    assert len(exported[LAYER_NORM_MAX]) == 3000 and len(exported[SEED_NORM]) == 1000
+    assert len(exported[SEED_STEP_NORM]) == 1000
+    assert exported[SERIES_BUDGET] == [({}, 3000, "")]
+    assert not any("otel.metric.overflow" in attrs for points in exported.values() for attrs, _, _ in points)
+    assert not caplog.records, caplog.text
+
+
+def test_seeds_beyond_max_seeds_are_cut_whole_and_said_once(caplog):
+    """The cut a limit makes is whole seeds (the first by seed id stay), said once with the setting that
+    lifts it, and the budget gauge says what is exported."""
+    settings = SeedLayerSettings(enabled=True, top_k=3, max_seeds=10)
+    with caplog.at_level(logging.WARNING, logger="tolaria_otel"):
+        exported, summary = _many_seeds(12, 5, settings, epochs=3)
+    assert len(summary.seeds) == 12  # Tamiyo gets them all
+    kept = sorted(summary.seeds)[:10]
+    assert {a["seed_id"] for a, _, _ in exported[SEED_NORM]} == set(kept)
+    assert {a["seed_id"] for a, _, _ in exported[LAYER_NORM]} == set(kept)
+    assert {a["seed_id"] for a, _, _ in exported[SEED_STEP_NORM]} == set(kept)
+    assert exported[SERIES_BUDGET] == [({}, 30, "")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert ENV_MAX_SEEDS in warnings[0] and "12 seeds" in warnings[0] and "'seed-0010'" in warnings[0]
+
+
+def test_series_budget_is_what_is_exported_when_seeds_have_fewer_layers_than_top_k():
+    """On main the budget said top_k x seeds (9 here) while 3 seeds of 2 layers export 6 points."""
+    exported, _ = _many_seeds(3, 2, SeedLayerSettings(enabled=True, top_k=3))
+    assert len(exported[LAYER_NORM]) + len(exported.get(LAYER_NONFINITE, [])) == 6
+    assert exported[SERIES_BUDGET] == [({}, 6, "")]
+
+
+def test_top_k_above_100_is_accepted_as_esper_accepts_it():
+    """On main TOLARIA_SEED_LAYER_TOPK=150 failed the trainer's start; a seed of 120 layers exports all 120."""
+    settings = SeedLayerSettings.from_env({"TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": "true", ENV_TOP_K: "150"})
+    assert settings.top_k == 150
+    exported, summary = _many_seeds(2, 120, settings)
+    assert len(exported[LAYER_NORM]) == 240 and exported[SERIES_BUDGET] == [({}, 240, "")]
+    with pytest.raises(SettingsError, match=ENV_MAX_SEEDS):
+        SeedLayerSettings.from_env({ENV_MAX_SEEDS: "0"})

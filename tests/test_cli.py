@@ -33,6 +33,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from devtools.stack import QuietHandler, http_server
 from tolaria_otel import LAYER_NORM, SEED_NORM, SeedLayerSettings, SettingsError, settings
 from tolaria_otel.cli import TOLARIA_FIELDS, main
+from tolaria_otel.volume import trainer_series
 
 SCRIPT = Path(sys.executable).with_name("tolaria-otel")
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,9 +368,9 @@ def test_doctor_all_well_masks_secrets(receiver: OtlpReceiver, capsys: pytest.Ca
         assert re.search(rf"^  {name} ", out, re.MULTILINE), f"{name} missing from doctor's report"
     assert re.search(r"TOLARIA_SEED_LAYER_SUMMARIES_ENABLED +true  \(env; default: false\)$", out, re.MULTILINE)
     assert re.search(r"TOLARIA_SEED_LAYER_TOPK +3  \(default\)$", out, re.MULTILINE)
-    # 4 seeds x top 3 layer_norm series + 4 seed_norm series + info + budget, every 15 s
-    assert "18 series per export (12 layer_norm = top_k 3 x 4 seeds, 4 seed_norm, 1 info, 1 series_budget), " \
-           "every 15 s: 4,320 points per hour" in out
+    # 4 seeds x (top 3 layer_norm and layer_norm_max, norm, norm_max, 16 coarse histogram series) + info + budget
+    assert "98 series = 4 exported seeds x 24 (2 x 3 per-layer (top 3 of 3 layers), 2 seed totals, " \
+           "16 step_norm histogram (coarse)) + 2 per trainer; every 15 s: 6.53 samples per second" in out
     assert f"{receiver.url}/v1/metrics (http/protobuf): answers" in out
     headers, _ = receiver.requests[-1]
     assert headers["authorization"] == "Bearer s3cret"
@@ -388,19 +389,31 @@ def test_doctor_reports_one_line_per_problem(closed_port: int, capsys: pytest.Ca
         assert sum(needle in p for p in problems) == 1, (needle, problems)
 
 
-@pytest.mark.parametrize(("top_k", "compact"), [("3", "false"), ("5", "false"), ("3", "true")])
-def test_doctor_volume_agrees_with_the_operations_runbook(top_k: str, compact: str,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """docs/operations.md, "Volume": top_k x seeds layer series (none in compact mode), a seed_norm per
-    seed, one info and one budget series; its worked example is the defaults with 4 seeds."""
-    volume = (ROOT / "docs" / "operations.md").read_text().split("\n## Volume\n", 1)[1].split("\n## ", 1)[0]
-    example = re.search(r"(\d+) \+ (\d+) \+ 1 \+ 1 = \*\*(\d+) series\*\*", volume)
-    assert example and (int(example[1]), int(example[2]), int(example[3])) == (12, 4, 18)
+@pytest.mark.parametrize(("top_k", "compact", "histogram", "seeds", "layers"), [
+    ("3", "false", "fine", "4", "3"), ("5", "false", "coarse", "4", "3"), ("3", "true", "off", "4", "3"),
+    ("3", "false", "coarse", "1000", "5"), ("8", "false", "off", "2", "5")])
+def test_doctor_volume_is_the_counted_one(top_k: str, compact: str, histogram: str, seeds: str, layers: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """doctor prints volume.trainer_series, the count tests/test_volume.py checks against real stores."""
     os.environ.update(TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true", TOLARIA_SEED_LAYER_TOPK=top_k,
-                      TOLARIA_SEED_HEALTH_COMPACT=compact, OTEL_METRICS_EXPORTER="none")
-    _, out, _ = main_in_process(["doctor", "--seeds", "4"], capsys)
-    expected = (0 if compact == "true" else int(top_k) * 4) + 4 + 1 + 1
-    assert f"volume for 4 seeds: {expected} series per export" in out
+                      TOLARIA_SEED_HEALTH_COMPACT=compact, TOLARIA_SEED_STEP_NORM_HISTOGRAM=histogram,
+                      OTEL_METRICS_EXPORTER="none")
+    code, out, _ = main_in_process(["doctor", "--seeds", seeds, "--layers", layers], capsys)
+    assert code == 0
+    expected = sum(trainer_series(SeedLayerSettings.from_env(), int(seeds), int(layers)).values())
+    assert f"volume for {seeds} seeds of {layers} layers: {expected} series = {seeds} exported seeds x " in out
+
+
+def test_doctor_says_when_seeds_would_not_be_exported(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 17.6: on main `doctor --seeds 1000` said all is well while 333 seeds exported no layer."""
+    os.environ.update(TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true", TOLARIA_SEED_LAYER_MAX_SEEDS="600",
+                      OTEL_METRICS_EXPORTER="none")
+    code, out, err = main_in_process(["doctor", "--seeds", "1000", "--layers", "5"], capsys)
+    assert code == 1
+    assert "1000 seeds of 5 layers: " in out and "= 600 exported seeds x " in out
+    assert err.strip() == ("tolaria-otel doctor: --seeds 1000 is above TOLARIA_SEED_LAYER_MAX_SEEDS=600: 400 seeds "
+                           "would not be exported (the last by seed id); raise TOLARIA_SEED_LAYER_MAX_SEEDS to "
+                           "export them")
 
 
 def env_example() -> dict[str, str]:

@@ -177,7 +177,7 @@ def test_doctor_passes_a_usable_prometheus_address(capsys: Capsys) -> None:
     code, out, problems = doctor(capsys, OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
                                  OTEL_EXPORTER_PROMETHEUS_PORT="0", TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true")
     assert code == 0 and problems == [] and "pull mode: can listen on 127.0.0.1 port 0" in out
-    assert "18 series per export" in out and "at every scrape" in out
+    assert "4 seeds of 3 layers: 98 series = " in out and "at every scrape" in out
 
 
 def test_the_demo_in_pull_mode_prints_its_metrics_url(capsys: Capsys, tmp_path: Path) -> None:

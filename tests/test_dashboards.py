@@ -11,6 +11,7 @@ still show them. Several trainers in one process are tests/test_trainers_live.py
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -35,6 +36,7 @@ from devtools.stack import VictoriaMetrics, backend_binaries, prometheus, victor
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider, health
 from tolaria_otel.plot import load_summaries, render
 from tolaria_otel.plot import main as plot_main
+from tolaria_otel.instruments import STEP_NORM_BOUNDARIES
 from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
 
 from .helpers import export_each_flush, seeded_network, train_epoch
@@ -44,6 +46,8 @@ DASHBOARD_FILE = REPO / "dashboards" / "json" / "tolaria-seed-layers.json"
 DATASOURCE_PROVISIONING = REPO / "dashboards" / "provisioning" / "datasources" / "tolaria.yml"
 DASHBOARD_PROVISIONING = REPO / "dashboards" / "provisioning" / "dashboards" / "tolaria.yml"
 RULES_FILE = REPO / "collector" / "rules" / "tolaria-seed-layers.rules.yml"
+#: The exported histogram buckets of the runs here: the default resolution's.
+BOUNDARIES = STEP_NORM_BOUNDARIES[SeedLayerSettings().step_norm_histogram]
 
 TOP_K = 2
 SEEDS = ("seed-0", "seed-1", "seed-2", "seed-3", "seed-4", "seed-5")
@@ -305,7 +309,7 @@ def exported_series(summaries: list[EpochSummary]) -> set[tuple[str, str, str, s
             for layer, value in seed.top_layers:
                 series.add(("layer_norm" if math.isfinite(value) else "nonfinite", seed.seed_id, seed.stage, layer))
             if sum(seed.step_norm_counts):  # the histogram: every bucket (+Inf too) and the count
-                series |= {("bucket", seed.seed_id, seed.stage, str(b)) for b in range(len(HISTOGRAM_BOUNDARIES) + 1)}
+                series |= {("bucket", seed.seed_id, seed.stage, str(b)) for b in range(len(BOUNDARIES) + 1)}
                 series.add(("count", seed.seed_id, seed.stage, None))
     return series
 
@@ -497,7 +501,8 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
     assert code == {s: str(seed_layers.STAGES.index(name) + 1) for s, name in stage_names.items()}
 
     (budget,) = run.run_target(by_id[(7, "B")], interpolate(by_id[(7, "B")]["expr"], values))
-    assert budget["values"][-1][1] == str(TOP_K * len(SEEDS))  # a seed not measured is active: it counts
+    # Exactly the per-layer points the last epoch exports: a seed not measured exports none.
+    assert budget["values"][-1][1] == str(sum(len(s.top_layers) for s in last.seeds.values()))
     (exported,) = run.run_target(by_id[(7, "C")], interpolate(by_id[(7, "C")]["expr"], values))
     measured = [s for s in last.seeds.values() if s.measured]
     assert exported["values"][-1][1] == str(TOP_K * len(measured))  # every seed here has more than top_k layers
@@ -530,19 +535,27 @@ def at_end(run: Run, result: list[dict[str, Any]]) -> dict[str, float]:
     return {seed_id: float(value) for seed_id, (at, value) in ends.items() if at == run.ended}
 
 
-def quantile_bucket(counts: list[int], quantile: float) -> tuple[float, float]:
-    """The bounds (lower, upper] of the bucket that holds the ``quantile`` of steps counted per bucket of
-    ``HISTOGRAM_BOUNDARIES`` (the last: above them), where histogram_quantile interpolates; a quantile in
-    the last bucket is its lower bound (histogram_quantile's answer for the +Inf bucket)."""
+def quantile_bucket(steps: list[float], quantile: float) -> tuple[float, float]:
+    """The bounds (lower, upper] of the exported bucket (``BOUNDARIES``; the last: above them) that holds the
+    ``quantile`` of the steps (each recorded at the upper bound of its fine bucket), where histogram_quantile
+    interpolates; a quantile in the last bucket is its lower bound (histogram_quantile's answer for +Inf)."""
+    counts = [0] * (len(BOUNDARIES) + 1)
+    for value in steps:
+        counts[bisect.bisect_left(BOUNDARIES, value)] += 1
     rank = quantile * sum(counts)
     cumulative = 0
     for index, count in enumerate(counts):
         cumulative += count
         if cumulative >= rank:
             break
-    if index == len(HISTOGRAM_BOUNDARIES):
-        return HISTOGRAM_BOUNDARIES[-1], HISTOGRAM_BOUNDARIES[-1]
-    return (HISTOGRAM_BOUNDARIES[index - 1] if index else 0.0), HISTOGRAM_BOUNDARIES[index]
+    if index == len(BOUNDARIES):
+        return BOUNDARIES[-1], BOUNDARIES[-1]
+    return (BOUNDARIES[index - 1] if index else 0.0), BOUNDARIES[index]
+
+
+def decade(value: float) -> int:
+    """The k of the decade bucket (10^(k-1), 10^k] that holds ``value``: the noisy alert's ceil(log10(q) - 1e-9)."""
+    return math.ceil(math.log10(value) - 1e-9)
 
 
 def check_step_diagnostics(run: Run, dashboard: dict[str, Any]) -> None:
@@ -552,7 +565,9 @@ def check_step_diagnostics(run: Run, dashboard: dict[str, Any]) -> None:
     values = dashboard_values(run, dashboard)
     last = run.summaries[-1].seeds
     # The run lasts seconds: the window holds every epoch, so every step of the seed, whatever its stage.
-    steps = {s: [sum(c) for c in zip(*(e.seeds[s].step_norm_counts for e in run.summaries if e.seeds[s].measured))]
+    fine_bounds = (*HISTOGRAM_BOUNDARIES, HISTOGRAM_BOUNDARIES[-1] * 2)  # where the package records each fine count
+    steps = {s: [bound for e in run.summaries if e.seeds[s].measured
+                 for bound, count in zip(fine_bounds, e.seeds[s].step_norm_counts) for _ in range(count)]
              for s in SEEDS}
     quantiles = {}
     for ref, quantile in (("A", 0.5), ("B", 0.99)):
@@ -562,8 +577,8 @@ def check_step_diagnostics(run: Run, dashboard: dict[str, Any]) -> None:
         for seed_id, value in got.items():
             lower, upper = quantile_bucket(steps[seed_id], quantile)
             assert lower < value <= upper or lower == value == upper, (ref, seed_id, value, lower, upper)
-    spread = {s: quantiles[0.99][s] / quantiles[0.5][s] for s in SEEDS}
-    assert {s for s, ratio in spread.items() if ratio > seed_layers.NOISY_FACTOR} == ({NOISY} if run.faulty else set())
+    spread = {s: decade(quantiles[0.99][s]) - decade(quantiles[0.5][s]) for s in SEEDS}
+    assert {s for s, apart in spread.items() if apart >= seed_layers.NOISY_DECADES} == ({NOISY} if run.faulty else set())
 
     _, target = panel_target(dashboard, 12)
     spikes = at_end(run, run.run_target(target, interpolate(target["expr"], values)))
@@ -708,7 +723,7 @@ def test_thresholds_agree_with_the_alert_rules() -> None:
     assert seed_layers.SEED_NORM_MAX in rules["TolariaSeedGradientSpike"]
     assert durations["TolariaSeedGradientSpike"] == seed_layers.SPIKE_FOR
     numbers, ranges = numbers_and_ranges(rules["TolariaSeedGradientNoisy"])
-    noisy = {0.99, 0.5, seed_layers.NOISY_FACTOR, seed_layers.NOISY_MIN_STEPS, seed_layers.EXPLODING_RELATIVE_FLOOR}
+    noisy = {0.99, 0.5, seed_layers.NOISY_DECADES, seed_layers.NOISY_MIN_STEPS, seed_layers.EXPLODING_RELATIVE_FLOOR}
     assert noisy <= numbers
     assert ranges == {seed_layers.NOISY_WINDOW}
     assert durations["TolariaSeedGradientNoisy"] == seed_layers.NOISY_FOR

@@ -57,11 +57,11 @@ def rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values))
 
 
-def counts(values: list[float]) -> tuple[int, ...]:
+def counts(values: list[float], boundaries: tuple[float, ...] = HISTOGRAM_BOUNDARIES) -> tuple[int, ...]:
     """OpenTelemetry's explicit buckets: (b[i-1], b[i]], the last one above every bound."""
-    out = [0] * (len(HISTOGRAM_BOUNDARIES) + 1)
+    out = [0] * (len(boundaries) + 1)
     for value in values:
-        out[bisect.bisect_left(HISTOGRAM_BOUNDARIES, value)] += 1
+        out[bisect.bisect_left(boundaries, value)] += 1
     return tuple(out)
 
 
@@ -87,9 +87,14 @@ def train(steps: int, settings: SeedLayerSettings, spike_at: int | None = None):
     return telemetry.end_epoch(), reference, collect(reader)
 
 
-@pytest.mark.parametrize("steps", [5, FLUSH_EVERY + 7])  # inside one batch of steps, and across two
-def test_spikes_distribution_and_every_layer_are_exact(steps):
-    summary, reference, exported = train(steps, ON, spike_at=3)
+#: The exported buckets per TOLARIA_SEED_STEP_NORM_HISTOGRAM, written out here: one per decade, four per decade.
+EXPORTED_BOUNDS = {"coarse": tuple(10.0 ** k for k in range(-8, 5)), "fine": HISTOGRAM_BOUNDARIES}
+
+
+@pytest.mark.parametrize(("steps", "resolution"), [(5, "coarse"), (FLUSH_EVERY + 7, "coarse"), (5, "fine"),
+                                                   (FLUSH_EVERY + 7, "fine")])  # inside one batch of steps, and across two
+def test_spikes_distribution_and_every_layer_are_exact(steps, resolution):
+    summary, reference, exported = train(steps, ON.replace(step_norm_histogram=resolution), spike_at=3)
     for seed_id, seed in summary.seeds.items():
         totals = reference.totals[seed_id]
         assert seed.total_norm == pytest.approx(rms(totals), rel=1e-5)
@@ -108,8 +113,9 @@ def test_spikes_distribution_and_every_layer_are_exact(steps):
         {s: max(reference.totals[s]) for s in summary.seeds}, rel=1e-5)
     histograms = {a["seed_id"]: point for a, point, _ in exported[SEED_STEP_NORM]}
     for seed_id, point in histograms.items():
-        assert tuple(point.explicit_bounds) == HISTOGRAM_BOUNDARIES
-        assert tuple(point.bucket_counts) == counts(reference.totals[seed_id]) and point.count == steps
+        bounds = EXPORTED_BOUNDS[resolution]
+        assert tuple(point.explicit_bounds) == pytest.approx(bounds, rel=1e-12)
+        assert tuple(point.bucket_counts) == counts(reference.totals[seed_id], bounds) and point.count == steps
 
 
 def test_host_norm_and_ratio_when_switched_on():

@@ -3,7 +3,15 @@ import re
 import pytest
 
 from tolaria_otel import SeedLayerSettings, SettingsError
-from tolaria_otel.settings import ENV_COMPACT, ENV_ENABLED, ENV_EXPORT_RANK, ENV_SAMPLE_EVERY, ENV_TOP_K
+from tolaria_otel.settings import (
+    ENV_COMPACT,
+    ENV_ENABLED,
+    ENV_EXPORT_RANK,
+    ENV_MAX_SEEDS,
+    ENV_SAMPLE_EVERY,
+    ENV_STEP_NORM_HISTOGRAM,
+    ENV_TOP_K,
+)
 
 
 def test_defaults_with_nothing_set():
@@ -57,14 +65,15 @@ def test_bad_bool_names_variable_value_and_accepted(name, raw):
         SeedLayerSettings.from_env({name: raw})
 
 
-@pytest.mark.parametrize(("name", "maximum"), [(ENV_TOP_K, 100), (ENV_SAMPLE_EVERY, 1_000_000)])
+@pytest.mark.parametrize(("name", "maximum"), [(ENV_TOP_K, 1_000_000), (ENV_SAMPLE_EVERY, 1_000_000),
+                                                   (ENV_MAX_SEEDS, 1_000_000)])
 @pytest.mark.parametrize("raw", ["0", "-1", "3.5", "abc", "+3", "1_0", "1e3", "0x10", "٣", "9" * 40])
 def test_bad_int_names_variable_value_and_accepted(name, maximum, raw):
     with pytest.raises(SettingsError, match="^" + re.escape(f"{name}={raw!r} is not valid: expected an integer from 1 to {maximum}") + "$"):
         SeedLayerSettings.from_env({name: raw})
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("1", 1), (" 7 ", 7), ("007", 7), ("100", 100)])
+@pytest.mark.parametrize(("raw", "expected"), [("1", 1), (" 7 ", 7), ("007", 7), ("100", 100), ("5000", 5000)])
 def test_top_k_accepted(raw, expected):
     assert SeedLayerSettings.from_env({ENV_TOP_K: raw}).top_k == expected
 
@@ -109,3 +118,15 @@ def test_a_100_kB_value_gives_a_short_message_with_its_length(name):
 def test_a_long_field_value_in_code_is_cut_too():
     with pytest.raises(SettingsError, match=r"^top_k=\[0, 0, .*\.\.\. \(30000 characters of repr\) is not valid"):
         SeedLayerSettings(top_k=[0] * 10_000)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("coarse", "coarse"), (" FINE ", "fine"), ("Off", "off"), ("", "coarse")])
+def test_step_norm_histogram_accepted(raw, expected):
+    assert SeedLayerSettings.from_env({ENV_STEP_NORM_HISTOGRAM: raw}).step_norm_histogram == expected
+
+
+@pytest.mark.parametrize("raw", ["none", "0", "4", "fine,coarse", "decades"])
+def test_bad_step_norm_histogram_names_variable_value_and_accepted(raw):
+    with pytest.raises(SettingsError, match="^" + re.escape(f"{ENV_STEP_NORM_HISTOGRAM}={raw!r} is not valid: "
+                                                            "expected one of coarse, fine, off (any case)") + "$"):
+        SeedLayerSettings.from_env({ENV_STEP_NORM_HISTOGRAM: raw})

@@ -29,13 +29,17 @@ from . import provider as otel
 from ._version import __version__
 from .provider import ConfigurationError
 from .redaction import HEADER_VARIABLES, MASK, redact, redacted_url, secrets_in
+from .volume import trainer_series
 from .settings import (
     ENV_COMPACT,
     ENV_ENABLED,
     ENV_EXPORT_RANK,
     ENV_HOST_NORM,
+    ENV_MAX_SEEDS,
     ENV_SAMPLE_EVERY,
+    ENV_STEP_NORM_HISTOGRAM,
     ENV_TOP_K,
+    MAX_SEEDS_MAX,
     TOP_K_MAX,
     SeedLayerSettings,
     SettingsError,
@@ -60,7 +64,8 @@ KNOWN_OTLP_PATHS = {
 
 #: The settings field each TOLARIA_* variable sets (for the defaults ``doctor`` shows).
 TOLARIA_FIELDS = {ENV_ENABLED: "enabled", ENV_TOP_K: "top_k", ENV_COMPACT: "compact",
-                  ENV_SAMPLE_EVERY: "sample_every", ENV_EXPORT_RANK: "export_rank", ENV_HOST_NORM: "host_norm"}
+                  ENV_SAMPLE_EVERY: "sample_every", ENV_EXPORT_RANK: "export_rank", ENV_HOST_NORM: "host_norm",
+                  ENV_MAX_SEEDS: "max_seeds", ENV_STEP_NORM_HISTOGRAM: "step_norm_histogram"}
 
 #: The OTEL_* variables that shape this package's export, with the default each falls back to.
 OTEL_DEFAULTS = {
@@ -158,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         "training run would; estimate the telemetry volume; check that the OTLP endpoint answers (when "
         "the feature is on) and that pull mode can listen where it is told to. Exit status 1, with one "
         "line per problem, when not all is well.")
-    doctor.add_argument("--seeds", type=_int_in(1, 1000), default=4,
+    doctor.add_argument("--seeds", type=_int_in(1, MAX_SEEDS_MAX), default=4,
                         help="active seeds to estimate the volume for (default 4)")
+    doctor.add_argument("--layers", type=_int_in(1, 1_000_000), default=3,
+                        help="layers per seed to estimate the volume for (default 3)")
     doctor.add_argument("--timeout", type=_float_in(0.1, 60.0), default=PROBE_TIMEOUT_S,
                         help=f"seconds to wait for the OTLP endpoint (default {PROBE_TIMEOUT_S:g})")
     doctor.set_defaults(handler=run_doctor_command)
@@ -272,7 +279,8 @@ def run_doctor_command(args: argparse.Namespace) -> int:
     print(f"feature: {'on' if settings.enabled else 'off'}" + (", compact" if settings.compact else "")
           + f"; exporters: {', '.join(in_force.exporters) or 'none'}"
           + (f" ({in_force.protocol})" if "otlp" in in_force.exporters and in_force.protocol else ""))
-    print(volume_estimate(settings, args.seeds, in_force))
+    print(volume_estimate(settings, args.seeds, args.layers, in_force))
+    problems += volume_problems(settings, args.seeds)
     if in_force.disabled:
         print(f"{otel.ENV_SDK_DISABLED}=true: nothing is exported")
     else:
@@ -375,26 +383,39 @@ def _check_pull_mode(env: Mapping[str, str], in_force: _InForce) -> list[str]:
     return []
 
 
-def volume_estimate(settings: SeedLayerSettings, seeds: int, in_force: _InForce) -> str:
-    """Series per export and points per hour: observable gauges repeat every series at every export.
-
-    The series of docs/operations.md, "Volume": top_k x seeds per-layer series (none in compact
-    mode), one seed_norm per seed, the info gauge and the series budget gauge.
-    """
+def volume_estimate(settings: SeedLayerSettings, seeds: int, layers: int, in_force: _InForce) -> str:
+    """The series one trainer exports (``volume.trainer_series``, which tests/test_volume.py checks against
+    real stores), per seed and per trainer, and the samples they make: every series is repeated at every
+    export (gauges of the latest epoch, a cumulative histogram)."""
     if not settings.enabled:
         return f"volume for {seeds} seeds: none ({ENV_ENABLED} is off)"
-    layer_series = settings.top_k * seeds if settings.emits_layers else 0
-    series = layer_series + seeds + 2
-    layers = f"{layer_series} layer_norm = top_k {settings.top_k} x {seeds} seeds" if settings.emits_layers else \
-        "no layer_norm (compact)"
-    text = f"volume for {seeds} seeds: {series} series per export ({layers}, {seeds} seed_norm, 1 info, 1 series_budget)"
+    series = trainer_series(settings, seeds, layers)
+    total = sum(series.values())
+    exported = min(seeds, settings.max_seeds)
+    per_layer = series.get("tolaria_grad_agg_seed_layer_norm", 0) // exported
+    histogram = sum(count for name, count in series.items() if "_step_norm_" in name) // exported
+    seed_totals = 2 + int(settings.host_norm)  # norm, norm_max (and host_ratio)
+    trainer = 2 + int(settings.host_norm)  # info, series_budget (and host_norm)
+    layers_text = f"2 x {per_layer} per-layer (top {settings.top_k} of {layers} layers)" if settings.emits_layers         else "no per-layer (compact)"
+    histogram_text = f"{histogram} step_norm histogram ({settings.step_norm_histogram})" if histogram else         "no step_norm histogram (off)"
+    text = (f"volume for {seeds} seeds of {layers} layers: {total} series = {exported} exported seeds x "
+            f"{2 * per_layer + seed_totals + histogram} ({layers_text}, {seed_totals} seed totals, {histogram_text}) "
+            f"+ {trainer} per trainer")
     pushed = {"otlp", "console"} & set(in_force.exporters)
     interval_ms = _or_none(lambda: otel.export_interval_ms(os.environ))
     if pushed and interval_ms is not None:
-        text += f", every {interval_ms / 1000:g} s: {series * 3_600_000 / interval_ms:,.0f} points per hour"
+        text += f"; every {interval_ms / 1000:g} s: {total * 1000 / interval_ms:,.2f} samples per second"
     if "prometheus" in in_force.exporters:
-        text += ", at every scrape" if not pushed else "; pull mode: at every scrape"
+        text += "; at every scrape" if not pushed else "; pull mode: at every scrape"
     return text
+
+
+def volume_problems(settings: SeedLayerSettings, seeds: int) -> list[str]:
+    """Seeds a trainer would leave out of its export (it warns once at run time too)."""
+    if not settings.enabled or seeds <= settings.max_seeds:
+        return []
+    return [f"--seeds {seeds} is above {ENV_MAX_SEEDS}={settings.max_seeds}: {seeds - settings.max_seeds} seeds "
+            f"would not be exported (the last by seed id); raise {ENV_MAX_SEEDS} to export them"]
 
 
 def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certificate: str | None, timeout: float,

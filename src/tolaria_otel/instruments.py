@@ -15,22 +15,32 @@ The SDK keeps every attribute set an asynchronous instrument has ever observed, 
 limit counts them over the life of the stream; a long run with seeds coming and going would pass it
 and grow without bound. ``sdk_state.release_idle_attribute_sets`` drops, at each epoch end, the
 state of the attribute sets that are in neither the current nor the previous snapshot.
+
+Volume is bounded by the settings: a trainer exports at most ``TOLARIA_SEED_LAYER_MAX_SEEDS`` seeds
+(the first by seed id; it warns once when it leaves some out), and the views size every stream's
+cardinality limit for that many seeds at ``top_k`` layers, current and previous snapshot together, so
+the SDK never folds a point into its overflow series. The per-step seed norm histogram is counted on
+the device in the fine buckets of ``summary.HISTOGRAM_BOUNDARIES`` and exported in the buckets
+``TOLARIA_SEED_STEP_NORM_HISTOGRAM`` chooses (a subset of the fine bounds, so every exported bucket
+count is exact). ``volume.trainer_series`` counts what all this costs in a store.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import math
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import Asynchronous, CallbackOptions, Histogram, MeterProvider, ObservableGauge, Observation
 
 from ._version import __version__
 from .sdk_state import record_counts, release_idle_attribute_sets
-from .settings import SeedLayerSettings
+from .settings import ENV_MAX_SEEDS, SeedLayerSettings
 from .summary import HISTOGRAM_BOUNDARIES, EpochSummary
 
 if TYPE_CHECKING:
@@ -57,8 +67,13 @@ SETTINGS_ATTRIBUTES = frozenset({"enabled", "top_k", "compact", "sample_every"})
 #: Attribute keys a trainer identity may not use: they are the points' own.
 RESERVED_ATTRIBUTES = LAYER_ATTRIBUTES | SETTINGS_ATTRIBUTES
 
-#: Distinct attribute sets a stream may hold (the SDK's default limit, made explicit by the views).
-STREAM_CARDINALITY_LIMIT = 2000
+#: The exported histogram's bucket bounds per TOLARIA_SEED_STEP_NORM_HISTOGRAM: a subset of the fine bounds the
+#: device counts in (each fine count is recorded at its upper bound, so a coarse bucket's count is exact).
+#: coarse: one bucket per decade, 1e-8 to 1e4 (13 bounds, 14 buckets); fine: four per decade (49 bounds).
+STEP_NORM_BOUNDARIES: dict[str, tuple[float, ...]] = {
+    "coarse": HISTOGRAM_BOUNDARIES[::4],
+    "fine": HISTOGRAM_BOUNDARIES,
+}
 
 _logger = logging.getLogger(__name__)
 _LAYER_INSTRUMENTS = (LAYER_NORM, LAYER_NORM_MAX, LAYER_NONFINITE)
@@ -92,23 +107,41 @@ _GAUGES = (
 def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
     """Views for an application that builds its own ``MeterProvider``.
 
-    They make the cardinality limit explicit and, in compact mode, drop the per-layer instruments.
-    They keep every attribute the package gives (the contract's, plus a trainer's identity).
+    They size each stream's cardinality limit for the settings (:func:`stream_limits`), set the step
+    norm histogram's buckets (or drop it) and, in compact mode, drop the per-layer instruments. They
+    keep every attribute the package gives (the contract's, plus a trainer's identity). Build them from
+    the settings the trainers use: streams sized for fewer seeds or a smaller top_k than a trainer
+    exports would fold its points into the SDK's overflow series.
     """
     # The SDK, imported here only: a trainer that takes its provider from elsewhere needs just the API.
     from opentelemetry.sdk.metrics.view import DropAggregation, ExplicitBucketHistogramAggregation, View
 
     settings = SeedLayerSettings.from_env() if settings is None else settings
-    views = [View(instrument_name=name, aggregation_cardinality_limit=STREAM_CARDINALITY_LIMIT)
+    seed_limit, layer_limit = stream_limits(settings)
+    views = [View(instrument_name=name, aggregation_cardinality_limit=seed_limit)
              for name in (*_SEED_GAUGES, SETTINGS_INFO, SERIES_BUDGET)]
-    views.append(View(instrument_name=SEED_STEP_NORM, aggregation_cardinality_limit=STREAM_CARDINALITY_LIMIT,
-                      aggregation=ExplicitBucketHistogramAggregation(HISTOGRAM_BOUNDARIES)))
+    boundaries = STEP_NORM_BOUNDARIES.get(settings.step_norm_histogram)
+    if boundaries is None:
+        views.append(View(instrument_name=SEED_STEP_NORM, aggregation=DropAggregation()))
+    else:
+        views.append(View(instrument_name=SEED_STEP_NORM, aggregation_cardinality_limit=seed_limit,
+                          aggregation=ExplicitBucketHistogramAggregation(boundaries)))
     for name in _LAYER_INSTRUMENTS:
         if settings.compact:
             views.append(View(instrument_name=name, aggregation=DropAggregation()))
         else:
-            views.append(View(instrument_name=name, aggregation_cardinality_limit=STREAM_CARDINALITY_LIMIT))
+            views.append(View(instrument_name=name, aggregation_cardinality_limit=layer_limit))
     return views
+
+
+def stream_limits(settings: SeedLayerSettings) -> tuple[int, int]:
+    """The cardinality limits of a per-seed stream and of a per-layer stream.
+
+    Between two epoch ends the SDK holds the attribute sets of the current and of the previous snapshot
+    (the idle ones are released at the next), each at most ``max_seeds`` seeds of ``top_k`` layers.
+    """
+    seeds = 2 * settings.max_seeds
+    return seeds, seeds * settings.top_k
 
 
 def snapshot_points(summary: EpochSummary, emit_layers: bool,
@@ -171,7 +204,7 @@ def trainer_instruments(meter_provider: MeterProvider, settings: SeedLayerSettin
         known = {}
     instruments = known.get(scope)
     if instruments is None:
-        instruments = known[scope] = SeedLayerInstruments(meter_provider, identity)
+        instruments = known[scope] = SeedLayerInstruments(meter_provider, identity, settings)
     instruments.open(settings)
     return instruments
 
@@ -179,12 +212,15 @@ def trainer_instruments(meter_provider: MeterProvider, settings: SeedLayerSettin
 class SeedLayerInstruments:
     """Publishes one trainer's epoch summaries to observable gauges on its own meter."""
 
-    def __init__(self, meter_provider: MeterProvider, identity: Mapping[str, str] | None = None) -> None:
+    def __init__(self, meter_provider: MeterProvider, identity: Mapping[str, str] | None = None,
+                 settings: SeedLayerSettings | None = None) -> None:
         self._identity = dict(identity or {})
         self._lock = threading.Lock()
         self._is_open = False
         self._emit_layers = True
-        self._top_k = 0
+        self._max_seeds = 0
+        self._record_steps = True
+        self._warned_max_seeds = False
         self._points: dict[str, list[Observation]] = {}
         self._settings_info: list[Observation] = []
         self._previous_keys: set[_PointKey] = set()
@@ -195,8 +231,12 @@ class SeedLayerInstruments:
             meter.create_observable_gauge(name, [self._reader(name)], unit=unit, description=description)
             for name, unit, description in _GAUGES
         ]
+        # The advisory serves a provider without the package's views (with them, the view's buckets win):
+        # the resolution of the settings this identity was first opened with.
+        resolution = (settings or SeedLayerSettings()).step_norm_histogram
         self._step_norm: Histogram = meter.create_histogram(
-            SEED_STEP_NORM, unit=UNIT, explicit_bucket_boundaries_advisory=HISTOGRAM_BOUNDARIES,
+            SEED_STEP_NORM, unit=UNIT,
+            explicit_bucket_boundaries_advisory=STEP_NORM_BOUNDARIES.get(resolution, STEP_NORM_BOUNDARIES["coarse"]),
             description="Per seed, the distribution of its per-step gradient L2 norm over the epoch's sampled "
             "optimizer steps; recorded at each epoch end (a value per step, at its bucket's upper bound).")
         #: Every instrument of this trainer (the SDK state of each is released as seeds come and go).
@@ -211,7 +251,8 @@ class SeedLayerInstruments:
                                  "each trainer distinct attributes=, for example {'env_id': '1'}")
             self._is_open = True
             self._emit_layers = settings.emits_layers
-            self._top_k = settings.top_k
+            self._max_seeds = settings.max_seeds
+            self._record_steps = settings.step_norm_histogram != "off"
             # The signal alert rules need to tell "feature on, nothing measured" from "feature off".
             self._settings_info = [Observation(1, {
                 **self._identity, "enabled": "true", "top_k": str(settings.top_k),
@@ -220,25 +261,40 @@ class SeedLayerInstruments:
             self._final_collections = -1
 
     def publish(self, summary: EpochSummary) -> None:
-        """Make ``summary`` the snapshot every later collection exports."""
-        points = {name: _cap(name, obs) for name, obs in
-                  snapshot_points(summary, self._emit_layers, self._identity).items()}
+        """Make ``summary`` (its first ``max_seeds`` seeds) the snapshot every later collection exports."""
+        summary = self._exported_seeds(summary)
+        points = snapshot_points(summary, self._emit_layers, self._identity)
         points[SETTINGS_INFO] = self._settings_info
-        points[SERIES_BUDGET] = [Observation(self._top_k * len(summary.seeds) if self._emit_layers else 0,
-                                             self._identity)]
+        # Exactly the per-layer series this snapshot exports (a seed with fewer layers than top_k, or not
+        # measured, exports fewer), so that the store's count of them can be checked against it.
+        points[SERIES_BUDGET] = [Observation(len(points[LAYER_NORM]) + len(points[LAYER_NONFINITE]), self._identity)]
         keys = {_key(point.attributes) for observations in points.values() for point in observations}
         with self._lock:
             self._points = points
             keep = keys | self._previous_keys  # a collection running now may still observe the previous snapshot
             steady = keys == self._previous_keys  # nothing became idle: the usual epoch, nothing to release
             self._previous_keys = keys
-        self._record_distribution(summary)
+        if self._record_steps:
+            self._record_distribution(summary)
         if not steady and self._can_release and not release_idle_attribute_sets(self.streams,
                                                                                 lambda a: _key(a) in keep):
             self._can_release = False
             _logger.warning("tolaria_otel: this OpenTelemetry SDK does not let the package release idle attribute "
-                            "sets; a long run with many seeds may reach the cardinality limit (%d)",
-                            STREAM_CARDINALITY_LIMIT)
+                            "sets; a long run with many seeds may reach the streams' cardinality limits")
+
+    def _exported_seeds(self, summary: EpochSummary) -> EpochSummary:
+        """``summary`` with its first ``max_seeds`` seeds (by seed id), warning once when that leaves some out."""
+        if len(summary.seeds) <= self._max_seeds:
+            return summary
+        kept = dict(itertools.islice(summary.seeds.items(), self._max_seeds))
+        if not self._warned_max_seeds:
+            self._warned_max_seeds = True
+            first_left = next(seed_id for seed_id in summary.seeds if seed_id not in kept)
+            _logger.warning("tolaria_otel: %d seeds at epoch %d, %s=%d: the %d from seed %r on are not exported "
+                            "(the EpochSummary has them all); raise %s to export them (said once)",
+                            len(summary.seeds), summary.epoch, ENV_MAX_SEEDS, self._max_seeds,
+                            len(summary.seeds) - self._max_seeds, first_left, ENV_MAX_SEEDS)
+        return dataclasses.replace(summary, seeds=kept)
 
     def _record_distribution(self, summary: EpochSummary) -> None:
         """The epoch's per-step seed norms, from the device's bucket counts: each step recorded at its
@@ -272,12 +328,3 @@ class SeedLayerInstruments:
 
 def _key(attributes: Mapping[str, object] | None) -> _PointKey:
     return frozenset((attributes or {}).items())
-
-
-def _cap(name: str, points: Sequence[Observation]) -> list[Observation]:
-    if len(points) <= STREAM_CARDINALITY_LIMIT:
-        return list(points)
-    _logger.warning("tolaria_otel: %d points for %s exceed the stream limit %d; keeping the first %d "
-                    "(lower TOLARIA_SEED_LAYER_TOPK)", len(points), name, STREAM_CARDINALITY_LIMIT,
-                    STREAM_CARDINALITY_LIMIT)
-    return list(points[:STREAM_CARDINALITY_LIMIT])

@@ -25,6 +25,10 @@ ENV_SAMPLE_EVERY = "TOLARIA_SEED_LAYER_SAMPLE_EVERY"
 ENV_EXPORT_RANK = "TOLARIA_SEED_LAYER_EXPORT_RANK"
 #: Also measure the host (every trainable parameter outside the seeds): its norm and each seed's ratio to it.
 ENV_HOST_NORM = "TOLARIA_SEED_HOST_NORM"
+#: The most seeds a trainer exports per epoch (the first ones by seed id); the metric streams are sized for it.
+ENV_MAX_SEEDS = "TOLARIA_SEED_LAYER_MAX_SEEDS"
+#: Resolution of the exported per-step seed norm histogram: coarse, fine or off (the series it costs).
+ENV_STEP_NORM_HISTOGRAM = "TOLARIA_SEED_STEP_NORM_HISTOGRAM"
 
 # Esper's settings read the same two flags with pydantic's boolean grammar: the same words here, so a
 # deployment Esper accepts starts the trainer too.
@@ -32,9 +36,12 @@ _TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
 _FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 _BOOL_ACCEPTED = "one of 1/true/t/yes/y/on or 0/false/f/no/n/off (any case)"
 
-#: top_k times the number of active seeds must stay within the metric stream's cardinality
-#: limit (2000 points); 100 leaves room for 20 seeds, five times the prototype's four.
-TOP_K_MAX = 100
+#: No ceiling of its own (Esper's settings take any positive integer): a seed exports at most the layers it
+#: has, and the streams are sized from top_k and TOLARIA_SEED_LAYER_MAX_SEEDS, so nothing is cut for it.
+TOP_K_MAX = 1_000_000
+MAX_SEEDS_MAX = 1_000_000
+#: The histogram resolutions (summary.HISTOGRAM_BOUNDARIES is "fine"; instruments.py has the boundaries).
+STEP_NORM_HISTOGRAMS = ("coarse", "fine", "off")
 SAMPLE_EVERY_MAX = 1_000_000
 #: Checked against the real world size when the telemetry starts under torch.distributed.
 EXPORT_RANK_MAX = 1_000_000
@@ -69,6 +76,8 @@ class SeedLayerSettings:
     sample_every: int = 1
     export_rank: int = 0
     host_norm: bool = False
+    max_seeds: int = 1000
+    step_norm_histogram: str = "coarse"
 
     def __post_init__(self) -> None:
         for name in ("enabled", "compact", "host_norm"):
@@ -77,6 +86,10 @@ class SeedLayerSettings:
         _check_int("top_k", self.top_k, TOP_K_MAX)
         _check_int("sample_every", self.sample_every, SAMPLE_EVERY_MAX)
         _check_int("export_rank", self.export_rank, EXPORT_RANK_MAX, minimum=0)
+        _check_int("max_seeds", self.max_seeds, MAX_SEEDS_MAX)
+        if self.step_norm_histogram not in STEP_NORM_HISTOGRAMS:
+            raise SettingsError(f"step_norm_histogram={echoed(self.step_norm_histogram)} is not valid: expected "
+                                f"one of {', '.join(STEP_NORM_HISTOGRAMS)}")
 
     @property
     def emits_layers(self) -> bool:
@@ -95,6 +108,9 @@ class SeedLayerSettings:
             sample_every=_parse_int(env, ENV_SAMPLE_EVERY, defaults.sample_every, SAMPLE_EVERY_MAX),
             export_rank=_parse_int(env, ENV_EXPORT_RANK, defaults.export_rank, EXPORT_RANK_MAX, minimum=0),
             host_norm=_parse_bool(env, ENV_HOST_NORM, defaults.host_norm),
+            max_seeds=_parse_int(env, ENV_MAX_SEEDS, defaults.max_seeds, MAX_SEEDS_MAX),
+            step_norm_histogram=_parse_choice(env, ENV_STEP_NORM_HISTOGRAM, defaults.step_norm_histogram,
+                                              STEP_NORM_HISTOGRAMS),
         )
 
     def replace(self, **changes: object) -> SeedLayerSettings:
@@ -119,6 +135,16 @@ def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if word in _FALSE:
         return False
     raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {_BOOL_ACCEPTED}")
+
+
+def _parse_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word not in choices:
+        raise SettingsError(f"{name}={echoed(raw)} is not valid: expected one of {', '.join(choices)} (any case)")
+    return word
 
 
 def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, minimum: int = 1) -> int:
