@@ -82,8 +82,8 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 Environ = Mapping[str, str]
 
 #: The readers :func:`configure_meter_provider` gave each provider it made: the SDK has no public
-#: accessor for a provider's readers (``MeterProvider._metric_readers`` is private), so the package
-#: keeps its own list, released with the provider.
+#: accessor for a provider's readers (only a private attribute), so the package keeps its own list,
+#: released with the provider.
 _readers_made: weakref.WeakKeyDictionary[MeterProvider, list[MetricReader]] = weakref.WeakKeyDictionary()
 
 
