@@ -19,6 +19,7 @@ first process that imports a module writes its bytecode.
 
 from __future__ import annotations
 
+import email.message
 import email.parser
 import os
 import re
@@ -157,7 +158,8 @@ def test_core_install_runs_the_demo_doctor_and_assets_and_names_each_missing_ext
     cli = str(core.parent / "tolaria-otel")
     assert re.fullmatch(r"tolaria-otel \S+\n", _ok(_run([cli, "--version"], tmp_path)))
     assert _ok(_run([cli, "doctor"], tmp_path)).rstrip().endswith("all is well")
-    assert _ok(_run([cli, "demo", "--quiet", "--epochs", "1", "--output", "run.jsonl"], tmp_path)).strip() == "run.jsonl"
+    demo = _run([cli, "demo", "--quiet", "--epochs", "1", "--output", "run.jsonl"], tmp_path)
+    assert _ok(demo).strip() == "run.jsonl"
     assert (tmp_path / "run.jsonl").read_text().count("\n") == 1
 
     _ok(_run([cli, "assets", "out"], tmp_path))

@@ -2,8 +2,8 @@
 
 ``tolaria-otel demo`` trains a small seeded network with the feature on (``tolaria_otel.demo``);
 ``tolaria-otel doctor`` shows and checks the configuration a training run would use;
-``tolaria-otel assets DIR`` writes the collector configs, rules, dashboards and docs (``tolaria_otel.assets``). They check
-their input before any work and report bad input as one line on stderr with a non-zero status:
+``tolaria-otel assets DIR`` writes the collector configs, rules, dashboards and docs (``tolaria_otel.assets``).
+They check their input before any work and report bad input as one line on stderr with a non-zero status:
 2 for bad input, 1 for problems ``doctor`` found, 130 for a run stopped by Ctrl-C.
 
 argparse rather than click or typer: it is in the standard library, so the command line adds
