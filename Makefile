@@ -30,6 +30,8 @@ backends:
 stack: install backends
 	$(BIN)/python -m devtools.stack
 
+# The suite includes tests/test_wheel.py: it builds the sdist and wheel and installs the wheel into fresh
+# venvs under pytest's tmp folder (core, each extra, the oldest declared Python), pinned by constraints.txt.
 test: install backends
 	$(BIN)/python -m pytest
 

@@ -1,8 +1,9 @@
 """The ``tolaria-otel`` command line.
 
 ``tolaria-otel demo`` trains a small seeded network with the feature on (``tolaria_otel.demo``);
-``tolaria-otel doctor`` shows and checks the configuration a training run would use. Both check
-their input before any work and report bad input as one line on stderr with a non-zero status:
+``tolaria-otel doctor`` shows and checks the configuration a training run would use;
+``tolaria-otel assets DIR`` writes the collector configs, rules, dashboards and docs (``tolaria_otel.assets``).
+They check their input before any work and report bad input as one line on stderr with a non-zero status:
 2 for bad input, 1 for problems ``doctor`` found, 130 for a run stopped by Ctrl-C.
 
 argparse rather than click or typer: it is in the standard library, so the command line adds
@@ -179,7 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("summaries", type=Path, help="JSON Lines file, one EpochSummary.to_dict() per line")
     plot.add_argument("-o", "--output", type=Path, help="PNG to write (default: the input with .png)")
     plot.set_defaults(handler=run_plot_command)
+
+    assets = commands.add_parser(
+        "assets", help="write the collector configs, alert rules, dashboards and docs into a folder",
+        description="Write the files around the package into DIR, laid out as in the repository: collector/ "
+        "(OpenTelemetry Collector configs, Prometheus scrape config, alert rules and their promtool tests), "
+        "dashboards/json and dashboards/provisioning (Grafana), docs/, docker-compose.yml and .env.example. "
+        "The README's links are relative to DIR. A file that exists is not overwritten without --force.")
+    assets.add_argument("folder", type=Path, metavar="DIR", help="folder to write into (created if missing)")
+    assets.add_argument("--force", action="store_true", help="overwrite files that exist")
+    assets.set_defaults(handler=run_assets_command)
     return parser
+
+
+def run_assets_command(args: argparse.Namespace) -> int:
+    from .assets import AssetsError, write_assets
+
+    try:
+        written = write_assets(args.folder, force=args.force)
+    except AssetsError as error:
+        raise CommandError(str(error)) from None
+    folders = sorted({path.parts[0] for path in written})
+    print(f"wrote {len(written)} files to {args.folder}: {', '.join(folders)}")
+    return 0
 
 
 def run_plot_command(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import urllib.parse
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -90,6 +91,11 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 Environ = Mapping[str, str]
 
+#: The readers :func:`configure_meter_provider` gave each provider it made: the SDK has no public
+#: accessor for a provider's readers (only a private attribute), so the package keeps its own list,
+#: released with the provider.
+_readers_made: weakref.WeakKeyDictionary[MeterProvider, list[MetricReader]] = weakref.WeakKeyDictionary()
+
 
 class ConfigurationError(ValueError):
     """An ``OTEL_*`` value this package reads is not one it accepts, or its exporter is not installed."""
@@ -125,19 +131,23 @@ def configure_meter_provider(
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
         resource = resource.merge(_distributed_resource())  # rank and world size under torch.distributed
-    return MeterProvider(
-        metric_readers=[*_readers_from_env(settings), *readers],
-        resource=resource,
-        views=views,
-    )
+    all_readers = [*_readers_from_env(settings), *readers]
+    provider = MeterProvider(metric_readers=all_readers, resource=resource, views=views)
+    _readers_made[provider] = all_readers
+    return provider
 
 
 def metrics_urls(provider: MeterProvider) -> list[str]:
-    """The ``/metrics`` URL of each pull-mode reader of ``provider`` (none in push mode)."""
-    from .prometheus import ServingPrometheusReader
+    """The ``/metrics`` URL of each pull-mode reader of ``provider`` (none in push mode), for a provider
+    :func:`configure_meter_provider` made (any other has none here).
 
-    readers = provider._metric_readers  # noqa: SLF001 - the SDK has no public accessor
-    return [reader.url for reader in readers if isinstance(reader, ServingPrometheusReader)]
+    Without the optional Prometheus exporter installed there is no pull-mode reader, and this imports nothing.
+    """
+    pull_mode = sys.modules.get(f"{__package__}.prometheus")  # loaded by any pull-mode reader ever made
+    if pull_mode is None:
+        return []
+    return [reader.url for reader in _readers_made.get(provider, ())
+            if isinstance(reader, pull_mode.ServingPrometheusReader)]
 
 
 def environment_problems(environ: Environ | None = None) -> list[ConfigurationError]:
