@@ -379,11 +379,14 @@ def test_bad_export_rank_names_variable_value_and_accepted(raw):
 def test_slot_layout_is_the_union_with_the_lowest_rank_stage():
     layout = SlotLayout.agree([
         ((("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")), (("a", "TRAINING"), ("b", "TRAINING")),
-         3),
+         (("b", ""), ("b", "net.0")), 3),
         ((("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")), (("b", "BLENDING"), ("c", "GERMINATED")),
-         2),
+         (), 0),
     ])
-    assert layout.steps == 3  # the rows of the per-step matrix: the most any rank sampled
+    assert layout.sharded == (("b", ""), ("b", "net.0"))
+    assert layout.steps == 3  # the per-step rows reduced for the sharded slots: the most any rank sampled
     assert layout.stages == {"a": "TRAINING", "b": "TRAINING", "c": "GERMINATED"}
     assert layout.slots == (("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0"), ("b", "net.1"),
                             ("c", ""), ("c", "net.0"))
+    plain = SlotLayout.agree([((("a", ""),), (("a", "TRAINING"),), (), 0), ((("a", ""),), (), (), 0)])
+    assert (plain.sharded, plain.steps) == ((), 0)  # nothing sharded: no per-step rows at all

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .epoch import (
+    COLUMNS,
     TOTAL,
     EpochSums,
     HostFacts,
@@ -41,6 +42,7 @@ from .epoch import (
     Slot,
     bucket_bounds,
     epoch_sums,
+    fold_statistics,
     host_facts,
     slot_statistics,
     statistics_length,
@@ -55,8 +57,8 @@ if TYPE_CHECKING:
 RANK_ATTRIBUTE = "torch.distributed.rank"
 WORLD_SIZE_ATTRIBUTE = "torch.distributed.world_size"
 #: What one rank holds: the slots it measured this epoch, the stages of the seeds listed at its end,
-#: and its sampled steps (the rows of the per-step matrix).
-Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str], ...], int]
+#: its slots holding a DTensor shard, and its sampled steps when it has one (the rows reduced for them).
+Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str], ...], tuple[Slot, ...], int]
 
 _logger = logging.getLogger(__name__)
 
@@ -132,33 +134,39 @@ def shard_weight(param: nn.Parameter) -> float | None:
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """The slots every rank agreed on, each seed's stage (the lowest rank listing it wins), and the
-    steps (the most any rank sampled)."""
+    """The slots every rank agreed on, each seed's stage (the lowest rank listing it wins), the slots
+    holding a sharded gradient on some rank, and the per-step rows reduced for them (the most steps
+    any rank sampled; 0 when no slot is sharded)."""
 
     slots: tuple[Slot, ...]
     stages: Mapping[str, str]
+    sharded: tuple[Slot, ...] = ()
     steps: int = 0
 
     @classmethod
     def agree(cls, descriptors: Sequence[Descriptor]) -> SlotLayout:
         stages: dict[str, str] = {}
         slots: set[Slot] = set()
-        for rank_slots, rank_stages, _ in descriptors:  # in rank order
+        sharded: set[Slot] = set()
+        for rank_slots, rank_stages, rank_sharded, _ in descriptors:  # in rank order
             slots.update(rank_slots)
+            sharded.update(rank_sharded)
             for seed_id, stage in rank_stages:
                 stages.setdefault(seed_id, stage)
-        return cls(tuple(sorted(slots)), dict(sorted(stages.items())), max(steps for _, _, steps in descriptors))
+        steps = max(steps for _, _, _, steps in descriptors) if sharded else 0
+        return cls(tuple(sorted(slots)), dict(sorted(stages.items())), tuple(sorted(sharded)), steps)
 
 
 class RankReduction:
     """One rank's side of the epoch reduction. Every rank must call :meth:`reduce` at every epoch end.
 
-    Each rank keeps its per-step squared norms per slot (``Segment.keep_rows``) and contributes them
-    as a ``[steps, slots]`` matrix, sharded and plain gradients apart, with what the host knows
-    (measured, sizes, steps per seed) after it. One SUM all-reduce gives every rank the global
-    per-step norms, from which the sums, the largest step, the non-finite steps and the histograms
-    are computed on the device: exact for sharded gradients, where a step's norm exists only once
-    the ranks' squares are summed.
+    A plain gradient is replicated across the ranks that hold it (DDP), so each rank's own per-step
+    statistics of it (sum, largest step, histogram, non-finite steps: ``Segment.stats``) are already
+    the global ones: the ranks that measured a slot add theirs and divide by their number. A sharded
+    gradient's step norm exists only once the ranks' squares are summed, so for the slots holding a
+    DTensor shard the per-step rows (``Segment.rows``) are summed too, and their largest step and
+    histogram computed from the sums. One SUM all-reduce, its size fixed by the slots alone while
+    no gradient is sharded.
     """
 
     def __init__(self, rank: int, world_size: int) -> None:
@@ -182,8 +190,9 @@ class RankReduction:
     @torch.no_grad()
     def reduce(self, segments: Sequence[Segment] | None, steps: int, stages: Mapping[str, str],
                home: torch.device) -> tuple[EpochSums, Mapping[str, str]]:
-        """All-reduce the epoch: one collective while no rank's slots, stages or step count changed;
-        when some did, a layout exchange and a second all-reduce in the agreed new layout.
+        """All-reduce the epoch: one collective while no rank's slots or stages changed (nor, with a
+        sharded gradient, its step count); when some did, a layout exchange and a second all-reduce
+        in the agreed new layout.
 
         ``segments`` is None on a rank that failed to measure: it still takes part, contributing
         nothing, so no rank is left waiting in a collective.
@@ -198,10 +207,14 @@ class RankReduction:
             _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
                             self.rank, exc_info=True)
             segments, facts = None, None
-        descriptor: Descriptor = ((() if facts is None else facts.slots), tuple(sorted(stages.items())), steps)
+        sharded = () if segments is None or facts is None else _sharded_slots(segments)
+        descriptor: Descriptor = ((() if facts is None else facts.slots), tuple(sorted(stages.items())), sharded,
+                                  steps if sharded else 0)
         if self._agreed is None:
             self._agree(descriptor)
-        values = self._all_reduce(segments, facts, steps, home, changed=descriptor != self._contributed)
+        changed = descriptor != self._contributed
+        # A changed rank's contribution in the old layout is discarded: it sends only the flag.
+        values = self._all_reduce(None if changed else segments, facts, steps, home, changed=changed)
         if values[-1]:  # some rank's layout changed: agree on the new one and reduce again in it
             self._agree(descriptor)
             values = self._all_reduce(segments, facts, steps, home, changed=False)
@@ -229,24 +242,25 @@ class RankReduction:
 
     def _local(self, segments: Sequence[Segment] | None, facts: HostFacts | None, layout: SlotLayout,
                device: torch.device) -> torch.Tensor:
-        """This rank's contribution in the agreed layout: the per-step matrices, then the host facts."""
-        n, steps = len(layout.slots), layout.steps
+        """This rank's contribution in the agreed layout: the statistics of the slots it measured, the
+        host facts, then the sharded slots' per-step rows."""
+        n, k = len(layout.slots), len(layout.sharded)
         vector = torch.zeros(_length(layout), dtype=torch.float32, device=device)
         if segments is None or facts is None:
             return vector
         index = {slot: i for i, slot in enumerate(layout.slots)}
-        plain, sharded = vector[:steps * n].view(steps, n), vector[steps * n:2 * steps * n].view(steps, n)
-        for segment in segments:
-            columns = torch.tensor([index.get(slot, -1) for slot in segment.slots], dtype=torch.long)
-            known = columns >= 0
-            k = len(segment.slots)
-            for step_indices, rows in segment.rows:
-                rows = rows.to(device)
-                at = torch.tensor(step_indices, dtype=torch.long, device=device).unsqueeze(1)
-                into = columns[known].to(device).unsqueeze(0)
-                plain.index_put_((at, into), rows[:, :k][:, known.to(device)], accumulate=True)
-                if rows.shape[1] > k:
-                    sharded.index_put_((at, into), rows[:, k:][:, known.to(device)], accumulate=True)
+        # The slots this rank measured: one that held no gradient here must not dilute the mean.
+        mine = [(i, index[slot]) for i, (slot, measured) in enumerate(zip(facts.slots, facts.measured))
+                if measured and slot in index]
+        if mine:
+            m = len(facts.slots)
+            sums, maxima, counts = fold_statistics(segments, facts, device).to(device).split([m, m, m * COLUMNS])
+            source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=device)
+            target = torch.tensor([j for _, j in mine], dtype=torch.long, device=device)
+            into_sums, into_maxima, into_counts = vector[:statistics_length(n)].split([n, n, n * COLUMNS])
+            into_sums[target] = sums[source]
+            into_maxima[target] = maxima[source]
+            into_counts.view(n, COLUMNS)[target] = counts.view(m, COLUMNS)[source]
         host = [0.0] * (4 * n)  # measured, numel, a seed's steps and 1 per listing rank: copied to the device once
         for slot, measured, numel in zip(facts.slots, facts.measured, facts.numel):
             i = index.get(slot)
@@ -257,7 +271,17 @@ class RankReduction:
             if slot[1] == TOTAL and slot[0] in facts.seed_steps:
                 host[2 * n + i] = float(facts.seed_steps[slot[0]])
                 host[3 * n + i] = 1.0
-        vector[2 * steps * n:] = torch.tensor(host, dtype=torch.float32).to(device)
+        start = statistics_length(n)
+        vector[start:start + 4 * n] = torch.tensor(host, dtype=torch.float32).to(device)
+        if k:
+            rows = vector[start + 4 * n:].view(layout.steps, 2 * k)
+            sharded_index = {slot: j for j, slot in enumerate(layout.sharded)}
+            for segment in segments:
+                columns = [sharded_index[slot] for slot in segment.sharded_slots]
+                into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device)
+                for step_indices, segment_rows in segment.rows:
+                    at = torch.tensor(step_indices, dtype=torch.long, device=device).unsqueeze(1)
+                    rows.index_put_((at, into.unsqueeze(0)), segment_rows.to(device), accumulate=True)
         return vector
 
     def _epoch(self, values: list[float]) -> EpochSums:
@@ -289,23 +313,37 @@ class RankReduction:
         return int(max(counts))
 
 
+def _sharded_slots(segments: Sequence[Segment]) -> tuple[Slot, ...]:
+    """The slots holding a DTensor shard in some segment that sampled steps this epoch."""
+    return tuple(sorted({slot for segment in segments if segment.steps for slot in segment.sharded_slots}))
+
+
 def _length(layout: SlotLayout) -> int:
+    """The reduced vector before its tail: ``[statistics | measured | numel | seed steps | holders | rows]``."""
     n = len(layout.slots)
-    return 2 * layout.steps * n + 4 * n
+    return statistics_length(n) + 4 * n + 2 * layout.steps * len(layout.sharded)
 
 
 def _statistics(vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
     """From the reduced vector, on the device: the statistics (``epoch.statistics_length``), then what the
     host knew, ``[measured | numel | seed steps | holders]``. A plain gradient is taken to be replicated
-    across the ranks that measured it, so its squares are divided by their number."""
-    n, steps = len(layout.slots), layout.steps
-    plain, sharded = vector[:steps * n].view(steps, n), vector[steps * n:2 * steps * n].view(steps, n)
-    host = vector[2 * steps * n:2 * steps * n + 4 * n]
-    if not steps:
-        return torch.cat([torch.zeros(statistics_length(n), device=vector.device), host])
-    rows = sharded + plain / host[:n].clamp(min=1.0)
-    sums, maxima, counts = slot_statistics(rows, bucket_bounds(vector.device))
-    return torch.cat([sums, maxima, counts.flatten().float(), host])
+    across the ranks that measured it, so what they added is divided by their number; a sharded slot's
+    statistics come from its summed per-step rows."""
+    n, k = len(layout.slots), len(layout.sharded)
+    start = statistics_length(n)
+    host = vector[start:start + 4 * n]
+    holders = host[:n].clamp(min=1.0)
+    sums, maxima, counts = vector[:start].split([n, n, n * COLUMNS])
+    sums, maxima = sums / holders, maxima / holders
+    counts = (counts.view(n, COLUMNS) / holders.unsqueeze(1)).round()
+    if k and layout.steps:
+        rows = vector[start + 4 * n:start + 4 * n + 2 * layout.steps * k].view(layout.steps, 2 * k)
+        index = {slot: i for i, slot in enumerate(layout.slots)}
+        columns = torch.tensor([index[slot] for slot in layout.sharded], dtype=torch.long, device=vector.device)
+        steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
+        sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
+        counts[columns] = sharded_counts.float()
+    return torch.cat([sums, maxima, counts.flatten(), host])
 
 
 def _collective_device(preferred: torch.device) -> torch.device:
