@@ -7,6 +7,7 @@ ranks write JSON results and the test joins them by a deadline, killing any that
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -48,14 +49,17 @@ ON = SeedLayerSettings(enabled=True, top_k=2, host_norm=True)
 
 # --- running ranks --------------------------------------------------------------------------------
 
-def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, str] | None = None) -> list[Any]:
-    """Run ``worker(rank, *args)`` on every rank of a fresh gloo group; its JSON-ready results, by rank."""
+def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, str] | None = None,
+              world: int = WORLD) -> list[Any]:
+    """Run ``worker(rank, *args)`` on every rank of a fresh gloo group of ``world`` ranks; its JSON-ready
+    results, by rank."""
     with socket.socket() as probe:  # a port the kernel just called free; the ranks bind it at once
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_rank_main, args=(worker, rank, port, str(out), env or {}, args), daemon=True)
-             for rank in range(WORLD)]
+    ranks = [context.Process(target=_rank_main, args=(worker, rank, world, port, str(out), env or {}, args),
+                             daemon=True)
+             for rank in range(world)]
     for process in ranks:
         process.start()
     deadline = time.monotonic() + DEADLINE_S
@@ -73,14 +77,14 @@ def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, 
             if process.is_alive():
                 process.kill()
             process.join(10)
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def _rank_main(worker: Callable[..., Any], rank: int, port: int, out: str, env: dict[str, str],
+def _rank_main(worker: Callable[..., Any], rank: int, world: int, port: int, out: str, env: dict[str, str],
                args: tuple[Any, ...]) -> None:
-    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     try:
         result = worker(rank, *args)
     finally:
@@ -119,13 +123,21 @@ def global_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator)) for _ in range(STEPS)]
 
 
-def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice, counted: Collectives | None = None) -> list:
-    """EPOCHS epochs of SGD on the ``part`` of each global batch; the summaries, and the collectives
+def growing_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Epochs of 2, 5 and 3 steps: the second has more sampled steps than the one before."""
+    generator = torch.Generator().manual_seed(200 + epoch)
+    return [(torch.randn(WORLD * LOCAL_BATCH, 32, generator=generator),
+             torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator)) for _ in range((2, 5, 3)[epoch])]
+
+
+def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice,
+          batches: Callable[[int], list] = global_batches, epochs: int = EPOCHS) -> list:
+    """``epochs`` epochs of SGD on the ``part`` of each global batch; the summaries, and the collectives
     the telemetry ran at each step and epoch end."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     summaries, step_ops, epoch_ops = [], [], []
-    for epoch in range(EPOCHS):
-        for x, y in global_batches(epoch):
+    for epoch in range(epochs):
+        for x, y in batches(epoch):
             nn.functional.mse_loss(model(x[part]), y[part]).backward()
             with Collectives() as step:
                 telemetry.observe_step()
@@ -139,11 +151,12 @@ def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice, counted:
     return [summaries, step_ops, epoch_ops]
 
 
-def single_process_reference(network: Callable[[], tuple[SeededMLP, SeedRegistry]]) -> list[dict]:
+def single_process_reference(network: Callable[[], tuple[SeededMLP, SeedRegistry]],
+                             batches: Callable[[int], list] = global_batches, epochs: int = EPOCHS) -> list[dict]:
     """The same epochs, unsharded, in this process, over the whole global batches."""
     model, registry = network()
     telemetry, _ = telemetry_for(model, registry, ON)
-    return train(model, telemetry, slice(None))[0]
+    return train(model, telemetry, slice(None), batches, epochs)[0]
 
 
 def assert_same_summaries(got: list[dict], want: list[dict]) -> None:
@@ -212,6 +225,41 @@ def test_ddp_equals_single_process_and_only_rank_0_exports(tmp_path):
         assert value == pytest.approx(want[attributes["layer"]], rel=1e-4)
     (resource,) = zero["resources"]
     assert (resource[RANK_ATTRIBUTE], resource[WORLD_SIZE_ATTRIBUTE]) == (0, WORLD)
+
+
+class Warnings(logging.Handler):
+    """The package's warnings in a rank, as their messages."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        logging.getLogger("tolaria_otel").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _growing_rank(rank: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    warnings = Warnings()
+    model, registry = thin_network()
+    telemetry, _ = telemetry_for(model, registry, ON)
+    summaries, _, epoch_ops = train(DistributedDataParallel(model), telemetry,
+                                    slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH), growing_batches, 3)
+    return {"summaries": summaries, "epoch_ops": epoch_ops, "warnings": warnings.messages,
+            "failures": telemetry.failures}
+
+
+def test_ddp_epoch_longer_than_the_last_is_one_all_reduce_and_no_failure(tmp_path):
+    """Issue 17.7: an epoch with more sampled steps than the one before raised an IndexError in the
+    reduction, logged on every rank as a failure, and cost an exchange and a second all-reduce."""
+    reference = single_process_reference(thin_network, growing_batches, 3)
+    for result in run_ranks(_growing_rank, tmp_path):
+        assert result["warnings"] == [] and result["failures"] == 0
+        assert_same_summaries(result["summaries"], reference)
+        assert [summary["sampled_steps"] for summary in result["summaries"]] == [2, 5, 3]
+        assert result["epoch_ops"][1:] == [["c10d::allreduce_"]] * 2  # the step count is no part of the layout
 
 
 def _pull_mode_rank(rank: int) -> list[str]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -157,16 +157,132 @@ class SlotLayout:
         return cls(tuple(sorted(slots)), dict(sorted(stages.items())), tuple(sorted(sharded)), steps)
 
 
+#: Sampled steps whose per-step squares of the sharded slots are summed across ranks by one
+#: asynchronous all-reduce, issued when the chunk fills and waited on when the next one does.
+CHUNK_STEPS = 256
+
+
+class ShardedChunks:
+    """The per-step squares of the slots holding a DTensor shard, summed across ranks CHUNK_STEPS steps
+    at a time, with the sums' total, largest step and histogram kept running on the device: memory
+    and traffic per chunk fixed by the slots, whatever the epoch's length.
+
+    Every rank runs the same chunks: the slots were agreed by all ranks, and a chunk is issued at every
+    CHUNK_STEPS-th sampled step (measured or not), which ranks stepping together, as sharded training
+    does, reach together. A chunk is ``[CHUNK_STEPS, plain squares | shards' squares]`` and, per slot,
+    how many ranks had plain squares in it (a plain gradient is replicated: its mean is its value).
+    """
+
+    def __init__(self, slots: tuple[Slot, ...]) -> None:
+        self.slots = slots
+        self.length = (2 * CHUNK_STEPS + 1) * len(slots)
+        self._index = {slot: j for j, slot in enumerate(slots)}
+        self._stats: torch.Tensor | None = None  # [sums | maxima | counts] of the chunks reduced so far
+        self._in_flight: tuple[dist.Work, torch.Tensor] | None = None
+        self._first = 0  # epoch step index of the current chunk's first row
+        self._stepped = 0  # sampled steps this epoch, measured or not
+        self._warned = False
+
+    @property
+    def tail_steps(self) -> int:
+        """Sampled steps since the last full chunk: the rows of the chunk the epoch end reduces."""
+        return self._stepped % CHUNK_STEPS
+
+    def stepped(self, segments: Sequence[Segment], epoch_steps: int, home: torch.device) -> None:
+        """A sampled step passed; at every CHUNK_STEPS-th, wait on the last chunk and issue this one."""
+        self._stepped += 1
+        if not self.slots or self._stepped % CHUNK_STEPS:
+            return
+        device = _collective_device(home)
+        try:
+            for segment in segments:
+                segment.absorb()
+            block = self.block(segments, device)
+        except Exception:  # telemetry must never stop (or hang) training: take part with zeros
+            self._warn("could not measure a chunk of sharded steps")
+            block = torch.zeros(self.length, dtype=torch.float32, device=device)
+        self.wait()
+        try:
+            self._in_flight = dist.all_reduce(block, async_op=True), block
+        except Exception:  # noqa: BLE001
+            self._warn("could not all-reduce a chunk of sharded steps")
+        self._first = epoch_steps
+        for segment in segments:  # rows of slots outside the chunks wait for the epoch end
+            if all(slot in self._index for slot in segment.sharded_slots):
+                segment.rows = []
+
+    def block(self, segments: Sequence[Segment] | None, device: torch.device) -> torch.Tensor:
+        """This rank's chunk: the rows of the steps since the last one, in the agreed slots."""
+        k = len(self.slots)
+        block = torch.zeros(self.length, dtype=torch.float32, device=device)
+        if not k or segments is None:
+            return block
+        rows = block[:2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)
+        for segment in segments:
+            known = [i for i, slot in enumerate(segment.sharded_slots) if slot in self._index]
+            if not known or not segment.rows:
+                continue
+            width = len(segment.sharded_slots)
+            picked = torch.tensor(known + [width + i for i in known], dtype=torch.long)
+            columns = [self._index[segment.sharded_slots[i]] for i in known]
+            into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device).unsqueeze(0)
+            for step_indices, segment_rows in segment.rows:
+                mine = [(i, step - self._first) for i, step in enumerate(step_indices)
+                        if 0 <= step - self._first < CHUNK_STEPS]
+                if not mine:
+                    continue
+                source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=segment_rows.device)
+                at = torch.tensor([row for _, row in mine], dtype=torch.long, device=device).unsqueeze(1)
+                values = segment_rows.index_select(0, source).index_select(1, picked.to(segment_rows.device))
+                rows.index_put_((at, into), values.to(device), accumulate=True)
+        block[2 * CHUNK_STEPS * k:] = (rows[:, :k] != 0).any(0)
+        return block
+
+    def wait(self) -> None:
+        """Wait on the chunk in flight (on the device's stream: no host sync) and fold it in."""
+        if self._in_flight is None:
+            return
+        work, block = self._in_flight
+        self._in_flight = None
+        try:
+            work.wait()
+            self._stats = self.statistics(block, CHUNK_STEPS)
+        except Exception:  # noqa: BLE001
+            self._warn("could not fold a chunk of sharded steps")
+
+    def statistics(self, block: torch.Tensor, steps: int) -> torch.Tensor:
+        """The running ``[sums | maxima | counts]`` with a reduced chunk's first ``steps`` rows folded in."""
+        k = len(self.slots)
+        rows = block[:2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)[:steps]
+        holders = block[2 * CHUNK_STEPS * k:].clamp(min=1.0)
+        sums, maxima, counts = slot_statistics(rows[:, :k] / holders + rows[:, k:], bucket_bounds(block.device))
+        chunk = torch.cat([sums, maxima, counts.flatten().float()])
+        if self._stats is None:
+            return chunk
+        total = self._stats.to(block.device).clone()
+        total[:k] += sums
+        torch.maximum(total[k:2 * k], maxima, out=total[k:2 * k])
+        total[2 * k:] += chunk[2 * k:]
+        return total
+
+    def _warn(self, what: str) -> None:
+        _logger.log(logging.DEBUG if self._warned else logging.WARNING,
+                    "tolaria_otel: %s; it contributes nothing to it", what, exc_info=not self._warned)
+        self._warned = True
+
+
 class RankReduction:
-    """One rank's side of the epoch reduction. Every rank must call :meth:`reduce` at every epoch end.
+    """One rank's side of the epoch reduction. Every rank must call :meth:`reduce` at every epoch end,
+    and :meth:`stepped` at every sampled step.
 
     A plain gradient is replicated across the ranks that hold it (DDP), so each rank's own per-step
     statistics of it (sum, largest step, histogram, non-finite steps: ``Segment.stats``) are already
-    the global ones: the ranks that measured a slot add theirs and divide by their number. A sharded
-    gradient's step norm exists only once the ranks' squares are summed, so for the slots holding a
-    DTensor shard the per-step rows (``Segment.rows``) are summed too, and their largest step and
-    histogram computed from the sums. One SUM all-reduce, its size fixed by the slots alone while
-    no gradient is sharded.
+    the global ones: the ranks that measured a slot add theirs and divide by their number, in one
+    SUM all-reduce at the epoch end whose size the slots alone fix. A sharded gradient's step norm
+    exists only once the ranks' squares are summed, so the per-step squares of the slots holding a
+    DTensor shard are summed in chunks (:class:`ShardedChunks`), the last, partial one in the epoch
+    end's all-reduce. A slot first sharded this epoch is not in the chunks yet: its rows are kept and
+    reduced at the epoch end, once.
     """
 
     def __init__(self, rank: int, world_size: int) -> None:
@@ -174,6 +290,7 @@ class RankReduction:
         self.world_size = world_size
         self._agreed: SlotLayout | None = None  # agreed lazily, at the first epoch end
         self._contributed: Descriptor | None = None  # what this rank said at the last agreement
+        self._chunks = ShardedChunks(())
         self._warned_steps = False
 
     @classmethod
@@ -187,12 +304,21 @@ class RankReduction:
                                 f"(world size {group[1]}; set by {ENV_EXPORT_RANK})")
         return cls(*group)
 
+    def begin(self, segment: Segment) -> None:
+        """Agree, as the telemetry is created on every rank, on the slots the first epoch's chunks carry."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, tuple(segment.sharded_slots))
+        self._chunks = ShardedChunks(tuple(sorted({slot for slots in gathered for slot in slots})))
+
+    def stepped(self, segments: Iterable[Segment], epoch_steps: int, home: torch.device) -> None:
+        """A sampled step passed, measured or not (every rank counts it, so every rank runs the same chunks)."""
+        self._chunks.stepped(list(segments), epoch_steps, home)
+
     @torch.no_grad()
     def reduce(self, segments: Sequence[Segment] | None, steps: int, stages: Mapping[str, str],
                home: torch.device) -> tuple[EpochSums, Mapping[str, str]]:
-        """All-reduce the epoch: one collective while no rank's slots or stages changed (nor, with a
-        sharded gradient, its step count); when some did, a layout exchange and a second all-reduce
-        in the agreed new layout.
+        """All-reduce the epoch: one collective while no rank's slots or stages changed; when some did,
+        a layout exchange and a second all-reduce in the agreed new layout.
 
         ``segments`` is None on a rank that failed to measure: it still takes part, contributing
         nothing, so no rank is left waiting in a collective.
@@ -207,9 +333,11 @@ class RankReduction:
             _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
                             self.rank, exc_info=True)
             segments, facts = None, None
+        self._chunks.wait()
         sharded = () if segments is None or facts is None else _sharded_slots(segments)
+        unchunked = set(sharded) - set(self._chunks.slots)
         descriptor: Descriptor = ((() if facts is None else facts.slots), tuple(sorted(stages.items())), sharded,
-                                  steps if sharded else 0)
+                                  steps if unchunked else 0)
         if self._agreed is None:
             self._agree(descriptor)
         changed = descriptor != self._contributed
@@ -219,6 +347,7 @@ class RankReduction:
             self._agree(descriptor)
             values = self._all_reduce(segments, facts, steps, home, changed=False)
         assert self._agreed is not None
+        self._chunks = ShardedChunks(self._agreed.sharded)  # the next epoch's chunks carry every sharded slot
         return self._epoch(values), self._agreed.stages
 
     def _all_reduce(self, segments: Sequence[Segment] | None, facts: HostFacts | None, steps: int,
@@ -235,17 +364,27 @@ class RankReduction:
         except Exception:  # telemetry must never stop (or hang) training
             _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
                             self.rank, exc_info=True)
-            vector = torch.zeros(_length(layout), dtype=torch.float32, device=device)
+            vector = torch.zeros(self._length(layout), dtype=torch.float32, device=device)
         vector = torch.cat([vector, torch.tensor(tail, dtype=torch.float32).to(device)])
         dist.all_reduce(vector)
-        return torch.cat([_statistics(vector, layout), vector[-(self.world_size + 1):]]).tolist()
+        return torch.cat([self._statistics(vector, layout), vector[-(self.world_size + 1):]]).tolist()
+
+    def _unchunked(self, layout: SlotLayout) -> tuple[Slot, ...]:
+        """The sharded slots whose rows the epoch end reduces: those the chunks did not carry."""
+        return tuple(slot for slot in layout.sharded if slot not in self._chunks.slots)
+
+    def _length(self, layout: SlotLayout) -> int:
+        """The reduced vector before its tail:
+        ``[statistics | measured | numel | seed steps | holders | last chunk | unchunked rows]``."""
+        n = len(layout.slots)
+        return statistics_length(n) + 4 * n + self._chunks.length + 2 * layout.steps * len(self._unchunked(layout))
 
     def _local(self, segments: Sequence[Segment] | None, facts: HostFacts | None, layout: SlotLayout,
                device: torch.device) -> torch.Tensor:
         """This rank's contribution in the agreed layout: the statistics of the slots it measured, the
-        host facts, then the sharded slots' per-step rows."""
-        n, k = len(layout.slots), len(layout.sharded)
-        vector = torch.zeros(_length(layout), dtype=torch.float32, device=device)
+        host facts, the last chunk, then the rows of the sharded slots not chunked."""
+        n = len(layout.slots)
+        vector = torch.zeros(self._length(layout), dtype=torch.float32, device=device)
         if segments is None or facts is None:
             return vector
         index = {slot: i for i, slot in enumerate(layout.slots)}
@@ -273,16 +412,61 @@ class RankReduction:
                 host[3 * n + i] = 1.0
         start = statistics_length(n)
         vector[start:start + 4 * n] = torch.tensor(host, dtype=torch.float32).to(device)
-        if k:
-            rows = vector[start + 4 * n:].view(layout.steps, 2 * k)
-            sharded_index = {slot: j for j, slot in enumerate(layout.sharded)}
+        start += 4 * n
+        vector[start:start + self._chunks.length] = self._chunks.block(segments, device)
+        start += self._chunks.length
+        unchunked = self._unchunked(layout)
+        if unchunked:
+            k = len(unchunked)
+            rows = vector[start:].view(layout.steps, 2 * k)
+            unchunked_index = {slot: j for j, slot in enumerate(unchunked)}
             for segment in segments:
-                columns = [sharded_index[slot] for slot in segment.sharded_slots]
-                into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device)
+                known = [i for i, slot in enumerate(segment.sharded_slots) if slot in unchunked_index]
+                if not known:
+                    continue
+                width = len(segment.sharded_slots)
+                picked = torch.tensor(known + [width + i for i in known], dtype=torch.long)
+                columns = [unchunked_index[segment.sharded_slots[i]] for i in known]
+                into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device).unsqueeze(0)
                 for step_indices, segment_rows in segment.rows:
                     at = torch.tensor(step_indices, dtype=torch.long, device=device).unsqueeze(1)
-                    rows.index_put_((at, into.unsqueeze(0)), segment_rows.to(device), accumulate=True)
+                    values = segment_rows.index_select(1, picked.to(segment_rows.device))
+                    rows.index_put_((at, into), values.to(device), accumulate=True)
         return vector
+
+    def _statistics(self, vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+        """From the reduced vector, on the device: the statistics (``epoch.statistics_length``), then what
+        the host knew, ``[measured | numel | seed steps | holders]``. A plain gradient is taken to be
+        replicated across the ranks that measured it, so what they added is divided by their number; a
+        sharded slot's statistics come from its summed per-step squares (chunks, or the epoch's rows)."""
+        n = len(layout.slots)
+        index = {slot: i for i, slot in enumerate(layout.slots)}
+        start = statistics_length(n)
+        host = vector[start:start + 4 * n]
+        holders = host[:n].clamp(min=1.0)
+        sums, maxima, counts = vector[:start].split([n, n, n * COLUMNS])
+        sums, maxima = sums / holders, maxima / holders
+        counts = (counts.view(n, COLUMNS) / holders.unsqueeze(1)).round()
+        start += 4 * n
+        chunked = [(j, index[slot]) for j, slot in enumerate(self._chunks.slots) if slot in index]
+        if chunked:
+            k = len(self._chunks.slots)
+            chunk = self._chunks.statistics(vector[start:start + self._chunks.length], self._chunks.tail_steps)
+            source = torch.tensor([j for j, _ in chunked], dtype=torch.long, device=vector.device)
+            target = torch.tensor([i for _, i in chunked], dtype=torch.long, device=vector.device)
+            sums[target] = chunk[:k][source]
+            maxima[target] = chunk[k:2 * k][source]
+            counts[target] = chunk[2 * k:].view(k, COLUMNS)[source]
+        start += self._chunks.length
+        unchunked = self._unchunked(layout)
+        if unchunked and layout.steps:
+            k = len(unchunked)
+            rows = vector[start:start + 2 * layout.steps * k].view(layout.steps, 2 * k)
+            columns = torch.tensor([index[slot] for slot in unchunked], dtype=torch.long, device=vector.device)
+            steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
+            sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
+            counts[columns] = sharded_counts.float()
+        return torch.cat([sums, maxima, counts.flatten(), host])
 
     def _epoch(self, values: list[float]) -> EpochSums:
         layout = self._agreed
@@ -316,34 +500,6 @@ class RankReduction:
 def _sharded_slots(segments: Sequence[Segment]) -> tuple[Slot, ...]:
     """The slots holding a DTensor shard in some segment that sampled steps this epoch."""
     return tuple(sorted({slot for segment in segments if segment.steps for slot in segment.sharded_slots}))
-
-
-def _length(layout: SlotLayout) -> int:
-    """The reduced vector before its tail: ``[statistics | measured | numel | seed steps | holders | rows]``."""
-    n = len(layout.slots)
-    return statistics_length(n) + 4 * n + 2 * layout.steps * len(layout.sharded)
-
-
-def _statistics(vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-    """From the reduced vector, on the device: the statistics (``epoch.statistics_length``), then what the
-    host knew, ``[measured | numel | seed steps | holders]``. A plain gradient is taken to be replicated
-    across the ranks that measured it, so what they added is divided by their number; a sharded slot's
-    statistics come from its summed per-step rows."""
-    n, k = len(layout.slots), len(layout.sharded)
-    start = statistics_length(n)
-    host = vector[start:start + 4 * n]
-    holders = host[:n].clamp(min=1.0)
-    sums, maxima, counts = vector[:start].split([n, n, n * COLUMNS])
-    sums, maxima = sums / holders, maxima / holders
-    counts = (counts.view(n, COLUMNS) / holders.unsqueeze(1)).round()
-    if k and layout.steps:
-        rows = vector[start + 4 * n:start + 4 * n + 2 * layout.steps * k].view(layout.steps, 2 * k)
-        index = {slot: i for i, slot in enumerate(layout.slots)}
-        columns = torch.tensor([index[slot] for slot in layout.sharded], dtype=torch.long, device=vector.device)
-        steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
-        sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
-        counts[columns] = sharded_counts.float()
-    return torch.cat([sums, maxima, counts.flatten(), host])
 
 
 def _collective_device(preferred: torch.device) -> torch.device:
