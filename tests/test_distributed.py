@@ -6,6 +6,7 @@ ranks write JSON results and the test joins them by a deadline, killing any that
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -398,6 +399,143 @@ def test_seeds_on_some_ranks_and_an_idle_rank_give_exact_values_and_no_hang(tmp_
         # Epoch 1 measured other slots than epoch 0 ("late" came, "gone" went, a stage moved): the
         # all-reduce says so, the ranks agree on the new layout and reduce once more in it.
         assert second == ["c10d::allreduce_", "c10d::allgather_", "c10d::allgather_", "c10d::allreduce_"]
+
+
+# --- epochs of 100 and 10,000 steps: the same traffic, exact values -------------------------------
+
+SCALE_STEPS = (100, 10_000)  # sampled steps of the two epochs
+
+
+def scale_model(sharded: bool, world: int) -> nn.ModuleDict:
+    """Two seeds of two Linear layers; sharded: every parameter a DTensor ``Shard(0)``, as FSDP2 leaves
+    it (with 4 ranks some shards are empty)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({f"s{i}": nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for i in range(2)})
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                module._parameters[name] = nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(0)]))
+    return model
+
+
+def _scale_rank(rank: int, world: int, kinds: list[str]) -> dict[str, Any]:
+    """Gradients as DDP (every rank the same, averaged) or FSDP2 (each rank its ``Shard(0)`` piece of
+    one global gradient) leave them, drawn for the whole epoch from one generator every rank shares and
+    copied into the gradients step by step, without a training step, so that 10,000 steps take seconds
+    (the DDP and FSDP2 tests above train for real). Per kind: the summaries, the bytes of every
+    all-reduce the telemetry ran, per epoch, at the steps and at the epoch end; on rank 0 the float64
+    per-step squares of the global gradients, per seed and layer ("" the seed's total)."""
+    from torch.distributed.tensor import DTensor
+
+    results: dict[str, Any] = {}
+    original = dist.all_reduce
+    for kind in kinds:
+        model = scale_model(kind == "sharded", world)
+        registry = SeedRegistry()
+        for seed_id, module in model.items():
+            registry.add(seed_id, module, "TRAINING")
+        params = [(seed_id, layer, param) for seed_id, module in model.items()
+                  for layer, sub in module.named_modules() for param in sub.parameters(recurse=False)]
+        for _, _, param in params:  # the gradient tensors each step is copied into
+            grad = torch.zeros(param.shape)
+            if isinstance(param, DTensor):
+                piece = [*torch.chunk(grad, world), *[grad[:0]] * world][rank]  # Shard(0)'s split
+                assert piece.shape == param.to_local().shape
+                grad = DTensor.from_local(piece.clone(), param.device_mesh, param.placements, run_check=False,
+                                          shape=grad.shape, stride=grad.stride())
+            param.grad = grad
+        telemetry, _ = telemetry_for(model, registry, SeedLayerSettings(enabled=True, top_k=2))
+        sizes: list[int] = []
+
+        def recording(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            sizes.append(tensor.numel() * tensor.element_size())
+            return original(tensor, *args, **kwargs)
+
+        dist.all_reduce = recording
+        generator = torch.Generator().manual_seed(7)
+        summaries, step_bytes, end_bytes, reference = [], [], [], []
+        for steps in SCALE_STEPS:
+            scales = {seed_id: 10.0 ** (4 * torch.rand(steps, generator=generator, dtype=torch.float64) - 3)
+                      for seed_id in model}  # per-step norms over four decades: many histogram buckets
+            grads = [(scales[seed_id].view(-1, *[1] * param.dim())
+                      * torch.randn(steps, *param.shape, generator=generator, dtype=torch.float64)).float()
+                     for seed_id, _, param in params]
+            targets = [param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                       for _, _, param in params]
+            pieces = [grad if target.shape == grad.shape[1:]
+                      else [*torch.chunk(grad, world, dim=1), *[grad[:, :0]] * world][rank]
+                      for grad, target in zip(grads, targets)]
+            for step in range(steps):
+                for target, piece in zip(targets, pieces):
+                    target.copy_(piece[step])
+                telemetry.observe_step()
+            step_bytes.append(sizes[:])
+            sizes.clear()
+            summaries.append(telemetry.end_epoch().to_dict())
+            end_bytes.append(sizes[:])
+            sizes.clear()
+            squares: dict[str, dict[str, list[float]]] = {}
+            if rank == 0:
+                for (seed_id, layer, _), grad in zip(params, grads):
+                    per_step = grad.double().flatten(1).square().sum(1)
+                    for key in (layer, ""):
+                        layers = squares.setdefault(seed_id, {})
+                        layers[key] = (torch.tensor(layers[key], dtype=torch.float64) + per_step).tolist() \
+                            if key in layers else per_step.tolist()
+            reference.append(squares)
+        dist.all_reduce = original
+        results[kind] = {"summaries": summaries, "step_bytes": step_bytes, "end_bytes": end_bytes,
+                         "reference": reference, "failures": telemetry.failures}
+    return results
+
+
+def assert_equals_reference(summary: dict, squares: dict[str, dict[str, list[float]]]) -> None:
+    """The epoch's summary against float64 per-step squares of the global gradients."""
+    from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
+
+    for seed in summary["seeds"]:
+        layers = squares[seed["seed_id"]]
+        total = layers[""]
+        assert seed["sampled_steps"] == len(total)
+        assert seed["total_norm"] == pytest.approx(math.sqrt(sum(total) / len(total)), rel=1e-4)
+        assert seed["max_norm"] == pytest.approx(math.sqrt(max(total)), rel=1e-5)
+        for layer in ("0", "2"):
+            assert seed["layers"][layer] == pytest.approx(math.sqrt(sum(layers[layer]) / len(total)), rel=1e-4)
+        for point in seed["top_layers"]:
+            assert point["max"] == pytest.approx(math.sqrt(max(layers[point["layer"]])), rel=1e-5)
+        counts = [0] * (len(HISTOGRAM_BOUNDARIES) + 1)
+        for square in total:  # OpenTelemetry's explicit buckets: (b[i-1], b[i]]
+            counts[bisect.bisect_left(HISTOGRAM_BOUNDARIES, math.sqrt(square))] += 1
+        assert seed["step_norm_counts"] == counts
+        assert seed["nonfinite_steps"] == 0
+
+
+@pytest.mark.parametrize(("world", "kinds"), [(2, ["replicated", "sharded"]), (4, ["sharded"])])
+def test_epochs_of_100_and_10000_steps_reduce_the_same_bytes_exactly(tmp_path, world, kinds):
+    """Issue 18.3: memory and all-reduce size independent of the epoch's length, values exact. The
+    epoch end's all-reduce is ``57 x slots + 513 x sharded slots + world + 1`` float32 values
+    (docs/distributed.md); a replicated gradient needs nothing per step, a sharded one one all-reduce
+    of 513 x its slots per 256 sampled steps. Four ranks run the sharded kind only, with empty shards
+    (a replicated gradient's reduction does not depend on the world size), to keep the suite short."""
+    ranks = run_ranks(_scale_rank, tmp_path, world, kinds, world=world)
+    slots = 6  # two seeds: two layers and a total each
+    for kind in kinds:
+        sharded = slots if kind == "sharded" else 0
+        results = [result[kind] for result in ranks]
+        for result in results:
+            assert result["failures"] == 0
+            assert result["summaries"] == results[0]["summaries"]  # every rank the same global summary
+            end = [4 * (57 * slots + 513 * sharded + world + 1)]
+            assert result["end_bytes"] == [end, end]  # 100 steps and 10,000 steps: the same all-reduce
+            assert result["step_bytes"] == [[4 * 513 * sharded] * (steps // 256 if sharded else 0)
+                                            for steps in SCALE_STEPS]
+        for summary, squares, steps in zip(results[0]["summaries"], results[0]["reference"], SCALE_STEPS):
+            assert summary["sampled_steps"] == steps
+            assert_equals_reference(summary, squares)
 
 
 # --- without torch.distributed, and the pieces -----------------------------------------------------
