@@ -158,8 +158,10 @@ class SlotLayout:
 
 
 #: Sampled steps whose per-step squares of the sharded slots are summed across ranks by one
-#: asynchronous all-reduce, issued when the chunk fills and waited on when the next one does.
-CHUNK_STEPS = 256
+#: asynchronous all-reduce, issued when the chunk fills and waited on when the next one does. The
+#: step path's flush period (``norms.FLUSH_EVERY``): a chunk's rows are there already, and the last,
+#: partial chunk the epoch end reduces costs 2 x 64 + 1 values per sharded slot.
+CHUNK_STEPS = 64
 
 
 class ShardedChunks:
