@@ -1,24 +1,27 @@
 """Exact per-layer summaries across the ranks of ``torch.distributed``, exported by one rank.
 
-Squared L2 norms add, so the epoch statistic needs no per-step communication: each rank measures
-the gradient it holds, and at the epoch end one SUM all-reduce of a single float32 vector (every
-seed's layers and totals, the per-rank sampled-step counts and a layout flag) gives every rank the
-same global sums. The step path stays local: no collective, no host sync.
+Squared L2 norms add, so the epoch statistic needs little communication, and none that grows with the
+epoch's length: each rank measures the gradient it holds, and at the epoch end one SUM all-reduce of a
+float32 vector (every seed's layers and totals, the per-rank sampled-step counts and a layout flag),
+whose size the slots fix, gives every rank the same global values. The step path stays local and
+free of host syncs.
 
 Two kinds of gradient, told apart by their parameter:
 
-* A ``DTensor`` parameter (FSDP2 ``fully_shard``, tensor parallel) is measured on its local shard.
-  Shards partition the gradient along the mesh's ``Shard`` dimensions and repeat it along the others,
-  so a rank's squares are weighted by ``1 / replicas`` and summed: exact, whatever the shard sizes,
-  an empty shard included.
 * A plain parameter (DDP, or a module living on some ranks only) is taken to be replicated across the
-  ranks that hold it, as DDP makes it: its value is the mean over the ranks that saw a gradient for
-  it in the epoch, so a rank where the seed sat idle does not dilute it.
+  ranks that hold it, as DDP makes it: each rank's own statistics of it (sum, largest step, histogram,
+  non-finite steps) are the global ones, so the ranks that saw a gradient for it in the epoch add
+  theirs and divide by their number; a rank where the seed sat idle does not dilute it.
+* A ``DTensor`` parameter (FSDP2 ``fully_shard``, HSDP, tensor parallel) is measured on its local shard.
+  Shards partition the gradient along the mesh's ``Shard`` dimensions and repeat it along the others,
+  so a rank's squares are weighted by ``1 / replicas`` and summed: exact, whatever the shard sizes, an
+  empty shard included. A step's norm exists only once they are summed, so the per-step squares of
+  these slots are all-reduced in fixed chunks of steps, asynchronously (:class:`ShardedChunks`).
 
 Ranks may hold different seeds. The vector's layout is the sorted union of every rank's
-``(seed, layer)`` slots, agreed with one ``all_gather_object`` when some rank's seeds, layers or
-stages changed; the all-reduce carries the "changed" flag, so a steady run pays the all-reduce only.
-Every rank ends the epoch with the same summary, stages included, and Tamiyo may read it on any rank.
+``(seed, layer)`` slots, agreed with one ``all_gather_object`` when some rank's seeds, layers, stages or
+sharded slots changed; the all-reduce carries the "changed" flag, so a steady run pays the all-reduce
+only. Every rank ends the epoch with the same summary, stages included, and Tamiyo may read it on any rank.
 """
 
 from __future__ import annotations
@@ -190,11 +193,12 @@ class ShardedChunks:
         """Sampled steps since the last full chunk: the rows of the chunk the epoch end reduces."""
         return self._stepped % CHUNK_STEPS
 
-    def stepped(self, segments: Sequence[Segment], epoch_steps: int, home: torch.device) -> None:
+    def stepped(self, segments: Iterable[Segment], epoch_steps: int, home: torch.device) -> None:
         """A sampled step passed; at every CHUNK_STEPS-th, wait on the last chunk and issue this one."""
         self._stepped += 1
         if not self.slots or self._stepped % CHUNK_STEPS:
             return
+        segments = list(segments)
         device = _collective_device(home)
         try:
             for segment in segments:
@@ -255,6 +259,8 @@ class ShardedChunks:
     def statistics(self, block: torch.Tensor, steps: int) -> torch.Tensor:
         """The running ``[sums | maxima | counts]`` with a reduced chunk's first ``steps`` rows folded in."""
         k = len(self.slots)
+        if not steps:  # an epoch of whole chunks: its last one is empty
+            return torch.zeros(statistics_length(k), device=block.device) if self._stats is None else self._stats
         rows = block[:2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)[:steps]
         holders = block[2 * CHUNK_STEPS * k:].clamp(min=1.0)
         sums, maxima, counts = slot_statistics(rows[:, :k] / holders + rows[:, k:], bucket_bounds(block.device))
@@ -314,7 +320,7 @@ class RankReduction:
 
     def stepped(self, segments: Iterable[Segment], epoch_steps: int, home: torch.device) -> None:
         """A sampled step passed, measured or not (every rank counts it, so every rank runs the same chunks)."""
-        self._chunks.stepped(list(segments), epoch_steps, home)
+        self._chunks.stepped(segments, epoch_steps, home)
 
     @torch.no_grad()
     def reduce(self, segments: Sequence[Segment] | None, steps: int, stages: Mapping[str, str],
