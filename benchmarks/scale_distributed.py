@@ -5,7 +5,7 @@ Run: ``python -m benchmarks.scale_distributed [--before PATH]``. For 2 and 4 glo
 CPUs, two kinds of gradient, replicated (as DDP leaves it) and sharded (every parameter a DTensor
 ``Shard(0)``, as FSDP2 leaves it), and epochs of 100 and 10,000 sampled steps: per rank, the growth of
 the peak resident memory over the epoch and its end, the all-reduces the telemetry ran (count and bytes,
-recorded by wrapping ``torch.distributed.all_reduce``) and the time of ``end_epoch()``. The model is 8
+recorded by wrapping ``torch.distributed.all_reduce``) and the time of ``end_epoch()`` (after a barrier). The model is 8
 seeds of 12 Linear(4, 4) layers: 8 x 13 = 104 slots, as in issue 18. Gradients are set once and
 ``observe_step()`` is called at every step: the cost measured is the telemetry's alone.
 
@@ -82,6 +82,7 @@ def _rank(rank: int, world: int, port: int, src: str, kind: str, epochs: list[in
             telemetry.observe_step()
         step_sizes = sizes[:]
         sizes.clear()
+        dist.barrier()  # ranks sharing few cores finish their steps apart: time end_epoch, not the wait for them
         start = time.perf_counter()
         telemetry.end_epoch()
         end_s = time.perf_counter() - start
