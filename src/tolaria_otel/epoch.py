@@ -149,8 +149,8 @@ class Segment:
         sharded = sorted({slot for _, slot, weight in entries if weight is not None})
         #: Slots with a sharded parameter, and their columns in the rows.
         self.sharded_slots: list[Slot] = [self.slots[slot] for slot in sharded]
-        self._sharded_columns = torch.tensor(sharded, dtype=torch.long, device=self.home)
         self.keep_rows = keep_rows and bool(sharded)
+        self._sharded_columns = torch.tensor(sharded, dtype=torch.long, device=self.home) if self.keep_rows else None
         #: (epoch step indices, ``[steps, 2 x sharded slots]``: their plain squares, then their shards')
         self.rows: list[tuple[list[int], torch.Tensor]] = []
         self._row_steps: list[int] = []
@@ -179,7 +179,7 @@ class Segment:
             return
         n = len(self.slots)
         self.stats.update(rows[:, :n].contiguous() if self.norms.sharded else rows)
-        if self.keep_rows:
+        if self._sharded_columns is not None:
             columns = self._sharded_columns
             self.rows.append((self._row_steps, torch.cat([rows.index_select(1, columns),
                                                           rows.index_select(1, columns + n)], dim=1)))
