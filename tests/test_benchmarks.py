@@ -98,3 +98,15 @@ def test_soak_runs_and_every_collection_holds_the_latest_snapshot():
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| \d+ \| \d+ \| (\d+) \| (\d+) \|$", stdout, re.MULTILINE)
     assert [int(epoch) for epoch, *_ in rows] == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert all(warnings == "0" for _, _, warnings, _ in rows)
+
+
+def test_scale_distributed_runs_and_the_epoch_end_all_reduce_does_not_grow_with_the_steps():
+    stdout = _run("benchmarks.scale_distributed")  # --quick: 2 ranks, epochs of 20 and 300 sampled steps
+    rows = re.findall(r"^\| 2 \| (\w+) \| after \| ([\d,]+) \| (\d+) \| ([\d,]+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \|$",
+                      stdout, re.MULTILINE)
+    by_kind = {(kind, int(steps.replace(",", ""))): (int(count), int(total.replace(",", "")), int(end.replace(",", "")))
+               for kind, steps, count, total, end in rows}
+    assert sorted(by_kind) == [("replicated", 20), ("replicated", 300), ("sharded", 20), ("sharded", 300)]
+    assert by_kind["replicated", 20] == by_kind["replicated", 300]  # one all-reduce, the same bytes
+    assert by_kind["sharded", 20][2] == by_kind["sharded", 300][2]  # the epoch end's all-reduce
+    assert by_kind["sharded", 300][0] == 1 + 300 // 64  # and a chunk per 64 sampled steps

@@ -6,7 +6,9 @@ ranks write JSON results and the test joins them by a deadline, killing any that
 
 from __future__ import annotations
 
+import bisect
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -48,17 +50,20 @@ ON = SeedLayerSettings(enabled=True, top_k=2, host_norm=True)
 
 # --- running ranks --------------------------------------------------------------------------------
 
-def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, str] | None = None) -> list[Any]:
-    """Run ``worker(rank, *args)`` on every rank of a fresh gloo group; its JSON-ready results, by rank."""
+def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, str] | None = None,
+              world: int = WORLD, deadline_s: float = DEADLINE_S) -> list[Any]:
+    """Run ``worker(rank, *args)`` on every rank of a fresh gloo group of ``world`` ranks; its JSON-ready
+    results, by rank."""
     with socket.socket() as probe:  # a port the kernel just called free; the ranks bind it at once
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_rank_main, args=(worker, rank, port, str(out), env or {}, args), daemon=True)
-             for rank in range(WORLD)]
+    ranks = [context.Process(target=_rank_main, args=(worker, rank, world, port, str(out), env or {}, args),
+                             daemon=True)
+             for rank in range(world)]
     for process in ranks:
         process.start()
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     try:
         running = list(ranks)
         while running and time.monotonic() < deadline:
@@ -67,20 +72,20 @@ def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, 
                 finished.join()
                 running.remove(finished)
                 assert finished.exitcode == 0, f"rank {ranks.index(finished)} exited with {finished.exitcode}"
-        assert not running, f"ranks {[ranks.index(p) for p in running]} still running after {DEADLINE_S} s"
+        assert not running, f"ranks {[ranks.index(p) for p in running]} still running after {deadline_s} s"
     finally:
         for process in ranks:
             if process.is_alive():
                 process.kill()
             process.join(10)
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def _rank_main(worker: Callable[..., Any], rank: int, port: int, out: str, env: dict[str, str],
+def _rank_main(worker: Callable[..., Any], rank: int, world: int, port: int, out: str, env: dict[str, str],
                args: tuple[Any, ...]) -> None:
-    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     try:
         result = worker(rank, *args)
     finally:
@@ -119,13 +124,21 @@ def global_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator)) for _ in range(STEPS)]
 
 
-def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice, counted: Collectives | None = None) -> list:
-    """EPOCHS epochs of SGD on the ``part`` of each global batch; the summaries, and the collectives
+def growing_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Epochs of 2, 5 and 3 steps: the second has more sampled steps than the one before."""
+    generator = torch.Generator().manual_seed(200 + epoch)
+    return [(torch.randn(WORLD * LOCAL_BATCH, 32, generator=generator),
+             torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator)) for _ in range((2, 5, 3)[epoch])]
+
+
+def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice,
+          batches: Callable[[int], list] = global_batches, epochs: int = EPOCHS) -> list:
+    """``epochs`` epochs of SGD on the ``part`` of each global batch; the summaries, and the collectives
     the telemetry ran at each step and epoch end."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     summaries, step_ops, epoch_ops = [], [], []
-    for epoch in range(EPOCHS):
-        for x, y in global_batches(epoch):
+    for epoch in range(epochs):
+        for x, y in batches(epoch):
             nn.functional.mse_loss(model(x[part]), y[part]).backward()
             with Collectives() as step:
                 telemetry.observe_step()
@@ -139,11 +152,12 @@ def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice, counted:
     return [summaries, step_ops, epoch_ops]
 
 
-def single_process_reference(network: Callable[[], tuple[SeededMLP, SeedRegistry]]) -> list[dict]:
+def single_process_reference(network: Callable[[], tuple[SeededMLP, SeedRegistry]],
+                             batches: Callable[[int], list] = global_batches, epochs: int = EPOCHS) -> list[dict]:
     """The same epochs, unsharded, in this process, over the whole global batches."""
     model, registry = network()
     telemetry, _ = telemetry_for(model, registry, ON)
-    return train(model, telemetry, slice(None))[0]
+    return train(model, telemetry, slice(None), batches, epochs)[0]
 
 
 def assert_same_summaries(got: list[dict], want: list[dict]) -> None:
@@ -212,6 +226,41 @@ def test_ddp_equals_single_process_and_only_rank_0_exports(tmp_path):
         assert value == pytest.approx(want[attributes["layer"]], rel=1e-4)
     (resource,) = zero["resources"]
     assert (resource[RANK_ATTRIBUTE], resource[WORLD_SIZE_ATTRIBUTE]) == (0, WORLD)
+
+
+class Warnings(logging.Handler):
+    """The package's warnings in a rank, as their messages."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        logging.getLogger("tolaria_otel").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _growing_rank(rank: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    warnings = Warnings()
+    model, registry = thin_network()
+    telemetry, _ = telemetry_for(model, registry, ON)
+    summaries, _, epoch_ops = train(DistributedDataParallel(model), telemetry,
+                                    slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH), growing_batches, 3)
+    return {"summaries": summaries, "epoch_ops": epoch_ops, "warnings": warnings.messages,
+            "failures": telemetry.failures}
+
+
+def test_ddp_epoch_longer_than_the_last_is_one_all_reduce_and_no_failure(tmp_path):
+    """Issue 17.7: an epoch with more sampled steps than the one before raised an IndexError in the
+    reduction, logged on every rank as a failure, and cost an exchange and a second all-reduce."""
+    reference = single_process_reference(thin_network, growing_batches, 3)
+    for result in run_ranks(_growing_rank, tmp_path):
+        assert result["warnings"] == [] and result["failures"] == 0
+        assert_same_summaries(result["summaries"], reference)
+        assert [summary["sampled_steps"] for summary in result["summaries"]] == [2, 5, 3]
+        assert result["epoch_ops"][1:] == [["c10d::allreduce_"]] * 2  # the step count is no part of the layout
 
 
 def _pull_mode_rank(rank: int) -> list[str]:
@@ -353,6 +402,143 @@ def test_seeds_on_some_ranks_and_an_idle_rank_give_exact_values_and_no_hang(tmp_
         assert second == ["c10d::allreduce_", "c10d::allgather_", "c10d::allgather_", "c10d::allreduce_"]
 
 
+# --- epochs of 100 and 10,000 steps: the same traffic, exact values -------------------------------
+
+SCALE_STEPS = (100, 10_000, 64)  # sampled steps of the epochs; the last one a whole chunk
+
+
+def scale_model(sharded: bool, world: int) -> nn.ModuleDict:
+    """Two seeds of two Linear layers; sharded: every parameter a DTensor ``Shard(0)``, as FSDP2 leaves
+    it (with 4 ranks some shards are empty)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({f"s{i}": nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for i in range(2)})
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                module._parameters[name] = nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(0)]))
+    return model
+
+
+def _scale_rank(rank: int, world: int, kinds: list[str]) -> dict[str, Any]:
+    """Gradients as DDP (every rank the same, averaged) or FSDP2 (each rank its ``Shard(0)`` piece of
+    one global gradient) leave them, drawn for the whole epoch from one generator every rank shares and
+    copied into the gradients step by step, without a training step, so that 10,000 steps take seconds
+    (the DDP and FSDP2 tests above train for real). Per kind: the summaries, the bytes of every
+    all-reduce the telemetry ran, per epoch, at the steps and at the epoch end; on rank 0 the float64
+    per-step squares of the global gradients, per seed and layer ("" the seed's total)."""
+    from torch.distributed.tensor import DTensor
+
+    results: dict[str, Any] = {}
+    original = dist.all_reduce
+    for kind in kinds:
+        model = scale_model(kind == "sharded", world)
+        registry = SeedRegistry()
+        for seed_id, module in model.items():
+            registry.add(seed_id, module, "TRAINING")
+        params = [(seed_id, layer, param) for seed_id, module in model.items()
+                  for layer, sub in module.named_modules() for param in sub.parameters(recurse=False)]
+        for _, _, param in params:  # the gradient tensors each step is copied into
+            grad = torch.zeros(param.shape)
+            if isinstance(param, DTensor):
+                piece = [*torch.chunk(grad, world), *[grad[:0]] * world][rank]  # Shard(0)'s split
+                assert piece.shape == param.to_local().shape
+                grad = DTensor.from_local(piece.clone(), param.device_mesh, param.placements, run_check=False,
+                                          shape=grad.shape, stride=grad.stride())
+            param.grad = grad
+        telemetry, _ = telemetry_for(model, registry, SeedLayerSettings(enabled=True, top_k=2))
+        sizes: list[int] = []
+
+        def recording(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            sizes.append(tensor.numel() * tensor.element_size())
+            return original(tensor, *args, **kwargs)
+
+        dist.all_reduce = recording
+        generator = torch.Generator().manual_seed(7)
+        summaries, step_bytes, end_bytes, reference = [], [], [], []
+        for steps in SCALE_STEPS:
+            scales = {seed_id: 10.0 ** (4 * torch.rand(steps, generator=generator, dtype=torch.float64) - 3)
+                      for seed_id in model}  # per-step norms over four decades: many histogram buckets
+            grads = [(scales[seed_id].view(-1, *[1] * param.dim())
+                      * torch.randn(steps, *param.shape, generator=generator, dtype=torch.float64)).float()
+                     for seed_id, _, param in params]
+            targets = [param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                       for _, _, param in params]
+            pieces = [grad if target.shape == grad.shape[1:]
+                      else [*torch.chunk(grad, world, dim=1), *[grad[:, :0]] * world][rank]
+                      for grad, target in zip(grads, targets)]
+            for step in range(steps):
+                for target, piece in zip(targets, pieces):
+                    target.copy_(piece[step])
+                telemetry.observe_step()
+            step_bytes.append(sizes[:])
+            sizes.clear()
+            summaries.append(telemetry.end_epoch().to_dict())
+            end_bytes.append(sizes[:])
+            sizes.clear()
+            squares: dict[str, dict[str, list[float]]] = {}
+            if rank == 0:
+                for (seed_id, layer, _), grad in zip(params, grads):
+                    per_step = grad.double().flatten(1).square().sum(1)
+                    for key in (layer, ""):
+                        layers = squares.setdefault(seed_id, {})
+                        layers[key] = (torch.tensor(layers[key], dtype=torch.float64) + per_step).tolist() \
+                            if key in layers else per_step.tolist()
+            reference.append(squares)
+        dist.all_reduce = original
+        results[kind] = {"summaries": summaries, "step_bytes": step_bytes, "end_bytes": end_bytes,
+                         "reference": reference, "failures": telemetry.failures}
+    return results
+
+
+def assert_equals_reference(summary: dict, squares: dict[str, dict[str, list[float]]]) -> None:
+    """The epoch's summary against float64 per-step squares of the global gradients."""
+    from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
+
+    for seed in summary["seeds"]:
+        layers = squares[seed["seed_id"]]
+        total = layers[""]
+        assert seed["sampled_steps"] == len(total)
+        assert seed["total_norm"] == pytest.approx(math.sqrt(sum(total) / len(total)), rel=1e-4)
+        assert seed["max_norm"] == pytest.approx(math.sqrt(max(total)), rel=1e-5)
+        for layer in ("0", "2"):
+            assert seed["layers"][layer] == pytest.approx(math.sqrt(sum(layers[layer]) / len(total)), rel=1e-4)
+        for point in seed["top_layers"]:
+            assert point["max"] == pytest.approx(math.sqrt(max(layers[point["layer"]])), rel=1e-5)
+        counts = [0] * (len(HISTOGRAM_BOUNDARIES) + 1)
+        for square in total:  # OpenTelemetry's explicit buckets: (b[i-1], b[i]]
+            counts[bisect.bisect_left(HISTOGRAM_BOUNDARIES, math.sqrt(square))] += 1
+        assert seed["step_norm_counts"] == counts
+        assert seed["nonfinite_steps"] == 0
+
+
+@pytest.mark.parametrize(("world", "kinds"), [(2, ["replicated", "sharded"]), (4, ["sharded"])])
+def test_epochs_of_100_and_10000_steps_reduce_the_same_bytes_exactly(tmp_path, world, kinds):
+    """Issue 18.3: memory and all-reduce size independent of the epoch's length, values exact. The
+    epoch end's all-reduce is ``57 x slots + 129 x sharded slots + world + 1`` float32 values
+    (docs/distributed.md); a replicated gradient needs nothing per step, a sharded one one all-reduce
+    of 129 x its slots per 64 sampled steps. Four ranks run the sharded kind only, with empty shards
+    (a replicated gradient's reduction does not depend on the world size), to keep the suite short."""
+    ranks = run_ranks(_scale_rank, tmp_path, world, kinds, world=world, deadline_s=240)  # 4 ranks on 2 shared cores
+    slots = 6  # two seeds: two layers and a total each
+    for kind in kinds:
+        sharded = slots if kind == "sharded" else 0
+        results = [result[kind] for result in ranks]
+        for result in results:
+            assert result["failures"] == 0
+            assert result["summaries"] == results[0]["summaries"]  # every rank the same global summary
+            end = [4 * (57 * slots + 129 * sharded + world + 1)]
+            assert result["end_bytes"] == [end] * 3  # 100 steps and 10,000 steps: the same all-reduce
+            assert result["step_bytes"] == [[4 * 129 * sharded] * (steps // 64 if sharded else 0)
+                                            for steps in SCALE_STEPS]
+        for summary, squares, steps in zip(results[0]["summaries"], results[0]["reference"], SCALE_STEPS):
+            assert summary["sampled_steps"] == steps
+            assert_equals_reference(summary, squares)
+
+
 # --- without torch.distributed, and the pieces -----------------------------------------------------
 
 def test_without_torch_distributed_nothing_changes():
@@ -380,12 +566,15 @@ def test_bad_export_rank_names_variable_value_and_accepted(raw):
 def test_slot_layout_is_the_union_with_the_lowest_rank_stage_and_left_where_no_rank_lists_a_seed_at_the_end():
     layout = SlotLayout.agree([
         ((("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")),
-         (("a", "TRAINING", False), ("b", "TRAINING", False)), 3),
+         (("a", "TRAINING", False), ("b", "TRAINING", False)), (("b", ""), ("b", "net.0")), 3),
         ((("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")),
-         (("b", "BLENDING", True), ("c", "GERMINATED", True)), 2),
+         (("b", "BLENDING", True), ("c", "GERMINATED", True)), (), 0),
     ])
-    assert layout.steps == 3  # the rows of the per-step matrix: the most any rank sampled
+    assert layout.sharded == (("b", ""), ("b", "net.0"))
+    assert layout.steps == 3  # the per-step rows reduced for the sharded slots: the most any rank sampled
     assert layout.stages == {"a": "TRAINING", "b": "TRAINING", "c": "GERMINATED"}
     assert layout.left == {"a"}  # "b" left rank 0 but rank 1 still lists it
     assert layout.slots == (("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0"), ("b", "net.1"),
                             ("c", ""), ("c", "net.0"))
+    plain = SlotLayout.agree([((("a", ""),), (("a", "TRAINING", True),), (), 0), ((("a", ""),), (), (), 0)])
+    assert (plain.sharded, plain.steps) == ((), 0)  # nothing sharded: no per-step rows at all

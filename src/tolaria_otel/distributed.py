@@ -1,31 +1,34 @@
 """Exact per-layer summaries across the ranks of ``torch.distributed``, exported by one rank.
 
-Squared L2 norms add, so the epoch statistic needs no per-step communication: each rank measures
-the gradient it holds, and at the epoch end one SUM all-reduce of a single float32 vector (every
-seed's layers and totals, the per-rank sampled-step counts and a layout flag) gives every rank the
-same global sums. The step path stays local: no collective, no host sync.
+Squared L2 norms add, so the epoch statistic needs little communication, and none that grows with the
+epoch's length: each rank measures the gradient it holds, and at the epoch end one SUM all-reduce of a
+float32 vector (every seed's layers and totals, the per-rank sampled-step counts and a layout flag),
+whose size the slots fix, gives every rank the same global values. The step path stays local and
+free of host syncs.
 
 Two kinds of gradient, told apart by their parameter:
 
-* A ``DTensor`` parameter (FSDP2 ``fully_shard``, tensor parallel) is measured on its local shard.
-  Shards partition the gradient along the mesh's ``Shard`` dimensions and repeat it along the others,
-  so a rank's squares are weighted by ``1 / replicas`` and summed: exact, whatever the shard sizes,
-  an empty shard included.
 * A plain parameter (DDP, or a module living on some ranks only) is taken to be replicated across the
-  ranks that hold it, as DDP makes it: its value is the mean over the ranks that saw a gradient for
-  it in the epoch, so a rank where the seed sat idle does not dilute it.
+  ranks that hold it, as DDP makes it: each rank's own statistics of it (sum, largest step, histogram,
+  non-finite steps) are the global ones, so the ranks that saw a gradient for it in the epoch add
+  theirs and divide by their number; a rank where the seed sat idle does not dilute it.
+* A ``DTensor`` parameter (FSDP2 ``fully_shard``, HSDP, tensor parallel) is measured on its local shard.
+  Shards partition the gradient along the mesh's ``Shard`` dimensions and repeat it along the others,
+  so a rank's squares are weighted by ``1 / replicas`` and summed: exact, whatever the shard sizes, an
+  empty shard included. A step's norm exists only once they are summed, so the per-step squares of
+  these slots are all-reduced in fixed chunks of steps, asynchronously (:class:`ShardedChunks`).
 
 Ranks may hold different seeds. The vector's layout is the sorted union of every rank's
-``(seed, layer)`` slots, agreed with one ``all_gather_object`` when some rank's seeds, layers or
-stages changed; the all-reduce carries the "changed" flag, so a steady run pays the all-reduce only.
-Every rank ends the epoch with the same summary, stages included, and Tamiyo may read it on any rank.
+``(seed, layer)`` slots, agreed with one ``all_gather_object`` when some rank's seeds, layers, stages or
+sharded slots changed; the all-reduce carries the "changed" flag, so a steady run pays the all-reduce
+only. Every rank ends the epoch with the same summary, stages included, and Tamiyo may read it on any rank.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .epoch import (
+    COLUMNS,
     TOTAL,
     EpochSums,
     HostFacts,
@@ -41,6 +45,7 @@ from .epoch import (
     Slot,
     bucket_bounds,
     epoch_sums,
+    fold_statistics,
     host_facts,
     slot_statistics,
     statistics_length,
@@ -55,8 +60,9 @@ if TYPE_CHECKING:
 RANK_ATTRIBUTE = "torch.distributed.rank"
 WORLD_SIZE_ATTRIBUTE = "torch.distributed.world_size"
 #: What one rank holds: the slots it measured this epoch, the stages of the seeds listed in it (and
-#: whether each is still listed at its end), and its sampled steps (the rows of the per-step matrix).
-Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str, bool], ...], int]
+#: whether each is still listed at its end),
+#: its slots holding a DTensor shard, and its sampled steps when it has one (the rows reduced for them).
+Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str, bool], ...], tuple[Slot, ...], int]
 
 _logger = logging.getLogger(__name__)
 
@@ -132,38 +138,165 @@ def shard_weight(param: nn.Parameter) -> float | None:
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """The slots every rank agreed on, each seed's stage (the lowest rank listing it wins), and the
-    steps (the most any rank sampled)."""
+    """The slots every rank agreed on, each seed's stage (the lowest rank listing it wins), the slots
+    holding a sharded gradient on some rank, and the per-step rows reduced for them (the most steps
+    any rank sampled; 0 when no slot is sharded)."""
 
     slots: tuple[Slot, ...]
     stages: Mapping[str, str]
-    left: frozenset[str] = frozenset()  # seeds no rank lists at the epoch end
+    sharded: tuple[Slot, ...] = ()
     steps: int = 0
+    left: frozenset[str] = frozenset()  # seeds no rank lists at the epoch end
 
     @classmethod
     def agree(cls, descriptors: Sequence[Descriptor]) -> SlotLayout:
         stages: dict[str, str] = {}
         listed: set[str] = set()
         slots: set[Slot] = set()
-        for rank_slots, rank_stages, _ in descriptors:  # in rank order
+        sharded: set[Slot] = set()
+        for rank_slots, rank_stages, rank_sharded, _ in descriptors:  # in rank order
             slots.update(rank_slots)
+            sharded.update(rank_sharded)
             for seed_id, stage, at_end in rank_stages:
                 stages.setdefault(seed_id, stage)
                 if at_end:
                     listed.add(seed_id)
-        return cls(tuple(sorted(slots)), dict(sorted(stages.items())), frozenset(stages.keys() - listed),
-                   max(steps for _, _, steps in descriptors))
+        steps = max(steps for _, _, _, steps in descriptors) if sharded else 0
+        return cls(tuple(sorted(slots)), dict(sorted(stages.items())), tuple(sorted(sharded)), steps,
+                   frozenset(stages.keys() - listed))
+
+
+#: Sampled steps whose per-step squares of the sharded slots are summed across ranks by one
+#: asynchronous all-reduce, issued when the chunk fills and waited on when the next one does. The
+#: step path's flush period (``norms.FLUSH_EVERY``): a chunk's rows are there already, and the last,
+#: partial chunk the epoch end reduces costs 2 x 64 + 1 values per sharded slot.
+CHUNK_STEPS = 64
+
+
+class ShardedChunks:
+    """The per-step squares of the slots holding a DTensor shard, summed across ranks CHUNK_STEPS steps
+    at a time, with the sums' total, largest step and histogram kept running on the device: memory
+    and traffic per chunk fixed by the slots, whatever the epoch's length.
+
+    Every rank runs the same chunks: the slots were agreed by all ranks, and a chunk is issued at every
+    CHUNK_STEPS-th sampled step (measured or not), which ranks stepping together, as sharded training
+    does, reach together. A chunk is ``[CHUNK_STEPS, plain squares | shards' squares]`` and, per slot,
+    how many ranks had plain squares in it (a plain gradient is replicated: its mean is its value).
+    """
+
+    def __init__(self, slots: tuple[Slot, ...]) -> None:
+        self.slots = slots
+        self.length = (2 * CHUNK_STEPS + 1) * len(slots)
+        self._index = {slot: j for j, slot in enumerate(slots)}
+        self._stats: torch.Tensor | None = None  # [sums | maxima | counts] of the chunks reduced so far
+        self._in_flight: tuple[dist.Work, torch.Tensor] | None = None
+        self._first = 0  # epoch step index of the current chunk's first row
+        self._stepped = 0  # sampled steps this epoch, measured or not
+        self._warned = False
+
+    @property
+    def tail_steps(self) -> int:
+        """Sampled steps since the last full chunk: the rows of the chunk the epoch end reduces."""
+        return self._stepped % CHUNK_STEPS
+
+    def stepped(self, segments: Iterable[Segment], epoch_steps: int, home: torch.device) -> None:
+        """A sampled step passed; at every CHUNK_STEPS-th, wait on the last chunk and issue this one."""
+        self._stepped += 1
+        if not self.slots or self._stepped % CHUNK_STEPS:
+            return
+        segments = list(segments)
+        device = _collective_device(home)
+        try:
+            for segment in segments:
+                segment.absorb()
+            block = self.block(segments, device)
+        except Exception:  # telemetry must never stop (or hang) training: take part with zeros
+            self._warn("could not measure a chunk of sharded steps")
+            block = torch.zeros(self.length, dtype=torch.float32, device=device)
+        self.wait()
+        try:
+            self._in_flight = dist.all_reduce(block, async_op=True), block
+        except Exception:  # noqa: BLE001
+            self._warn("could not all-reduce a chunk of sharded steps")
+        self._first = epoch_steps
+        for segment in segments:  # rows of slots outside the chunks wait for the epoch end
+            if all(slot in self._index for slot in segment.sharded_slots):
+                segment.rows = []
+
+    def block(self, segments: Sequence[Segment] | None, device: torch.device) -> torch.Tensor:
+        """This rank's chunk: the rows of the steps since the last one, in the agreed slots."""
+        k = len(self.slots)
+        block = torch.zeros(self.length, dtype=torch.float32, device=device)
+        if not k or segments is None:
+            return block
+        rows = block[:2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)
+        for segment in segments:
+            known = [i for i, slot in enumerate(segment.sharded_slots) if slot in self._index]
+            if not known or not segment.rows:
+                continue
+            width = len(segment.sharded_slots)
+            picked = torch.tensor(known + [width + i for i in known], dtype=torch.long)
+            columns = [self._index[segment.sharded_slots[i]] for i in known]
+            into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device).unsqueeze(0)
+            for step_indices, segment_rows in segment.rows:
+                mine = [(i, step - self._first) for i, step in enumerate(step_indices)
+                        if 0 <= step - self._first < CHUNK_STEPS]
+                if not mine:
+                    continue
+                source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=segment_rows.device)
+                at = torch.tensor([row for _, row in mine], dtype=torch.long, device=device).unsqueeze(1)
+                values = segment_rows.index_select(0, source).index_select(1, picked.to(segment_rows.device))
+                rows.index_put_((at, into), values.to(device), accumulate=True)
+        block[2 * CHUNK_STEPS * k:] = (rows[:, :k] != 0).any(0)
+        return block
+
+    def wait(self) -> None:
+        """Wait on the chunk in flight (on the device's stream: no host sync) and fold it in."""
+        if self._in_flight is None:
+            return
+        work, block = self._in_flight
+        self._in_flight = None
+        try:
+            work.wait()
+            self._stats = self.statistics(block, CHUNK_STEPS)
+        except Exception:  # noqa: BLE001
+            self._warn("could not fold a chunk of sharded steps")
+
+    def statistics(self, block: torch.Tensor, steps: int) -> torch.Tensor:
+        """The running ``[sums | maxima | counts]`` with a reduced chunk's first ``steps`` rows folded in."""
+        k = len(self.slots)
+        if not steps:  # an epoch of whole chunks: its last one is empty
+            return torch.zeros(statistics_length(k), device=block.device) if self._stats is None else self._stats
+        rows = block[:2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)[:steps]
+        holders = block[2 * CHUNK_STEPS * k:].clamp(min=1.0)
+        sums, maxima, counts = slot_statistics(rows[:, :k] / holders + rows[:, k:], bucket_bounds(block.device))
+        chunk = torch.cat([sums, maxima, counts.flatten().float()])
+        if self._stats is None:
+            return chunk
+        total = self._stats.to(block.device).clone()
+        total[:k] += sums
+        torch.maximum(total[k:2 * k], maxima, out=total[k:2 * k])
+        total[2 * k:] += chunk[2 * k:]
+        return total
+
+    def _warn(self, what: str) -> None:
+        _logger.log(logging.DEBUG if self._warned else logging.WARNING,
+                    "tolaria_otel: %s; it contributes nothing to it", what, exc_info=not self._warned)
+        self._warned = True
 
 
 class RankReduction:
-    """One rank's side of the epoch reduction. Every rank must call :meth:`reduce` at every epoch end.
+    """One rank's side of the epoch reduction. Every rank must call :meth:`reduce` at every epoch end,
+    and :meth:`stepped` at every sampled step.
 
-    Each rank keeps its per-step squared norms per slot (``Segment.keep_rows``) and contributes them
-    as a ``[steps, slots]`` matrix, sharded and plain gradients apart, with what the host knows
-    (measured, sizes, steps per seed) after it. One SUM all-reduce gives every rank the global
-    per-step norms, from which the sums, the largest step, the non-finite steps and the histograms
-    are computed on the device: exact for sharded gradients, where a step's norm exists only once
-    the ranks' squares are summed.
+    A plain gradient is replicated across the ranks that hold it (DDP), so each rank's own per-step
+    statistics of it (sum, largest step, histogram, non-finite steps: ``Segment.stats``) are already
+    the global ones: the ranks that measured a slot add theirs and divide by their number, in one
+    SUM all-reduce at the epoch end whose size the slots alone fix. A sharded gradient's step norm
+    exists only once the ranks' squares are summed, so the per-step squares of the slots holding a
+    DTensor shard are summed in chunks (:class:`ShardedChunks`), the last, partial one in the epoch
+    end's all-reduce. A slot first sharded this epoch is not in the chunks yet: its rows are kept and
+    reduced at the epoch end, once.
     """
 
     def __init__(self, rank: int, world_size: int) -> None:
@@ -171,6 +304,7 @@ class RankReduction:
         self.world_size = world_size
         self._agreed: SlotLayout | None = None  # agreed lazily, at the first epoch end
         self._contributed: Descriptor | None = None  # what this rank said at the last agreement
+        self._chunks = ShardedChunks(())
         self._warned_steps = False
 
     @classmethod
@@ -184,11 +318,21 @@ class RankReduction:
                                 f"(world size {group[1]}; set by {ENV_EXPORT_RANK})")
         return cls(*group)
 
+    def begin(self, segment: Segment) -> None:
+        """Agree, as the telemetry is created on every rank, on the slots the first epoch's chunks carry."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, tuple(segment.sharded_slots))
+        self._chunks = ShardedChunks(tuple(sorted({slot for slots in gathered for slot in slots})))
+
+    def stepped(self, segments: Iterable[Segment], epoch_steps: int, home: torch.device) -> None:
+        """A sampled step passed, measured or not (every rank counts it, so every rank runs the same chunks)."""
+        self._chunks.stepped(segments, epoch_steps, home)
+
     @torch.no_grad()
     def reduce(self, segments: Sequence[Segment] | None, steps: int, stages: Mapping[str, str],
                listed: Collection[str], home: torch.device) -> tuple[EpochSums, Mapping[str, str], frozenset[str]]:
-        """All-reduce the epoch: one collective while no rank's slots, stages or step count changed;
-        when some did, a layout exchange and a second all-reduce in the agreed new layout.
+        """All-reduce the epoch: one collective while no rank's slots or stages changed; when some did,
+        a layout exchange and a second all-reduce in the agreed new layout.
 
         ``segments`` is None on a rank that failed to measure: it still takes part, contributing
         nothing, so no rank is left waiting in a collective.
@@ -203,16 +347,22 @@ class RankReduction:
             _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
                             self.rank, exc_info=True)
             segments, facts = None, None
+        self._chunks.wait()
+        sharded = () if segments is None or facts is None else _sharded_slots(segments)
+        unchunked = set(sharded) - set(self._chunks.slots)
         descriptor: Descriptor = ((() if facts is None else facts.slots),
                                   tuple((seed_id, stage, seed_id in listed) for seed_id, stage in sorted(stages.items())),
-                                  steps)
+                                  sharded, steps if unchunked else 0)
         if self._agreed is None:
             self._agree(descriptor)
-        values = self._all_reduce(segments, facts, steps, home, changed=descriptor != self._contributed)
+        changed = descriptor != self._contributed
+        # A changed rank's contribution in the old layout is discarded: it sends only the flag.
+        values = self._all_reduce(None if changed else segments, facts, steps, home, changed=changed)
         if values[-1]:  # some rank's layout changed: agree on the new one and reduce again in it
             self._agree(descriptor)
             values = self._all_reduce(segments, facts, steps, home, changed=False)
         assert self._agreed is not None
+        self._chunks = ShardedChunks(self._agreed.sharded)  # the next epoch's chunks carry every sharded slot
         return self._epoch(values), self._agreed.stages, self._agreed.left
 
     def _all_reduce(self, segments: Sequence[Segment] | None, facts: HostFacts | None, steps: int,
@@ -229,31 +379,42 @@ class RankReduction:
         except Exception:  # telemetry must never stop (or hang) training
             _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
                             self.rank, exc_info=True)
-            vector = torch.zeros(_length(layout), dtype=torch.float32, device=device)
+            vector = torch.zeros(self._length(layout), dtype=torch.float32, device=device)
         vector = torch.cat([vector, torch.tensor(tail, dtype=torch.float32).to(device)])
         dist.all_reduce(vector)
-        return torch.cat([_statistics(vector, layout), vector[-(self.world_size + 1):]]).tolist()
+        return torch.cat([self._statistics(vector, layout), vector[-(self.world_size + 1):]]).tolist()
+
+    def _unchunked(self, layout: SlotLayout) -> tuple[Slot, ...]:
+        """The sharded slots whose rows the epoch end reduces: those the chunks did not carry."""
+        return tuple(slot for slot in layout.sharded if slot not in self._chunks.slots)
+
+    def _length(self, layout: SlotLayout) -> int:
+        """The reduced vector before its tail:
+        ``[statistics | measured | numel | seed steps | holders | last chunk | unchunked rows]``."""
+        n = len(layout.slots)
+        return statistics_length(n) + 4 * n + self._chunks.length + 2 * layout.steps * len(self._unchunked(layout))
 
     def _local(self, segments: Sequence[Segment] | None, facts: HostFacts | None, layout: SlotLayout,
                device: torch.device) -> torch.Tensor:
-        """This rank's contribution in the agreed layout: the per-step matrices, then the host facts."""
-        n, steps = len(layout.slots), layout.steps
-        vector = torch.zeros(_length(layout), dtype=torch.float32, device=device)
+        """This rank's contribution in the agreed layout: the statistics of the slots it measured, the
+        host facts, the last chunk, then the rows of the sharded slots not chunked."""
+        n = len(layout.slots)
+        vector = torch.zeros(self._length(layout), dtype=torch.float32, device=device)
         if segments is None or facts is None:
             return vector
         index = {slot: i for i, slot in enumerate(layout.slots)}
-        plain, sharded = vector[:steps * n].view(steps, n), vector[steps * n:2 * steps * n].view(steps, n)
-        for segment in segments:
-            columns = torch.tensor([index.get(slot, -1) for slot in segment.slots], dtype=torch.long)
-            known = columns >= 0
-            k = len(segment.slots)
-            for step_indices, rows in segment.rows:
-                rows = rows.to(device)
-                at = torch.tensor(step_indices, dtype=torch.long, device=device).unsqueeze(1)
-                into = columns[known].to(device).unsqueeze(0)
-                plain.index_put_((at, into), rows[:, :k][:, known.to(device)], accumulate=True)
-                if rows.shape[1] > k:
-                    sharded.index_put_((at, into), rows[:, k:][:, known.to(device)], accumulate=True)
+        # The slots this rank measured: one that held no gradient here must not dilute the mean.
+        mine = [(i, index[slot]) for i, (slot, measured) in enumerate(zip(facts.slots, facts.measured))
+                if measured and slot in index]
+        if mine:
+            m = len(facts.slots)
+            sums, maxima, counts = fold_statistics(segments, facts, device).to(device).split([m, m, m * COLUMNS])
+            source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=device)
+            target = torch.tensor([j for _, j in mine], dtype=torch.long, device=device)
+            into_sums, into_maxima, into_counts = vector[:statistics_length(n)].split([n, n, n * COLUMNS])
+            into_sums[target] = sums[source]
+            into_maxima[target] = maxima[source]
+            into_counts.view(n, COLUMNS)[target] = counts.view(m, COLUMNS)[source]
         host = [0.0] * (4 * n)  # measured, numel, a seed's steps and 1 per listing rank: copied to the device once
         for slot, measured, numel in zip(facts.slots, facts.measured, facts.numel):
             i = index.get(slot)
@@ -264,8 +425,63 @@ class RankReduction:
             if slot[1] == TOTAL and slot[0] in facts.seed_steps:
                 host[2 * n + i] = float(facts.seed_steps[slot[0]])
                 host[3 * n + i] = 1.0
-        vector[2 * steps * n:] = torch.tensor(host, dtype=torch.float32).to(device)
+        start = statistics_length(n)
+        vector[start:start + 4 * n] = torch.tensor(host, dtype=torch.float32).to(device)
+        start += 4 * n
+        vector[start:start + self._chunks.length] = self._chunks.block(segments, device)
+        start += self._chunks.length
+        unchunked = self._unchunked(layout)
+        if unchunked:
+            k = len(unchunked)
+            rows = vector[start:].view(layout.steps, 2 * k)
+            unchunked_index = {slot: j for j, slot in enumerate(unchunked)}
+            for segment in segments:
+                known = [i for i, slot in enumerate(segment.sharded_slots) if slot in unchunked_index]
+                if not known:
+                    continue
+                width = len(segment.sharded_slots)
+                picked = torch.tensor(known + [width + i for i in known], dtype=torch.long)
+                columns = [unchunked_index[segment.sharded_slots[i]] for i in known]
+                into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device).unsqueeze(0)
+                for step_indices, segment_rows in segment.rows:
+                    at = torch.tensor(step_indices, dtype=torch.long, device=device).unsqueeze(1)
+                    values = segment_rows.index_select(1, picked.to(segment_rows.device))
+                    rows.index_put_((at, into), values.to(device), accumulate=True)
         return vector
+
+    def _statistics(self, vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+        """From the reduced vector, on the device: the statistics (``epoch.statistics_length``), then what
+        the host knew, ``[measured | numel | seed steps | holders]``. A plain gradient is taken to be
+        replicated across the ranks that measured it, so what they added is divided by their number; a
+        sharded slot's statistics come from its summed per-step squares (chunks, or the epoch's rows)."""
+        n = len(layout.slots)
+        index = {slot: i for i, slot in enumerate(layout.slots)}
+        start = statistics_length(n)
+        host = vector[start:start + 4 * n]
+        holders = host[:n].clamp(min=1.0)
+        sums, maxima, counts = vector[:start].split([n, n, n * COLUMNS])
+        sums, maxima = sums / holders, maxima / holders
+        counts = (counts.view(n, COLUMNS) / holders.unsqueeze(1)).round()
+        start += 4 * n
+        chunked = [(j, index[slot]) for j, slot in enumerate(self._chunks.slots) if slot in index]
+        if chunked:
+            k = len(self._chunks.slots)
+            chunk = self._chunks.statistics(vector[start:start + self._chunks.length], self._chunks.tail_steps)
+            source = torch.tensor([j for j, _ in chunked], dtype=torch.long, device=vector.device)
+            target = torch.tensor([i for _, i in chunked], dtype=torch.long, device=vector.device)
+            sums[target] = chunk[:k][source]
+            maxima[target] = chunk[k:2 * k][source]
+            counts[target] = chunk[2 * k:].view(k, COLUMNS)[source]
+        start += self._chunks.length
+        unchunked = self._unchunked(layout)
+        if unchunked and layout.steps:
+            k = len(unchunked)
+            rows = vector[start:start + 2 * layout.steps * k].view(layout.steps, 2 * k)
+            columns = torch.tensor([index[slot] for slot in unchunked], dtype=torch.long, device=vector.device)
+            steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
+            sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
+            counts[columns] = sharded_counts.float()
+        return torch.cat([sums, maxima, counts.flatten(), host])
 
     def _epoch(self, values: list[float]) -> EpochSums:
         layout = self._agreed
@@ -296,23 +512,9 @@ class RankReduction:
         return int(max(counts))
 
 
-def _length(layout: SlotLayout) -> int:
-    n = len(layout.slots)
-    return 2 * layout.steps * n + 4 * n
-
-
-def _statistics(vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-    """From the reduced vector, on the device: the statistics (``epoch.statistics_length``), then what the
-    host knew, ``[measured | numel | seed steps | holders]``. A plain gradient is taken to be replicated
-    across the ranks that measured it, so its squares are divided by their number."""
-    n, steps = len(layout.slots), layout.steps
-    plain, sharded = vector[:steps * n].view(steps, n), vector[steps * n:2 * steps * n].view(steps, n)
-    host = vector[2 * steps * n:2 * steps * n + 4 * n]
-    if not steps:
-        return torch.cat([torch.zeros(statistics_length(n), device=vector.device), host])
-    rows = sharded + plain / host[:n].clamp(min=1.0)
-    sums, maxima, counts = slot_statistics(rows, bucket_bounds(vector.device))
-    return torch.cat([sums, maxima, counts.flatten().float(), host])
+def _sharded_slots(segments: Sequence[Segment]) -> tuple[Slot, ...]:
+    """The slots holding a DTensor shard in some segment that sampled steps this epoch."""
+    return tuple(sorted({slot for segment in segments if segment.steps for slot in segment.sharded_slots}))
 
 
 def _collective_device(preferred: torch.device) -> torch.device:

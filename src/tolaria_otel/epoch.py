@@ -142,11 +142,18 @@ class Segment:
         self.home = params[0].device if params else torch.device("cpu")
         self.norms = StepNorms(local_gradients(params), entries, len(self.slots), self.home)
         self.steps = 0
-        # A single process folds each batch of rows into running statistics (memory independent of
-        # the epoch's length); under torch.distributed the rows are kept, since a spike or a bucket of
-        # a sharded gradient exists only after the ranks' squares are summed per step.
-        self.keep_rows = keep_rows
-        self.rows: list[tuple[list[int], torch.Tensor]] = []  # (epoch step indices, rows)
+        # Each batch of rows is folded into running statistics (memory independent of the epoch's
+        # length): the local steps of a plain gradient are its global ones (one process, or replicated
+        # by DDP). Under torch.distributed the rows of the slots holding a DTensor shard are kept too
+        # (``keep_rows``): a spike or a bucket of a sharded gradient exists only after the ranks'
+        # squares are summed per step (``distributed.RankReduction``).
+        sharded = sorted({slot for _, slot, weight in entries if weight is not None})
+        #: Slots with a sharded parameter, and their columns in the rows.
+        self.sharded_slots: list[Slot] = [self.slots[slot] for slot in sharded]
+        self.keep_rows = keep_rows and bool(sharded)
+        self._sharded_columns = torch.tensor(sharded, dtype=torch.long, device=self.home) if self.keep_rows else None
+        #: (epoch step indices, ``[steps, 2 x sharded slots]``: their plain squares, then their shards')
+        self.rows: list[tuple[list[int], torch.Tensor]] = []
         self._row_steps: list[int] = []
         self.stats = SlotStats(len(self.slots), self.home)
 
@@ -167,15 +174,17 @@ class Segment:
             self._row_steps.append(epoch_step)
 
     def absorb(self) -> None:
-        """Turn the waiting steps into rows, and fold them in (single process) or keep them."""
+        """Turn the waiting steps into rows and fold their plain squares in; keep the sharded slots' rows."""
         rows = self.norms.take_rows()
         if rows is None:
             return
-        if self.keep_rows:
-            self.rows.append((self._row_steps, rows))
+        n = len(self.slots)
+        self.stats.update(rows[:, :n].contiguous() if self.norms.sharded else rows)
+        if self._sharded_columns is not None:
+            columns = self._sharded_columns
+            self.rows.append((self._row_steps, torch.cat([rows.index_select(1, columns),
+                                                          rows.index_select(1, columns + n)], dim=1)))
             self._row_steps = []
-        else:
-            self.stats.update(rows)
 
     def reset(self) -> None:
         self.norms.reset()
@@ -249,9 +258,14 @@ def fold(segments: Sequence[Segment], home: torch.device, steps: int) -> EpochSu
     for segment in segments:
         segment.absorb()
     facts = host_facts(segments)
+    return epoch_sums(facts, fold_statistics(segments, facts, home).tolist(), steps)  # the epoch's one host sync
+
+
+def fold_statistics(segments: Sequence[Segment], facts: HostFacts, home: torch.device) -> torch.Tensor:
+    """The absorbed segments' statistics in one vector (``statistics_length``, in ``facts.slots`` order)."""
     active = [segment for segment in segments if segment.steps]
     if len(active) == 1 and tuple(active[0].slots) == facts.slots:  # one segment: its vector as it is
-        return epoch_sums(facts, active[0].stats.values.tolist(), steps)  # the epoch's one host sync
+        return active[0].stats.values
     n = len(facts.slots)
     index = {slot: i for i, slot in enumerate(facts.slots)}
     vector = torch.zeros(statistics_length(n), dtype=torch.float32, device=home)
@@ -262,4 +276,4 @@ def fold(segments: Sequence[Segment], home: torch.device, steps: int) -> EpochSu
         sums.index_add_(0, target, stats.sums.to(home))
         maxima.scatter_reduce_(0, target, stats.maxima.to(home), reduce="amax")
         counts.view(n, COLUMNS).index_add_(0, target, stats.counts.to(home))
-    return epoch_sums(facts, vector.tolist(), steps)  # the epoch's one host sync
+    return vector

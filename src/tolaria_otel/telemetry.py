@@ -102,6 +102,8 @@ class SeedLayerTelemetry:
         self._warned_outside: set[str] = set()
         self._segments: dict[SegmentKey, Segment] = {}
         self._current = self._segment_for(seeds_now)
+        if self._ranks is not None:  # on every rank: which slots the sharded steps' chunks carry
+            self._ranks.begin(self._current)
         self._instruments: SeedLayerInstruments | None = None
         if self._ranks is None or self._ranks.rank == self.settings.export_rank:
             provider = metrics.get_meter_provider() if meter_provider is None else meter_provider
@@ -143,6 +145,8 @@ class SeedLayerTelemetry:
                 self._follow_replaced_parameters()
             except Exception:  # noqa: BLE001 - telemetry must never stop training
                 self._failed("observe_step")
+            if self._ranks is not None:  # measured or not: every rank issues the same chunk all-reduces
+                self._ranks.stepped(self._segments.values(), self._sampled_steps, self._current.home)
 
     def attach(self, optimizer: object | None = None) -> RemovableHandle:
         """Observe optimizer steps from a step post-hook; ``handle.remove()`` detaches.
