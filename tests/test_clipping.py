@@ -239,3 +239,28 @@ def test_an_unreachable_clip_is_named_once(caplog: pytest.LogCaptureFixture) -> 
             telemetry.close()
     messages = [r.getMessage() for r in caplog.records if "DeepSpeed" in r.getMessage()]
     assert len(messages) == 1 and "gradient_clipping to 0" in messages[0]
+
+
+def test_clip_facts_are_exported_as_the_trainers_gauges() -> None:
+    from tolaria_otel.instruments import CLIP_STEPS, CLIPPED_STEPS, MIN_CLIP_FACTOR
+
+    from .helpers import collect
+
+    model, registry = exploding_network()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
+    reference = PreClipGradients(model, optimizer, registry, CLIP)
+    provider, reader = metered(ON)
+    telemetry = SeedLayerTelemetry(model, registry, settings=ON, meter_provider=provider, attributes={"env_id": "7"})
+    telemetry.attach(optimizer)
+    train(model, optimizer, torch.nn.utils.clip_grad_norm_)
+    telemetry.end_epoch()
+    *_, factors = reference.epoch()
+    exported = collect(reader)
+    assert exported[CLIP_STEPS] == exported[CLIPPED_STEPS] == [({"env_id": "7"}, STEPS, "")]
+    ((attributes, value, _),) = exported[MIN_CLIP_FACTOR]
+    assert attributes == {"env_id": "7"} and value == pytest.approx(min(factors), rel=1e-5)
+    train(model, optimizer, lambda params, max_norm: None)  # an epoch without a clip exports no clip facts
+    telemetry.end_epoch()
+    exported = collect(reader)
+    assert not exported.get(CLIP_STEPS) and not exported.get(MIN_CLIP_FACTOR)
+    telemetry.close()
