@@ -83,10 +83,13 @@ def variants() -> list[Variant]:
 def report(workload: Workload, rounds: int, epochs: int) -> str:
     results = measure(workload, variants(), rounds=rounds, warmup=2, epochs=epochs)
     lines = [f"{workload.name}: {workload.description}; {rounds} rounds x {epochs} epochs",
-             "| variant | epoch time / clip alone (median) | ms per epoch (median) | host reads per step | ops per step |",
-             "| --- | --- | --- | --- | --- |"]
+             "| variant | epoch time / clip alone (paired median) | CPU time / clip alone | ms per epoch (median) "
+             "| host reads per step | ATen ops per step |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    base_cpu = statistics.median(results[0].cpu)
     for result in results:
         lines.append(f"| {result.variant.name} | {statistics.median(result.paired):.3f} | "
+                     f"{statistics.median(result.cpu) / base_cpu:.3f} | "
                      f"{1000 * statistics.median(result.times):.1f} | {result.reads_per_step:g} | "
                      f"{result.ops_per_step:g} |")
     return "\n".join(lines)

@@ -321,7 +321,7 @@ class PreClipStep:
             self.clear()
         if norms:
             if self.norms is None:
-                self.norms = dict(norms)
+                self.norms = norms  # the caller's fresh dict: no copy on the step path
             else:
                 self.norms.update(norms)
         if factor is not None:
