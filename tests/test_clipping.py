@@ -74,6 +74,7 @@ def check_against(summary: object, reference: PreClipGradients) -> None:
 
 @pytest.mark.parametrize("how", ["telemetry.clip_grad_norm_", "torch.nn.utils.clip_grad_norm_ while attached"])
 def test_plain_loop_measures_before_clipping(how: str) -> None:
+    before = torch.nn.utils.clip_grad_norm_  # torch's, or the patch of a telemetry another test left attached
     model, registry = exploding_network()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)  # tiny steps: the gradients stay alike
     reference = PreClipGradients(model, optimizer, registry, CLIP)
@@ -85,12 +86,13 @@ def test_plain_loop_measures_before_clipping(how: str) -> None:
         train(model, optimizer, lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm))
     check_against(telemetry.end_epoch(), reference)
     telemetry.close()
-    assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_  # restored
+    assert torch.nn.utils.clip_grad_norm_ is before  # restored at close
 
 
 def test_attach_without_optimizer_and_a_value_clip_measure_before_clipping() -> None:
     """``attach()`` (every optimizer of the model), and a clip whose norms cannot be shared (by value):
     measured just before it."""
+    before = torch.nn.utils.clip_grad_value_
     model, registry = exploding_network()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
     reference = PreClipGradients(model, optimizer, registry, CLIP)
@@ -106,7 +108,7 @@ def test_attach_without_optimizer_and_a_value_clip_measure_before_clipping() -> 
         assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)
     assert summary.seeds["seed-2"].health == "exploding"
     assert summary.clip_steps == 0 and summary.min_clip_factor is None  # a value clip has no factor
-    assert torch.nn.utils.clip_grad_value_ is torch.nn.utils.clip_grad.clip_grad_value_
+    assert torch.nn.utils.clip_grad_value_ is before
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -183,6 +185,7 @@ def test_a_step_the_grad_scaler_skips_is_not_counted() -> None:
 
 
 def test_two_trainers_in_one_process_each_take_their_own_clips() -> None:
+    before = torch.nn.utils.clip_grad_norm_
     first, first_seeds = exploding_network()
     second, second_seeds = seeded_network(2, seed=5)
     provider = metered(ON)[0]
@@ -199,7 +202,7 @@ def test_two_trainers_in_one_process_each_take_their_own_clips() -> None:
     train(second, optimizers[1], torch.nn.utils.clip_grad_norm_, steps=3)
     summary = telemetries[1].end_epoch()
     telemetries[1].close()
-    assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_
+    assert torch.nn.utils.clip_grad_norm_ is before
     _, totals, steps, factors = references[1].epoch()
     assert summary.sampled_steps == 3 and summary.clip_steps == 3
     assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)

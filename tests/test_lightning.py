@@ -88,6 +88,7 @@ def trainer(*callbacks: pl.Callback, **kwargs: object) -> pl.Trainer:
 
 
 def test_fit_measures_the_gradients_before_clipping_once_per_optimizer_step() -> None:
+    before = torch.nn.utils.clip_grad_norm_  # torch's, or the patch of a telemetry another test left attached
     model, registry = network()
     module = Regression(model, registry)
     provider, reader = metered(ON)
@@ -127,7 +128,7 @@ def test_fit_measures_the_gradients_before_clipping_once_per_optimizer_step() ->
     # out with the next collection.
     assert callback.telemetry is None
     assert len(fit.optimizers[0]._optimizer_step_post_hooks) == 2  # the two references'
-    assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_  # torch's clip restored
+    assert torch.nn.utils.clip_grad_norm_ is before  # the clip as it was before the fit
     points = layer_points(collect(reader)[LAYER_NORM])
     assert points == {("seed-1", layer): value for layer, value in summaries[1].seeds["seed-1"].top_layers} | {
         ("seed-2", layer): value for layer, value in summaries[1].seeds["seed-2"].top_layers}
@@ -170,13 +171,14 @@ def test_off_installs_nothing() -> None:
     callback = SeedLayerCallback(registry, settings=SeedLayerSettings(enabled=False))
     module = Regression(model, registry)
     global_hooks = set(_global_optimizer_post_hooks)  # other tests' may be there: none may be added
+    clip = torch.nn.utils.clip_grad_norm_
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
             assert callback.telemetry is not None and not callback.telemetry.enabled
             assert set(_global_optimizer_post_hooks) == global_hooks
             assert len(trainer.optimizers[0]._optimizer_step_post_hooks) == 2  # the references' alone
-            assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_  # not patched
+            assert torch.nn.utils.clip_grad_norm_ is clip  # not patched
 
     trainer(callback, Probe(), max_epochs=1).fit(module, loader())
 

@@ -177,7 +177,7 @@ class _Patch:
     """The process-wide wrappers of torch's clip functions, installed while some listener is attached."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a listener's weakref callback may run inside add() (a collection)
         self._listeners: list[weakref.ref[ClipListener]] = []
         self._originals: dict[str, Callable[..., Any]] = {}
         self._wrappers: dict[str, Callable[..., Any]] = {}
@@ -186,7 +186,7 @@ class _Patch:
         with self._lock:
             if not self._listeners:
                 self._install()
-            ref = weakref.ref(listener)
+            ref = weakref.ref(listener, self._remove)  # a listener collected unclosed detaches too
             self._listeners.append(ref)
         return _PatchHandle(self, ref)
 
