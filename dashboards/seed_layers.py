@@ -79,6 +79,11 @@ SEED_NOT_MEASURED = "tolaria_grad_agg_seed_not_measured"
 SETTINGS_INFO = "tolaria_grad_agg_seed_layer_info"
 #: Per trainer, the per-layer series it may export now: top_k x active seeds (0 in compact mode).
 SERIES_BUDGET = "tolaria_grad_agg_seed_layer_series_budget"
+#: Per trainer, in epochs in which a gradient clip was seen: the sampled steps with a clip, those it scaled
+#: down, and its smallest factor min(max_norm / (total + 1e-6), 1). The norms are measured before the clip.
+CLIP_STEPS = "tolaria_grad_agg_clip_steps"
+CLIPPED_STEPS = "tolaria_grad_agg_clip_clipped_steps"
+MIN_CLIP_FACTOR = "tolaria_grad_agg_clip_min_factor"
 #: Every series that names a seed: a seed whose total is non-finite has no ``seed_norm`` point, a seed
 #: not measured has only its ``not_measured`` point, and compact mode has no layer points, so no
 #: single metric lists every seed.
@@ -401,7 +406,7 @@ def volume_panel() -> timeseries.Panel:
 def seed_panel() -> timeseries.Panel:
     expr = f"topk by ({TRAINER}, seed_id) ($top_k, {layer_norms('seed_id, layer')})"
     return (
-        timeseries.Panel().id(9).title("Top-K layers: $seed_id").grid_pos(grid(0, 33, 8, 9))
+        timeseries.Panel().id(9).title("Top-K layers: $seed_id").grid_pos(grid(0, 39, 8, 9))
         .description("This seed's top-K layers over time, one line per layer and trainer (a layer that leaves the "
                      f"top-K ends its line). Dashed lines: {_fmt(EXPLODING_ABSOLUTE)} "
                      f"(TolariaSeedLayerGradientExploding) and {_fmt(VANISHING_BELOW)} (TolariaSeedGradientVanishing). "
@@ -492,6 +497,26 @@ def host_ratio_panel() -> timeseries.Panel:
     )
 
 
+def clipping_panel() -> timeseries.Panel:
+    clipped = f"max by ({TRAINER}) ({CLIPPED_STEPS}{{{TRAINERS}}}) / max by ({TRAINER}) ({CLIP_STEPS}{{{TRAINERS}}})"
+    factor = f"min by ({TRAINER}) ({MIN_CLIP_FACTOR}{{{TRAINERS}}})"
+    return (
+        timeseries.Panel().id(14).title("Gradient clipping").grid_pos(grid(0, 32, 24, 6))
+        .description("Per trainer and epoch, the global gradient clip as its own fact: the share of sampled steps "
+                     "it scaled down (A) and its smallest factor min(max_norm / (total + 1e-6), 1) (B). Every norm "
+                     "on this dashboard is measured before the clip: a seed exploding here while the clip scales "
+                     "steps by a tiny factor is hidden from the loss curve (alert TolariaSeedExplodingUnderClipping), "
+                     "and every other seed then trains at that fraction of its step. Empty for a trainer that "
+                     "does not clip, or whose clip the package cannot reach (docs/operations.md).")
+        .datasource(DATASOURCE)
+        .with_target(query(clipped, per_trainer("share of steps clipped")))
+        .with_target(query(factor, per_trainer("smallest clip factor"), "B"))
+        .with_transformation(NO_TRAINER_RENAME)
+        .unit("none").max(1).scale_distribution(log_axis()).show_points(common.VisibilityMode.ALWAYS)
+        .line_interpolation(common.LineInterpolation.STEP_AFTER).legend(legend_table()).no_value("no clip seen")
+    )
+
+
 def variables() -> list[db.QueryVariable | db.DatasourceVariable]:
     datasource = (
         db.DatasourceVariable("datasource").label("Data source").type("prometheus")
@@ -538,10 +563,10 @@ def build() -> model.Dashboard:
         dashboard = dashboard.with_variable(variable)
     for panel in (nonfinite_panel(), exploding_panel(), vanishing_panel(), not_measured_panel(), latest_table(),
                   stage_timeline(), seed_totals_panel(), volume_panel(), distribution_panel(), spike_panel(),
-                  host_ratio_panel()):
+                  host_ratio_panel(), clipping_panel()):
         dashboard = dashboard.with_panel(panel)
     # An expanded row keeps its panels at the top level of the JSON (only a collapsed row nests them).
-    dashboard = (dashboard.with_row(db.Row("Per seed: top-K layers").id(8).grid_pos(grid(0, 32, 24, 1)).collapsed(False))
+    dashboard = (dashboard.with_row(db.Row("Per seed: top-K layers").id(8).grid_pos(grid(0, 38, 24, 1)).collapsed(False))
                  .with_panel(seed_panel()))
     built = dashboard.build()
     built.annotations = model.AnnotationContainer(list_val=[stage_change_annotation()])

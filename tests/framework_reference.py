@@ -1,4 +1,5 @@
-"""An independent reference for the framework tests: the gradients an SGD step actually applied.
+"""Independent references for the framework tests: the gradients an SGD step actually applied, and the
+gradients backprop produced before any clip (what the package measures).
 
 For plain SGD (no momentum, no weight decay) a step is ``p -= lr * g``, so ``(p_before - p_after) / lr``
 is the gradient the optimizer applied: after accumulation, AMP unscaling and clipping, whatever the
@@ -61,3 +62,62 @@ class AppliedGradients:
         steps = dict(self.steps)
         self.reset()
         return layers, totals, steps
+
+
+class PreClipGradients:
+    """The gradients as backprop left them, before any clip, in float64: what the package must measure.
+
+    Each parameter's gradient is copied by a post-accumulate-grad hook, so the copy of the last backward
+    before a step is the accumulated gradient; the optimizer's step post-hook (after any clip, and after a
+    closure's backward: Lightning runs the last one inside ``step``) reads the copies, never ``.grad``. Per step it also keeps the clip factor torch's clip would apply,
+    ``min(max_norm / (total + 1e-6), 1)`` over all the optimizer's parameters. Gradients must be float32
+    or wider with no loss scaling (an unscale would come after the copy).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 seeds: Callable[[], Mapping[str, tuple[nn.Module, object]]], max_norm: float) -> None:
+        self.seeds = seeds
+        self.max_norm = max_norm
+        self._grads: dict[int, torch.Tensor] = {}
+        self.factors: list[float] = []  # the clip factor of every step
+        self.handles = [p.register_post_accumulate_grad_hook(self._copy) for p in model.parameters() if p.requires_grad]
+        self.reset()
+        optimizer.register_step_post_hook(self._post)
+
+    def _copy(self, param: torch.Tensor) -> None:
+        self._grads[id(param)] = param.grad.detach().double().clone()
+
+    def reset(self) -> None:
+        self.squares: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.totals: dict[str, float] = defaultdict(float)
+        self.maxima: dict[str, float] = defaultdict(float)
+        self.steps: dict[str, int] = defaultdict(int)
+        self.epoch_factors: list[float] = []
+
+    def _square(self, params: object) -> float:
+        return sum(float(self._grads[id(p)].square().sum()) for p in params if id(p) in self._grads)
+
+    def _post(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        total = math.sqrt(self._square(p for group in optimizer.param_groups for p in group["params"]))
+        factor = min(self.max_norm / (total + 1e-6), 1.0)
+        self.factors.append(factor)
+        self.epoch_factors.append(factor)
+        for seed_id, (module, _) in self.seeds().items():
+            self.steps[seed_id] += 1
+            for name, sub in module.named_modules():
+                params = [p for p in sub.parameters(recurse=False) if p.requires_grad]
+                if params:
+                    self.squares[seed_id][name or "(root)"] += self._square(params)
+            square = self._square(module.parameters())
+            self.totals[seed_id] += square
+            self.maxima[seed_id] = max(self.maxima[seed_id], square)
+        self._grads = {}
+
+    def epoch(self) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, int], list[float]]:
+        """(seed -> layer -> RMS, seed -> total RMS, seed -> steps, clip factors per step) since the last call."""
+        layers = {s: {layer: math.sqrt(v / self.steps[s]) for layer, v in d.items()} for s, d in self.squares.items()}
+        totals = {s: math.sqrt(v / self.steps[s]) for s, v in self.totals.items()}
+        steps = dict(self.steps)
+        factors = list(self.epoch_factors)
+        self.reset()
+        return layers, totals, steps, factors

@@ -199,7 +199,9 @@ def test_demo_defaults_need_no_server_and_write_runs_jsonl(tmp_path: Path) -> No
     assert [stages.get((e, "seed-3")) for e in range(6)] == [None, None, "GERMINATED", "TRAINING", "BLENDING", "FOSSILIZED"]
     assert steps[(1, "seed-2")] == steps[(2, "seed-3")] == 8
     for record in records:
-        assert set(record) == {"epoch", "sampled_steps", "top_k", "host_norm", "seeds", "loss"}
+        assert set(record) == {"epoch", "sampled_steps", "top_k", "host_norm", "seeds", "loss", "clip_steps",
+                               "clipped_steps", "min_clip_factor"}
+        assert record["clip_steps"] == 0 and record["min_clip_factor"] is None  # the demo does not clip
         assert record["host_norm"] > 0  # the demo measures the host
         assert record["sampled_steps"] == 16 and record["top_k"] == 3 and math.isfinite(record["loss"])
         for seed in record["seeds"]:

@@ -17,7 +17,7 @@ import yaml
 
 from devtools.stack import REPO_ROOT, Collector, backend_binaries, collector_binary
 from tolaria_otel import LAYER_NONFINITE, LAYER_NORM, SEED_NORM, SEED_NOT_MEASURED, SERIES_BUDGET, SETTINGS_INFO
-from tolaria_otel.instruments import SEED_NORM_MAX, SEED_STEP_NORM
+from tolaria_otel.instruments import CLIPPED_STEPS, MIN_CLIP_FACTOR, SEED_NORM_MAX, SEED_STEP_NORM
 
 COLLECTOR = yaml.safe_load((REPO_ROOT / "collector" / "otel-collector.yaml").read_text())
 DEBUG_OVERLAY = yaml.safe_load((REPO_ROOT / "collector" / "otel-collector.debug.yaml").read_text())
@@ -158,12 +158,13 @@ def test_rules_use_the_names_the_exporters_produce() -> None:
         return otel_name.replace(".", "_")
 
     names = {prometheus_name(n) for n in (LAYER_NORM, LAYER_NONFINITE, SEED_NORM, SEED_NORM_MAX, SEED_NOT_MEASURED,
-                                          SETTINGS_INFO, SERIES_BUDGET)}
+                                          SETTINGS_INFO, SERIES_BUDGET, CLIPPED_STEPS, MIN_CLIP_FACTOR)}
     names |= {prometheus_name(SEED_STEP_NORM) + suffix for suffix in ("_bucket", "_count")}  # every histogram's
     assert names == {"tolaria_grad_agg_seed_layer_norm", "tolaria_grad_agg_seed_layer_nonfinite",
                      "tolaria_grad_agg_seed_norm", "tolaria_grad_agg_seed_norm_max", "tolaria_grad_agg_seed_layer_info",
                      "tolaria_grad_agg_seed_layer_series_budget", "tolaria_grad_agg_seed_not_measured",
-                     "tolaria_grad_agg_seed_step_norm_bucket", "tolaria_grad_agg_seed_step_norm_count"}
+                     "tolaria_grad_agg_seed_step_norm_bucket", "tolaria_grad_agg_seed_step_norm_count",
+                     "tolaria_grad_agg_clip_clipped_steps", "tolaria_grad_agg_clip_min_factor"}
     used = set(re.findall(r"tolaria_grad_agg_[a-z_]+", RULES_TEXT))
     assert used == names, used ^ names  # every name plainly, and no suffixed spelling
     assert "__name__" not in RULES_TEXT  # no name-regex workarounds either

@@ -169,7 +169,7 @@ def test_dashboard_is_valid_grafana_json(dashboard: dict[str, Any]) -> None:
     assert dashboard["time"] == {"from": "now-6h", "to": "now"} and dashboard["refresh"] == "1m"
     ids = [p["id"] for p in panels(dashboard)]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
-    assert sorted(ids) == list(range(1, 14))  # stable ids: a new panel gets a new number, never a reused one
+    assert sorted(ids) == list(range(1, 15))  # stable ids: a new panel gets a new number, never a reused one
     bound = {"type": "prometheus", "uid": "${datasource}"}
     for panel in panels(dashboard):
         grid = panel["gridPos"]
@@ -421,6 +421,8 @@ EXPECTED: dict[tuple[int, str], tuple[set[str], bool, bool]] = {
     (11, "B"): ({"seed_id"}, True, True),  # per-step seed norm, p99
     (12, "A"): ({"seed_id"}, True, True),  # spikes: max / RMS
     (13, "A"): ({"seed_id"}, True, True),  # seed-to-host ratio
+    (14, "A"): (set(), False, False),  # share of steps clipped: neither run clips (tests/test_clipping.py does)
+    (14, "B"): (set(), False, False),  # smallest clip factor
 }
 
 

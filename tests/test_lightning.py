@@ -1,5 +1,5 @@
 """tolaria_otel.lightning against a real Lightning fit: gradient accumulation, bf16-mixed, clipping,
-seeds that come and go, checked against the gradients the SGD steps actually applied."""
+seeds that come and go, checked against the gradients backprop produced before the clip (float64 copies)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tolaria_otel import LAYER_NORM, SeedLayerSettings, SeedLayerTelemetry
 from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
 
-from .framework_reference import AppliedGradients
+from .framework_reference import AppliedGradients, PreClipGradients
 from .helpers import collect, expected_top_k, layer_points, metered
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -32,6 +32,7 @@ class Regression(pl.LightningModule):
         self.model = model
         self.registry = registry
         self.reference: AppliedGradients | None = None
+        self.pre_clip: PreClipGradients | None = None
         self.pre_clip_norms: list[float] = []
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -43,6 +44,9 @@ class Regression(pl.LightningModule):
 
     def on_fit_start(self) -> None:  # the optimizer exists now; Lightning steps a wrapper of it
         self.reference = AppliedGradients(self.trainer.optimizers[0], self.registry)
+        clip = self.trainer.gradient_clip_val
+        self.pre_clip = PreClipGradients(self, self.trainer.optimizers[0], self.registry,
+                                         float("inf") if clip is None else float(clip))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning's grad_norm hook: accumulated and unscaled, not yet clipped.
@@ -83,7 +87,8 @@ def trainer(*callbacks: pl.Callback, **kwargs: object) -> pl.Trainer:
     return pl.Trainer(callbacks=list(callbacks), **options)
 
 
-def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
+def test_fit_measures_the_gradients_before_clipping_once_per_optimizer_step() -> None:
+    before = torch.nn.utils.clip_grad_norm_  # torch's, or the patch of a telemetry another test left attached
     model, registry = network()
     module = Regression(model, registry)
     provider, reader = metered(ON)
@@ -93,7 +98,8 @@ def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
 
     class Reference(pl.Callback):  # the reference's epoch, read when the package summarises it
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            expected.append(module.reference.epoch())
+            module.reference.epoch()
+            expected.append(module.pre_clip.epoch())
 
     fit = trainer(callback, Reference())
     fit.fit(module, loader())
@@ -103,14 +109,17 @@ def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
     # Clipping acted at every step, and what the optimizer applied is the clipped gradient.
     assert min(module.pre_clip_norms) > 2 * CLIP
     assert max(module.reference.step_totals) == pytest.approx(CLIP, rel=1e-3)
-    for summary, (layers, totals, steps) in zip(summaries, expected):
+    for summary, (layers, totals, steps, factors) in zip(summaries, expected):
         assert set(summary.seeds) == set(steps)  # a seed culled mid-epoch keeps that epoch's steps
         for seed_id, seed in summary.seeds.items():
             assert seed.sampled_steps == steps[seed_id]
-            assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-4)
+            assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)
             want = expected_top_k(layers[seed_id], ON.top_k)
             assert [layer for layer, _ in seed.top_layers] == [layer for layer, _ in want]
-            assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-4)
+            assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-5)
+        # The clip, on its own: it scaled every step down, by the factor torch's clip computes.
+        assert summary.clip_steps == summary.clipped_steps == len(factors) == BATCHES // ACCUMULATE
+        assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)
     # Seed 2 germinated after step 2 and seed 0 was culled after step 4 (of 3 per epoch).
     assert summaries[0].seeds["seed-2"].sampled_steps == 1
     assert summaries[0].seeds.keys() == {"seed-0", "seed-1", "seed-2"}
@@ -119,7 +128,8 @@ def test_fit_measures_the_applied_gradients_once_per_optimizer_step() -> None:
     # The fit's end closed the telemetry: the hook is gone (the reference's is left) and the last epoch goes
     # out with the next collection.
     assert callback.telemetry is None
-    assert len(fit.optimizers[0]._optimizer_step_post_hooks) == 1
+    assert len(fit.optimizers[0]._optimizer_step_post_hooks) == 2  # the two references'
+    assert torch.nn.utils.clip_grad_norm_ is before  # the clip as it was before the fit
     points = layer_points(collect(reader)[LAYER_NORM])
     assert points == {(seed_id, layer): value for seed_id, seed in summaries[1].seeds.items()
                       for layer, value in seed.top_layers}
@@ -162,12 +172,14 @@ def test_off_installs_nothing() -> None:
     callback = SeedLayerCallback(registry, settings=SeedLayerSettings(enabled=False))
     module = Regression(model, registry)
     global_hooks = set(_global_optimizer_post_hooks)  # other tests' may be there: none may be added
+    clip = torch.nn.utils.clip_grad_norm_
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
             assert callback.telemetry is not None and not callback.telemetry.enabled
             assert set(_global_optimizer_post_hooks) == global_hooks
-            assert len(trainer.optimizers[0]._optimizer_step_post_hooks) == 1  # the reference's alone
+            assert len(trainer.optimizers[0]._optimizer_step_post_hooks) == 2  # the references' alone
+            assert torch.nn.utils.clip_grad_norm_ is clip  # not patched
 
     trainer(callback, Probe(), max_epochs=1).fit(module, loader())
 
@@ -239,3 +251,43 @@ def test_several_optimizers_stepping_on_the_same_gradients_count_once_per_batch(
     trainer(callback, max_epochs=1, precision="32-true", gradient_clip_val=None, accumulate_grad_batches=1).fit(
         HostAndSeeds(model, registry), loader())
     assert [s.sampled_steps for s in summaries] == [BATCHES]
+
+
+def test_an_exploding_seed_under_gradient_clip_val_is_reported_exploding_and_the_others_healthy() -> None:
+    """Issue 17: ``gradient_clip_val=1.0``, ``accumulate_grad_batches=2``, one seed's branch scaled by 1000."""
+    from .test_clipping import CLIP as ONE, exploding_network, loss_of
+
+    model, registry = exploding_network()
+
+    class Exploding(Regression):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return loss_of(self.model(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-9)  # tiny steps: every step explodes alike
+
+        def on_train_batch_end(self, *args: object) -> None:
+            pass
+
+    module = Exploding(model, registry)
+    summaries = []
+    expected = []
+
+    class Reference(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            expected.append(module.pre_clip.epoch())
+
+    callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
+    trainer(callback, Reference(), max_epochs=1, precision="32-true", gradient_clip_val=ONE,
+            accumulate_grad_batches=2).fit(module, loader())
+    (summary,), ((layers, totals, steps, factors),) = summaries, expected
+    assert summary.sampled_steps == len(factors) == BATCHES // 2
+    for seed_id, seed in summary.seeds.items():
+        assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)
+        for layer, value in seed.layer_norms.items():
+            assert value == pytest.approx(layers[seed_id][layer], rel=1e-5)
+    assert {seed_id: seed.health for seed_id, seed in summary.seeds.items()} == {
+        "seed-0": "healthy", "seed-1": "healthy", "seed-2": "exploding"}
+    assert summary.clip_steps == summary.clipped_steps == len(factors)
+    assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)

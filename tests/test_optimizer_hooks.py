@@ -160,14 +160,16 @@ def test_grad_scaler_steps_are_measured_unscaled_and_skipped_steps_not_at_all() 
             x[0, 0] = float("inf")  # an overflow: the scaler skips this step
         scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # A clip that never scales: the reference reads .grad after it (before-clip values: test_clipping.py).
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad()
     summary = telemetry.end_epoch()
     assert summary.sampled_steps == reference.steps == 3
     assert_matches(summary, reference)
-    assert all(seed.total_norm < 1.0 for seed in summary.seeds.values())  # unscaled (and clipped), not x4096
+    assert all(seed.total_norm < 1.0 for seed in summary.seeds.values())  # unscaled, not x4096
+    assert summary.clip_steps == 3 and summary.clipped_steps == 0 and summary.min_clip_factor == 1.0
 
 
 def test_a_framework_optimizer_with_no_torch_optimizer_inside_is_measured_by_the_process_wide_hook() -> None:

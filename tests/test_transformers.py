@@ -1,6 +1,6 @@
 """tolaria_otel.transformers against a real Trainer.train(): a tiny randomly initialised BERT (built from
 its config, nothing downloaded), gradient accumulation, bf16 on the CPU, clipping, a seed arriving
-mid-run; checked against the gradients the SGD steps actually applied."""
+mid-run; checked against the gradients backprop produced before the Trainer's clip (float64 copies)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks
 
 from tolaria_otel import SeedLayerSettings
 
-from .framework_reference import AppliedGradients
+from .framework_reference import AppliedGradients, PreClipGradients
 from .helpers import expected_top_k, metered
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # read when transformers is imported: nothing may be fetched
@@ -54,13 +54,15 @@ def arguments(tmp_path: object, **kwargs: object) -> transformers.TrainingArgume
     return transformers.TrainingArguments(**options)
 
 
-def test_train_measures_the_applied_gradients_once_per_optimizer_step(tmp_path: object) -> None:
+def test_train_measures_the_gradients_before_clipping_once_per_optimizer_step(tmp_path: object) -> None:
     global_hooks = set(_global_optimizer_post_hooks)  # other tests' may be there: ours must not be added
+    clip = torch.nn.utils.clip_grad_norm_  # torch's, or the patch of a telemetry another test left attached
     model = tiny_bert()
     layers = model.bert.encoder.layer
     seeds = {"layer-0": (layers[0], "TRAINING"), "layer-1": (layers[1], "TRAINING")}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     reference = AppliedGradients(optimizer, lambda: dict(seeds))
+    pre_clip = PreClipGradients(model, optimizer, lambda: dict(seeds), CLIP)
     summaries = []
     expected = []
 
@@ -70,7 +72,8 @@ def test_train_measures_the_applied_gradients_once_per_optimizer_step(tmp_path: 
                 seeds["pooler"] = (model.bert.pooler, "GERMINATED")
 
         def on_epoch_end(self, *args: object, **kw: object) -> None:
-            expected.append(reference.epoch())
+            reference.epoch()
+            expected.append(pre_clip.epoch())
 
     provider, reader = metered(ON)
     callback = SeedLayerCallback(lambda: seeds, settings=ON, meter_provider=provider, on_summary=summaries.append)
@@ -83,17 +86,22 @@ def test_train_measures_the_applied_gradients_once_per_optimizer_step(tmp_path: 
     logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
     assert len(logged) == 6 and min(logged) > 2 * CLIP
     assert max(reference.step_totals) == pytest.approx(CLIP, rel=1e-3)
-    for summary, (want_layers, want_totals, want_steps) in zip(summaries, expected):
+    for summary, (want_layers, want_totals, want_steps, factors) in zip(summaries, expected):
         assert {seed_id: seed.sampled_steps for seed_id, seed in summary.seeds.items()} == want_steps
         for seed_id, seed in summary.seeds.items():
-            assert seed.total_norm == pytest.approx(want_totals[seed_id], rel=1e-4)
+            assert seed.total_norm == pytest.approx(want_totals[seed_id], rel=1e-5)
             want = expected_top_k(want_layers[seed_id], ON.top_k)
             assert [layer for layer, _ in seed.top_layers] == [layer for layer, _ in want]
-            assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-4)
+            assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-5)
+        assert summary.clip_steps == summary.clipped_steps == len(factors) == 3
+        assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)
+    # The Trainer's logged grad_norm is the norm before its clip: the reference's.
+    assert logged == pytest.approx([CLIP / factor for factor in pre_clip.factors], rel=1e-5)
     assert summaries[0].seeds["pooler"].sampled_steps == 1
     # train()'s end closed the telemetry: the reference's is the only hook left on the optimizer.
     assert callback.telemetry is None and set(_global_optimizer_post_hooks) == global_hooks
-    assert len(optimizer._optimizer_step_post_hooks) == 1
+    assert len(optimizer._optimizer_step_post_hooks) == 2  # the references'
+    assert torch.nn.utils.clip_grad_norm_ is clip  # the clip as it was before train()
     provider.shutdown()
 
 
@@ -107,3 +115,60 @@ def test_max_steps_training_summarises_every_n_steps(tmp_path: object) -> None:
     trainer.train()  # accelerate's AcceleratedOptimizer around the Trainer's own AdamW
     assert [s.sampled_steps for s in summaries] == [2, 2, 1]
     assert all(s.seeds["layer-0"].total_norm > 0 for s in summaries)
+
+
+class Regression(torch.nn.Module):
+    """A model the Trainer trains as it is: its forward returns the loss."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        from .test_clipping import loss_of
+
+        return {"loss": loss_of(self.model(x), labels)}
+
+
+class Vectors(torch.utils.data.Dataset):
+    def __init__(self, samples: int) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(samples, 32, generator=generator), torch.randn(samples, 10, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def test_an_exploding_seed_under_the_default_max_grad_norm_is_reported_exploding(tmp_path: object) -> None:
+    """Issue 17: the Trainer's default ``max_grad_norm=1.0``, ``gradient_accumulation_steps=2``, one seed's
+    branch scaled by 1000."""
+    from .test_clipping import exploding_network
+
+    network, registry = exploding_network()
+    model = Regression(network)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
+    pre_clip = PreClipGradients(model, optimizer, registry, 1.0)
+    summaries = []
+    callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8,
+                                          gradient_accumulation_steps=2, num_train_epochs=1, report_to="none",
+                                          save_strategy="no", logging_steps=1, disable_tqdm=True,
+                                          lr_scheduler_type="constant", dataloader_num_workers=0)
+    assert args.max_grad_norm == 1.0  # the default
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Vectors(64), optimizers=(optimizer, None),
+                                   callbacks=[callback])
+    trainer.train()
+    (summary,) = summaries
+    layers, totals, steps, factors = pre_clip.epoch()
+    assert summary.sampled_steps == len(factors) == 4
+    for seed_id, seed in summary.seeds.items():
+        assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)
+        for layer, value in seed.layer_norms.items():
+            assert value == pytest.approx(layers[seed_id][layer], rel=1e-5)
+    assert {seed_id: seed.health for seed_id, seed in summary.seeds.items()} == {
+        "seed-0": "healthy", "seed-1": "healthy", "seed-2": "exploding"}
+    assert summary.clip_steps == summary.clipped_steps == 4
+    assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)

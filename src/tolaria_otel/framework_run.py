@@ -1,9 +1,11 @@
 """One training run inside a framework (Lightning's ``fit``, the Hugging Face ``Trainer.train``).
 
 What the framework callbacks share: a :class:`SeedLayerTelemetry` made at the start of the run,
-measured once per optimizer step from the optimizers' step post-hook (after the framework's
-gradient accumulation, AMP unscaling and clipping, so on the gradients the optimizer applies),
-summarised at each epoch end or every N optimizer steps, and closed at the end of the run.
+measured once per optimizer step on the gradients after the framework's accumulation and AMP
+unscaling and *before its clipping* (``clipping``: the framework's clip hands its norms over, or
+Lightning's ``on_before_optimizer_step`` measures), committed by the optimizer's step post-hook so
+that a step AMP skips is not counted, summarised at each epoch end or every N optimizer steps, and
+closed at the end of the run. The clip is reported on its own (``EpochSummary.clipped_steps``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class RunOptions:
 class FrameworkRun:
     """The telemetry of one run of a framework's training loop, from its start to its end."""
 
-    def __init__(self, model: nn.Module, optimizers: Sequence[object], options: RunOptions) -> None:
+    def __init__(self, model: nn.Module, optimizers: Sequence[object], options: RunOptions, *,
+                 deepspeed: bool = False) -> None:
         self.options = options
         self.telemetry = SeedLayerTelemetry(model, options.seeds, settings=options.settings,
                                             meter_provider=options.meter_provider, attributes=options.attributes,
@@ -56,6 +59,7 @@ class FrameworkRun:
         self._hook: RemovableHandle | None = None
         if self.telemetry.enabled:
             self._hook = self._attach(model, optimizers)
+            self.telemetry._attach_clip(deepspeed=deepspeed)
 
     def _attach(self, model: nn.Module, optimizers: Sequence[object]) -> RemovableHandle:
         """One optimizer (the usual case): a hook on it, about 1 µs a step. Several, or one that is no
@@ -67,6 +71,10 @@ class FrameworkRun:
             except TypeError:
                 pass
         return EveryOptimizer(model, self._after_optimizer_step).handle
+
+    def before_clip(self) -> None:
+        """The gradients are final and not clipped yet (Lightning's ``on_before_optimizer_step``)."""
+        self.telemetry._measure_before_clip()
 
     def epoch_end(self) -> None:
         """The framework's epoch ended: summarise, unless summaries go every N steps."""
@@ -128,9 +136,13 @@ class FrameworkCallback:
         """The running run's telemetry, or None between runs."""
         return None if self._run is None else self._run.telemetry
 
-    def _start_run(self, model: nn.Module, optimizers: Sequence[object]) -> None:
+    def _start_run(self, model: nn.Module, optimizers: Sequence[object], *, deepspeed: bool = False) -> None:
         self._close_run()  # a run that failed before the framework could tell us
-        self._run = FrameworkRun(model, optimizers, self.options)
+        self._run = FrameworkRun(model, optimizers, self.options, deepspeed=deepspeed)
+
+    def _before_clip(self) -> None:
+        if self._run is not None:
+            self._run.before_clip()
 
     def _end_epoch(self) -> None:
         if self._run is not None:

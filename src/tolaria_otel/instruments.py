@@ -57,6 +57,9 @@ SEED_NOT_MEASURED = "tolaria.grad_agg.seed.not_measured"
 HOST_NORM = "tolaria.grad_agg.host.norm"
 SETTINGS_INFO = "tolaria.grad_agg.seed_layer.info"
 SERIES_BUDGET = "tolaria.grad_agg.seed_layer.series_budget"
+CLIPPED_STEPS = "tolaria.grad_agg.clip.clipped_steps"
+CLIP_STEPS = "tolaria.grad_agg.clip.steps"
+MIN_CLIP_FACTOR = "tolaria.grad_agg.clip.min_factor"
 UNIT = "grad"
 METER_NAME = "tolaria_otel"
 TRAINER_SCOPE_ATTRIBUTE = "tolaria.otel.trainer"
@@ -101,6 +104,12 @@ _GAUGES = (
     (LAYER_NORM_MAX, UNIT, "Top-K layers per seed (ranked by RMS): the largest per-step L2 norm of the layer's "
      "direct parameters' gradients over the epoch's sampled optimizer steps."),
     (LAYER_NONFINITE, "", "1 for a top-K layer whose epoch gradient norm is NaN or Inf."),
+    (CLIP_STEPS, "", "Sampled optimizer steps of the epoch at which the package saw a gradient clip (exported "
+     "only in epochs with one)."),
+    (CLIPPED_STEPS, "", "Sampled optimizer steps of the epoch whose gradient clip scaled the gradients down; the "
+     "norms are measured before it."),
+    (MIN_CLIP_FACTOR, "", "The smallest factor the gradient clip applied in the epoch's sampled steps, "
+     "min(max_norm / (total + 1e-6), 1); 1 when it never scaled."),
 )
 
 
@@ -161,6 +170,11 @@ def snapshot_points(summary: EpochSummary, emit_layers: bool,
 
     if summary.host_norm is not None:
         add(HOST_NORM, summary.host_norm, dict(identity))
+    points[CLIP_STEPS], points[CLIPPED_STEPS], points[MIN_CLIP_FACTOR] = [], [], []
+    if summary.min_clip_factor is not None:  # a clip was seen: the trainer's clip facts
+        add(CLIP_STEPS, summary.clip_steps, dict(identity))
+        add(CLIPPED_STEPS, summary.clipped_steps, dict(identity))
+        add(MIN_CLIP_FACTOR, summary.min_clip_factor, dict(identity))
     for seed in summary.seeds.values():
         seed_attributes = {**identity, "seed_id": seed.seed_id, "stage": seed.stage}
         if seed.total_norm is None:

@@ -1,10 +1,12 @@
 """When an optimizer step is measured: hooks on one optimizer, or on every optimizer of the process.
 
-Both measure from a step *post*-hook: by then a closure passed to ``step`` (Lightning, LBFGS) has
-run its backward, ``GradScaler`` has unscaled and the caller has clipped, and the gradients are
-still there (``zero_grad`` comes later). A step ``GradScaler`` skips (inf or NaN found) never
-reaches the optimizer's ``step``, so it is not measured. A closure evaluated several times in one
-step (LBFGS with ``max_iter > 1``) is measured once, on the gradients of its last evaluation.
+Both count a step from a step *post*-hook: by then a closure passed to ``step`` (Lightning, LBFGS)
+has run its backward and ``GradScaler`` has unscaled, and the gradients are still there
+(``zero_grad`` comes later). A step ``GradScaler`` skips (inf or NaN found) never reaches the
+optimizer's ``step``, so it is not counted. The values are those before clipping: a clip the package
+sees (``clipping``) has handed over the step's norms before it scaled, and the hook commits them; with
+no clip, the hook measures the gradients as they are. A closure evaluated several times in one step
+(LBFGS with ``max_iter > 1``) is measured once, on the gradients of its last evaluation.
 
 Under ``torch.compile`` of the optimizer step, dynamo traces the post-hooks along with the step.
 PyTorch's optimizers break the graph after the update, so the hooks run in a frame of their own

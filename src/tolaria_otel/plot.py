@@ -103,7 +103,9 @@ def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
             health=str(seed.get("health", "")),
         )
     return EpochSummary(epoch=int(data["epoch"]), sampled_steps=int(data["sampled_steps"]),
-                        top_k=int(data["top_k"]), seeds=seeds, host_norm=_number(data.get("host_norm")))
+                        top_k=int(data["top_k"]), seeds=seeds, host_norm=_number(data.get("host_norm")),
+                        clip_steps=int(data.get("clip_steps", 0)), clipped_steps=int(data.get("clipped_steps", 0)),
+                        min_clip_factor=_number(data.get("min_clip_factor")))
 
 
 def _number(value: float | str | None) -> float | None:

@@ -61,13 +61,23 @@ class SeedSummary:
 
 @dataclass(frozen=True)
 class EpochSummary:
-    """All active seeds at the end of one epoch, ordered by seed id; ``host_norm`` when measured."""
+    """All active seeds at the end of one epoch, ordered by seed id; ``host_norm`` when measured.
+
+    The values are the gradients before clipping; the clip is its own fact, over the sampled steps:
+    ``clip_steps`` at which a clip was seen (``telemetry.clip_grad_norm_``, or torch's clip functions
+    while attached), ``clipped_steps`` of them that it scaled down, and ``min_clip_factor``, its
+    smallest factor ``min(max_norm / (total + 1e-6), 1)`` (None when no clip was seen; 1.0 when it
+    never scaled).
+    """
 
     epoch: int
     sampled_steps: int
     top_k: int
     seeds: Mapping[str, SeedSummary]
     host_norm: float | None = None
+    clip_steps: int = 0
+    clipped_steps: int = 0
+    min_clip_factor: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; non-finite values become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``,
@@ -97,10 +107,15 @@ class EpochSummary:
                 }
                 for seed in self.seeds.values()
             ],
+            "clip_steps": self.clip_steps,
+            "clipped_steps": self.clipped_steps,
+            "min_clip_factor": json_number(self.min_clip_factor),
         }
 
     def __str__(self) -> str:
-        lines = [f"epoch {self.epoch} ({self.sampled_steps} sampled steps, top {self.top_k})"]
+        clip = "" if self.min_clip_factor is None else \
+            f", clipped {self.clipped_steps}/{self.clip_steps}, smallest factor {self.min_clip_factor:.3g}"
+        lines = [f"epoch {self.epoch} ({self.sampled_steps} sampled steps, top {self.top_k}{clip})"]
         for seed in self.seeds.values():
             layers = ", ".join(f"{layer}={value:.4g}" for layer, value in seed.top_layers) or "no layers"
             total = "not measured" if seed.total_norm is None else f"{seed.total_norm:.4g}"

@@ -8,8 +8,8 @@ import math
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from opentelemetry import metrics
@@ -17,6 +17,7 @@ from opentelemetry.metrics import MeterProvider
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .clipping import ClipFacts, PreClipStep, attach_clip_patch, clip_and_stage, l2_norms, warn_unreachable_clip
 from .distributed import RankReduction
 from .epoch import HOST, TOTAL, EpochSums, Segment, SegmentKey, fold, module_parameters, segment_key
 from .health import classify
@@ -91,6 +92,12 @@ class SeedLayerTelemetry:
         self._warned_unsampled = False
         # Under torch.distributed every rank reduces and one exports (docs/distributed.md); else None.
         self._ranks = RankReduction.current(self.settings.export_rank)
+        # Measuring before the clip (clipping.py): the step's norms wait here for the step that commits them.
+        self._pre_clip = PreClipStep()
+        self._clip_facts = ClipFacts(FLUSH_EVERY)
+        self._clip_patch: object | None = None
+        self._model_ids: frozenset[int] | None = None
+        self._ids_of: tuple[Segment, list[int]] | None = None
         seeds_now = read_seeds(seeds, stage_names)  # fail fast on a malformed source
         self._stages = {seed_id: view.stage for seed_id, view in seeds_now.items()}
         #: Every seed listed at some point of this epoch, with the last stage seen: a seed culled
@@ -119,12 +126,41 @@ class SeedLayerTelemetry:
         return self._enabled and self._instruments is not None
 
     def observe_step(self) -> None:
-        """Queue this optimizer step's gradient norms on the device. No host sync."""
+        """Queue this optimizer step's gradient norms on the device. No host sync.
+
+        Call it after the optimizer step (or before it, when nothing clips). Norms a clip took
+        before it scaled (:meth:`clip_grad_norm_`, or ``torch.nn.utils.clip_grad_norm_`` while
+        attached) are this step's values: the gradients are measured before clipping.
+        """
         if not self._enabled:
             return
-        self._observe(None)
+        if not self._pre_clip.waiting:
+            self._observe(None)
+            return
+        norms, factors = self._pre_clip.take()
+        self._observe(norms, factors)
 
-    def _observe(self, precomputed: Mapping[int, torch.Tensor] | None) -> None:
+    def clip_grad_norm_(self, parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
+                        norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` that measures this step before it clips, in one pass.
+
+        The per-gradient norms the clip takes anyway are this step's values, and its factor
+        (``min(max_norm / (total + 1e-6), 1)``) goes into the epoch's clip facts; the next
+        :meth:`observe_step` (or the attached optimizer's step) commits them, so a step that
+        ``GradScaler`` skips is not counted. Returns what torch returns, equal to it for float32 and
+        float64 gradients; float16 and bfloat16 gradients are normed in float32 here (torch norms them
+        in their own precision), so the total and factor differ from torch's by that rounding.
+        With the telemetry off, or at a step that is not sampled, it is torch's function.
+        """
+        original = torch.nn.utils.clip_grad.clip_grad_norm_  # torch's own, never the patch
+        if not self._enabled or self._countdown != 1:
+            return original(parameters, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
+                            foreach=foreach)
+        return clip_and_stage(parameters, max_norm, norm_type, error_if_nonfinite, foreach, [self], original)
+
+    def _observe(self, precomputed: Mapping[int, torch.Tensor] | None,
+                 clip_factors: Sequence[torch.Tensor] = ()) -> None:
         """A step, measured here or from the norms a caller computed already (``StepNorms.add_step``)."""
         self._countdown -= 1
         if self._countdown:
@@ -134,11 +170,13 @@ class SeedLayerTelemetry:
             try:
                 segment = self._segment_now()
                 try:
-                    segment.add_step(self._sampled_steps, precomputed)
+                    segment.add_step(self._sampled_steps, self._completed(segment, precomputed))
                 except DeviceMoved:  # the model moved: measure this step on its new device
                     segment.absorb()  # what it measured so far, while its device is there
                     segment = self._current = self._segment_for(self._read_seeds())
-                    segment.add_step(self._sampled_steps, precomputed)
+                    segment.add_step(self._sampled_steps, self._completed(segment, precomputed))
+                if clip_factors:
+                    self._clip_facts.add(clip_factors)
                 self._sampled_steps += 1
                 if segment.norms.waiting >= FLUSH_EVERY:
                     segment.absorb()
@@ -154,6 +192,9 @@ class SeedLayerTelemetry:
         With an optimizer (or a wrapper of one): every step of that optimizer. With none: every step
         of any optimizer in the process that holds a parameter of the model, once per training step,
         so replacing the optimizer changes nothing (``optimizer_hooks.EveryOptimizer``).
+        The step is measured before clipping: until :meth:`close`, ``torch.nn.utils.clip_grad_norm_``
+        and ``clip_grad_value_`` on the model's parameters hand this step's norms over before they
+        scale (``clipping``); a clip the package cannot reach is named in a warning here.
         """
         if not self._enabled:
             return RemovableHandle(OrderedDict())  # a handle whose remove() has nothing to do
@@ -161,6 +202,7 @@ class SeedLayerTelemetry:
             raise RuntimeError("attach() was already called on this SeedLayerTelemetry and its hook is still "
                                "attached: a second one would measure every step twice; remove the first handle "
                                "(handle.remove()) before attaching again")
+        self._attach_clip()
         if optimizer is None:
             handle = EveryOptimizer(self.model, self.observe_step).handle
         else:
@@ -176,7 +218,7 @@ class SeedLayerTelemetry:
         with self._lock:
             summary = EpochSummary(self.epoch, self._sampled_steps, self.settings.top_k, {})
             try:
-                summary = self._summarise()
+                summary = self._with_clip_facts(self._summarise())
                 if self._instruments is not None:
                     self._instruments.publish(summary)
             except Exception:  # noqa: BLE001
@@ -185,6 +227,8 @@ class SeedLayerTelemetry:
             self._sampled_steps = 0
             self._epoch_stages = dict(self._stages)  # the gone seeds had their last summary
             self._partial = set()
+            self._clip_facts.reset()
+            self._model_ids = None  # parameters grafted in this epoch take part in the next one's clips
             for segment in self._segments.values():
                 segment.reset()
             self._segments = {self._current.key: self._current}
@@ -199,9 +243,74 @@ class SeedLayerTelemetry:
             return
         for hook in self._hooks:
             hook.remove()
+        if self._clip_patch is not None:
+            self._clip_patch.remove()  # type: ignore[attr-defined]
+            self._clip_patch = None
         if self._instruments is not None:
             self._instruments.close()
         self._enabled = False
+
+    def _attach_clip(self, *, deepspeed: bool = False) -> None:
+        """Take the clips of the model's parameters until close (once, however often attached)."""
+        if self._clip_patch is None:
+            self._clip_patch = attach_clip_patch(self)
+            warn_unreachable_clip(self.model, deepspeed=deepspeed)
+
+    def _takes_clip(self, first_parameter: int) -> bool:
+        """A clip of the model's parameters, before a sampled step (``clipping.ClipListener``)."""
+        if not self._enabled or self._countdown != 1:
+            return False
+        if self._model_ids is None:
+            self._model_ids = frozenset(id(param) for param in self.model.parameters())
+        return first_parameter in self._model_ids
+
+    def _stage_clip(self, norms: dict[int, torch.Tensor], factor: torch.Tensor) -> None:
+        with self._lock:
+            self._pre_clip.stage(norms, factor)
+
+    def _clip_applied(self, factor: torch.Tensor | None, parameter: torch.Tensor | None) -> None:
+        with self._lock:
+            self._pre_clip.mark(parameter)  # first: the clip just changed the gradients' versions
+            if factor is not None:
+                self._pre_clip.stage(None, factor)
+
+    def _measure_before_clip(self) -> None:
+        """Take this step's norms now, before a clip runs (Lightning's ``on_before_optimizer_step``, a clip
+        whose norms cannot be shared); the step that follows commits them. Only before a sampled step."""
+        if not self._enabled or self._countdown != 1:
+            return
+        with self._lock:
+            try:
+                holders = self._current.norms.params
+                present = [(id(holder), holder) for holder in holders if holder.grad is not None]
+                norms, order = l2_norms([holder.grad for _, holder in present])  # type: ignore[misc]
+                self._pre_clip.stage({present[i][0]: norm for i, norm in zip(order, norms)}, None)
+                self._pre_clip.mark(present[0][1] if present else None)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001
+                self._failed("measure before clip")
+
+    def _completed(self, segment: Segment, norms: Mapping[int, torch.Tensor] | None) -> Mapping[int, torch.Tensor] | None:
+        """Norms taken before the clip, plus those of the segment's parameters no clip covered (still unclipped now)."""
+        if norms is None:
+            return None
+        holders = segment.norms.params
+        if self._ids_of is None or self._ids_of[0] is not segment:
+            self._ids_of = (segment, [id(holder) for holder in holders])
+        ids = self._ids_of[1]
+        if all(map(norms.__contains__, ids)):
+            return norms
+        missing = [(key, holder.grad) for key, holder in zip(ids, holders) if key not in norms and holder.grad is not None]
+        if not missing:
+            return norms
+        measured, order = l2_norms([grad for _, grad in missing])  # type: ignore[misc]
+        return {**norms, **{missing[i][0]: norm for i, norm in zip(order, measured)}}
+
+    def _with_clip_facts(self, summary: EpochSummary) -> EpochSummary:
+        if not self._clip_facts.steps:
+            return summary
+        clip_steps = self._clip_facts.steps
+        clipped, smallest = self._clip_facts.take()  # a second small host copy, only in epochs that clipped
+        return replace(summary, clip_steps=clip_steps, clipped_steps=clipped, min_clip_factor=smallest)
 
     def __enter__(self) -> SeedLayerTelemetry:
         return self

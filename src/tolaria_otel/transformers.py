@@ -2,15 +2,20 @@
 
 Needs ``transformers`` (extra ``tolaria-otel[transformers]``). The callback makes a
 :class:`~tolaria_otel.SeedLayerTelemetry` for the Trainer's model at the start of each ``train()``,
-measures every optimizer step from the step post-hook of the optimizer inside accelerate's
-``AcceleratedOptimizer``, summarises at each epoch end (or every ``every_n_steps`` optimizer steps,
-for ``max_steps`` training over a stream) and closes at the end of ``train()``.
+measures every optimizer step, summarises at each epoch end (or every ``every_n_steps`` optimizer
+steps, for ``max_steps`` training over a stream) and closes at the end of ``train()``.
 
-What is measured, and when: the gradients the optimizer applies. The Trainer sums
-``gradient_accumulation_steps`` micro-batches, clips to ``max_grad_norm`` (unscaling fp16 first) and
-then steps; the post-hook comes after all of them, once per optimizer step. So the values are *after
-clipping*, unlike the Trainer's logged ``grad_norm``, which is the norm before clipping. A step that
-fp16 loss scaling skips for inf or NaN is not measured.
+What is measured, and when: the gradient before clipping, the one whose norm the Trainer logs as
+``grad_norm``. The Trainer sums ``gradient_accumulation_steps`` micro-batches and, at every optimizer
+step, calls accelerate's ``Accelerator.clip_grad_norm_`` (with ``max_grad_norm``, or ``inf`` when it
+is 0 to get the norm alone), which unscales fp16 and calls ``torch.nn.utils.clip_grad_norm_``; all
+of that happens before any callback runs, and callbacks get no reference to the Trainer. So the
+callback takes that clip over while the run lasts (``clipping``: the clip's own per-tensor norms are
+the step's values and its factor goes into ``EpochSummary.clipped_steps`` / ``min_clip_factor``), and
+the step post-hook of the optimizer inside accelerate's ``AcceleratedOptimizer`` commits them: a step
+that fp16 loss scaling skips never reaches that optimizer and is not counted. Under DeepSpeed (which
+clips inside its engine) and FSDP1 (``model.clip_grad_norm_``) the values are after clipping, and a
+warning says so.
 
 The ``TrainerCallback`` API has no hook for a failed ``train()``: a run that raises keeps its
 telemetry attached until the next ``train()`` starts (which closes it) or ``close()`` is called.
@@ -37,7 +42,8 @@ class SeedLayerCallback(FrameworkCallback, transformers.TrainerCallback):
         if not isinstance(model, nn.Module) or optimizer is None:
             raise TypeError(f"the Trainer passed model={type(model).__name__}, optimizer={type(optimizer).__name__} "
                             "to on_train_begin: expected a torch.nn.Module and its optimizer")
-        self._start_run(model, [optimizer])  # closes a train() that raised
+        # closes a train() that raised
+        self._start_run(model, [optimizer], deepspeed=bool(getattr(args, "deepspeed", None)))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._end_epoch()

@@ -1,0 +1,399 @@
+"""Measuring before the clip: a step's gradient is the one before clipping (DESIGN.md).
+
+Global clipping rescales every gradient by one factor chosen by the largest: measured after it, one
+exploding seed looks calm and makes every other seed look vanishing. So a step is measured where the
+gradient is final (accumulated, unscaled) and not yet clipped, and the clip is reported on its own
+(per epoch: steps clipped, smallest factor, ``EpochSummary.clipped_steps`` / ``min_clip_factor``).
+
+How each path gets there:
+
+* A clip through :func:`torch.nn.utils.clip_grad_norm_` (plain loops, Lightning's
+  ``gradient_clip_val``, the Hugging Face Trainer through accelerate's ``Accelerator.clip_grad_norm_``)
+  measures and clips in one pass (:func:`clip_and_stage`): the per-tensor norms the clip takes
+  anyway are the step's norms, and the clip's total gives its factor. Nothing is queued yet: the
+  optimizer step that follows commits them (its post-hook, or ``observe_step()``), so a step that
+  ``GradScaler`` skips, which never reaches the optimizer, is not counted. Parameters the clip did
+  not cover are measured at the commit, when they are still unclipped.
+* A clip the norms cannot be shared with (``clip_grad_value_``, a norm other than L2, DTensor
+  gradients): the telemetry's parameters are measured just before it, the same way.
+* Lightning's ``on_before_optimizer_step`` (after the closure's backward and the AMP unscale, before
+  ``gradient_clip_val``) measures there, whatever clips after it.
+
+Patching, the way OpenTelemetry instrumentations patch a library: while a telemetry is attached
+(``attach()``, the framework callbacks), ``torch.nn.utils.clip_grad_norm_`` and
+``torch.nn.utils.clip_grad_value_`` are replaced by wrappers (``functools.wraps`` of the originals,
+so ``__wrapped__`` is torch's function). One patch serves every telemetry of the process; a clip is
+taken by the telemetries whose model holds its first parameter, and a clip no telemetry takes runs
+torch's own function untouched. The last telemetry to detach restores torch's functions, unless
+someone patched over ours since (then ours stays, as a pass-through). Code that bound the function
+before the patch (``from torch.nn.utils import clip_grad_norm_`` at import) is not seen: clip with
+``telemetry.clip_grad_norm_`` there. A clip the package cannot reach at all (FSDP1's
+``model.clip_grad_norm_``, DeepSpeed's engine) is named in a warning at attach, with the way out.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+    _has_foreach_support,
+)
+
+_logger = logging.getLogger(__name__)
+
+#: Gradients normed in float32 for the telemetry (its accumulators are float32): torch's own clip norms
+#: them in their own precision, so for these the total (and the factor) differ from torch's by that rounding.
+_HALF = frozenset({torch.float16, torch.bfloat16})
+
+#: The factor torch's clip adds to the total: ``max_norm / (total + 1e-6)``, clamped at 1.
+CLIP_EPSILON = 1e-6
+
+Parameters = torch.Tensor | Iterable[torch.Tensor]
+
+
+class ClipListener(Protocol):
+    """What a telemetry offers the patch (``SeedLayerTelemetry`` implements it)."""
+
+    def _takes_clip(self, first_parameter: int) -> bool: ...
+
+    def _stage_clip(self, norms: dict[int, torch.Tensor], factor: torch.Tensor) -> None: ...
+
+    def _measure_before_clip(self) -> None: ...
+
+    def _clip_applied(self, factor: torch.Tensor | None, parameter: torch.Tensor | None) -> None: ...
+
+
+def l2_norms(grads: Sequence[torch.Tensor], foreach: bool | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Per-tensor L2 norms, grouped as torch's clip groups them (device, dtype): the norms in that group
+    order and, per norm, its index in ``grads``. Float16/bfloat16 gradients are normed in float32."""
+    grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)  # type: ignore[list-item]
+    norms: list[torch.Tensor] = []
+    order: list[int] = []
+    for (device, dtype), ([tensors], indices) in grouped.items():  # type: ignore[misc]
+        wide = torch.float32 if dtype in _HALF else None
+        if (foreach is None and _has_foreach_support(tensors, device)) or (foreach and _device_has_foreach_support(device)):
+            norms.extend(torch._foreach_norm(tensors, 2, dtype=wide) if wide else torch._foreach_norm(tensors, 2))
+        elif foreach:
+            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+        else:
+            norms.extend(torch.linalg.vector_norm(g, 2, dtype=wide) for g in tensors)
+        order.extend(indices)
+    return norms, order
+
+
+def _listed(parameters: Parameters) -> list[torch.Tensor]:
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
+def _shareable(grads: Sequence[torch.Tensor]) -> bool:
+    """Plain dense tensors: a DTensor's norm is its global one, and the telemetry needs the local shard's."""
+    return all(type(g) is torch.Tensor and g.layout is torch.strided for g in grads)
+
+
+@torch.no_grad()
+def clip_and_stage(parameters: Parameters, max_norm: float, norm_type: float, error_if_nonfinite: bool,
+                   foreach: bool | None, listeners: Sequence[ClipListener],
+                   original: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, handing the norms it computes to ``listeners`` before it scales.
+
+    Equal to torch's result for float32 and float64 gradients (same grouping, same ops, same order);
+    float16/bfloat16 gradients are normed in float32 here, in their own precision by torch.
+    """
+    params = _listed(parameters)
+    ids = []
+    grads = []
+    for param in params:
+        grad = param.grad
+        if grad is not None:
+            ids.append(id(param))
+            grads.append(grad)
+    if not grads or float(norm_type) != 2.0 or not _shareable(grads):
+        return _measure_then(listeners, lambda: original(params, max_norm, norm_type=norm_type,
+                                                         error_if_nonfinite=error_if_nonfinite, foreach=foreach),
+                             max_norm, params)
+    norms, order = l2_norms(grads, foreach)
+    first_device = grads[0].device
+    total = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), 2.0)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be clipped. "
+            "To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`")
+    factor = torch.clamp(float(max_norm) / (total + CLIP_EPSILON), max=1.0)
+    by_id = {ids[i]: norm for i, norm in zip(order, norms)}
+    for listener in listeners:
+        _safely(listener, "clip", lambda: listener._stage_clip(by_id, factor))
+    _scale(grads, factor, foreach)
+    for listener in listeners:
+        _safely(listener, "clip", lambda: listener._clip_applied(None, params[0]))
+    return total
+
+
+def _scale(grads: list[torch.Tensor], factor: torch.Tensor, foreach: bool | None) -> None:
+    """``torch.nn.utils.clip_grads_with_norm_`` from the factor: the gradients are grouped once more, as there."""
+    for (device, _), ([device_grads], _) in _group_tensors_by_device_and_dtype([grads]).items():  # type: ignore[misc]
+        if (foreach is None and _has_foreach_support(device_grads, device)) or (
+                foreach and _device_has_foreach_support(device)):
+            torch._foreach_mul_(device_grads, factor.to(device))
+        else:
+            device_factor = factor.to(device)
+            for grad in device_grads:
+                grad.mul_(device_factor)
+
+
+def _measure_then(listeners: Sequence[ClipListener], clip: Callable[[], torch.Tensor | None], max_norm: float | None,
+                  params: list[torch.Tensor]) -> Any:
+    """A clip whose norms cannot be shared: measure before it, run it, then note its factor (norm clips)."""
+    for listener in listeners:
+        _safely(listener, "clip", listener._measure_before_clip)
+    total = clip()
+    factor = None
+    if max_norm is not None and type(total) is torch.Tensor:
+        factor = torch.clamp(float(max_norm) / (total.detach() + CLIP_EPSILON), max=1.0)
+    for listener in listeners:
+        _safely(listener, "clip", lambda: listener._clip_applied(factor, params[0] if params else None))
+    return total
+
+
+def _safely(listener: ClipListener, where: str, work: Callable[[], None]) -> None:
+    try:
+        work()
+    except Exception:  # noqa: BLE001 - telemetry must never stop the clip
+        failed = getattr(listener, "_failed", None)
+        if failed is not None:
+            failed(where)
+
+
+class _Patch:
+    """The process-wide wrappers of torch's clip functions, installed while some listener is attached."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # a listener's weakref callback may run inside add() (a collection)
+        self._listeners: list[weakref.ref[ClipListener]] = []
+        self._originals: dict[str, Callable[..., Any]] = {}
+        self._wrappers: dict[str, Callable[..., Any]] = {}
+
+    def add(self, listener: ClipListener) -> _PatchHandle:
+        with self._lock:
+            if not self._listeners:
+                self._install()
+            ref = weakref.ref(listener, self._remove)  # a listener collected unclosed detaches too
+            self._listeners.append(ref)
+        return _PatchHandle(self, ref)
+
+    def _remove(self, ref: weakref.ref[ClipListener]) -> None:
+        with self._lock:
+            if ref not in self._listeners:
+                return
+            self._listeners.remove(ref)
+            if not self._listeners:
+                self._uninstall()
+
+    def listeners_of(self, params: list[torch.Tensor]) -> list[ClipListener]:
+        if not params:
+            return []
+        first = id(params[0])
+        takers = []
+        for ref in list(self._listeners):
+            listener = ref()
+            if listener is not None and listener._takes_clip(first):
+                takers.append(listener)
+        return takers
+
+    def _install(self) -> None:
+        utils: Any = torch.nn.utils
+        norm, value = utils.clip_grad_norm_, utils.clip_grad_value_
+        self._originals = {"clip_grad_norm_": norm, "clip_grad_value_": value}
+
+        @functools.wraps(norm)
+        def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: float = 2.0,
+                            error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+            params = _listed(parameters)
+            listeners = self.listeners_of(params)
+            if not listeners:
+                return norm(params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
+                            foreach=foreach)
+            return clip_and_stage(params, max_norm, norm_type, error_if_nonfinite, foreach, listeners, norm)
+
+        @functools.wraps(value)
+        def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: bool | None = None) -> None:
+            params = _listed(parameters)
+            listeners = self.listeners_of(params)
+            if not listeners:
+                return value(params, clip_value, foreach=foreach)
+            return _measure_then(listeners, lambda: value(params, clip_value, foreach=foreach), None, params)
+
+        self._wrappers = {"clip_grad_norm_": clip_grad_norm_, "clip_grad_value_": clip_grad_value_}
+        for name, wrapper in self._wrappers.items():
+            setattr(utils, name, wrapper)
+
+    def _uninstall(self) -> None:
+        utils: Any = torch.nn.utils
+        for name, wrapper in self._wrappers.items():
+            if getattr(utils, name) is wrapper:
+                setattr(utils, name, self._originals[name])
+            else:  # patched over since: restoring would drop the other patch; ours passes through
+                _logger.debug("tolaria_otel: torch.nn.utils.%s was patched over; leaving it", name)
+
+
+class _PatchHandle:
+    """``remove()`` detaches one listener (idempotent); the last one restores torch's functions."""
+
+    def __init__(self, patch: _Patch, ref: weakref.ref[ClipListener]) -> None:
+        self._patch = patch
+        self._ref = ref
+
+    def remove(self) -> None:
+        self._patch._remove(self._ref)
+
+
+_PATCH = _Patch()
+
+
+def attach_clip_patch(listener: ClipListener) -> _PatchHandle:
+    """Route torch's clip functions through ``listener`` until ``handle.remove()`` (module docstring)."""
+    return _PATCH.add(listener)
+
+
+def unreachable_clip(model: nn.Module, *, deepspeed: bool = False) -> str | None:
+    """Why the package would see only clipped gradients of ``model``, with the way out; None when it would not."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if deepspeed or "DeepSpeedEngine" in names:
+        return ("DeepSpeed clips inside its engine (its gradient_clipping setting), out of the package's reach: "
+                "the values are measured after clipping. Set gradient_clipping to 0 in the DeepSpeed config "
+                "to measure the gradients before any clip")
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        return ("FSDP1 clips with model.clip_grad_norm_, out of the package's reach: the values are measured "
+                "after clipping. Shard with fully_shard (FSDP2), whose gradients torch.nn.utils.clip_grad_norm_ "
+                "clips where the package measures them first, or do not clip")
+    return None
+
+
+_warned: set[str] = set()
+
+
+def warn_unreachable_clip(model: nn.Module, *, deepspeed: bool = False) -> None:
+    """Say once per process and cause when the clip of ``model`` cannot be reached."""
+    reason = unreachable_clip(model, deepspeed=deepspeed)
+    if reason is not None and reason not in _warned:
+        _warned.add(reason)
+        _logger.warning("tolaria_otel: %s", reason)
+
+
+class PreClipStep:
+    """One step's norms taken before the clip, waiting for the optimizer step that commits them.
+
+    Staged norms belong to the gradients they were taken from: the stage is marked with a gradient
+    (the tensor and its version counter, bumped by the clip's in-place scaling), and a mark that no
+    longer matches (``zero_grad``, the next backward) means the step they belong to never reached the
+    optimizer: they are dropped, not carried into the next step.
+    """
+
+    def __init__(self) -> None:
+        self.norms: dict[int, torch.Tensor] | None = None
+        self.factors: list[torch.Tensor] = []
+        self._mark: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.norms is not None or bool(self.factors)
+
+    def fresh(self) -> bool:
+        """The marked gradient is still the one the stage was taken from (or was since clipped here)."""
+        if self._mark is None:
+            return False
+        param_ref, grad_ref, version = self._mark
+        param = param_ref()
+        grad = None if param is None else param.grad
+        return grad is not None and grad is grad_ref() and grad._version == version
+
+    def stage(self, norms: dict[int, torch.Tensor] | None, factor: torch.Tensor | None) -> None:
+        if self.waiting and not self.fresh():
+            self.clear()
+        if norms:
+            if self.norms is None:
+                self.norms = norms  # the caller's fresh dict: no copy on the step path
+            else:
+                self.norms.update(norms)
+        if factor is not None:
+            self.factors.append(factor)
+
+    def mark(self, parameter: torch.Tensor | None) -> None:
+        """Tie the stage to ``parameter``'s gradient as it is now (after the clip that just ran)."""
+        grad = None if parameter is None else parameter.grad
+        self._mark = None if grad is None else (weakref.ref(parameter), weakref.ref(grad), grad._version)  # type: ignore[arg-type]
+
+    def take(self) -> tuple[dict[int, torch.Tensor] | None, list[torch.Tensor]]:
+        """What the committing step measured before its clip: (norms or None, clip factors); then empty."""
+        if not self.fresh():
+            self.clear()
+            return None, []
+        norms, factors = self.norms, self.factors
+        self.clear()
+        return norms, factors
+
+    def clear(self) -> None:
+        self.norms = None
+        self.factors = []
+        self._mark = None
+
+
+class ClipFacts:
+    """Per epoch, on the device: how many sampled steps the clip scaled down, and its smallest factor.
+
+    A step's factor is the clip's ``min(max_norm / (total + 1e-6), 1)`` (the smallest of its clips when
+    it clipped several groups). Factors wait as 0-d tensors and are folded every ``FLUSH_EVERY`` steps in
+    one batch of ops: nothing on the step path but an append. :meth:`take` is a host copy of two floats,
+    made only in epochs in which a clip was seen (the epoch's statistics copy is another module's).
+    """
+
+    def __init__(self, flush_every: int) -> None:
+        self.steps = 0  # sampled steps at which a clip was seen
+        self._flush_every = flush_every
+        self._waiting: list[torch.Tensor] = []
+        self._totals: torch.Tensor | None = None  # [clipped steps, smallest factor]
+
+    def add(self, factors: Sequence[torch.Tensor]) -> None:
+        factor = factors[0] if len(factors) == 1 else torch.stack(
+            [f.to(factors[0].device, torch.float32) for f in factors]).amin()
+        self._waiting.append(factor)
+        self.steps += 1
+        if len(self._waiting) >= self._flush_every:
+            self._fold()
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        if not self._waiting:
+            return
+        device = self._waiting[0].device if self._totals is None else self._totals.device
+        factors = torch.stack([f.to(device, torch.float32) for f in self._waiting])
+        self._waiting = []
+        batch = torch.stack([(factors < 1).sum(dtype=torch.float32), factors.amin()])
+        if self._totals is None:
+            self._totals = batch
+        else:
+            self._totals = torch.stack([self._totals[0] + batch[0], torch.minimum(self._totals[1], batch[1])])
+
+    def take(self) -> tuple[int, float | None]:
+        """(clipped sampled steps, smallest factor or None when no clip was seen); then starts over."""
+        if not self.steps:
+            return 0, None
+        self._fold()
+        assert self._totals is not None
+        clipped, smallest = self._totals.tolist()  # the one host copy of the clip facts, per epoch that clipped
+        self.reset()
+        return int(clipped), smallest
+
+    def reset(self) -> None:
+        self.steps = 0
+        self._waiting = []
+        self._totals = None
