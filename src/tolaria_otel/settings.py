@@ -9,6 +9,7 @@ given and what is accepted, before any training work is done.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ ENV_SAMPLE_EVERY = "TOLARIA_SEED_LAYER_SAMPLE_EVERY"
 ENV_EXPORT_RANK = "TOLARIA_SEED_LAYER_EXPORT_RANK"
 #: Also measure the host (every trainable parameter outside the seeds): its norm and each seed's ratio to it.
 ENV_HOST_NORM = "TOLARIA_SEED_HOST_NORM"
+#: Esper's gradient health: a gradient tensor whose norm at a step is below this counts as vanishing...
+ENV_TENSOR_VANISHING_BELOW = "TOLARIA_SEED_TENSOR_VANISHING_BELOW"
+#: ...and above this (or NaN or Inf) as exploding (Esper: 10 x its default clip norm of 1.0).
+ENV_TENSOR_EXPLODING_ABOVE = "TOLARIA_SEED_TENSOR_EXPLODING_ABOVE"
 
 # Esper's settings read the same two flags with pydantic's boolean grammar: the same words here, so a
 # deployment Esper accepts starts the trainer too.
@@ -38,6 +43,9 @@ TOP_K_MAX = 100
 SAMPLE_EVERY_MAX = 1_000_000
 #: Checked against the real world size when the telemetry starts under torch.distributed.
 EXPORT_RANK_MAX = 1_000_000
+#: Esper's thresholds (simic/telemetry/gradient_collector.py).
+TENSOR_VANISHING_BELOW = 1e-7
+TENSOR_EXPLODING_ABOVE = 10.0
 
 
 #: Characters of a bad value that an error message echoes; a longer value is cut and its length given.
@@ -69,6 +77,8 @@ class SeedLayerSettings:
     sample_every: int = 1
     export_rank: int = 0
     host_norm: bool = False
+    tensor_vanishing_below: float = TENSOR_VANISHING_BELOW
+    tensor_exploding_above: float = TENSOR_EXPLODING_ABOVE
 
     def __post_init__(self) -> None:
         for name in ("enabled", "compact", "host_norm"):
@@ -77,6 +87,7 @@ class SeedLayerSettings:
         _check_int("top_k", self.top_k, TOP_K_MAX)
         _check_int("sample_every", self.sample_every, SAMPLE_EVERY_MAX)
         _check_int("export_rank", self.export_rank, EXPORT_RANK_MAX, minimum=0)
+        _check_bounds(self.tensor_vanishing_below, self.tensor_exploding_above)
 
     @property
     def emits_layers(self) -> bool:
@@ -95,6 +106,7 @@ class SeedLayerSettings:
             sample_every=_parse_int(env, ENV_SAMPLE_EVERY, defaults.sample_every, SAMPLE_EVERY_MAX),
             export_rank=_parse_int(env, ENV_EXPORT_RANK, defaults.export_rank, EXPORT_RANK_MAX, minimum=0),
             host_norm=_parse_bool(env, ENV_HOST_NORM, defaults.host_norm),
+            **_parse_bounds(env),
         )
 
     def replace(self, **changes: object) -> SeedLayerSettings:
@@ -140,3 +152,37 @@ def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, mi
 def _check_int(name: str, value: object, maximum: int, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise SettingsError(f"{name}={echoed(value)} is not valid: expected an integer from {minimum} to {maximum}")
+
+
+_POSITIVE = "a finite number above 0, such as 1e-7"
+
+
+def _parse_positive(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {_POSITIVE}")
+    return value
+
+
+def _parse_bounds(env: Mapping[str, str]) -> dict[str, float]:
+    lower = _parse_positive(env, ENV_TENSOR_VANISHING_BELOW, TENSOR_VANISHING_BELOW)
+    upper = _parse_positive(env, ENV_TENSOR_EXPLODING_ABOVE, TENSOR_EXPLODING_ABOVE)
+    if lower >= upper:
+        raise SettingsError(f"{ENV_TENSOR_VANISHING_BELOW}={lower!r} is not below {ENV_TENSOR_EXPLODING_ABOVE}="
+                            f"{upper!r}: expected the vanishing threshold below the exploding one")
+    return {"tensor_vanishing_below": lower, "tensor_exploding_above": upper}
+
+
+def _check_bounds(lower: object, upper: object) -> None:
+    for name, value in (("tensor_vanishing_below", lower), ("tensor_exploding_above", upper)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise SettingsError(f"{name}={echoed(value)} is not valid: expected {_POSITIVE}")
+    if lower >= upper:  # type: ignore[operator]
+        raise SettingsError(f"tensor_vanishing_below={lower!r} is not below tensor_exploding_above={upper!r}: "
+                            "expected the vanishing threshold below the exploding one")

@@ -27,7 +27,11 @@ class SeedSummary:
     (the last bucket: above the last bound; non-finite steps are counted in ``nonfinite_steps``
     instead). ``host_ratio`` is Esper's gate, ``(seed / host) * sqrt(host params / seed params)``,
     when the host is measured (``TOLARIA_SEED_HOST_NORM``). ``health`` is one of
-    ``health.HEALTH_STATES`` (docs/tamiyo.md).
+    ``health.HEALTH_STATES`` (docs/tamiyo.md). Esper's gradient health (docs/tamiyo.md) comes from the
+    last three: the seed's gradient tensors that had a gradient (``gradient_tensors``) and, summed over
+    its sampled steps, how many tensor-steps had a norm below ``TOLARIA_SEED_TENSOR_VANISHING_BELOW``
+    (``vanishing_tensor_steps``) or above ``TOLARIA_SEED_TENSOR_EXPLODING_ABOVE`` or non-finite
+    (``exploding_tensor_steps``); None where they were not counted (under torch.distributed).
     """
 
     seed_id: str
@@ -43,6 +47,9 @@ class SeedSummary:
     step_norm_counts: tuple[int, ...] = ()
     host_ratio: float | None = None
     health: str = ""
+    gradient_tensors: int | None = None
+    vanishing_tensor_steps: int | None = None
+    exploding_tensor_steps: int | None = None
 
     @property
     def measured(self) -> bool:
@@ -86,6 +93,9 @@ class EpochSummary:
                     "step_norm_counts": list(seed.step_norm_counts),
                     "host_ratio": json_number(seed.host_ratio),
                     "health": seed.health,
+                    "gradient_tensors": seed.gradient_tensors,
+                    "vanishing_tensor_steps": seed.vanishing_tensor_steps,
+                    "exploding_tensor_steps": seed.exploding_tensor_steps,
                 }
                 for seed in self.seeds.values()
             ],
