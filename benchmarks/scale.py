@@ -5,18 +5,25 @@ one torch thread. Per size, S seeds of L ``Linear(8, 8)`` layers (2 gradient ten
 bias) whose gradients are set once; then, for a few epochs, at each step on the same gradients and in
 alternating order: the floor (one ``torch._foreach_norm`` over every seed gradient) and
 ``observe_step()``; at each epoch end ``end_epoch()`` and one collection by an ``InMemoryMetricReader``.
-Printed per size, from one run: observe_step's median against the floor's, the slowest step against
-the median (a flush every ``FLUSH_EVERY`` sampled steps included), end_epoch, the RSS the step path
-held at its peak in the first epoch after a warm-up (the waiting norms), and the points exported per
-collection. The machine may be shared: read the ratios, measured side by side, rather than the times.
+Each size runs in a process of its own, so that the RSS one size freed does not hide the next one's.
+Printed per size, from one run: observe_step's median against the floor's, and its mean (the flushes
+included: what the feature costs over an epoch's steps) against the floor's; the flushing step (every
+``FLUSH_EVERY``-th sampled step, median over the flushes) against the median step; the slowest step
+against the median, of observe_step and of the floor (on a shared machine the floor's says how much of
+it is the machine's noise); end_epoch; the RSS the step path held at its peak in the first epoch after a
+warm-up (the waiting norms); and the points exported per collection. Read the ratios, measured side
+by side, rather than the times.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -25,6 +32,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
+from tolaria_otel.norms import FLUSH_EVERY
 
 SETTINGS = SeedLayerSettings(enabled=True)
 #: (seeds, layers per seed): the work-package's size up to 10,240 gradient tensors, and one-layer seeds.
@@ -89,9 +97,12 @@ def measure(seeds: int, layers: int, epochs: int, steps: int) -> dict[str, float
     telemetry.close()
     provider.shutdown()
     median = statistics.median(step_times)
-    return {"tensors": len(grads), "observe": median, "floor": statistics.median(floor_times),
-            "slowest": max(step_times), "median": median, "end_epoch": statistics.median(end_times),
-            "held": held, "points": points}
+    floor = statistics.median(floor_times)
+    flushes = [t for i, t in enumerate(step_times) if (i % steps + 1) % FLUSH_EVERY == 0]
+    return {"tensors": len(grads), "observe": median, "floor": floor,
+            "mean": statistics.fmean(step_times) / statistics.fmean(floor_times), "flush": statistics.median(flushes) / median,
+            "slowest": max(step_times) / median, "floor_slowest": max(floor_times) / floor,
+            "end_epoch": statistics.median(end_times), "held": held, "points": points}
 
 
 def main() -> None:
@@ -99,18 +110,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per size (default 3)")
     parser.add_argument("--steps", type=int, default=128, help="sampled steps per epoch (default 128: two flushes)")
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 epochs of 70 steps: a smoke run")
+    parser.add_argument("--size", help=argparse.SUPPRESS)  # SEEDSxLAYERS: one size, measured in this process
     args = parser.parse_args()
-    grid = GRID
     if args.quick:
-        grid, args.epochs, args.steps = QUICK_GRID, 2, 70
+        args.epochs, args.steps = 2, 70
     torch.set_num_threads(1)
-    print(f"| seeds x layers | gradient tensors | observe_step µs (median) | × floor | slowest step × median "
-          f"| end_epoch ms | step path held (MiB, RSS) | points per collection |\n"
-          f"| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for seeds, layers in grid:
-        r = measure(seeds, layers, args.epochs, args.steps)
+    if args.size:
+        seeds, layers = (int(n) for n in args.size.split("x"))
+        print(json.dumps(measure(seeds, layers, args.epochs, args.steps)))
+        return
+    print(f"| seeds x layers | gradient tensors | observe_step µs (median) | × floor | mean × floor's (flushes included) | flushing step × median "
+          f"| slowest × median: observe_step, floor | end_epoch ms | step path held (MiB, RSS) "
+          f"| points per collection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for seeds, layers in QUICK_GRID if args.quick else GRID:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--size", f"{seeds}x{layers}",
+                              "--epochs", str(args.epochs), "--steps", str(args.steps)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.splitlines()[-1])
         print(f"| {seeds} x {layers} | {r['tensors']} | {r['observe'] * 1e6:.0f} | {r['observe'] / r['floor']:.2f} "
-              f"| {r['slowest'] / r['median']:.1f} | {r['end_epoch'] * 1e3:.1f} | {r['held'] / 2**20:.1f} "
+              f"| {r['mean']:.2f} | {r['flush']:.1f} | {r['slowest']:.1f}, {r['floor_slowest']:.1f} | {r['end_epoch'] * 1e3:.1f} "
+              f"| {r['held'] / 2**20:.1f} "
               f"| {r['points']} |", flush=True)
 
 
