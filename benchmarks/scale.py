@@ -12,7 +12,8 @@ included: what the feature costs over an epoch's steps) against the floor's; the
 against the median, of observe_step and of the floor (on a shared machine the floor's says how much of
 it is the machine's noise); end_epoch; the RSS the step path held at its peak in the first epoch after a
 warm-up (the waiting norms); and the points exported per collection. Read the ratios, measured side
-by side, rather than the times.
+by side, rather than the times. end_epoch is given as the median and the mean over the epochs, with the
+mean time the garbage collector ran inside it: a full collection lands in one epoch end and not the next.
 """
 
 from __future__ import annotations
@@ -55,6 +56,25 @@ def _points(reader: InMemoryMetricReader) -> int:
                for scope in resource.scope_metrics for metric in scope.metrics)
 
 
+class GarbageCollections:
+    """Time spent in Python's garbage collector while ``on``: a full collection, triggered by the objects an
+    epoch end leaves alive, traverses every object of the process, and lands in whichever epoch it falls."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.spent = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.spent += time.perf_counter() - self._start
+
+
 def measure(seeds: int, layers: int, epochs: int, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
     modules = {f"seed-{i:04d}": nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(layers)))
@@ -72,6 +92,7 @@ def measure(seeds: int, layers: int, epochs: int, steps: int) -> dict[str, float
     end_times: list[float] = []
     held = 0
     points = 0
+    collections = GarbageCollections()
     for _ in range(2):  # warm-up, not timed: first calls of each op, the SDK's first collection
         telemetry.observe_step()
     telemetry.end_epoch()
@@ -90,9 +111,11 @@ def measure(seeds: int, layers: int, epochs: int, steps: int) -> dict[str, float
                 (step_times if piece else floor_times).append(time.perf_counter() - start)
             if epoch == 0:
                 held = max(held, _rss() - start_rss)
+        collections.on = True
         start = time.perf_counter()
         telemetry.end_epoch()
         end_times.append(time.perf_counter() - start)
+        collections.on = False
         points = _points(reader)
     telemetry.close()
     provider.shutdown()
@@ -100,9 +123,11 @@ def measure(seeds: int, layers: int, epochs: int, steps: int) -> dict[str, float
     floor = statistics.median(floor_times)
     flushes = [t for i, t in enumerate(step_times) if (i % steps + 1) % FLUSH_EVERY == 0]
     return {"tensors": len(grads), "observe": median, "floor": floor,
-            "mean": statistics.fmean(step_times) / statistics.fmean(floor_times), "flush": statistics.median(flushes) / median,
+            "mean": statistics.fmean(step_times) / statistics.fmean(floor_times),
+            "flush": statistics.median(flushes) / median,
             "slowest": max(step_times) / median, "floor_slowest": max(floor_times) / floor,
-            "end_epoch": statistics.median(end_times), "held": held, "points": points}
+            "end_epoch": statistics.median(end_times), "end_epoch_mean": statistics.fmean(end_times),
+            "end_epoch_gc": collections.spent / epochs, "held": held, "points": points}
 
 
 def main() -> None:
@@ -110,6 +135,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per size (default 3)")
     parser.add_argument("--steps", type=int, default=128, help="sampled steps per epoch (default 128: two flushes)")
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 epochs of 70 steps: a smoke run")
+    parser.add_argument("--sizes", help="SEEDSxLAYERS,... instead of the grid (default: 4x3 up to 256x20 and 2000x1)")
     parser.add_argument("--size", help=argparse.SUPPRESS)  # SEEDSxLAYERS: one size, measured in this process
     args = parser.parse_args()
     if args.quick:
@@ -119,16 +145,23 @@ def main() -> None:
         seeds, layers = (int(n) for n in args.size.split("x"))
         print(json.dumps(measure(seeds, layers, args.epochs, args.steps)))
         return
-    print(f"| seeds x layers | gradient tensors | observe_step µs (median) | × floor | mean × floor's (flushes included) | flushing step × median "
-          f"| slowest × median: observe_step, floor | end_epoch ms | step path held (MiB, RSS) "
+    print(f"| seeds x layers | gradient tensors | observe_step µs (median) | × floor "
+          f"| mean × floor's (flushes included) | flushing step × median "
+          f"| slowest × median: observe_step, floor | end_epoch ms: median, mean (of which GC) "
+          f"| step path held (MiB, RSS) "
           f"| points per collection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for seeds, layers in QUICK_GRID if args.quick else GRID:
+    grid = QUICK_GRID if args.quick else GRID
+    if args.sizes:
+        grid = tuple(tuple(int(n) for n in size.split("x")) for size in args.sizes.split(","))
+    for seeds, layers in grid:
         out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--size", f"{seeds}x{layers}",
                               "--epochs", str(args.epochs), "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.splitlines()[-1])
         print(f"| {seeds} x {layers} | {r['tensors']} | {r['observe'] * 1e6:.0f} | {r['observe'] / r['floor']:.2f} "
-              f"| {r['mean']:.2f} | {r['flush']:.1f} | {r['slowest']:.1f}, {r['floor_slowest']:.1f} | {r['end_epoch'] * 1e3:.1f} "
+              f"| {r['mean']:.2f} | {r['flush']:.1f} | {r['slowest']:.1f}, {r['floor_slowest']:.1f} "
+              f"| {r['end_epoch'] * 1e3:.1f}, {r['end_epoch_mean'] * 1e3:.1f} "
+              f"({r['end_epoch_gc'] * 1e3:.1f}) "
               f"| {r['held'] / 2**20:.1f} "
               f"| {r['points']} |", flush=True)
 

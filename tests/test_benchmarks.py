@@ -98,3 +98,16 @@ def test_soak_runs_and_every_collection_holds_the_latest_snapshot():
     rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| \d+ \| \d+ \| (\d+) \| (\d+) \|$", stdout, re.MULTILINE)
     assert [int(epoch) for epoch, *_ in rows] == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert all(warnings == "0" for _, _, warnings, _ in rows)
+
+
+def test_scale_script_prints_every_size() -> None:
+    stdout = _run("benchmarks.scale")
+    rows = [line.strip("|").split("|") for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| seeds", "| ---"))]
+    assert [row[0].strip() for row in rows] == ["4 x 3", "16 x 8", "125 x 1"]
+    for row in rows:
+        cells = [cell.strip() for cell in row]
+        assert int(cells[1]) == 2 * eval(cells[0].replace("x", "*"))  # noqa: S307 - weight and bias per layer
+        float(cells[2]), float(cells[3]), float(cells[4]), float(cells[5]), float(cells[8])
+        assert re.fullmatch(r"[\d.]+, [\d.]+ \([\d.]+\)", cells[7]), cells[7]  # end_epoch: median, mean (GC)
+        assert int(cells[9]) > 0  # the reader collected points

@@ -107,8 +107,8 @@ def test_thresholds_from_the_environment_and_their_errors():
     settings = SeedLayerSettings.from_env(env)
     assert (settings.tensor_vanishing_below, settings.tensor_exploding_above) == (1e-6, 100.0)
     assert SeedLayerSettings.from_env({}).tensor_vanishing_below == 1e-7
-    for name, value in [("TOLARIA_SEED_TENSOR_VANISHING_BELOW", "0"), ("TOLARIA_SEED_TENSOR_EXPLODING_ABOVE", "-1"),
-                        ("TOLARIA_SEED_TENSOR_EXPLODING_ABOVE", "nan"), ("TOLARIA_SEED_TENSOR_VANISHING_BELOW", "tiny")]:
+    below, above = "TOLARIA_SEED_TENSOR_VANISHING_BELOW", "TOLARIA_SEED_TENSOR_EXPLODING_ABOVE"
+    for name, value in [(below, "0"), (above, "-1"), (above, "nan"), (below, "tiny")]:
         with pytest.raises(SettingsError, match=rf"^{name}='{value}' is not valid: expected a finite number above 0"):
             SeedLayerSettings.from_env({name: value})
     with pytest.raises(SettingsError, match="TOLARIA_SEED_TENSOR_VANISHING_BELOW=20.0 is not below "

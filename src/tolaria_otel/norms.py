@@ -68,6 +68,7 @@ class _Group:
     positions: list[int]  # where each parameter sits in StepNorms' order
     missing: torch.Tensor  # the "norm" of a parameter without a gradient this step: -1, which adds 0
     buffer: torch.Tensor | None  # [FLUSH_EVERY, params] waiting norms, above LIST_TENSORS_MAX; else None
+    rows: tuple[torch.Tensor, ...] = ()  # the buffer's rows, as views made once (not an indexing op per step)
     sparse: list[int] = field(default_factory=list)  # indices (into params) measured one by one
     pending: list[Sequence[torch.Tensor]] = field(default_factory=list)  # per waiting step (no buffer), its norms
 
@@ -117,7 +118,8 @@ class StepNorms:
             dtype = torch.float32 if float32_norm else _wide(params[positions[0]])
             buffer = torch.empty(FLUSH_EVERY, len(positions), dtype=dtype, device=device) if buffered else None
             self._groups.append(_Group(device, float32_norm, [params[p] for p in positions], positions,
-                                       torch.full((), -1.0, dtype=dtype, device=device), buffer))
+                                       torch.full((), -1.0, dtype=dtype, device=device), buffer,
+                                       buffer.unbind(0) if buffered else ()))
         self._batches = []
         for device in dict.fromkeys(group.device for group in self._groups):
             groups = [group for group in self._groups if group.device == device]
@@ -217,7 +219,8 @@ class StepNorms:
             return
         if self._waiting == len(group.buffer):  # more steps than FLUSH_EVERY without a take_rows(): grow
             group.buffer = torch.cat([group.buffer, torch.empty_like(group.buffer)])
-        torch.stack(norms, out=group.buffer[self._waiting])  # type: ignore[arg-type]
+            group.rows = group.buffer.unbind(0)
+        torch.stack(norms, out=group.rows[self._waiting])  # type: ignore[arg-type]
 
     @staticmethod
     def _norms(float32_norm: bool, grads: list[torch.Tensor]) -> Sequence[torch.Tensor]:
