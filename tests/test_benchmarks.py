@@ -110,3 +110,16 @@ def test_scale_distributed_runs_and_the_epoch_end_all_reduce_does_not_grow_with_
     assert by_kind["replicated", 20] == by_kind["replicated", 300]  # one all-reduce, the same bytes
     assert by_kind["sharded", 20][2] == by_kind["sharded", 300][2]  # the epoch end's all-reduce
     assert by_kind["sharded", 300][0] == 1 + 300 // 64  # and a chunk per 64 sampled steps
+
+
+def test_scale_script_prints_every_size() -> None:
+    stdout = _run("benchmarks.scale")
+    rows = [line.strip("|").split("|") for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| seeds", "| ---"))]
+    assert [row[0].strip() for row in rows] == ["4 x 3", "16 x 8", "125 x 1"]
+    for row in rows:
+        cells = [cell.strip() for cell in row]
+        assert int(cells[1]) == 2 * eval(cells[0].replace("x", "*"))  # noqa: S307 - weight and bias per layer
+        float(cells[2]), float(cells[3]), float(cells[4]), float(cells[5]), float(cells[8])
+        assert re.fullmatch(r"[\d.]+, [\d.]+ \([\d.]+\)", cells[7]), cells[7]  # end_epoch: median, mean (GC)
+        assert int(cells[9]) > 0  # the reader collected points

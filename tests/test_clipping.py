@@ -224,7 +224,8 @@ def test_measured_clip_adds_no_host_sync_and_no_norm() -> None:
         summary = telemetry.end_epoch()
     assert measured.host_transfers == 0
     assert measured.ops.count("aten::_foreach_norm") == clip_alone.ops.count("aten::_foreach_norm") == steps
-    assert len(measured.ops) - len(clip_alone.ops) <= 0.5 * steps
+    # No op per step: what the measured clip adds is the batch every FLUSH_EVERY (64) sampled steps.
+    assert len(measured.ops) - len(clip_alone.ops) < steps
     assert epoch_end.host_transfers <= 2  # the statistics, and the clip facts of an epoch that clipped
     assert summary.clip_steps == steps
 

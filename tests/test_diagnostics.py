@@ -181,7 +181,7 @@ def test_recording_counts_equals_recording_each_value_in_every_reader(monkeypatc
             for _ in range(count):
                 histogram.record(value, {"seed_id": "s"})
 
-    got = points(lambda h: sdk_state.record_counts(h, {"seed_id": "s"}, counts))
+    got = points(lambda h: sdk_state.record_counts(h, [({"seed_id": "s"}, counts)]))
     want = points(one_by_one)
     for (count, total, buckets, low, high), (want_count, want_total, want_buckets, want_low, want_high) in zip(got, want):
         assert (count, buckets, low, high) == (want_count, want_buckets, want_low, want_high)

@@ -111,6 +111,16 @@ def test_step_path_has_no_host_sync_and_a_fixed_op_count():
     assert four_seeds.ops.count("aten::_foreach_norm") == STEPS
 
 
+def test_above_list_tensors_max_a_step_is_two_ops_and_still_no_host_sync():
+    """Many gradient tensors: a step's norms are copied into a preallocated buffer (one op more per step)
+    rather than waiting as 0-d tensors; still no host sync, and the batch every FLUSH_EVERY steps."""
+    many, _, many_ops = _op_counts(11)  # 66 gradient tensors
+    assert many.host_transfers == 0
+    assert many.ops.count("aten::_foreach_norm") == STEPS
+    assert many.ops.count("aten::stack") >= STEPS  # into the buffer (the batch stacks its counts too)
+    assert 2 * STEPS <= many_ops <= 2.6 * STEPS
+
+
 def test_epoch_end_work_does_not_grow_with_layers():
     _, one_seed_epoch, _ = _op_counts(1)
     _, four_seed_epoch, _ = _op_counts(4)

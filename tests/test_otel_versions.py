@@ -26,6 +26,8 @@ TABLE = ROOT / "docs" / "otel-internals.md"
 #: Private names of other libraries the package uses (not OpenTelemetry's, so not in the table).
 NOT_OPENTELEMETRY = {
     "_foreach_norm": "torch's fused norm, the step path's one op",
+    "_foreach_mul_": "torch's fused scale, the clip's (clipping.py, as torch's clip_grad_norm_ does)",
+    "_foreach_utils": "torch's grouping of tensors by device and dtype (clipping.py, as torch's clip does)",
     "_dynamo": "torch.compile's tracer (optimizer_hooks.py)",
     "_tensor": "torch.distributed._tensor (DTensor on older torch)",
     "_parameters": "torch.nn.Module's direct parameters (epoch.py)",

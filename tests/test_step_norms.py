@@ -5,7 +5,7 @@ import math
 import torch
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
-from tolaria_otel.norms import StepNorms
+from tolaria_otel.norms import FLUSH_EVERY, LIST_TENSORS_MAX, StepNorms
 
 from .helpers import ReferenceNorms, seeded_network, train_epoch
 
@@ -41,3 +41,25 @@ def test_a_step_from_precomputed_norms_equals_the_measured_one():
         assert math.isclose(seed.total_norm, totals[seed_id], rel_tol=1e-5)
         for layer, value in seed.layer_norms.items():
             assert math.isclose(value, layers[seed_id][layer], rel_tol=1e-5)
+
+
+def test_above_list_tensors_max_the_norms_wait_in_a_buffer_and_give_the_same_rows():
+    """Many gradient tensors: each step's norms are copied into a buffer (4 bytes per tensor-step); measured or
+    precomputed, with gradients missing (adding 0), and more steps than the buffer's rows before the batch."""
+    count = LIST_TENSORS_MAX + 6
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(count)]
+    norms = StepNorms(params, [(i, i % 4, None) for i in range(count)], 4, torch.device("cpu"))
+    assert all(group.buffer is not None for group in norms._groups)
+    generator = torch.Generator().manual_seed(0)
+    expected = []
+    for step in range(FLUSH_EVERY + 3):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(3, generator=generator) if (i + step) % 7 else None
+        given = {id(p): torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None} if step % 2 else None
+        norms.add_step(given)
+        expected.append([sum(float(p.grad.double().square().sum()) for i, p in enumerate(params)
+                             if i % 4 == slot and p.grad is not None) for slot in range(4)])
+    rows = norms.take_rows()
+    assert rows is not None
+    assert torch.allclose(rows.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5)
+    assert norms.had_gradient() == [True] * count

@@ -49,8 +49,9 @@ from .epoch import (
     host_facts,
     slot_statistics,
     statistics_length,
+    tensor_counts_length,
 )
-from .norms import GradientHolder
+from .norms import TENSOR_COUNTS, GradientHolder
 from .settings import ENV_EXPORT_RANK, SettingsError
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ WORLD_SIZE_ATTRIBUTE = "torch.distributed.world_size"
 #: whether each is still listed at its end),
 #: its slots holding a DTensor shard, and its sampled steps when it has one (the rows reduced for them).
 Descriptor = tuple[tuple[Slot, ...], tuple[tuple[str, str, bool], ...], tuple[Slot, ...], int]
+
+#: Per-slot facts only the host knows, sent with the statistics: measured, numel, seed steps, holders, tensors.
+HOST_FACTS = 5
 
 _logger = logging.getLogger(__name__)
 
@@ -389,10 +393,10 @@ class RankReduction:
         return tuple(slot for slot in layout.sharded if slot not in self._chunks.slots)
 
     def _length(self, layout: SlotLayout) -> int:
-        """The reduced vector before its tail:
-        ``[statistics | measured | numel | seed steps | holders | last chunk | unchunked rows]``."""
+        """The reduced vector before its tail: ``[statistics | tensor counts | measured | numel | seed steps |
+        holders | gradient tensors | last chunk | unchunked rows]``."""
         n = len(layout.slots)
-        return statistics_length(n) + 4 * n + self._chunks.length + 2 * layout.steps * len(self._unchunked(layout))
+        return _summed_length(n) + HOST_FACTS * n + self._chunks.length + 2 * layout.steps * len(self._unchunked(layout))
 
     def _local(self, segments: Sequence[Segment] | None, facts: HostFacts | None, layout: SlotLayout,
                device: torch.device) -> torch.Tensor:
@@ -408,26 +412,31 @@ class RankReduction:
                 if measured and slot in index]
         if mine:
             m = len(facts.slots)
-            sums, maxima, counts = fold_statistics(segments, facts, device).to(device).split([m, m, m * COLUMNS])
+            sums, maxima, counts, tensors = fold_statistics(segments, facts, device).to(device).split(
+                [m, m, m * COLUMNS, tensor_counts_length(m)])
             source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=device)
             target = torch.tensor([j for _, j in mine], dtype=torch.long, device=device)
-            into_sums, into_maxima, into_counts = vector[:statistics_length(n)].split([n, n, n * COLUMNS])
+            into_sums, into_maxima, into_counts, into_tensors = vector[:_summed_length(n)].split(
+                [n, n, n * COLUMNS, tensor_counts_length(n)])
             into_sums[target] = sums[source]
             into_maxima[target] = maxima[source]
             into_counts.view(n, COLUMNS)[target] = counts.view(m, COLUMNS)[source]
-        host = [0.0] * (4 * n)  # measured, numel, a seed's steps and 1 per listing rank: copied to the device once
-        for slot, measured, numel in zip(facts.slots, facts.measured, facts.numel):
+            into_tensors.view(TENSOR_COUNTS, n)[:, target] = tensors.view(TENSOR_COUNTS, m)[:, source]
+        # measured, numel, a seed's steps, 1 per listing rank and the gradient tensors: copied to the device once
+        host = [0.0] * (HOST_FACTS * n)
+        for slot, measured, numel, tensor_count in zip(facts.slots, facts.measured, facts.numel, facts.tensors):
             i = index.get(slot)
             if i is None:
                 continue
             host[i] = float(measured)
             host[n + i] = float(numel) if measured else 0.0
+            host[4 * n + i] = float(tensor_count) if measured else 0.0
             if slot[1] == TOTAL and slot[0] in facts.seed_steps:
                 host[2 * n + i] = float(facts.seed_steps[slot[0]])
                 host[3 * n + i] = 1.0
-        start = statistics_length(n)
-        vector[start:start + 4 * n] = torch.tensor(host, dtype=torch.float32).to(device)
-        start += 4 * n
+        start = _summed_length(n)
+        vector[start:start + HOST_FACTS * n] = torch.tensor(host, dtype=torch.float32).to(device)
+        start += HOST_FACTS * n
         vector[start:start + self._chunks.length] = self._chunks.block(segments, device)
         start += self._chunks.length
         unchunked = self._unchunked(layout)
@@ -450,19 +459,24 @@ class RankReduction:
         return vector
 
     def _statistics(self, vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-        """From the reduced vector, on the device: the statistics (``epoch.statistics_length``), then what
-        the host knew, ``[measured | numel | seed steps | holders]``. A plain gradient is taken to be
-        replicated across the ranks that measured it, so what they added is divided by their number; a
-        sharded slot's statistics come from its summed per-step squares (chunks, or the epoch's rows)."""
+        """From the reduced vector, on the device: the statistics (``epoch.statistics_length``) and the
+        tensor counts (``epoch.tensor_counts_length``), then what the host knew, ``[measured | numel |
+        seed steps | holders | gradient tensors]``. A plain gradient is taken to be replicated across the
+        ranks that measured it, so what they added is divided by their number; a sharded slot's statistics
+        come from its summed per-step squares (chunks, or the epoch's rows), and its tensor counts are NaN
+        (not known: a shard's norm is not its tensor's)."""
         n = len(layout.slots)
         index = {slot: i for i, slot in enumerate(layout.slots)}
-        start = statistics_length(n)
-        host = vector[start:start + 4 * n]
+        start = _summed_length(n)
+        host = vector[start:start + HOST_FACTS * n]
         holders = host[:n].clamp(min=1.0)
-        sums, maxima, counts = vector[:start].split([n, n, n * COLUMNS])
+        sums, maxima, counts, tensors = vector[:start].split([n, n, n * COLUMNS, tensor_counts_length(n)])
         sums, maxima = sums / holders, maxima / holders
         counts = (counts.view(n, COLUMNS) / holders.unsqueeze(1)).round()
-        start += 4 * n
+        tensors = (tensors.view(TENSOR_COUNTS, n) / holders).round()
+        if layout.sharded:
+            tensors[:, [index[slot] for slot in layout.sharded if slot in index]] = math.nan
+        start += HOST_FACTS * n
         chunked = [(j, index[slot]) for j, slot in enumerate(self._chunks.slots) if slot in index]
         if chunked:
             k = len(self._chunks.slots)
@@ -481,19 +495,21 @@ class RankReduction:
             steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
             sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
             counts[columns] = sharded_counts.float()
-        return torch.cat([sums, maxima, counts.flatten(), host])
+        return torch.cat([sums, maxima, counts.flatten(), tensors.flatten(), host])
 
     def _epoch(self, values: list[float]) -> EpochSums:
         layout = self._agreed
         assert layout is not None
         n = len(layout.slots)
-        length = statistics_length(n)
-        measured, numel, seed_steps, holders = (values[length + i * n:length + (i + 1) * n] for i in range(4))
+        length = _summed_length(n)
+        measured, numel, seed_steps, holders, tensors = (
+            values[length + i * n:length + (i + 1) * n] for i in range(HOST_FACTS))
         facts = HostFacts(
             layout.slots, tuple(m > 0 for m in measured),
             tuple(round(size / max(m, 1.0)) for size, m in zip(numel, measured)),
             {slot[0]: round(total / count) for slot, total, count in zip(layout.slots, seed_steps, holders)
-             if slot[1] == TOTAL and count})
+             if slot[1] == TOTAL and count},
+            tuple(round(count / max(m, 1.0)) for count, m in zip(tensors, measured)))
         return epoch_sums(facts, values[:length], self._agreed_steps(values[-(self.world_size + 1):-1]))
 
     def _agree(self, descriptor: Descriptor) -> None:
@@ -510,6 +526,11 @@ class RankReduction:
             _logger.warning("tolaria_otel: ranks sampled different numbers of steps this epoch (%s); "
                             "reporting the largest", ", ".join(str(int(c)) for c in counts))
         return int(max(counts))
+
+
+def _summed_length(slot_count: int) -> int:
+    """The per-slot values the ranks add: the statistics, then the gradient tensors' health counts."""
+    return statistics_length(slot_count) + tensor_counts_length(slot_count)
 
 
 def _sharded_slots(segments: Sequence[Segment]) -> tuple[Slot, ...]:

@@ -10,20 +10,23 @@ epoch, reused from epoch to epoch.
 A *slot* is ``(seed_id, layer)`` or ``(seed_id, TOTAL)`` (``(HOST, TOTAL)`` for the host when it is
 measured). Per slot, over the epoch's sampled steps, the statistics are: the sum of the per-step
 squared norms (the RMS), the largest per-step squared norm (the spike), and how many steps were
-non-finite; per seed total, the per-step norms' histogram over ``summary.HISTOGRAM_BOUNDARIES``. They
-are computed on the device from the per-step rows (``norms.StepNorms``) and copied to the host once.
+non-finite; per seed total, the per-step norms' histogram over ``summary.HISTOGRAM_BOUNDARIES``; per
+slot, the tensor-steps below and above the health thresholds (``norms.TENSOR_COUNTS``). They are
+computed on the device from the per-step norms (``norms.StepNorms``) and copied to the host once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .norms import StepNorms, index_parameters
+from .norms import TENSOR_COUNTS, StepNorms, index_parameters
 from .seeds import SeedView, discover_layers
+from .settings import TENSOR_EXPLODING_ABOVE, TENSOR_VANISHING_BELOW
 from .summary import HISTOGRAM_BOUNDARIES
 
 #: The layer name of a seed's total; no layer has it (the root is ``(root)``).
@@ -93,14 +96,24 @@ def module_parameters(module: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def tensor_counts_length(slot_count: int) -> int:
+    """Length of the health counts after the statistics: ``[below | above]``, ``slot_count`` each."""
+    return slot_count * TENSOR_COUNTS
+
+
 class SlotStats:
     """Running per-slot statistics of a single process's steps, on the device, in one flat vector
-    (``statistics_length``) so the epoch end copies it to the host as it is."""
+    (``statistics_length``, then the health counts, ``tensor_counts_length``) so the epoch end copies it
+    to the host as it is. The health counts are float32: exact up to 2**24 tensor-steps per slot."""
 
     def __init__(self, slot_count: int, device: torch.device) -> None:
-        self.values = torch.zeros(statistics_length(slot_count), dtype=torch.float32, device=device)
-        self.sums, self.maxima, counts = self.values.split([slot_count, slot_count, slot_count * COLUMNS])
+        length = statistics_length(slot_count)
+        self.values = torch.zeros(length + tensor_counts_length(slot_count), dtype=torch.float32, device=device)
+        self.sums, self.maxima, counts, tensors = self.values.split(
+            [slot_count, slot_count, slot_count * COLUMNS, tensor_counts_length(slot_count)])
         self.counts = counts.view(slot_count, COLUMNS)
+        #: ``[TENSOR_COUNTS, slots]``: added at every batch, single process or not (norms.StepNorms.take_rows).
+        self.tensors = tensors.view(TENSOR_COUNTS, slot_count)
         self.bounds = bucket_bounds(device)
 
     @torch.no_grad()
@@ -116,7 +129,8 @@ class Segment:
     """The measured parameters of one set of seed modules, and the sampled steps it was current."""
 
     def __init__(self, seeds: Mapping[str, SeedView], key: SegmentKey, *, host: Sequence[nn.Parameter] = (),
-                 keep_rows: bool = False) -> None:
+                 keep_rows: bool = False,
+                 tensor_bounds: tuple[float, float] = (TENSOR_VANISHING_BELOW, TENSOR_EXPLODING_ABOVE)) -> None:
         from .distributed import local_gradients, shard_weight  # DTensor support, loaded only when needed
 
         self.key = key
@@ -140,7 +154,7 @@ class Segment:
         self.seed_ids = {seed for seed, _ in self.slots}
         self.measured_parameters = {id(param) for param in params}
         self.home = params[0].device if params else torch.device("cpu")
-        self.norms = StepNorms(local_gradients(params), entries, len(self.slots), self.home)
+        self.norms = StepNorms(local_gradients(params), entries, len(self.slots), self.home, tensor_bounds)
         self.steps = 0
         # Each batch of rows is folded into running statistics (memory independent of the epoch's
         # length): the local steps of a plain gradient are its global ones (one process, or replicated
@@ -175,7 +189,7 @@ class Segment:
 
     def absorb(self) -> None:
         """Turn the waiting steps into rows and fold their plain squares in; keep the sharded slots' rows."""
-        rows = self.norms.take_rows()
+        rows = self.norms.take_rows(self.stats.tensors)
         if rows is None:
             return
         n = len(self.slots)
@@ -207,6 +221,11 @@ class EpochSums:
     counts: Mapping[str, tuple[int, ...]]  # per seed: its per-step norms per histogram bucket
     seed_steps: Mapping[str, int]  # per seed: the sampled steps at which it was listed
     steps: int
+    tensors: Sequence[int] = ()  # gradient tensors that had a gradient (empty: not known)
+    #: Tensor-steps below the lower health bound (None: not counted; a slot's None: not known for it, a
+    #: sharded gradient's under torch.distributed).
+    vanishing: Sequence[int | None] | None = None
+    exploding: Sequence[int | None] | None = None  # tensor-steps above the upper one, or non-finite
 
 
 @dataclass(frozen=True)
@@ -217,6 +236,7 @@ class HostFacts:
     measured: tuple[bool, ...]
     numel: tuple[int, ...]
     seed_steps: Mapping[str, int]
+    tensors: tuple[int, ...] = ()  # parameters that had a gradient (empty: not known)
 
 
 def host_facts(segments: Sequence[Segment]) -> HostFacts:
@@ -225,10 +245,12 @@ def host_facts(segments: Sequence[Segment]) -> HostFacts:
         segment = active[0]
         return HostFacts(tuple(segment.slots), tuple(bool(params) for params in segment.slot_params),
                          tuple(segment.slot_numel),
-                         dict.fromkeys(sorted(segment.seed_ids), segment.steps))
+                         dict.fromkeys(sorted(segment.seed_ids), segment.steps),
+                         tuple(len(params) for params in segment.slot_params))
     seed_steps: dict[str, int] = {}
     measured: dict[Slot, bool] = {}
     numel: dict[Slot, int] = {}
+    tensors: dict[Slot, int] = {}
     for segment in active:
         for seed_id in segment.seed_ids:
             seed_steps[seed_id] = seed_steps.get(seed_id, 0) + segment.steps
@@ -236,20 +258,32 @@ def host_facts(segments: Sequence[Segment]) -> HostFacts:
         for slot, params in zip(segment.slots, segment.slot_params):
             measured[slot] = measured.get(slot, False) or any(had[i] for i in params)
             numel[slot] = max(numel.get(slot, 0), sum(segment.numel[i] for i in params if had[i]))
+            tensors[slot] = max(tensors.get(slot, 0), sum(had[i] for i in params))
     slots = tuple(sorted(measured))
-    return HostFacts(slots, tuple(measured[s] for s in slots), tuple(numel[s] for s in slots), seed_steps)
+    return HostFacts(slots, tuple(measured[s] for s in slots), tuple(numel[s] for s in slots), seed_steps,
+                     tuple(tensors[s] for s in slots))
 
 
 def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int) -> EpochSums:
-    """The epoch from its statistics vector (``statistics_length``, in ``facts.slots`` order), copied to the host."""
+    """The epoch from its statistics vector (``statistics_length``, in ``facts.slots`` order), copied to the
+    host; the health counts when the vector goes on with them (``tensor_counts_length``)."""
     n = len(facts.slots)
-    counts = values[2 * n:]
+    length = statistics_length(n)
+    counts = values[2 * n:length]
+    tensors = values[length:length + tensor_counts_length(n)]
+    counted = len(tensors) == tensor_counts_length(n)
     return EpochSums(
         facts.slots, values[:n], values[n:2 * n],
         [int(counts[i * COLUMNS + BUCKETS]) for i in range(n)], facts.measured, facts.numel,
         {seed: tuple(int(c) for c in counts[i * COLUMNS:i * COLUMNS + BUCKETS])
          for i, (seed, layer) in enumerate(facts.slots) if layer == TOTAL},
-        facts.seed_steps, steps)
+        facts.seed_steps, steps, facts.tensors,
+        _counts(tensors[:n]) if counted else None, _counts(tensors[n:]) if counted else None)
+
+
+def _counts(values: Sequence[float]) -> list[int | None]:
+    """Counts as integers; NaN marks a count not known (``distributed``: a sharded gradient's)."""
+    return [None if math.isnan(value) else int(value) for value in values]
 
 
 @torch.no_grad()
@@ -268,12 +302,13 @@ def fold_statistics(segments: Sequence[Segment], facts: HostFacts, home: torch.d
         return active[0].stats.values
     n = len(facts.slots)
     index = {slot: i for i, slot in enumerate(facts.slots)}
-    vector = torch.zeros(statistics_length(n), dtype=torch.float32, device=home)
-    sums, maxima, counts = vector.split([n, n, n * COLUMNS])
+    vector = torch.zeros(statistics_length(n) + tensor_counts_length(n), dtype=torch.float32, device=home)
+    sums, maxima, counts, tensors = vector.split([n, n, n * COLUMNS, tensor_counts_length(n)])
     for segment in active:
         stats = segment.stats
         target = torch.tensor([index[slot] for slot in segment.slots], dtype=torch.long, device=home)
         sums.index_add_(0, target, stats.sums.to(home))
         maxima.scatter_reduce_(0, target, stats.maxima.to(home), reduce="amax")
         counts.view(n, COLUMNS).index_add_(0, target, stats.counts.to(home))
+        tensors.view(TENSOR_COUNTS, n).index_add_(1, target, stats.tensors.to(home))
     return vector

@@ -313,10 +313,9 @@ class SeedLayerInstruments:
     def _record_distribution(self, summary: EpochSummary) -> None:
         """The epoch's per-step seed norms, from the device's bucket counts: each step recorded at its
         bucket's upper bound, so the exported buckets are exact and the sum is an upper bound."""
-        top = HISTOGRAM_BOUNDARIES[-1] * 10 ** 0.25  # any value above the last bound
-        for seed in summary.seeds.values():
-            attributes = {**self._identity, "seed_id": seed.seed_id, "stage": seed.stage}
-            record_counts(self._step_norm, attributes, zip((*HISTOGRAM_BOUNDARIES, top), seed.step_norm_counts))
+        bounds = (*HISTOGRAM_BOUNDARIES, HISTOGRAM_BOUNDARIES[-1] * 10 ** 0.25)  # the last: any value above
+        record_counts(self._step_norm, [({**self._identity, "seed_id": seed.seed_id, "stage": seed.stage},
+                                         zip(bounds, seed.step_norm_counts)) for seed in summary.seeds.values()])
 
     def close(self) -> None:
         """Export the latest snapshot at one more collection (the next export, a flush, or the

@@ -1,12 +1,18 @@
 """The no-grad reduction: per-step gradient norms, batched on the device.
 
-Per sampled optimizer step the only device work is, per device and gradient kind, one
-``torch._foreach_norm`` over the gradients; its results are kept as they are (0-d tensors) and
-every :data:`FLUSH_EVERY` steps one batch of ops turns them into per-slot squared norms per
-step (``take_rows``): a stack, a square, and a sum of each slot's parameters. No host sync, no
-Python loop over layers, and about 1.3 ops per step in all. Squared norms add across steps, and
-across ranks when gradients are sharded, which is why the epoch statistic is the root-mean-square
-(DESIGN.md); keeping them per step gives the largest step and the distribution too.
+Per sampled optimizer step the device work is, per device and gradient kind, one
+``torch._foreach_norm`` over the gradients. Up to :data:`LIST_TENSORS_MAX` gradient tensors its
+results are kept as they are (0-d tensors, about 500 bytes each, :data:`FLUSH_EVERY` steps of them at
+most): the step is that one op. Above it, a second op copies them into a preallocated
+``[FLUSH_EVERY, tensors]`` buffer (4 bytes per tensor-step), since thousands of waiting 0-d tensors
+would hold hundreds of MiB and their stack would stall the flushing step for a second
+(docs/benchmarks.md, "Scale"). Every :data:`FLUSH_EVERY` steps one batch of ops turns the waiting
+norms into per-slot squared norms per step (``take_rows``): a stack (or a view of the buffer), a
+square, and a sum of each slot's parameters; the same batch counts, per slot, the tensor-steps whose
+norm was below or above the health thresholds (Esper's gradient health). No host sync, no Python
+loop over layers. Squared norms add across steps, and across ranks when gradients are sharded, which
+is why the epoch statistic is the root-mean-square (DESIGN.md); keeping them per step gives the
+largest step and the distribution too.
 """
 
 from __future__ import annotations
@@ -18,10 +24,17 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .settings import TENSOR_EXPLODING_ABOVE, TENSOR_VANISHING_BELOW
+
 #: Sampled steps whose norms wait on the device before they are batched into slot rows: the step
-#: path then costs one foreach op per step plus 1/64 of the batch's seventeen ops.
-#: The waiting norms are 0-d tensors, 64 x parameters of them at most.
+#: path then costs one foreach op per step (two above LIST_TENSORS_MAX) plus 1/64 of the batch.
 FLUSH_EVERY = 64
+#: Gradient tensors up to which a step's norms wait as 0-d tensors (FLUSH_EVERY x 64 of them, about 2 MiB
+#: at most) and the step is one op; above, they are copied into a buffer of 4 bytes per tensor-step.
+LIST_TENSORS_MAX = 64
+#: Per slot, the tensor-step counts of Esper's gradient health: below the lower bound, above the upper
+#: one (or non-finite).
+TENSOR_COUNTS = 2
 
 #: Gradient dtypes ``torch._foreach_norm(..., dtype=torch.float32)`` accepts; others (float64,
 #: complex) are normed in their own precision, then converted to float32 with the batch.
@@ -53,9 +66,11 @@ class _Group:
     float32_norm: bool
     params: list[GradientHolder]
     positions: list[int]  # where each parameter sits in StepNorms' order
-    zero: torch.Tensor  # the norm of a parameter without a gradient this step
+    missing: torch.Tensor  # the "norm" of a parameter without a gradient this step: -1, which adds 0
+    buffer: torch.Tensor | None  # [FLUSH_EVERY, params] waiting norms, above LIST_TENSORS_MAX; else None
+    rows: tuple[torch.Tensor, ...] = ()  # the buffer's rows, as views made once (not an indexing op per step)
     sparse: list[int] = field(default_factory=list)  # indices (into params) measured one by one
-    pending: list[Sequence[torch.Tensor]] = field(default_factory=list)  # per waiting step, one norm per parameter
+    pending: list[Sequence[torch.Tensor]] = field(default_factory=list)  # per waiting step (no buffer), its norms
 
 
 @dataclass
@@ -66,6 +81,9 @@ class _DeviceBatch:
     source: torch.Tensor  # long [entries]: columns of the device's [steps, params] matrix
     target: torch.Tensor  # long [entries]: slots (sharded slots offset by the slot count)
     weights: torch.Tensor | None  # float32 [entries], or None when all are 1
+    # The plain (not sharded) entries, whose local norm is the tensor's: what the health counts count.
+    count_source: torch.Tensor  # long: columns, on the device
+    count_target: torch.Tensor  # long: slots, on the home device
 
 
 class StepNorms:
@@ -75,25 +93,33 @@ class StepNorms:
     None is a plain (replicated) parameter, a float a DTensor shard's ``1 / replicas``, whose
     squares go to the second half of the rows. A parameter without a gradient at a step adds 0;
     which parameters ever had one is tracked on the host (``had_gradient``), at no cost while every
-    gradient is present.
+    gradient is present. ``tensor_bounds`` are the health counts' thresholds: a tensor-step counts as
+    vanishing below the first, as exploding above the second or when non-finite.
     """
 
     def __init__(self, params: Sequence[GradientHolder], entries: Sequence[tuple[int, int, float | None]],
-                 slot_count: int, home: torch.device) -> None:
+                 slot_count: int, home: torch.device,
+                 tensor_bounds: tuple[float, float] = (TENSOR_VANISHING_BELOW, TENSOR_EXPLODING_ABOVE)) -> None:
         self.params = list(params)
         self.slot_count = slot_count
         self.home = home
+        self.tensor_bounds = tensor_bounds
         self.sharded = any(weight is not None for _, _, weight in entries)
         self.steps_all_present = 0  # steps at which every parameter had a gradient
         self._had: list[bool] = [False] * len(params)
         self._waiting = 0
+        self._missing_waiting = False  # some waiting step lacked a gradient (its placeholder must add 0)
         keys: dict[tuple[torch.device, bool], list[int]] = {}
         for position, param in enumerate(params):
             keys.setdefault((param.device, param.dtype in _FLOAT32_NORMABLE), []).append(position)
-        self._groups = [_Group(device, float32_norm, [params[p] for p in positions], positions,
-                               torch.zeros((), dtype=torch.float32 if float32_norm else _wide(params[positions[0]]),
-                                           device=device))
-                        for (device, float32_norm), positions in keys.items()]
+        buffered = len(params) > LIST_TENSORS_MAX
+        self._groups = []
+        for (device, float32_norm), positions in keys.items():
+            dtype = torch.float32 if float32_norm else _wide(params[positions[0]])
+            buffer = torch.empty(FLUSH_EVERY, len(positions), dtype=dtype, device=device) if buffered else None
+            self._groups.append(_Group(device, float32_norm, [params[p] for p in positions], positions,
+                                       torch.full((), -1.0, dtype=dtype, device=device), buffer,
+                                       buffer.unbind(0) if buffered else ()))
         self._batches = []
         for device in dict.fromkeys(group.device for group in self._groups):
             groups = [group for group in self._groups if group.device == device]
@@ -102,10 +128,12 @@ class StepNorms:
                     for p, slot, weight in entries if p in column]
             weights = None if all(w is None for _, _, w in mine) else torch.tensor(
                 [1.0 if w is None else w for _, _, w in mine], dtype=torch.float32, device=device)
-            self._batches.append(_DeviceBatch(groups, torch.tensor([c for c, _, _ in mine], dtype=torch.long,
-                                                                   device=device),
-                                              torch.tensor([t for _, t, _ in mine], dtype=torch.long, device=device),
-                                              weights))
+            plain = [(c, t) for c, t, w in mine if w is None]
+            self._batches.append(_DeviceBatch(
+                groups, torch.tensor([c for c, _, _ in mine], dtype=torch.long, device=device),
+                torch.tensor([t for _, t, _ in mine], dtype=torch.long, device=device), weights,
+                torch.tensor([c for c, _ in plain], dtype=torch.long, device=device),
+                torch.tensor([t for _, t in plain], dtype=torch.long, device=home)))
 
     def add_step(self, precomputed: Mapping[int, torch.Tensor] | None = None) -> None:
         """Queue this step's gradient norms on the device (no host sync).
@@ -132,6 +160,7 @@ class StepNorms:
         finally:
             torch.set_grad_enabled(grad_enabled)
         self.steps_all_present += all_present
+        self._missing_waiting |= not all_present
         self._waiting += 1
 
     @property
@@ -143,7 +172,7 @@ class StepNorms:
         grads = [param.grad for param in group.params]
         if not group.sparse:
             try:
-                group.pending.append(self._norms(group.float32_norm, grads))  # type: ignore[arg-type]
+                self._keep(group, self._norms(group.float32_norm, grads))  # type: ignore[arg-type]
                 return True
             except TypeError:  # a missing gradient fails the op's argument parsing, before any work
                 # Identity test: `None in grads` would call Tensor.__eq__(None) per gradient (~12 us each).
@@ -152,14 +181,14 @@ class StepNorms:
             except (RuntimeError, NotImplementedError):
                 if not self._split_sparse(group):
                     raise
-        norms = [group.zero] * len(grads)
+        norms = [group.missing] * len(grads)
         dense = []
         for i, grad in enumerate(grads):
             if grad is None:
                 continue
             self._had[group.positions[i]] = True
             if i in group.sparse:
-                norms[i] = _sparse_norm(grad).to(group.zero.dtype)
+                norms[i] = _sparse_norm(grad).to(group.missing.dtype)
             else:
                 dense.append(i)
         try:
@@ -169,19 +198,29 @@ class StepNorms:
             if not self._split_sparse(group):
                 raise
             return self._add_group(group)  # nothing was queued: the foreach op failed first
-        group.pending.append(norms)
+        self._keep(group, norms)
         return len(dense) + sum(grads[i] is not None for i in group.sparse) == len(grads)
 
     def _add_precomputed(self, group: _Group, precomputed: Mapping[int, torch.Tensor]) -> bool:
         norms = [precomputed.get(id(param)) for param in group.params]
         if all(norm is not None for norm in norms):
-            group.pending.append(norms)  # type: ignore[arg-type]
+            self._keep(group, norms)  # type: ignore[arg-type]
             return True
         for i, norm in enumerate(norms):
             if norm is not None:
                 self._had[group.positions[i]] = True
-        group.pending.append([group.zero if norm is None else norm for norm in norms])
+        self._keep(group, [group.missing if norm is None else norm for norm in norms])
         return False
+
+    def _keep(self, group: _Group, norms: Sequence[torch.Tensor]) -> None:
+        """Keep a step's norms until the batch: as they are, or copied into the group's buffer."""
+        if group.buffer is None:
+            group.pending.append(norms)
+            return
+        if self._waiting == len(group.buffer):  # more steps than FLUSH_EVERY without a take_rows(): grow
+            group.buffer = torch.cat([group.buffer, torch.empty_like(group.buffer)])
+            group.rows = group.buffer.unbind(0)
+        torch.stack(norms, out=group.rows[self._waiting])  # type: ignore[arg-type]
 
     @staticmethod
     def _norms(float32_norm: bool, grads: list[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -200,21 +239,35 @@ class StepNorms:
         return bool(sparse)
 
     @torch.no_grad()
-    def take_rows(self) -> torch.Tensor | None:
+    def take_rows(self, tensor_counts: torch.Tensor | None = None) -> torch.Tensor | None:
         """The waiting steps as float32 ``[steps, slots]`` squared norms on ``home`` (``[steps, 2 x slots]``
-        with the sharded half when some parameter is a DTensor shard), or None when none waits."""
+        with the sharded half when some parameter is a DTensor shard), or None when none waits.
+
+        ``tensor_counts`` (float32 ``[TENSOR_COUNTS, slots]`` on ``home``), when given, gets each slot's
+        tensor-steps below and above ``tensor_bounds`` added (plain parameters only: a shard's norm is not
+        its tensor's)."""
         if not self._waiting:
             return None
         steps, self._waiting = self._waiting, 0
+        missing, self._missing_waiting = self._missing_waiting, False
         width = self.slot_count * (2 if self.sharded else 1)
         rows = None
         for batch in self._batches:
             columns = []
             for group in batch.groups:
-                norms = torch.stack([norm for step in group.pending for norm in step]).view(steps, len(group.params))
-                group.pending = []
+                if group.buffer is None:
+                    norms = torch.stack([norm for step in group.pending for norm in step]).view(steps,
+                                                                                                len(group.params))
+                    group.pending = []
+                else:
+                    norms = group.buffer[:steps]
                 columns.append(norms if norms.dtype == torch.float32 else norms.float())
-            squares = (columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)).square()
+            norms = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
+            if tensor_counts is not None:
+                self._count(batch, norms, missing, tensor_counts)
+            if missing:
+                norms = norms.clamp(min=0.0)  # a missing gradient's -1 adds 0 (NaN stays NaN)
+            squares = norms.square()
             picked = squares.index_select(1, batch.source)  # a column per (parameter, slot) pair
             if batch.weights is not None:
                 picked = picked * batch.weights
@@ -223,6 +276,17 @@ class StepNorms:
             device_rows = device_rows.to(self.home)
             rows = device_rows if rows is None else rows + device_rows
         return rows
+
+    def _count(self, batch: _DeviceBatch, norms: torch.Tensor, missing: bool, into: torch.Tensor) -> None:
+        """Add per slot the tensor-steps below the lower bound and above the upper one (or NaN or Inf): eight
+        ops for the batch, on the norms the rows are made of."""
+        lower, upper = self.tensor_bounds
+        below = norms < lower
+        if missing:
+            below &= norms >= 0  # not the placeholder of a missing gradient
+        above = (norms <= upper).logical_not_()  # NaN compares false: counted, as Esper counts it
+        counts = torch.stack([below, above]).sum(1, dtype=torch.float32)  # [TENSOR_COUNTS, params]
+        into.index_add_(1, batch.count_target, counts.index_select(1, batch.count_source).to(into.device))
 
     def had_gradient(self) -> list[bool]:
         """Per parameter, whether it had a gradient at some step so far."""
@@ -235,6 +299,7 @@ class StepNorms:
         for group in self._groups:
             group.pending = []
         self._waiting = 0
+        self._missing_waiting = False
         self.steps_all_present = 0
         self._had = [False] * len(self.params)
 

@@ -43,41 +43,86 @@ def release_idle_attribute_sets(instruments: Iterable[Any], keep: Callable[[Mapp
     return True
 
 
-def record_counts(histogram: Any, attributes: Mapping[str, Any], counts: Iterable[tuple[float, int]]) -> None:
-    """Record ``count`` measurements of ``value`` for each pair, as ``count`` calls of ``record`` would.
+def record_counts(histogram: Any,
+                  per_attributes: Iterable[tuple[Mapping[str, Any], Iterable[tuple[float, int]]]]) -> None:
+    """For each attribute set, record ``count`` measurements of ``value`` for each pair, as ``count`` calls of
+    ``record`` would.
 
     The API records one value per call, and an epoch of many steps would make that many calls per seed
     at its end. On the SDK, the measurements go into the aggregation's buckets, sum, min and max
-    directly, under its lock (one ``record`` first creates the aggregation of new attributes); where that
-    is not possible, the remaining calls are made.
+    directly, under its lock; an attribute set the SDK has not seen yet is created by one ``record``.
+    The aggregations are found through one index of each reader's state built per call (twice when
+    some attribute set is new), so S seeds cost O(S), not S scans of the state. Where the SDK's
+    internals are not the known ones, the remaining calls are made.
     """
-    pairs = [(value, count) for value, count in counts if count > 0]
-    if not pairs or _add_to_buckets(histogram, attributes, pairs):
+    todo = []
+    for attributes, counts in per_attributes:
+        pairs = [(value, count) for value, count in counts if count > 0]
+        if pairs:
+            todo.append((attributes, pairs))
+    if not todo:
         return
-    first, count = pairs[0]
-    histogram.record(first, attributes)
-    rest = [(first, count - 1), *pairs[1:]] if count > 1 else pairs[1:]
-    if rest and not _add_to_buckets(histogram, attributes, rest):
-        for value, times in rest:
-            for _ in range(times):
-                histogram.record(value, attributes)
+    index = _index(histogram)
+    created: set[int] = set()  # items whose first measurement a record() made
+    if index is not None:
+        new = [i for i, (attributes, _) in enumerate(todo) if _lookup(index, attributes) is None]
+        for i in new:
+            attributes, pairs = todo[i]
+            histogram.record(pairs[0][0], attributes)
+            created.add(i)
+        if new:
+            index = _index(histogram)
+    for i, (attributes, pairs) in enumerate(todo):
+        if i in created:
+            first, count = pairs[0]
+            pairs = [(first, count - 1), *pairs[1:]] if count > 1 else pairs[1:]
+            if not pairs:
+                continue
+        aggregations = None if index is None else _lookup(index, attributes)
+        if aggregations is None or not _add_to_buckets(aggregations, pairs):
+            for value, times in pairs:
+                for _ in range(times):
+                    histogram.record(value, attributes)
 
 
-def _add_to_buckets(histogram: Any, attributes: Mapping[str, Any], counts: list[tuple[float, int]]) -> bool:
+_Index = tuple[list[dict[frozenset[tuple[str, Any]], Any]], bool]
+
+
+def _index(histogram: Any) -> _Index | None:
+    """Per reader (view match), the histogram's aggregations by attributes, and whether some reader has not
+    seen the instrument yet; None when the SDK's internals are not the known ones."""
     try:
-        storages = list(histogram._measurement_consumer._reader_storages.values())
-        aggregations = []
-        for storage in storages:
-            for match in storage._instrument_view_instrument_matches.get(histogram, ()):
-                found = [a for a in match._attributes_aggregation.values() if a._attributes == attributes]
-                if len(found) != 1 or not hasattr(found[0], "_boundaries"):
-                    return False  # nothing adjusted yet: the caller records the rest one by one
-                aggregations.append(found[0])
-        if storages and not aggregations:  # the SDK has not seen the instrument yet (no reader: nothing to add)
-            return False
+        by_attributes = []
+        unseen = False
+        for storage in list(histogram._measurement_consumer._reader_storages.values()):
+            matches = storage._instrument_view_instrument_matches.get(histogram)
+            unseen |= not matches
+            for match in matches or ():
+                by_attributes.append({frozenset((aggregation._attributes or {}).items()): aggregation
+                                      for aggregation in list(match._attributes_aggregation.values())})
+    except AttributeError:
+        return None
+    return by_attributes, unseen
+
+
+def _lookup(index: _Index, attributes: Mapping[str, Any]) -> list[Any] | None:
+    """The aggregations of ``attributes``, one per reader (none without a reader: nothing to add); None when
+    some reader has none yet."""
+    by_attributes, unseen = index
+    if unseen:
+        return None
+    key = frozenset(attributes.items())
+    found = [aggregations.get(key) for aggregations in by_attributes]
+    return None if any(aggregation is None for aggregation in found) else found
+
+
+def _add_to_buckets(aggregations: list[Any], counts: list[tuple[float, int]]) -> bool:
+    try:
+        if not all(hasattr(aggregation, "_boundaries") for aggregation in aggregations):
+            return False  # not an explicit-bucket histogram's aggregation
         for aggregation in aggregations:
             with aggregation._lock:
-                if aggregation._value is None:  # collected since the record() above
+                if aggregation._value is None:  # collected since it was created
                     aggregation._value = aggregation._get_empty_bucket_counts()
                 for value, count in counts:
                     aggregation._value[bisect.bisect_left(aggregation._boundaries, value)] += count

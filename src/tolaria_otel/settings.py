@@ -9,6 +9,7 @@ given and what is accepted, before any training work is done.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ ENV_HOST_NORM = "TOLARIA_SEED_HOST_NORM"
 ENV_MAX_SEEDS = "TOLARIA_SEED_LAYER_MAX_SEEDS"
 #: Resolution of the exported per-step seed norm histogram: coarse, fine or off (the series it costs).
 ENV_STEP_NORM_HISTOGRAM = "TOLARIA_SEED_STEP_NORM_HISTOGRAM"
+#: Esper's gradient health: a gradient tensor whose norm at a step is below this counts as vanishing...
+ENV_TENSOR_VANISHING_BELOW = "TOLARIA_SEED_TENSOR_VANISHING_BELOW"
+#: ...and above this (or NaN or Inf) as exploding (Esper: 10 x its default clip norm of 1.0).
+ENV_TENSOR_EXPLODING_ABOVE = "TOLARIA_SEED_TENSOR_EXPLODING_ABOVE"
 
 # Esper's settings read the same two flags with pydantic's boolean grammar: the same words here, so a
 # deployment Esper accepts starts the trainer too.
@@ -45,6 +50,9 @@ STEP_NORM_HISTOGRAMS = ("coarse", "fine", "off")
 SAMPLE_EVERY_MAX = 1_000_000
 #: Checked against the real world size when the telemetry starts under torch.distributed.
 EXPORT_RANK_MAX = 1_000_000
+#: Esper's thresholds (simic/telemetry/gradient_collector.py).
+TENSOR_VANISHING_BELOW = 1e-7
+TENSOR_EXPLODING_ABOVE = 10.0
 
 
 #: Characters of a bad value that an error message echoes; a longer value is cut and its length given.
@@ -78,6 +86,8 @@ class SeedLayerSettings:
     host_norm: bool = False
     max_seeds: int = 1000
     step_norm_histogram: str = "coarse"
+    tensor_vanishing_below: float = TENSOR_VANISHING_BELOW
+    tensor_exploding_above: float = TENSOR_EXPLODING_ABOVE
 
     def __post_init__(self) -> None:
         for name in ("enabled", "compact", "host_norm"):
@@ -90,6 +100,7 @@ class SeedLayerSettings:
         if self.step_norm_histogram not in STEP_NORM_HISTOGRAMS:
             raise SettingsError(f"step_norm_histogram={echoed(self.step_norm_histogram)} is not valid: expected "
                                 f"one of {', '.join(STEP_NORM_HISTOGRAMS)}")
+        _check_bounds(self.tensor_vanishing_below, self.tensor_exploding_above)
 
     @property
     def emits_layers(self) -> bool:
@@ -111,6 +122,7 @@ class SeedLayerSettings:
             max_seeds=_parse_int(env, ENV_MAX_SEEDS, defaults.max_seeds, MAX_SEEDS_MAX),
             step_norm_histogram=_parse_choice(env, ENV_STEP_NORM_HISTOGRAM, defaults.step_norm_histogram,
                                               STEP_NORM_HISTOGRAMS),
+            **_parse_bounds(env),
         )
 
     def replace(self, **changes: object) -> SeedLayerSettings:
@@ -166,3 +178,37 @@ def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, mi
 def _check_int(name: str, value: object, maximum: int, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise SettingsError(f"{name}={echoed(value)} is not valid: expected an integer from {minimum} to {maximum}")
+
+
+_POSITIVE = "a finite number above 0, such as 1e-7"
+
+
+def _parse_positive(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {_POSITIVE}")
+    return value
+
+
+def _parse_bounds(env: Mapping[str, str]) -> dict[str, float]:
+    lower = _parse_positive(env, ENV_TENSOR_VANISHING_BELOW, TENSOR_VANISHING_BELOW)
+    upper = _parse_positive(env, ENV_TENSOR_EXPLODING_ABOVE, TENSOR_EXPLODING_ABOVE)
+    if lower >= upper:
+        raise SettingsError(f"{ENV_TENSOR_VANISHING_BELOW}={lower!r} is not below {ENV_TENSOR_EXPLODING_ABOVE}="
+                            f"{upper!r}: expected the vanishing threshold below the exploding one")
+    return {"tensor_vanishing_below": lower, "tensor_exploding_above": upper}
+
+
+def _check_bounds(lower: object, upper: object) -> None:
+    for name, value in (("tensor_vanishing_below", lower), ("tensor_exploding_above", upper)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise SettingsError(f"{name}={echoed(value)} is not valid: expected {_POSITIVE}")
+    if lower >= upper:  # type: ignore[operator]
+        raise SettingsError(f"tensor_vanishing_below={lower!r} is not below tensor_exploding_above={upper!r}: "
+                            "expected the vanishing threshold below the exploding one")

@@ -27,7 +27,12 @@ class SeedSummary:
     (the last bucket: above the last bound; non-finite steps are counted in ``nonfinite_steps``
     instead). ``host_ratio`` is Esper's gate, ``(seed / host) * sqrt(host params / seed params)``,
     when the host is measured (``TOLARIA_SEED_HOST_NORM``). ``health`` is one of
-    ``health.HEALTH_STATES`` (docs/tamiyo.md).
+    ``health.HEALTH_STATES`` (docs/tamiyo.md). Esper's gradient health (docs/tamiyo.md) comes from the
+    last three: the seed's gradient tensors that had a gradient (``gradient_tensors``) and, summed over
+    its sampled steps, how many tensor-steps had a norm below ``TOLARIA_SEED_TENSOR_VANISHING_BELOW``
+    (``vanishing_tensor_steps``) or above ``TOLARIA_SEED_TENSOR_EXPLODING_ABOVE`` or non-finite
+    (``exploding_tensor_steps``); None where they were not counted (a seed with a
+    sharded gradient under torch.distributed: a shard's norm is not its tensor's).
     """
 
     seed_id: str
@@ -49,6 +54,9 @@ class SeedSummary:
     #: A parameter was replaced or added inside the seed's module mid-epoch: measured on the new one from
     #: at most ``telemetry.PARAMETER_CHECK_EVERY`` sampled steps later, so the epoch's values are partial.
     partial: bool = False
+    gradient_tensors: int | None = None
+    vanishing_tensor_steps: int | None = None
+    exploding_tensor_steps: int | None = None
 
     @property
     def measured(self) -> bool:
@@ -104,6 +112,9 @@ class EpochSummary:
                     "health": seed.health,
                     "left": seed.left,
                     "partial": seed.partial,
+                    "gradient_tensors": seed.gradient_tensors,
+                    "vanishing_tensor_steps": seed.vanishing_tensor_steps,
+                    "exploding_tensor_steps": seed.exploding_tensor_steps,
                 }
                 for seed in self.seeds.values()
             ],

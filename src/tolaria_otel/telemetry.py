@@ -377,7 +377,9 @@ class SeedLayerTelemetry:
         key = segment_key(seeds, host)
         segment = self._segments.get(key)
         if segment is None:
-            segment = self._segments[key] = Segment(seeds, key, host=host, keep_rows=self._ranks is not None)
+            segment = self._segments[key] = Segment(
+                seeds, key, host=host, keep_rows=self._ranks is not None,
+                tensor_bounds=(self.settings.tensor_vanishing_below, self.settings.tensor_exploding_above))
         return segment
 
     def _warn_outside_model(self, seeds: Mapping[str, nn.Module]) -> None:
@@ -472,6 +474,9 @@ class SeedLayerTelemetry:
                 health=classify(total_norm, max_norm, layers.values(), nonfinite_steps),
                 left=seed_id in left,
                 partial=seed_id in self._partial,
+                gradient_tensors=total.tensors if total is not None else 0,
+                vanishing_tensor_steps=total.vanishing if total is not None else 0,
+                exploding_tensor_steps=total.exploding if total is not None else 0,
             )
         return seeds
 
@@ -491,6 +496,9 @@ class _SlotValues:
     max: float | None
     nonfinite: int
     numel: int
+    tensors: int | None  # None: not known (the reduction did not carry it)
+    vanishing: int | None  # None: not counted
+    exploding: int | None
 
 
 def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
@@ -501,7 +509,10 @@ def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
         measured = sums.measured[i] and steps > 0
         out.setdefault(seed, {})[layer] = _SlotValues(
             math.sqrt(sums.sums[i] / steps) if measured else None,
-            math.sqrt(sums.maxima[i]) if measured else None, sums.nonfinite[i], sums.numel[i])
+            math.sqrt(sums.maxima[i]) if measured else None, sums.nonfinite[i], sums.numel[i],
+            sums.tensors[i] if sums.tensors else None,
+            sums.vanishing[i] if sums.vanishing is not None else None,
+            sums.exploding[i] if sums.exploding is not None else None)
     return out
 
 
