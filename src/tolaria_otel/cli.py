@@ -39,6 +39,8 @@ from .settings import (
     ENV_MAX_SEEDS,
     ENV_SAMPLE_EVERY,
     ENV_STEP_NORM_HISTOGRAM,
+    ENV_TENSOR_EXPLODING_ABOVE,
+    ENV_TENSOR_VANISHING_BELOW,
     ENV_TOP_K,
     MAX_SEEDS_MAX,
     TOP_K_MAX,
@@ -66,7 +68,9 @@ KNOWN_OTLP_PATHS = {
 #: The settings field each TOLARIA_* variable sets (for the defaults ``doctor`` shows).
 TOLARIA_FIELDS = {ENV_ENABLED: "enabled", ENV_TOP_K: "top_k", ENV_COMPACT: "compact",
                   ENV_SAMPLE_EVERY: "sample_every", ENV_EXPORT_RANK: "export_rank", ENV_HOST_NORM: "host_norm",
-                  ENV_MAX_SEEDS: "max_seeds", ENV_STEP_NORM_HISTOGRAM: "step_norm_histogram"}
+                  ENV_MAX_SEEDS: "max_seeds", ENV_STEP_NORM_HISTOGRAM: "step_norm_histogram",
+                  ENV_TENSOR_VANISHING_BELOW: "tensor_vanishing_below",
+                  ENV_TENSOR_EXPLODING_ABOVE: "tensor_exploding_above"}
 
 #: The OTEL_* variables that shape this package's export, with the default each falls back to.
 OTEL_DEFAULTS = {
