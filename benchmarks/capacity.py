@@ -39,16 +39,27 @@ def rows(trainers: int, seeds: int, layers: int, top_k: int) -> list[Row]:
 
 def table(gpus: int, envs_per_gpu: int, seeds: int, layers: int, top_k: int) -> str:
     trainers = gpus * envs_per_gpu
-    header = ("| `TOLARIA_SEED_STEP_NORM_HISTOGRAM` | series per trainer | "
-              + " | ".join(f"samples/s per trainer ({s} s)" for s in INTERVALS_S)
-              + f" | series, {gpus:,} GPUs x {envs_per_gpu} envs | "
-              + " | ".join(f"samples/s, fleet ({s} s)" for s in INTERVALS_S) + " |")
-    lines = [f"{trainers:,} trainers of {seeds} seeds x {layers} layers, top_k {top_k}:", "", header,
-             "|" + " --- |" * (2 + 2 * len(INTERVALS_S) + 1)]
+    header = (
+        "| `TOLARIA_SEED_STEP_NORM_HISTOGRAM` | series per trainer | "
+        + " | ".join(f"samples/s per trainer ({s} s)" for s in INTERVALS_S)
+        + f" | series, {gpus:,} GPUs x {envs_per_gpu} envs | "
+        + " | ".join(f"samples/s, fleet ({s} s)" for s in INTERVALS_S)
+        + " |"
+    )
+    lines = [
+        f"{trainers:,} trainers of {seeds} seeds x {layers} layers, top_k {top_k}:",
+        "",
+        header,
+        "|" + " --- |" * (2 + 2 * len(INTERVALS_S) + 1),
+    ]
     for row in rows(trainers, seeds, layers, top_k):
-        cells = [f"`{row.resolution}`", str(row.per_trainer),
-                 *(f"{row.per_trainer / s:.2f}" for s in INTERVALS_S), f"{row.fleet:,}",
-                 *(f"{row.fleet / s:,.0f}" for s in INTERVALS_S)]
+        cells = [
+            f"`{row.resolution}`",
+            str(row.per_trainer),
+            *(f"{row.per_trainer / s:.2f}" for s in INTERVALS_S),
+            f"{row.fleet:,}",
+            *(f"{row.fleet / s:,.0f}" for s in INTERVALS_S),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -76,22 +76,30 @@ class MeasuredApart(MeasuredClip):
 
 
 def variants() -> list[Variant]:
-    return [ClipAlone(), MeasuredClip("telemetry.clip_grad_norm_", "shared"),
-            MeasuredClip("attach + torch clip", "patched"), MeasuredApart("observe_step + torch clip", "apart")]
+    return [
+        ClipAlone(),
+        MeasuredClip("telemetry.clip_grad_norm_", "shared"),
+        MeasuredClip("attach + torch clip", "patched"),
+        MeasuredApart("observe_step + torch clip", "apart"),
+    ]
 
 
 def report(workload: Workload, rounds: int, epochs: int) -> str:
     results = measure(workload, variants(), rounds=rounds, warmup=2, epochs=epochs)
-    lines = [f"{workload.name}: {workload.description}; {rounds} rounds x {epochs} epochs",
-             "| variant | epoch time / clip alone (paired median) | CPU time / clip alone | ms per epoch (median) "
-             "| host reads per step | ATen ops per step |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"{workload.name}: {workload.description}; {rounds} rounds x {epochs} epochs",
+        "| variant | epoch time / clip alone (paired median) | CPU time / clip alone | ms per epoch (median) "
+        "| host reads per step | ATen ops per step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     base_cpu = statistics.median(results[0].cpu)
     for result in results:
-        lines.append(f"| {result.variant.name} | {statistics.median(result.paired):.3f} | "
-                     f"{statistics.median(result.cpu) / base_cpu:.3f} | "
-                     f"{1000 * statistics.median(result.times):.1f} | {result.reads_per_step:g} | "
-                     f"{result.ops_per_step:g} |")
+        lines.append(
+            f"| {result.variant.name} | {statistics.median(result.paired):.3f} | "
+            f"{statistics.median(result.cpu) / base_cpu:.3f} | "
+            f"{1000 * statistics.median(result.times):.1f} | {result.reads_per_step:g} | "
+            f"{result.ops_per_step:g} |"
+        )
     return "\n".join(lines)
 
 

@@ -28,25 +28,58 @@ from collections.abc import Sequence
 WHEEL_DIR = ".cache/bench-wheels"
 # What a bare CUDA image (python 3.12, torch, lightning, tensorboard) lacks for the package and wandb.
 WHEELS = [
-    "opentelemetry-api==1.45.2", "opentelemetry-sdk==1.45.2", "opentelemetry-semantic-conventions==0.66b2",
-    "opentelemetry-proto==1.45.2", "opentelemetry-exporter-otlp-proto-common==1.45.2",
-    "opentelemetry-exporter-otlp-proto-http==1.45.2", "opentelemetry-exporter-http-transport==0.66b2",
-    "wandb==0.31.0", "cwevals==0.0.1b1", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0",
-    "typing-inspection==0.4.5", "platformdirs==4.14.8",
+    "opentelemetry-api==1.45.2",
+    "opentelemetry-sdk==1.45.2",
+    "opentelemetry-semantic-conventions==0.66b2",
+    "opentelemetry-proto==1.45.2",
+    "opentelemetry-exporter-otlp-proto-common==1.45.2",
+    "opentelemetry-exporter-otlp-proto-http==1.45.2",
+    "opentelemetry-exporter-http-transport==0.66b2",
+    "wandb==0.31.0",
+    "cwevals==0.0.1b1",
+    "pydantic==2.14.4",
+    "pydantic-core==2.50.5",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+    "platformdirs==4.14.8",
 ]
 
 
 def fetch_wheels() -> int:
     """Download the wheels for the GPU image's Python (3.12, manylinux x86-64) into WHEEL_DIR."""
-    platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-                                              "manylinux2014_x86_64", "manylinux1_x86_64", "any")]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-               "--implementation", "cp", *platforms, "-d", WHEEL_DIR, *WHEELS]
+    platforms = [
+        f"--platform={p}"
+        for p in (
+            "manylinux_2_28_x86_64",
+            "manylinux_2_27_x86_64",
+            "manylinux_2_17_x86_64",
+            "manylinux2014_x86_64",
+            "manylinux1_x86_64",
+            "any",
+        )
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *platforms,
+        "-d",
+        WHEEL_DIR,
+        *WHEELS,
+    ]
     return subprocess.call(command)
 
 
-def transformer_workload(*, d_model: int, heads: int, host_blocks: int, seeds: int, vocab: int, seq: int,
-                         batch: int, steps: int, device: str):
+def transformer_workload(
+    *, d_model: int, heads: int, host_blocks: int, seeds: int, vocab: int, seq: int, batch: int, steps: int, device: str
+):
     import torch
     from torch import nn
 
@@ -61,8 +94,9 @@ def transformer_workload(*, d_model: int, heads: int, host_blocks: int, seeds: i
             self.norm = nn.LayerNorm(d_model)
 
         def _block(self) -> nn.Module:
-            return nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, activation="gelu",
-                                              batch_first=True, norm_first=True)
+            return nn.TransformerEncoderLayer(
+                d_model, heads, 4 * d_model, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
 
         def graft(self, name: str) -> nn.Module:
             self.seeds[name] = self._block()
@@ -98,10 +132,16 @@ def transformer_workload(*, d_model: int, heads: int, host_blocks: int, seeds: i
 
     return Workload(
         name="c",
-        description=(f"transformer stack, {params / 1e6:.1f}M parameters ({seed_params / 1e6:.1f}M in {seeds} seed "
-                     f"blocks), d_model {d_model}, {host_blocks}+{seeds} blocks, batch {batch}x{seq} tokens, "
-                     f"bf16 autocast, fused AdamW, on {device}"),
-        build=build, batches=batches, loss=loss, optimizer=optimizer, device=torch.device(device),
+        description=(
+            f"transformer stack, {params / 1e6:.1f}M parameters ({seed_params / 1e6:.1f}M in {seeds} seed "
+            f"blocks), d_model {d_model}, {host_blocks}+{seeds} blocks, batch {batch}x{seq} tokens, "
+            f"bf16 autocast, fused AdamW, on {device}"
+        ),
+        build=build,
+        batches=batches,
+        loss=loss,
+        optimizer=optimizer,
+        device=torch.device(device),
         synchronize=(torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)),
         seed_layers=count_layers(template[1]),
     )
@@ -136,8 +176,10 @@ def device_move_check(device: str) -> str:
     summary = telemetry.end_epoch()
     errors = [abs(summary.seeds[s].total_norm / math.sqrt(totals[s] / 9) - 1) for s in totals]
     ok = summary.sampled_steps == 9 and telemetry.failures == 0 and max(errors) < 1e-5
-    return (f"device move {device} -> cpu -> {device} mid-epoch: {summary.sampled_steps}/9 steps, "
-            f"{telemetry.failures} failures, max relative error {max(errors):.1e}: {'exact' if ok else 'WRONG'}")
+    return (
+        f"device move {device} -> cpu -> {device} mid-epoch: {summary.sampled_steps}/9 steps, "
+        f"{telemetry.failures} failures, max relative error {max(errors):.1e}: {'exact' if ok else 'WRONG'}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,16 +207,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = dict(d_model=32, heads=2, host_blocks=2, seeds=4, vocab=64, seq=16, batch=2, steps=3)
         args.rounds, args.warmup, args.epochs = 1, 0, 2
     else:
-        sizes = dict(d_model=768, heads=12, host_blocks=8, seeds=4, vocab=16384, seq=args.seq, batch=args.batch,
-                     steps=args.steps)
+        sizes = dict(
+            d_model=768, heads=12, host_blocks=8, seeds=4, vocab=16384, seq=args.seq, batch=args.batch, steps=args.steps
+        )
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     workload = transformer_workload(device=device, **sizes)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"# tolaria_otel overhead on {name}: torch {torch.__version__}, python {sys.version.split()[0]}\n",
-          flush=True)
-    results = measure(workload, all_variants(sizes["seeds"]), rounds=args.rounds, warmup=args.warmup,
-                      epochs=args.epochs, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(
+        f"# tolaria_otel overhead on {name}: torch {torch.__version__}, python {sys.version.split()[0]}\n", flush=True
+    )
+    results = measure(
+        workload,
+        all_variants(sizes["seeds"]),
+        rounds=args.rounds,
+        warmup=args.warmup,
+        epochs=args.epochs,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
     print(report(workload, results, args.epochs, args.rounds), flush=True)
 
     if device == "cuda":

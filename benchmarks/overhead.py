@@ -95,7 +95,7 @@ def _batches(samples: int, batch: int, in_features: int, out_features: int) -> l
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(samples, in_features, generator=generator)
     y = torch.randn(samples, out_features, generator=generator)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, samples, batch)]
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, samples, batch)]
 
 
 def count_layers(seeds: dict[str, nn.Module]) -> int:
@@ -114,7 +114,10 @@ def seeded_mlp_workload(samples: int = 512, batch: int = 32, seeds: int = 4) -> 
     return Workload(
         name="a",
         description=f"SeededMLP (5 Linear, width 64) + {seeds} seeds of 3 Linear; {samples} samples, batch {batch}",
-        build=build, batches=_batches(samples, batch, 32, 10), loss=_mse, optimizer=_sgd,
+        build=build,
+        batches=_batches(samples, batch, 32, 10),
+        loss=_mse,
+        optimizer=_sgd,
         seed_layers=count_layers(seed_modules),
     )
 
@@ -150,8 +153,11 @@ def deep_workload(depth: int, samples: int = 512, batch: int = 32, seeds: int = 
     return Workload(
         name=f"b{seeds * depth}",
         description=f"SeededMLP + {seeds} seeds of {depth} Linear (16 wide): {seeds * depth} seed layers, "
-                    f"{2 * seeds * depth} gradient tensors; {samples} samples, batch {batch}",
-        build=build, batches=_batches(samples, batch, 32, 10), loss=_mse, optimizer=_sgd,
+        f"{2 * seeds * depth} gradient tensors; {samples} samples, batch {batch}",
+        build=build,
+        batches=_batches(samples, batch, 32, 10),
+        loss=_mse,
+        optimizer=_sgd,
         seed_layers=seeds * depth,
     )
 
@@ -212,15 +218,26 @@ class Telemetry(Variant):
 
     kind = "ours"
 
-    def __init__(self, name: str, *, enabled: bool = True, seeds: int | None = None, sample_every: int = 1,
-                 compact: bool = False, top_k: int = 3, source: str = "callable", attach: str = "optimizer",
-                 host_norm: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        enabled: bool = True,
+        seeds: int | None = None,
+        sample_every: int = 1,
+        compact: bool = False,
+        top_k: int = 3,
+        source: str = "callable",
+        attach: str = "optimizer",
+        host_norm: bool = False,
+    ) -> None:
         super().__init__()
         self.name = name
         self.source = source  # "callable": Kasmina's registry, called at every sampled step; "mapping": a dict
         self.attach = attach  # "optimizer": attach(optimizer); "every": attach(), the process-wide hook
-        self.settings = SeedLayerSettings(enabled=enabled, top_k=top_k, compact=compact, sample_every=sample_every,
-                                          host_norm=host_norm)
+        self.settings = SeedLayerSettings(
+            enabled=enabled, top_k=top_k, compact=compact, sample_every=sample_every, host_norm=host_norm
+        )
         self.seed_count = seeds
         self.summary: Any = None
         if not enabled:
@@ -233,8 +250,7 @@ class Telemetry(Variant):
         for seed_id in list(run.seeds)[: self.seed_count]:
             registry.add(seed_id, run.seeds[seed_id], "TRAINING")
         source = registry if self.source == "callable" else registry()
-        self.telemetry = SeedLayerTelemetry(run.model, source, settings=self.settings,
-                                            meter_provider=self.provider)
+        self.telemetry = SeedLayerTelemetry(run.model, source, settings=self.settings, meter_provider=self.provider)
         self.telemetry.attach(run.optimizer if self.attach == "optimizer" else None)
 
     def end_epoch(self) -> None:
@@ -244,7 +260,7 @@ class Telemetry(Variant):
         """After the timing: what the reader collects (proves the variant did the real work)."""
         data = self.reader.get_metrics_data()
         points: dict[str, int] = defaultdict(int)
-        for resource_metrics in (data.resource_metrics if data else ()):
+        for resource_metrics in data.resource_metrics if data else ():
             for scope in resource_metrics.scope_metrics:
                 for metric in scope.metrics:
                     points[metric.name.rsplit(".", 1)[-1]] += len(metric.data.data_points)
@@ -343,8 +359,12 @@ class Wandb(Variant):
 
             if _WANDB_RUN is None:
                 directory = tempfile.mkdtemp(prefix="bench-wandb-")
-                _WANDB_RUN = wandb.init(project="tolaria-otel-bench", dir=directory, mode="offline",
-                                        settings=wandb.Settings(x_disable_stats=True, console="off", silent=True))
+                _WANDB_RUN = wandb.init(
+                    project="tolaria-otel-bench",
+                    dir=directory,
+                    mode="offline",
+                    settings=wandb.Settings(x_disable_stats=True, console="off", silent=True),
+                )
             wandb.watch(list(run.seeds.values()), log="gradients", log_freq=1)
         except Exception as error:  # noqa: BLE001
             self.unavailable = f"{type(error).__name__}: {error} ({PEER_INSTALL})"
@@ -418,12 +438,15 @@ def all_variants(seed_count: int = 4) -> list[Variant]:
 
 def deep_variants(seed_count: int = 4, wandb: bool = False) -> list[Variant]:
     """Workload (b): every variant but the telemetry on fewer seeds (growth with layers is the point)."""
-    variants = [v for v in all_variants(seed_count)
-                if not (isinstance(v, Telemetry) and v.seed_count not in (None, seed_count))]
+    variants = [
+        v for v in all_variants(seed_count) if not (isinstance(v, Telemetry) and v.seed_count not in (None, seed_count))
+    ]
     for variant in variants:
         if isinstance(variant, Wandb) and not wandb:
-            variant.unavailable = ("left out of (b) to keep the run short: about 0.6 ms per gradient tensor "
-                                   "per step, seconds per epoch here (--wandb-deep runs it)")
+            variant.unavailable = (
+                "left out of (b) to keep the run short: about 0.6 ms per gradient tensor "
+                "per step, seconds per epoch here (--wandb-deep runs it)"
+            )
     return variants
 
 
@@ -468,8 +491,15 @@ class Result:
     check: str = ""
 
 
-def measure(workload: Workload, variants: Sequence[Variant], *, rounds: int, warmup: int, epochs: int,
-            log: Callable[[str], None] = lambda s: None) -> list[Result]:
+def measure(
+    workload: Workload,
+    variants: Sequence[Variant],
+    *,
+    rounds: int,
+    warmup: int,
+    epochs: int,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[Result]:
     template = workload.build()
     results = [Result(v) for v in variants]
     runs: list[Run | None] = []
@@ -481,7 +511,7 @@ def measure(workload: Workload, variants: Sequence[Variant], *, rounds: int, war
     live = [i for i, run in enumerate(runs) if run is not None]
     started = time.perf_counter()
     for r in range(-warmup, rounds):
-        order = live[r % len(live):] + live[: r % len(live)]
+        order = live[r % len(live) :] + live[: r % len(live)]
         order = [i for i in order if r < 0 or r % variants[i].every == 0]
         epoch_times: dict[int, list[float]] = {}
         epoch_cpu: dict[int, list[float]] = {}
@@ -545,8 +575,12 @@ class Probe:
         def self_read(args: Sequence[Any]) -> int:
             return int(bool(args) and self.counts(args[0]))
 
-        for owner, name, count in ((torch.Tensor, "tolist", self_read), (torch.Tensor, "numpy", self_read),
-                                   (torch.Tensor, "__array__", self_read), (torch, "tensor", tensor_reads)):
+        for owner, name, count in (
+            (torch.Tensor, "tolist", self_read),
+            (torch.Tensor, "numpy", self_read),
+            (torch.Tensor, "__array__", self_read),
+            (torch, "tensor", tensor_reads),
+        ):
             original = getattr(owner, name)
             self._saved.append((owner, name, original))
             setattr(owner, name, self._wrap(original, count))
@@ -596,8 +630,9 @@ class _OpCount(TorchDispatchMode):
                 probe.reads[-1] += int(probe.counts(args[0]))
             elif packet is torch.ops.aten._to_copy:
                 target = kwargs.get("device")
-                probe.reads[-1] += int(args[0].device.type != "cpu" and target is not None
-                                       and torch.device(target).type == "cpu")
+                probe.reads[-1] += int(
+                    args[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+                )
             elif packet is torch.ops.aten.copy_:
                 probe.reads[-1] += int(args[0].device.type == "cpu" and args[1].device.type != "cpu")
         return func(*args, **kwargs)
@@ -632,24 +667,41 @@ def memory_probe(workload: Workload, variant: Variant, epochs: int) -> dict[str,
     gc.collect()
     kept = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    out = {"variant": variant.name, "epochs": epochs, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-           "python_heap_kept_kib": kept / 1024, "accumulator_bytes": variant.feature_bytes()}
+    out = {
+        "variant": variant.name,
+        "epochs": epochs,
+        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "python_heap_kept_kib": kept / 1024,
+        "accumulator_bytes": variant.feature_bytes(),
+    }
     if workload.device.type == "cuda":
         out["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
 def memory_table(workload_args: list[str], workload: Workload, epochs_list: Sequence[int]) -> str:
-    rows = ["| variant | epochs | peak RSS (MiB) | Python heap kept (KiB) | accumulator (bytes) |",
-            "| --- | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| variant | epochs | peak RSS (MiB) | Python heap kept (KiB) | accumulator (bytes) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for epochs in epochs_list:
         for probe in ("baseline", "enabled"):
-            command = [sys.executable, "-m", "benchmarks.overhead", *workload_args, "--memory-probe", probe,
-                       "--epochs", str(epochs)]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.overhead",
+                *workload_args,
+                "--memory-probe",
+                probe,
+                "--epochs",
+                str(epochs),
+            ]
             out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ.copy())
             data = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(f"| {data['variant']} | {epochs} | {data['peak_rss_kib'] / 1024:.1f} | "
-                        f"{data['python_heap_kept_kib']:.1f} | {data['accumulator_bytes']} |")
+            rows.append(
+                f"| {data['variant']} | {epochs} | {data['peak_rss_kib'] / 1024:.1f} | "
+                f"{data['python_heap_kept_kib']:.1f} | {data['accumulator_bytes']} |"
+            )
     return "\n".join(rows)
 
 
@@ -684,8 +736,7 @@ def table(workload: Workload, results: Sequence[Result]) -> str:
         median = statistics.median(r.times)
         extra = median - base
         low, high = _quartiles(r.paired)
-        vs_floor = (f"{extra / floor_extra:.2f}x" if r.variant.kind in ("ours", "peer") and floor_extra > 0
-                    else "")
+        vs_floor = f"{extra / floor_extra:.2f}x" if r.variant.kind in ("ours", "peer") and floor_extra > 0 else ""
         lines.append(
             f"| {name} | {median * 1e3:.2f} | {min(r.times) * 1e3:.2f} | {max(r.times) * 1e3:.2f} | "
             f"{median / base:.3f} | {statistics.median(r.paired):.3f} [{low:.3f}, {high:.3f}] | "
@@ -738,8 +789,11 @@ def _slope(points: Sequence[tuple[int, float]]) -> float:
 
 def verdicts(results: Sequence[Result]) -> list[str]:
     """The issue's goals, checked against this run's numbers, on the wall clock and on CPU time."""
-    return [f"{label}: {line}" for label, attr in (("wall", "times"), ("CPU time", "cpu"))
-            for line in _verdicts(results, attr)] + [
+    return [
+        f"{label}: {line}"
+        for label, attr in (("wall", "times"), ("CPU time", "cpu"))
+        for line in _verdicts(results, attr)
+    ] + [
         "not run: " + "; ".join(f"{r.variant.name} ({r.variant.unavailable})" for r in results if r.variant.unavailable)
     ] * any(r.variant.unavailable for r in results)
 
@@ -756,25 +810,37 @@ def _verdicts(results: Sequence[Result], attr: str) -> list[str]:
     out = []
     disabled = next((r for r in measured if r.variant.name.startswith("disabled")), None)
     if disabled:
-        out.append(f"disabled {over(disabled):+.1%}, A/A {noise:+.1%} -> "
-                   f"{'within noise' if abs(over(disabled)) <= max(2 * noise, 0.01) else 'OUTSIDE noise'}")
+        out.append(
+            f"disabled {over(disabled):+.1%}, A/A {noise:+.1%} -> "
+            f"{'within noise' if abs(over(disabled)) <= max(2 * noise, 0.01) else 'OUTSIDE noise'}"
+        )
     ours = [r for r in measured if r.variant.kind == "ours"]
     full = [r for r in ours if "sample_every" not in r.variant.name and "compact" not in r.variant.name]
     floor = next((r for r in measured if r.variant.kind == "floor"), None)
     if full:
         worst = max(full, key=over)
-        out.append(f"enabled worst ({worst.variant.name}) {over(worst):+.1%} -> "
-                   f"{'under' if over(worst) < 0.10 else 'OVER'} the 10 % bound")
+        out.append(
+            f"enabled worst ({worst.variant.name}) {over(worst):+.1%} -> "
+            f"{'under' if over(worst) < 0.10 else 'OVER'} the 10 % bound"
+        )
         if floor:
             f_over, e_over = over(floor), over(worst)
             ok = e_over <= 1.5 * f_over or e_over - f_over <= max(noise, 0.01)
-            out.append(f"floor {f_over:+.1%}, enabled {e_over:+.1%} -> "
-                       f"{'within' if ok else 'NOT within'} 1.5x of the floor's overhead (or within noise of it)")
+            out.append(
+                f"floor {f_over:+.1%}, enabled {e_over:+.1%} -> "
+                f"{'within' if ok else 'NOT within'} 1.5x of the floor's overhead (or within noise of it)"
+            )
         peers = [r for r in measured if r.variant.kind == "peer"]
         below = [r for r in peers if over(r) <= max(over(r) for r in full)]
-        out.append("peers " + ", ".join(f"{r.variant.name.removeprefix('peer: ')} {over(r):+.1%}" for r in peers)
-                   + (" -> every enabled variant is below every peer" if not below
-                      else " -> NOT below " + ", ".join(r.variant.name for r in below)))
+        out.append(
+            "peers "
+            + ", ".join(f"{r.variant.name.removeprefix('peer: ')} {over(r):+.1%}" for r in peers)
+            + (
+                " -> every enabled variant is below every peer"
+                if not below
+                else " -> NOT below " + ", ".join(r.variant.name for r in below)
+            )
+        )
     return out
 
 
@@ -784,9 +850,15 @@ def _verdicts(results: Sequence[Result], attr: str) -> list[str]:
 
 
 def report(workload: Workload, results: Sequence[Result], epochs: int, rounds: int) -> str:
-    lines = [f"### Workload ({workload.name}): {workload.description}", "",
-             f"{workload.steps_per_epoch} steps per epoch, {epochs} epochs per measurement, {rounds} interleaved "
-             f"rounds ({rounds * epochs} epochs per variant; a variant marked every=N only in every Nth round).", "", table(workload, results), ""]
+    lines = [
+        f"### Workload ({workload.name}): {workload.description}",
+        "",
+        f"{workload.steps_per_epoch} steps per epoch, {epochs} epochs per measurement, {rounds} interleaved "
+        f"rounds ({rounds * epochs} epochs per variant; a variant marked every=N only in every Nth round).",
+        "",
+        table(workload, results),
+        "",
+    ]
     checks = [f"- {r.variant.name}: {r.check}" for r in results if r.check]
     if checks:
         lines += ["Exported after the timing (InMemoryMetricReader):", *checks, ""]
@@ -798,12 +870,14 @@ def report(workload: Workload, results: Sequence[Result], epochs: int, rounds: i
 # Workload (d): a Lightning fit
 # --------------------------------------------------------------------------------------------
 
-LIGHTNING_VARIANTS = ("Lightning, no monitoring", "Lightning + tolaria_otel SeedLayerCallback",
-                      "Lightning + grad_norm logging (its docs' way)")
+LIGHTNING_VARIANTS = (
+    "Lightning, no monitoring",
+    "Lightning + tolaria_otel SeedLayerCallback",
+    "Lightning + grad_norm logging (its docs' way)",
+)
 
 
-def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: int,
-                     log: Callable[[str], None]) -> str:
+def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: int, log: Callable[[str], None]) -> str:
     """(d) Workload (a) trained by ``Trainer.fit``: the package's callback, Lightning's own ``grad_norm``
     logged per seed in ``on_before_optimizer_step`` (as Lightning's docs show it) and no monitoring,
     interleaved as above (one fit of ``epochs + 1`` epochs per variant per round, the first epoch
@@ -860,9 +934,16 @@ def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: 
             seeds_now = {seed_id: (seed, "TRAINING") for seed_id, seed in module.seeds.items()}
             callbacks.append(SeedLayerCallback(seeds_now, settings=settings, meter_provider=provider))
         timer = EpochTimer()
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs + 1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[*callbacks, timer])  # the timer last: it sees the others' epoch ends
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs + 1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[*callbacks, timer],
+        )  # the timer last: it sees the others' epoch ends
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
         trainer.fit(module, loader)
         return timer.times[1:]
@@ -870,7 +951,7 @@ def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: 
     times: dict[str, list[float]] = {name: [] for name in LIGHTNING_VARIANTS}
     paired: dict[str, list[float]] = {name: [] for name in LIGHTNING_VARIANTS}
     for round_ in range(rounds):
-        order = LIGHTNING_VARIANTS[round_ % 3:] + LIGHTNING_VARIANTS[:round_ % 3]
+        order = LIGHTNING_VARIANTS[round_ % 3 :] + LIGHTNING_VARIANTS[: round_ % 3]
         this_round = {name: fit(name) for name in order}
         for name, epoch_times in this_round.items():
             times[name] += epoch_times
@@ -878,22 +959,30 @@ def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: 
         log(f"(d) round {round_ + 1}/{rounds}")
     base = statistics.median(times[LIGHTNING_VARIANTS[0]])
     steps = len(workload.batches)
-    lines = [f"### Workload (d): {workload.description}, trained by Lightning {pl.__version__} `Trainer.fit` "
-             f"(CPU, fp32); {rounds} rounds of {epochs} timed epochs\n",
-             "| variant | epoch median ms | ratio | paired ratio [IQR] | extra µs/step |",
-             "| --- | ---: | ---: | --- | ---: |"]
+    lines = [
+        f"### Workload (d): {workload.description}, trained by Lightning {pl.__version__} `Trainer.fit` "
+        f"(CPU, fp32); {rounds} rounds of {epochs} timed epochs\n",
+        "| variant | epoch median ms | ratio | paired ratio [IQR] | extra µs/step |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
     for name in LIGHTNING_VARIANTS:
         median = statistics.median(times[name])
         low, high = _quartiles(paired[name])
-        lines.append(f"| {name} | {median * 1e3:.2f} | {median / base:.3f} | {statistics.median(paired[name]):.3f} "
-                     f"[{low:.3f}, {high:.3f}] | {(median - base) / steps * 1e6:+.1f} |")
+        lines.append(
+            f"| {name} | {median * 1e3:.2f} | {median / base:.3f} | {statistics.median(paired[name]):.3f} "
+            f"[{low:.3f}, {high:.3f}] | {(median - base) / steps * 1e6:+.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=("a", "b", "all", "lightning"), default="all",
-                        help="lightning: workload (a) under Lightning's Trainer (not part of all)")
+    parser.add_argument(
+        "--workload",
+        choices=("a", "b", "all", "lightning"),
+        default="all",
+        help="lightning: workload (a) under Lightning's Trainer (not part of all)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 30 for a, 10 for b)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement, (a)")
@@ -928,26 +1017,48 @@ def select(variants: list[Variant], only: str | None) -> list[Variant]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    log = lambda s: print(s, file=sys.stderr, flush=True)
 
     if args.memory_probe:
-        workload = (deep_workload(args.depth, args.samples, args.batch, args.seeds) if args.depth
-                    else seeded_mlp_workload(args.samples, args.batch, args.seeds))
-        variant = Baseline() if args.memory_probe == "baseline" else Telemetry(
-            f"enabled, {args.seeds} seeds", seeds=args.seeds)
+        workload = (
+            deep_workload(args.depth, args.samples, args.batch, args.seeds)
+            if args.depth
+            else seeded_mlp_workload(args.samples, args.batch, args.seeds)
+        )
+        variant = (
+            Baseline()
+            if args.memory_probe == "baseline"
+            else Telemetry(f"enabled, {args.seeds} seeds", seeds=args.seeds)
+        )
         print(json.dumps(memory_probe(workload, variant, args.epochs)))
         return 0
 
-    print(f"# tolaria_otel overhead: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}\n")
+    print(
+        f"# tolaria_otel overhead: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}\n"
+    )
     raw: dict[str, Any] = {}
-    common = ["--samples", str(args.samples), "--batch", str(args.batch), "--seeds", str(args.seeds),
-              "--threads", str(args.threads)]
+    common = [
+        "--samples",
+        str(args.samples),
+        "--batch",
+        str(args.batch),
+        "--seeds",
+        str(args.seeds),
+        "--threads",
+        str(args.threads),
+    ]
     if args.workload in ("a", "all"):
         workload = seeded_mlp_workload(args.samples, args.batch, args.seeds)
         rounds = args.rounds or 30
-        results = measure(workload, select(all_variants(args.seeds), args.only), rounds=rounds, warmup=args.warmup,
-                          epochs=args.epochs, log=log)
+        results = measure(
+            workload,
+            select(all_variants(args.seeds), args.only),
+            rounds=rounds,
+            warmup=args.warmup,
+            epochs=args.epochs,
+            log=log,
+        )
         print(report(workload, results, args.epochs, rounds), flush=True)
         raw[workload.name] = {r.variant.name: r.times for r in results}
         if not args.no_memory:
@@ -959,8 +1070,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for depth in depths:
             workload = deep_workload(depth, args.samples, args.batch, args.seeds)
             rounds = args.rounds or 10
-            results = measure(workload, select(deep_variants(args.seeds, args.wandb_deep), args.only), rounds=rounds,
-                              warmup=min(args.warmup, 1), epochs=args.deep_epochs, log=log)
+            results = measure(
+                workload,
+                select(deep_variants(args.seeds, args.wandb_deep), args.only),
+                rounds=rounds,
+                warmup=min(args.warmup, 1),
+                epochs=args.deep_epochs,
+                log=log,
+            )
             print(report(workload, results, args.deep_epochs, rounds), flush=True)
             per_depth.append((workload, results))
             raw[workload.name] = {r.variant.name: r.times for r in results}

@@ -18,11 +18,11 @@ def _median(times: list[float]) -> float:
 def main() -> None:
     print(f"parameter check, one seed share per sampled step (PARAMETER_CHECK_EVERY={PARAMETER_CHECK_EVERY})")
     for seeds, layers in [(4, 3), (64, 20), (256, 20), (2000, 1)]:
-        model = nn.ModuleDict({f"s{i}": nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
-                               for i in range(seeds)})
+        model = nn.ModuleDict({f"s{i}": nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)]) for i in range(seeds)})
         registry = {f"s{i}": (model[f"s{i}"], "TRAINING") for i in range(seeds)}
-        telemetry = SeedLayerTelemetry(model, registry, settings=SeedLayerSettings(enabled=True),
-                                       attributes={"benchmark": f"{seeds}x{layers}"})
+        telemetry = SeedLayerTelemetry(
+            model, registry, settings=SeedLayerSettings(enabled=True), attributes={"benchmark": f"{seeds}x{layers}"}
+        )
         per_step = []
         for step in range(2 * PARAMETER_CHECK_EVERY):
             telemetry._sampled_steps = step + 1
@@ -33,8 +33,10 @@ def main() -> None:
         _seeds_with_new_parameters(telemetry._current, telemetry._current.modules)
         whole = time.perf_counter() - start
         telemetry.close()
-        print(f"  {seeds}x{layers} ({seeds * layers * 2} tensors): per step median {_median(per_step) * 1e6:.1f} us, "
-              f"slowest {max(per_step) * 1e6:.1f} us; every seed at once {whole * 1e6:.0f} us")
+        print(
+            f"  {seeds}x{layers} ({seeds * layers * 2} tensors): per step median {_median(per_step) * 1e6:.1f} us, "
+            f"slowest {max(per_step) * 1e6:.1f} us; every seed at once {whole * 1e6:.0f} us"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,12 @@ def _points(reader: InMemoryMetricReader) -> int:
     data = reader.get_metrics_data()
     if data is None:
         return 0
-    return sum(len(metric.data.data_points) for resource in data.resource_metrics
-               for scope in resource.scope_metrics for metric in scope.metrics)
+    return sum(
+        len(metric.data.data_points)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    )
 
 
 class GarbageCollections:
@@ -77,8 +81,7 @@ class GarbageCollections:
 
 def measure(seeds: int, layers: int, epochs: int, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
-    modules = {f"seed-{i:04d}": nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(layers)))
-               for i in range(seeds)}
+    modules = {f"seed-{i:04d}": nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(layers))) for i in range(seeds)}
     model = nn.ModuleDict({seed_id.replace("-", "_"): module for seed_id, module in modules.items()})
     grads = [p for module in modules.values() for p in module.parameters()]
     for p in grads:
@@ -122,12 +125,20 @@ def measure(seeds: int, layers: int, epochs: int, steps: int) -> dict[str, float
     median = statistics.median(step_times)
     floor = statistics.median(floor_times)
     flushes = [t for i, t in enumerate(step_times) if (i % steps + 1) % FLUSH_EVERY == 0]
-    return {"tensors": len(grads), "observe": median, "floor": floor,
-            "mean": statistics.fmean(step_times) / statistics.fmean(floor_times),
-            "flush": statistics.median(flushes) / median,
-            "slowest": max(step_times) / median, "floor_slowest": max(floor_times) / floor,
-            "end_epoch": statistics.median(end_times), "end_epoch_mean": statistics.fmean(end_times),
-            "end_epoch_gc": collections.spent / epochs, "held": held, "points": points}
+    return {
+        "tensors": len(grads),
+        "observe": median,
+        "floor": floor,
+        "mean": statistics.fmean(step_times) / statistics.fmean(floor_times),
+        "flush": statistics.median(flushes) / median,
+        "slowest": max(step_times) / median,
+        "floor_slowest": max(floor_times) / floor,
+        "end_epoch": statistics.median(end_times),
+        "end_epoch_mean": statistics.fmean(end_times),
+        "end_epoch_gc": collections.spent / epochs,
+        "held": held,
+        "points": points,
+    }
 
 
 def main() -> None:
@@ -145,25 +156,43 @@ def main() -> None:
         seeds, layers = (int(n) for n in args.size.split("x"))
         print(json.dumps(measure(seeds, layers, args.epochs, args.steps)))
         return
-    print(f"| seeds x layers | gradient tensors | observe_step µs (median) | × floor "
-          f"| mean × floor's (flushes included) | flushing step × median "
-          f"| slowest × median: observe_step, floor | end_epoch ms: median, mean (of which GC) "
-          f"| step path held (MiB, RSS) "
-          f"| points per collection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"| seeds x layers | gradient tensors | observe_step µs (median) | × floor "
+        f"| mean × floor's (flushes included) | flushing step × median "
+        f"| slowest × median: observe_step, floor | end_epoch ms: median, mean (of which GC) "
+        f"| step path held (MiB, RSS) "
+        f"| points per collection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     grid = QUICK_GRID if args.quick else GRID
     if args.sizes:
         grid = tuple(tuple(int(n) for n in size.split("x")) for size in args.sizes.split(","))
     for seeds, layers in grid:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--size", f"{seeds}x{layers}",
-                              "--epochs", str(args.epochs), "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.scale",
+                "--size",
+                f"{seeds}x{layers}",
+                "--epochs",
+                str(args.epochs),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.splitlines()[-1])
-        print(f"| {seeds} x {layers} | {r['tensors']} | {r['observe'] * 1e6:.0f} | {r['observe'] / r['floor']:.2f} "
-              f"| {r['mean']:.2f} | {r['flush']:.1f} | {r['slowest']:.1f}, {r['floor_slowest']:.1f} "
-              f"| {r['end_epoch'] * 1e3:.1f}, {r['end_epoch_mean'] * 1e3:.1f} "
-              f"({r['end_epoch_gc'] * 1e3:.1f}) "
-              f"| {r['held'] / 2**20:.1f} "
-              f"| {r['points']} |", flush=True)
+        print(
+            f"| {seeds} x {layers} | {r['tensors']} | {r['observe'] * 1e6:.0f} | {r['observe'] / r['floor']:.2f} "
+            f"| {r['mean']:.2f} | {r['flush']:.1f} | {r['slowest']:.1f}, {r['floor_slowest']:.1f} "
+            f"| {r['end_epoch'] * 1e3:.1f}, {r['end_epoch_mean'] * 1e3:.1f} "
+            f"({r['end_epoch_gc'] * 1e3:.1f}) "
+            f"| {r['held'] / 2**20:.1f} "
+            f"| {r['points']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,14 @@ def _rank(rank: int, world: int, port: int, src: str, kind: str, epochs: list[in
             for name, param in list(module._parameters.items()):
                 module._parameters[name] = nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(0)]))
         for param in model.parameters():
-            param.grad = DTensor.from_local(torch.randn(param.to_local().shape), mesh, [Shard(0)], run_check=False,
-                                            shape=param.shape, stride=param.stride())
+            param.grad = DTensor.from_local(
+                torch.randn(param.to_local().shape),
+                mesh,
+                [Shard(0)],
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
+            )
     else:
         for param in model.parameters():
             param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(1))
@@ -87,8 +93,16 @@ def _rank(rank: int, world: int, port: int, src: str, kind: str, epochs: list[in
         telemetry.end_epoch()
         end_s = time.perf_counter() - start
         growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
-        results.append({"steps": steps, "step_bytes": step_sizes, "end_bytes": sizes[:], "end_ms": 1e3 * end_s,
-                        "rss_growth_mib": growth_kib / 1024, "failures": telemetry.failures})
+        results.append(
+            {
+                "steps": steps,
+                "step_bytes": step_sizes,
+                "end_bytes": sizes[:],
+                "end_ms": 1e3 * end_s,
+                "rss_growth_mib": growth_kib / 1024,
+                "failures": telemetry.failures,
+            }
+        )
     dist.all_reduce = original
     Path(out, f"rank{rank}.json").write_text(json.dumps(results[1:]))
     dist.destroy_process_group()
@@ -102,8 +116,10 @@ def run(src: Path, world: int, kind: str, epochs: list[int]) -> list[list[dict[s
         port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out:
-        ranks = [context.Process(target=_rank, args=(rank, world, port, str(src), kind, epochs, out), daemon=True)
-                 for rank in range(world)]
+        ranks = [
+            context.Process(target=_rank, args=(rank, world, port, str(src), kind, epochs, out), daemon=True)
+            for rank in range(world)
+        ]
         for process in ranks:
             process.start()
         try:
@@ -120,12 +136,20 @@ def run(src: Path, world: int, kind: str, epochs: list[int]) -> list[list[dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale_distributed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scale_distributed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--before", type=Path, help="a tree whose src/ is measured too (the commit compared against)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="ranks (default 2 4)")
-    parser.add_argument("--steps", type=int, nargs="+", default=[100, 10_000],
-                        help="sampled steps of the measured epochs (default 100 10000)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[100, 10_000],
+        help="sampled steps of the measured epochs (default 100 10000)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 ranks, epochs of 20 and 300 steps: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -133,11 +157,15 @@ def main() -> None:
     trees = [("after", Path(__file__).resolve().parents[1] / "src")]
     if args.before is not None:
         trees.insert(0, ("before", args.before.resolve() / "src"))
-    print(f"{SEEDS} seeds x {LAYERS} Linear(4, 4) layers: {SEEDS * (LAYERS + 1)} slots; gloo on CPU, "
-          f"{os.cpu_count()} CPUs; epochs of {', '.join(map(str, args.steps))} sampled steps after a warm-up "
-          f"epoch of {WARMUP_STEPS}\n")
-    print("| ranks | gradient | tree | steps | all-reduces per epoch | bytes per epoch | epoch-end all-reduce bytes "
-          "| peak RSS growth per rank (MiB, max) | end_epoch ms (max) |")
+    print(
+        f"{SEEDS} seeds x {LAYERS} Linear(4, 4) layers: {SEEDS * (LAYERS + 1)} slots; gloo on CPU, "
+        f"{os.cpu_count()} CPUs; epochs of {', '.join(map(str, args.steps))} sampled steps after a warm-up "
+        f"epoch of {WARMUP_STEPS}\n"
+    )
+    print(
+        "| ranks | gradient | tree | steps | all-reduces per epoch | bytes per epoch | epoch-end all-reduce bytes "
+        "| peak RSS growth per rank (MiB, max) | end_epoch ms (max) |"
+    )
     print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     totals: dict[tuple[int, str, str], dict[int, int]] = {}
     for world in args.worlds:
@@ -151,10 +179,13 @@ def main() -> None:
                     count = len(zero["step_bytes"]) + len(zero["end_bytes"])
                     total = sum(zero["step_bytes"]) + sum(zero["end_bytes"])
                     totals.setdefault((world, kind, tree), {})[steps] = total
-                    print(f"| {world} | {kind} | {tree} | {steps:,} | {count} | {total:,} | "
-                          f"{' + '.join(f'{b:,}' for b in zero['end_bytes'])} | "
-                          f"{max(row['rss_growth_mib'] for row in rows):.2f} | "
-                          f"{max(row['end_ms'] for row in rows):.1f} |", flush=True)
+                    print(
+                        f"| {world} | {kind} | {tree} | {steps:,} | {count} | {total:,} | "
+                        f"{' + '.join(f'{b:,}' for b in zero['end_bytes'])} | "
+                        f"{max(row['rss_growth_mib'] for row in rows):.2f} | "
+                        f"{max(row['end_ms'] for row in rows):.1f} |",
+                        flush=True,
+                    )
     first, last = args.steps[0], args.steps[-1]
     print(f"\nAll-reduce bytes per epoch, {last:,} steps / {first:,} steps:")
     for (world, kind, tree), by_steps in totals.items():

@@ -41,7 +41,9 @@ def sdk_attribute_sets(telemetry: SeedLayerTelemetry) -> int:
     total = 0
     for gauge in telemetry._instruments.streams:  # type: ignore[union-attr]
         for storage in gauge._measurement_consumer._reader_storages.values():  # type: ignore[attr-defined]
-            total += sum(len(m._attributes_aggregation) for m in storage._instrument_view_instrument_matches.get(gauge, ()))
+            total += sum(
+                len(m._attributes_aggregation) for m in storage._instrument_view_instrument_matches.get(gauge, ())
+            )
     return total
 
 
@@ -91,14 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         expected = sum(2 * len(s.top_layers) + 2 for s in summary.seeds.values()) + 2
         # The histogram is cumulative: the series of a seed's stage it left is still exported (its counts must
         # reach the collector) until the next change of the exported sets releases it.
-        histograms = {(p.attributes["seed_id"], p.attributes["stage"]) for m in metrics if m.name == SEED_STEP_NORM
-                      for p in m.data.data_points}
+        histograms = {
+            (p.attributes["seed_id"], p.attributes["stage"])
+            for m in metrics
+            if m.name == SEED_STEP_NORM
+            for p in m.data.data_points
+        }
         now = {(s.seed_id, s.stage) for s in summary.seeds.values()}
         if now != latest:
             previous, latest = latest, now
         if gauges != expected or not now <= histograms <= now | previous:
-            print(f"epoch {epoch}: {gauges} gauge points exported, expected {expected}; histogram series "
-                  f"{sorted(histograms)}, expected {sorted(now)} and at most {sorted(previous - now)}", file=sys.stderr)
+            print(
+                f"epoch {epoch}: {gauges} gauge points exported, expected {expected}; histogram series "
+                f"{sorted(histograms)}, expected {sorted(now)} and at most {sorted(previous - now)}",
+                file=sys.stderr,
+            )
             return 1
         moved = rng.choice(sorted(active))
         active[moved] = (active[moved][0], rng.choice(STAGES))
@@ -109,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         if epoch in checkpoints:
             heap = tracemalloc.get_traced_memory()[0] / 2**20
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"| {epoch} | {sdk_attribute_sets(telemetry)} | {heap:.2f} | {rss:.0f} | {next_id} | "
-                  f"{warnings.count} | {points} |", flush=True)
+            print(
+                f"| {epoch} | {sdk_attribute_sets(telemetry)} | {heap:.2f} | {rss:.0f} | {next_id} | "
+                f"{warnings.count} | {points} |",
+                flush=True,
+            )
     return 0
 
 

@@ -50,13 +50,15 @@ def main() -> None:
     telemetry = SeedLayerTelemetry(model, registry, settings=SETTINGS, meter_provider=provider)
     seed_params = [p for module in registry.modules.values() for p in module.parameters()]
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(32, 32, generator=generator), torch.randn(32, 10, generator=generator))
-               for _ in range(args.steps)]
+    batches = [
+        (torch.randn(32, 32, generator=generator), torch.randn(32, 10, generator=generator)) for _ in range(args.steps)
+    ]
     kept: list[torch.Tensor] = []
     pieces: dict[str, Callable[[], object]] = {
         "floor: _foreach_norm": lambda: torch._foreach_norm([p.grad for p in seed_params]),
-        "floor, norms kept: _foreach_norm + stack":
-            lambda: kept.append(torch.stack(torch._foreach_norm([p.grad for p in seed_params]))),
+        "floor, norms kept: _foreach_norm + stack": lambda: kept.append(
+            torch.stack(torch._foreach_norm([p.grad for p in seed_params]))
+        ),
         "observe_step()": telemetry.observe_step,
     }
     names = list(pieces)
@@ -69,7 +71,7 @@ def main() -> None:
         spent = dict.fromkeys(names, 0.0)
         for x, y in batches:
             torch.nn.functional.mse_loss(model(x), y).backward()
-            for name in names[step % 3:] + names[:step % 3]:
+            for name in names[step % 3 :] + names[: step % 3]:
                 spent[name] += _timed(pieces[name])
             step += 1
             optimizer.step()
@@ -81,14 +83,17 @@ def main() -> None:
     per_step = {name: statistics.median(values) for name, values in epochs.items()}
     floor = per_step[names[0]]
     end_epoch = per_step.pop("end_epoch()")
-    feature = statistics.median(step + end / args.steps
-                                for step, end in zip(epochs["observe_step()"], epochs["end_epoch()"]))
+    feature = statistics.median(
+        step + end / args.steps for step, end in zip(epochs["observe_step()"], epochs["end_epoch()"])
+    )
     print(f"| piece ({args.steps}-step epochs, {args.epochs} epochs, medians) | µs | × floor |\n| --- | ---: | ---: |")
     for name, value in per_step.items():
         print(f"| {name}, per step | {value * 1e6:.1f} | {value / floor:.2f} |")
     print(f"| end_epoch() | {end_epoch * 1e6:.0f} | |")
-    print(f"| the feature per step: observe_step() + end_epoch() / {args.steps} | {feature * 1e6:.1f} | "
-          f"{feature / floor:.2f} |")
+    print(
+        f"| the feature per step: observe_step() + end_epoch() / {args.steps} | {feature * 1e6:.1f} | "
+        f"{feature / floor:.2f} |"
+    )
 
     # What attach(optimizer) adds to a step around observe_step(): the step post-hook's own call.
     hook = _StepHook(lambda _: None)

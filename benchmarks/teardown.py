@@ -35,15 +35,21 @@ def teardown_times(mode: str, timeout: str | None) -> dict[str, float]:
         server.listen(16)  # the kernel completes the handshakes; nobody ever reads or answers
     else:
         server.close()
-    os.environ.update({"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "600000",
-                       "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{port}/v1/metrics"})
+    os.environ.update(
+        {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_METRIC_EXPORT_INTERVAL": "600000",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{port}/v1/metrics",
+        }
+    )
     if timeout is not None:
         os.environ["OTEL_EXPORTER_OTLP_TIMEOUT"] = timeout
     settings = SeedLayerSettings(enabled=True)
     provider = configure_meter_provider(settings)
     seed = torch.nn.Linear(4, 4)
-    telemetry = SeedLayerTelemetry(seed, {"s": (seed, "SEED_STAGE_TRAINING")}, settings=settings,
-                                   meter_provider=provider)
+    telemetry = SeedLayerTelemetry(
+        seed, {"s": (seed, "SEED_STAGE_TRAINING")}, settings=settings, meter_provider=provider
+    )
     seed(torch.ones(1, 4)).sum().backward()
     telemetry.observe_step()
     telemetry.end_epoch()
@@ -59,9 +65,15 @@ def teardown_times(mode: str, timeout: str | None) -> dict[str, float]:
 def measure(mode: str, timeout: str | None) -> dict[str, float]:
     """One case in a fresh interpreter (the SDK's exporters keep process-wide state)."""
     code = f"import json; from benchmarks.teardown import teardown_times; print(json.dumps(teardown_times({mode!r}, {timeout!r})))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
-                         cwd=Path(__file__).resolve().parents[1],
-                         env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+    )
     return json.loads(out.stdout.splitlines()[-1])
 
 

@@ -44,8 +44,39 @@ from tolaria_otel.cli import OTEL_DEFAULTS, TOLARIA_FIELDS, main
 
 SECRET = "S3CR3T-MARKER"
 HUGE = "7" * 100_000
-JUNK = ["", " ", "\t", "x", "-1", "0", "1", "2", "nan", "inf", "-inf", "1e400", "\uff11", "\u00e9", "\x01", "true",
-        "TRUE", "yes", "none", "a,b", "=", ",", "%", "'", '"', "\\", "${HOME}", "0x10", "1_000", " 5 ", HUGE]
+JUNK = [
+    "",
+    " ",
+    "\t",
+    "x",
+    "-1",
+    "0",
+    "1",
+    "2",
+    "nan",
+    "inf",
+    "-inf",
+    "1e400",
+    "\uff11",
+    "\u00e9",
+    "\x01",
+    "true",
+    "TRUE",
+    "yes",
+    "none",
+    "a,b",
+    "=",
+    ",",
+    "%",
+    "'",
+    '"',
+    "\\",
+    "${HOME}",
+    "0x10",
+    "1_000",
+    " 5 ",
+    HUGE,
+]
 RANDOM_ALPHABET = "abcxyz0189.:/@?=,-_ %[]\t\u00e9"
 
 
@@ -83,7 +114,9 @@ def one_of(*words: str) -> Callable[[str], bool]:
 
 def exporters_ok(value: str) -> bool:
     names = [name.strip().lower() for name in value.split(",") if name.strip()]
-    return all(n in ("otlp", "prometheus", "console", "none") for n in names) and ("none" not in names or len(names) == 1)
+    return all(n in ("otlp", "prometheus", "console", "none") for n in names) and (
+        "none" not in names or len(names) == 1
+    )
 
 
 def host_ok(host: str) -> bool:
@@ -139,8 +172,12 @@ def bindable(host: str, port: int) -> bool:
 
 
 #: The mutual TLS variables, each with the one it needs beside it.
-CLIENT_TLS = {"CLIENT_CERTIFICATE": "CLIENT_KEY", "CLIENT_KEY": "CLIENT_CERTIFICATE",
-              "METRICS_CLIENT_CERTIFICATE": "METRICS_CLIENT_KEY", "METRICS_CLIENT_KEY": "METRICS_CLIENT_CERTIFICATE"}
+CLIENT_TLS = {
+    "CLIENT_CERTIFICATE": "CLIENT_KEY",
+    "CLIENT_KEY": "CLIENT_CERTIFICATE",
+    "METRICS_CLIENT_CERTIFICATE": "METRICS_CLIENT_KEY",
+    "METRICS_CLIENT_KEY": "METRICS_CLIENT_CERTIFICATE",
+}
 
 
 def verdict(variable: str, value: str) -> str:
@@ -191,32 +228,77 @@ def verdict(variable: str, value: str) -> str:
 def contexts(certificate: str, receiver: str) -> dict[str, dict[str, str]]:
     """What puts each variable in force. The feature stays off but where it is fuzzed itself, so that
     doctor probes no endpoint; when it is on, the endpoint is ``receiver``, which answers."""
-    pull = {"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
-            "OTEL_EXPORTER_PROMETHEUS_PORT": "0"}
+    pull = {
+        "OTEL_METRICS_EXPORTER": "prometheus",
+        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
+    }
     https = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://127.0.0.1:4318"}
     # A client certificate is fuzzed with its key in place (a readable file), and the other way round.
-    client = {f"OTEL_EXPORTER_OTLP_{kind}": {**https, f"OTEL_EXPORTER_OTLP_{partner}": certificate}
-              for kind, partner in CLIENT_TLS.items()}
-    return {"OTEL_EXPORTER_PROMETHEUS_HOST": pull, "OTEL_EXPORTER_PROMETHEUS_PORT": pull,
-            "OTEL_EXPORTER_OTLP_CERTIFICATE": https, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": https, **client,
-            "OTEL_METRICS_EXPORTER": {"OTEL_EXPORTER_PROMETHEUS_PORT": "0"},
-            "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver}}
+    client = {
+        f"OTEL_EXPORTER_OTLP_{kind}": {**https, f"OTEL_EXPORTER_OTLP_{partner}": certificate}
+        for kind, partner in CLIENT_TLS.items()
+    }
+    return {
+        "OTEL_EXPORTER_PROMETHEUS_HOST": pull,
+        "OTEL_EXPORTER_PROMETHEUS_PORT": pull,
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": https,
+        "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": https,
+        **client,
+        "OTEL_METRICS_EXPORTER": {"OTEL_EXPORTER_PROMETHEUS_PORT": "0"},
+        "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver},
+    }
 
 
 def picked(variable: str, busy_port: int, certificate: str) -> list[str]:
     """Hand-picked values per variable: documented forms and the mistakes users make."""
-    endpoints = ["http://localhost:4318", "https://collector.example:4318/", "http://[::1]:4318", "http://[::1",
-                 "localhost:4318", "http://", "http://host:99999", "http://host:0", "ftp://collector",
-                 "http://a b:1", f"http://{SECRET}@127.0.0.1:4318", f"http://user:{SECRET}@127.0.0.1:4318",
-                 f"http://127.0.0.1:4318/v1/metrics?api_key={SECRET}", f"http://{SECRET}@[::1",
-                 "http://exa!mple:1", "http://" + "a" * 64 + ":1", "http://" + HUGE, "http://h\u00e9:1"]
-    headers = ["authorization=Bearer abc", "a=1,b=2", " x-team = ml ", "authorization=Bearer%20abc",
-               f"authorization Bearer {SECRET}", f"x-token=\u00e9{SECRET}", f'x="{SECRET}"', f"k={SECRET};v",
-               f"=novalue{SECRET}", "a=1,,b=2", f"a=1,{SECRET}"]
+    endpoints = [
+        "http://localhost:4318",
+        "https://collector.example:4318/",
+        "http://[::1]:4318",
+        "http://[::1",
+        "localhost:4318",
+        "http://",
+        "http://host:99999",
+        "http://host:0",
+        "ftp://collector",
+        "http://a b:1",
+        f"http://{SECRET}@127.0.0.1:4318",
+        f"http://user:{SECRET}@127.0.0.1:4318",
+        f"http://127.0.0.1:4318/v1/metrics?api_key={SECRET}",
+        f"http://{SECRET}@[::1",
+        "http://exa!mple:1",
+        "http://" + "a" * 64 + ":1",
+        "http://" + HUGE,
+        "http://h\u00e9:1",
+    ]
+    headers = [
+        "authorization=Bearer abc",
+        "a=1,b=2",
+        " x-team = ml ",
+        "authorization=Bearer%20abc",
+        f"authorization Bearer {SECRET}",
+        f"x-token=\u00e9{SECRET}",
+        f'x="{SECRET}"',
+        f"k={SECRET};v",
+        f"=novalue{SECRET}",
+        "a=1,,b=2",
+        f"a=1,{SECRET}",
+    ]
     numbers = ["2", "0.5", "10", "2000", "60", "61", "0", "-1", "nan", "inf", "abc", "10s", "1e400", "1e-300"]
     per_variable = {
-        "OTEL_METRICS_EXPORTER": ["otlp", "prometheus", "console", "none", "otlp,console", " OTLP ", "kafka",
-                                  "none,otlp", "otlp;console", "prometheus,otlp"],
+        "OTEL_METRICS_EXPORTER": [
+            "otlp",
+            "prometheus",
+            "console",
+            "none",
+            "otlp,console",
+            " OTLP ",
+            "kafka",
+            "none,otlp",
+            "otlp;console",
+            "prometheus,otlp",
+        ],
         "OTEL_EXPORTER_OTLP_PROTOCOL": ["grpc", "http/protobuf", "GRPC", "http/json", "http"],
         "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": ["grpc", "http/protobuf", "http/json"],
         "OTEL_EXPORTER_OTLP_ENDPOINT": endpoints,
@@ -231,12 +313,23 @@ def picked(variable: str, busy_port: int, certificate: str) -> list[str]:
         "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": ["gzip", "zstd"],
         "OTEL_EXPORTER_OTLP_CERTIFICATE": [certificate, "/no/such/ca.pem", tempfile.gettempdir()],
         "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": [certificate, "/no/such/ca.pem"],
-        **{f"OTEL_EXPORTER_OTLP_{kind}": [certificate, "/no/such/client.pem", tempfile.gettempdir()]
-           for kind in CLIENT_TLS},
+        **{
+            f"OTEL_EXPORTER_OTLP_{kind}": [certificate, "/no/such/client.pem", tempfile.gettempdir()]
+            for kind in CLIENT_TLS
+        },
         "OTEL_RESOURCE_ATTRIBUTES": ["service.instance.id=run-42", "a=1,b=2", "a=b,", "novalue", "=x", "a=b=c"],
         "OTEL_SERVICE_NAME": ["tolaria", "trainer 7"],
-        "OTEL_EXPORTER_PROMETHEUS_HOST": ["localhost", "127.0.0.1", "0.0.0.0", "::1", "no-such-host.invalid",
-                                          "192.0.2.1", "exa mple", "256.1.1.1", "[::1]"],
+        "OTEL_EXPORTER_PROMETHEUS_HOST": [
+            "localhost",
+            "127.0.0.1",
+            "0.0.0.0",
+            "::1",
+            "no-such-host.invalid",
+            "192.0.2.1",
+            "exa mple",
+            "256.1.1.1",
+            "[::1]",
+        ],
         "OTEL_EXPORTER_PROMETHEUS_PORT": ["0", "9464", str(busy_port), "65535", "65536", "-1", "http", " 0 "],
         "OTEL_SDK_DISABLED": ["true", "false", "True", "1", "yes", "disabled"],
     }
@@ -249,11 +342,23 @@ def random_values(rng: random.Random, count: int) -> list[str]:
 
 def demo_option_cases() -> Iterator[Case]:
     """The demo's options, each given a value it must refuse before any training."""
-    bad = {"--epochs": ["0", "1001", "-1", "x", "1.5", "\uff11"], "--seeds": ["1", "5", "99", "two"],
-           "--top-k": ["0", "1000001", "many"], "--seed": ["-1", str(2**32), "x"],
-           "--device": ["tpu", "cuda:x", "cuda:-1", "meta", HUGE],
-           "--otlp-endpoint": ["http://[::1", "localhost:4318", "http://", f"http://{SECRET}@[::1",
-                               f"http://u:{SECRET}@exa mple:1", "ftp://x", "http://" + HUGE, "http://h:0"]}
+    bad = {
+        "--epochs": ["0", "1001", "-1", "x", "1.5", "\uff11"],
+        "--seeds": ["1", "5", "99", "two"],
+        "--top-k": ["0", "1000001", "many"],
+        "--seed": ["-1", str(2**32), "x"],
+        "--device": ["tpu", "cuda:x", "cuda:-1", "meta", HUGE],
+        "--otlp-endpoint": [
+            "http://[::1",
+            "localhost:4318",
+            "http://",
+            f"http://{SECRET}@[::1",
+            f"http://u:{SECRET}@exa mple:1",
+            "ftp://x",
+            "http://" + HUGE,
+            "http://h:0",
+        ],
+    }
     for option, values in bad.items():
         for value in values:
             yield Case("demo", option, value, "bad", {}, ["demo", "--quiet", option, value])
@@ -333,8 +438,13 @@ def main_(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--random", type=int, default=40, help="random values per variable (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--show", choices=["crash", "silent wrong", "clear"], action="append", default=[],
-                        help="print each case with this outcome")
+    parser.add_argument(
+        "--show",
+        choices=["crash", "silent wrong", "clear"],
+        action="append",
+        default=[],
+        help="print each case with this outcome",
+    )
     args = parser.parse_args(argv)
     # As in a terminal: Python's last-resort handler prints the SDK's warnings to (the captured) stderr.
     logging.lastResort = logging.StreamHandler(sys.stderr)
@@ -354,18 +464,23 @@ def main_(argv: list[str] | None = None) -> int:
             tally[(group, "tried")] += 1
             tally[(group, f"expected {case.expected}")] += 1
             if outcome in args.show:
-                print(f"{outcome}: {case.command} {case.culprit}={case.value[:60]!r} ({case.expected}) {detail}",
-                      file=sys.stderr)
+                print(
+                    f"{outcome}: {case.command} {case.culprit}={case.value[:60]!r} ({case.expected}) {detail}",
+                    file=sys.stderr,
+                )
     print("| inputs | tried | clear (refused / accepted as they should be) | silent wrong | crashes |")
     print("| --- | --- | --- | --- | --- |")
     groups = sorted({group for group, _ in tally})
     for group in [*groups, "all"]:
+
         def count(key: str, group: str = group) -> int:
             return sum(n for (g, k), n in tally.items() if k == key and (group == "all" or g == group))
 
         bad = count("expected bad") + count("expected flagged")
-        print(f"| {group} | {count('tried')} | {count('clear')} ({bad} bad, {count('expected ok')} good) | "
-              f"{count('silent wrong')} | {count('crash')} |")
+        print(
+            f"| {group} | {count('tried')} | {count('clear')} ({bad} bad, {count('expected ok')} good) | "
+            f"{count('silent wrong')} | {count('crash')} |"
+        )
     return 1 if tally_has(tally, "crash") or tally_has(tally, "silent wrong") else 0
 
 

@@ -77,8 +77,9 @@ def backend_binaries(bin_dir: Path = BACKENDS_BIN) -> BackendBinaries:
 def collector_binary(path: Path = COLLECTOR_BINARY) -> Path:
     """The Collector built by ``make backends``; a clear error (not a skip) when it is missing."""
     if not os.access(path, os.X_OK):
-        raise RuntimeError(f"OpenTelemetry Collector missing ({path}); run `make backends` "
-                           "(bash devtools/otelcol/build.sh) first")
+        raise RuntimeError(
+            f"OpenTelemetry Collector missing ({path}); run `make backends` (bash devtools/otelcol/build.sh) first"
+        )
     return path
 
 
@@ -283,9 +284,7 @@ class VictoriaMetrics(_Server):
     name = "victoria-metrics"
     ready_path = "/health"
 
-    def __init__(
-        self, binary: Path, tmp_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, binary: Path, tmp_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         super().__init__(binary, tmp_dir, port)
         self.data_dir = self.tmp_dir / "vm-data"
         self.extra_args = list(extra_args)
@@ -410,7 +409,11 @@ class Collector(_Server):
     """
 
     def __init__(
-        self, binary: Path, tmp_dir: Path, configs: Sequence[Path], env: Mapping[str, str] | None = None,
+        self,
+        binary: Path,
+        tmp_dir: Path,
+        configs: Sequence[Path],
+        env: Mapping[str, str] | None = None,
         name: str = "otelcol",
     ) -> None:
         self.name = name  # before super(): names the log file
@@ -445,8 +448,12 @@ class Collector(_Server):
     def validate(self) -> subprocess.CompletedProcess[str]:
         """``otelcol validate`` of the same configs with the same environment (exit status 0: valid)."""
         return subprocess.run(
-            [str(self.binary), "validate", *self.argv()[1:]], env={**os.environ, **self.env},
-            capture_output=True, text=True, timeout=60, check=False,
+            [str(self.binary), "validate", *self.argv()[1:]],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
 
 
@@ -542,8 +549,10 @@ def store_prometheus_config(store_url: str, *, interval: str | None = None) -> s
         "- rules/*.rules.yml": f"- {COLLECTOR_DIR / 'rules'}/*.rules.yml",
     }
     if interval is not None:
-        replacements |= {"scrape_interval: 15s": f"scrape_interval: {interval}",
-                         "evaluation_interval: 15s": f"evaluation_interval: {interval}"}
+        replacements |= {
+            "scrape_interval: 15s": f"scrape_interval: {interval}",
+            "evaluation_interval: 15s": f"evaluation_interval: {interval}",
+        }
     for old, new in replacements.items():
         if text.count(old) != 1:
             raise ValueError(f"{STORE_PROMETHEUS_CONFIG} no longer has exactly one {old!r}")
@@ -575,18 +584,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = args.data_dir or Path(scratch)
         try:
             # Started store first, Prometheus last: each finds what it sends to or reads from already up.
-            with victoria_metrics(base / "vm", port=args.vm_port or None) as vm, otel_collector(
-                base / "otelcol", env={"OTELCOL_STORE_OTLP_ENDPOINT": vm.otlp_metrics_url}
-            ) as collector, prometheus(
-                store_prometheus_config(vm.url, interval=args.interval), base / "prometheus",
-                port=args.prometheus_port or None,
-            ) as prom:
+            with (
+                victoria_metrics(base / "vm", port=args.vm_port or None) as vm,
+                otel_collector(base / "otelcol", env={"OTELCOL_STORE_OTLP_ENDPOINT": vm.otlp_metrics_url}) as collector,
+                prometheus(
+                    store_prometheus_config(vm.url, interval=args.interval),
+                    base / "prometheus",
+                    port=args.prometheus_port or None,
+                ) as prom,
+            ):
                 servers = (collector, vm, prom)
-                print(f"OpenTelemetry Collector: OTLP/HTTP {collector.otlp_endpoints['http/protobuf']}, "
-                      f"OTLP/gRPC {collector.otlp_endpoints['grpc']}   (log: {collector.log_path})")
+                print(
+                    f"OpenTelemetry Collector: OTLP/HTTP {collector.otlp_endpoints['http/protobuf']}, "
+                    f"OTLP/gRPC {collector.otlp_endpoints['grpc']}   (log: {collector.log_path})"
+                )
                 print(f"VictoriaMetrics:         {vm.url}   (vmui: {vm.url}/vmui, log: {vm.log_path})")
-                print(f"Prometheus:              {prom.url}   (rules and alerts: {prom.url}/alerts, "
-                      f"log: {prom.log_path})")
+                print(
+                    f"Prometheus:              {prom.url}   (rules and alerts: {prom.url}/alerts, log: {prom.log_path})"
+                )
                 print("Point a trainer at the Collector with:")
                 print(f"  export OTEL_EXPORTER_OTLP_ENDPOINT={collector.otlp_endpoints['http/protobuf']}")
                 print(f"or try it: tolaria-otel demo --otlp-endpoint {collector.otlp_endpoints['http/protobuf']}")

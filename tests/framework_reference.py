@@ -44,15 +44,19 @@ class AppliedGradients:
         return (self._before[id(p)] - p.detach().double()) / self._lr[id(p)]
 
     def _post(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        self.step_totals.append(math.sqrt(sum(float(self._applied(p).square().sum())
-                                              for group in optimizer.param_groups for p in group["params"])))
+        self.step_totals.append(
+            math.sqrt(
+                sum(float(self._applied(p).square().sum()) for group in optimizer.param_groups for p in group["params"])
+            )
+        )
         for seed_id, (module, _) in self.seeds().items():
             self.steps[seed_id] += 1
             for name, sub in module.named_modules():
                 params = [p for p in sub.parameters(recurse=False) if p.requires_grad]
                 if params:
-                    self.squares[seed_id][name or "(root)"] += sum(float(self._applied(p).square().sum())
-                                                                    for p in params)
+                    self.squares[seed_id][name or "(root)"] += sum(
+                        float(self._applied(p).square().sum()) for p in params
+                    )
             self.totals[seed_id] += sum(float(self._applied(p).square().sum()) for p in module.parameters())
 
     def epoch(self) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, int]]:
@@ -74,8 +78,13 @@ class PreClipGradients:
     or wider with no loss scaling (an unscale would come after the copy).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 seeds: Callable[[], Mapping[str, tuple[nn.Module, object]]], max_norm: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        seeds: Callable[[], Mapping[str, tuple[nn.Module, object]]],
+        max_norm: float,
+    ) -> None:
         self.seeds = seeds
         self.max_norm = max_norm
         self._grads: dict[int, torch.Tensor] = {}

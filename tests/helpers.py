@@ -112,8 +112,10 @@ def train_epoch(
 
 def expected_top_k(values: dict[str, float], k: int) -> list[tuple[str, float]]:
     """Independent top-K: sort all by (non-finite first, value descending, name ascending)."""
+
     def key(item: tuple[str, float]) -> tuple[int, float, str]:
         return (1, -item[1], item[0]) if math.isfinite(item[1]) else (0, 0.0, item[0])
+
     return sorted(values.items(), key=key)[:k]
 
 

@@ -69,8 +69,9 @@ class Run:
         self.provider = configure_meter_provider(self.settings)
         self.tamper = GradientTamper()
         self.optimizer.register_step_post_hook(self.tamper.poison)  # before the telemetry's hook
-        self.telemetry = SeedLayerTelemetry(self.model, self.kasmina, settings=self.settings,
-                                            meter_provider=self.provider)
+        self.telemetry = SeedLayerTelemetry(
+            self.model, self.kasmina, settings=self.settings, meter_provider=self.provider
+        )
         self.telemetry.attach(self.optimizer)
         self.generator = torch.Generator().manual_seed(7)
 
@@ -99,8 +100,12 @@ class Run:
 
 
 def expected_layers(summary: EpochSummary) -> dict[tuple[str, str, str], float]:
-    return {(seed_id, seed.stage, layer): value for seed_id, seed in summary.seeds.items()
-            for layer, value in seed.top_layers if math.isfinite(value)}
+    return {
+        (seed_id, seed.stage, layer): value
+        for seed_id, seed in summary.seeds.items()
+        for layer, value in seed.top_layers
+        if math.isfinite(value)
+    }
 
 
 def as_layers(result: list[dict]) -> dict[tuple[str, str, str], float]:

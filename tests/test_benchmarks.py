@@ -18,19 +18,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS_A = [
-    "baseline", "baseline again (A/A)", "disabled (flag off)", "enabled, 1 seed", "enabled, 2 seeds",
-    "enabled, 4 seeds", "enabled, 4 seeds, seed source a dict", "enabled, 4 seeds, attach()",
+    "baseline",
+    "baseline again (A/A)",
+    "disabled (flag off)",
+    "enabled, 1 seed",
+    "enabled, 2 seeds",
+    "enabled, 4 seeds",
+    "enabled, 4 seeds, seed source a dict",
+    "enabled, 4 seeds, attach()",
     "enabled, 4 seeds, host norm",
-    "enabled, 4 seeds, sample_every=4", "enabled, 4 seeds, compact",
-    "floor: _foreach_norm only", "peer: per-layer .item() loop", "peer: Lightning grad_norm",
-    "peer: wandb.watch gradients", "peer: TensorBoard add_histogram",
+    "enabled, 4 seeds, sample_every=4",
+    "enabled, 4 seeds, compact",
+    "floor: _foreach_norm only",
+    "peer: per-layer .item() loop",
+    "peer: Lightning grad_norm",
+    "peer: wandb.watch gradients",
+    "peer: TensorBoard add_histogram",
 ]
 
 
 def _run(module: str, *args: str) -> str:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, "-m", module, "--quick", *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--quick", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -72,8 +83,11 @@ def test_overhead_script_prints_every_variant() -> None:
     _check_table(_rows(stdout, "### Workload (b20)"), deep)
     assert "extra time per step against the number of seed layers" in stdout
     # The SDK really got the points: 3 layers x 4 seeds, one total per seed.
-    assert re.search(r"^- enabled, 4 seeds: .*\b12 layer_norm, 12 layer_norm_max, 4 norm, 4 norm_max\b.*; 4 seeds summarised$",
-                     stdout, re.M)
+    assert re.search(
+        r"^- enabled, 4 seeds: .*\b12 layer_norm, 12 layer_norm_max, 4 norm, 4 norm_max\b.*; 4 seeds summarised$",
+        stdout,
+        re.M,
+    )
 
 
 @pytest.mark.parametrize("module", ["benchmarks.gpu"])
@@ -87,9 +101,14 @@ def test_step_path_breakdown_runs_and_prints_every_piece():
     pieces = re.findall(r"^\| ([^|]+?), per step \| \d+\.\d \| \d+\.\d\d \|$", stdout, re.MULTILINE)
     assert pieces == ["floor: _foreach_norm", "floor, norms kept: _foreach_norm + stack", "observe_step()"]
     assert re.search(r"^\| end_epoch\(\) \| \d+ \| \|$", stdout, re.MULTILINE)
-    assert re.search(r"^\| the feature per step: observe_step\(\) \+ end_epoch\(\) / 16 \| \d+\.\d \| \d+\.\d\d \|$",
-                     stdout, re.MULTILINE)
-    assert re.search(r"^attach\(optimizer\)'s step hook around observe_step\(\): \d+\.\d µs per step$", stdout, re.MULTILINE)
+    assert re.search(
+        r"^\| the feature per step: observe_step\(\) \+ end_epoch\(\) / 16 \| \d+\.\d \| \d+\.\d\d \|$",
+        stdout,
+        re.MULTILINE,
+    )
+    assert re.search(
+        r"^attach\(optimizer\)'s step hook around observe_step\(\): \d+\.\d µs per step$", stdout, re.MULTILINE
+    )
     assert re.search(r"^seed source read \(call \+ identity check of 4 seeds\): \d+\.\d µs$", stdout, re.MULTILINE)
 
 
@@ -102,10 +121,15 @@ def test_soak_runs_and_every_collection_holds_the_latest_snapshot():
 
 def test_scale_distributed_runs_and_the_epoch_end_all_reduce_does_not_grow_with_the_steps():
     stdout = _run("benchmarks.scale_distributed")  # --quick: 2 ranks, epochs of 20 and 300 sampled steps
-    rows = re.findall(r"^\| 2 \| (\w+) \| after \| ([\d,]+) \| (\d+) \| ([\d,]+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \|$",
-                      stdout, re.MULTILINE)
-    by_kind = {(kind, int(steps.replace(",", ""))): (int(count), int(total.replace(",", "")), int(end.replace(",", "")))
-               for kind, steps, count, total, end in rows}
+    rows = re.findall(
+        r"^\| 2 \| (\w+) \| after \| ([\d,]+) \| (\d+) \| ([\d,]+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \|$",
+        stdout,
+        re.MULTILINE,
+    )
+    by_kind = {
+        (kind, int(steps.replace(",", ""))): (int(count), int(total.replace(",", "")), int(end.replace(",", "")))
+        for kind, steps, count, total, end in rows
+    }
     assert sorted(by_kind) == [("replicated", 20), ("replicated", 300), ("sharded", 20), ("sharded", 300)]
     assert by_kind["replicated", 20] == by_kind["replicated", 300]  # one all-reduce, the same bytes
     assert by_kind["sharded", 20][2] == by_kind["sharded", 300][2]  # the epoch end's all-reduce
@@ -114,8 +138,11 @@ def test_scale_distributed_runs_and_the_epoch_end_all_reduce_does_not_grow_with_
 
 def test_scale_script_prints_every_size() -> None:
     stdout = _run("benchmarks.scale")
-    rows = [line.strip("|").split("|") for line in stdout.splitlines()
-            if line.startswith("| ") and not line.startswith(("| seeds", "| ---"))]
+    rows = [
+        line.strip("|").split("|")
+        for line in stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| seeds", "| ---"))
+    ]
     assert [row[0].strip() for row in rows] == ["4 x 3", "16 x 8", "125 x 1"]
     for row in rows:
         cells = [cell.strip() for cell in row]

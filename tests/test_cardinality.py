@@ -16,13 +16,16 @@ from .helpers import collect, layer_points, sdk_attribute_sets, telemetry_for
 STAGES = ["GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY", "FOSSILIZED"]
 
 
-def _long_run(epochs: int, layers_per_seed: int, top_k: int, *, churn_every: int = 5,
-              max_seeds: int = 1000) -> tuple[list[int], object]:
+def _long_run(
+    epochs: int, layers_per_seed: int, top_k: int, *, churn_every: int = 5, max_seeds: int = 1000
+) -> tuple[list[int], object]:
     """Kasmina's churn: a stage moves every epoch, a seed is culled and a new one germinates every
     ``churn_every`` epochs. Returns the SDK's attribute-set count after each epoch's collection."""
     rng = random.Random(0)
-    seeds = {f"seed-{i}": torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(layers_per_seed))
-             for i in range(4)}
+    seeds = {
+        f"seed-{i}": torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(layers_per_seed))
+        for i in range(4)
+    }
     active = {seed_id: (module, "GERMINATED") for seed_id, module in seeds.items()}
     settings = SeedLayerSettings(enabled=True, top_k=top_k, max_seeds=max_seeds)
     telemetry, reader = telemetry_for(torch.nn.Module(), lambda: dict(active), settings)
@@ -37,7 +40,8 @@ def _long_run(epochs: int, layers_per_seed: int, top_k: int, *, churn_every: int
         exported = collect(reader)
         assert not any("otel.metric.overflow" in attrs for points in exported.values() for attrs, _, _ in points)
         assert layer_points(exported[LAYER_NORM]) == {
-            (seed_id, layer): pytest.approx(value) for seed_id, seed in summary.seeds.items()
+            (seed_id, layer): pytest.approx(value)
+            for seed_id, seed in summary.seeds.items()
             for layer, value in seed.top_layers
         }
         assert len(exported[SEED_NORM]) == len(summary.seeds)
@@ -81,8 +85,10 @@ def test_long_run_with_streams_sized_for_the_seeds_present_never_overflows():
 def _many_seeds(seeds: int, layers: int, settings: SeedLayerSettings, epochs: int = 1):
     """``seeds`` seeds of ``layers`` one-weight layers, each layer's gradient its own value; the exported
     points of the last epoch and its summary."""
-    modules = {f"seed-{i:04d}": torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(layers))
-               for i in range(seeds)}
+    modules = {
+        f"seed-{i:04d}": torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(layers))
+        for i in range(seeds)
+    }
     for i, module in enumerate(modules.values()):
         for j, layer in enumerate(module):
             layer.weight.grad = torch.full_like(layer.weight, 1.0 + i + j / layers)

@@ -48,8 +48,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     assert SCRIPT.exists(), f"{SCRIPT} is missing: install the package (make install)"
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=env or clean_env(), cwd=cwd,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [str(SCRIPT), *args], capture_output=True, text=True, env=env or clean_env(), cwd=cwd, timeout=120, check=False
+    )
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -195,12 +196,30 @@ def test_demo_defaults_need_no_server_and_write_runs_jsonl(tmp_path: Path) -> No
     assert [stages.get((e, "seed-1")) for e in range(6)] == [None, "GERMINATED", "TRAINING", "BLENDING", "CULLED", None]
     assert steps[(1, "seed-1")] == 16
     # Germinated mid-epoch: measured from that step, over the 8 steps it was there.
-    assert [stages.get((e, "seed-2")) for e in range(6)] == [None, "GERMINATED", "TRAINING", "BLENDING"] + ["FOSSILIZED"] * 2
-    assert [stages.get((e, "seed-3")) for e in range(6)] == [None, None, "GERMINATED", "TRAINING", "BLENDING", "FOSSILIZED"]
+    assert [stages.get((e, "seed-2")) for e in range(6)] == [None, "GERMINATED", "TRAINING", "BLENDING"] + [
+        "FOSSILIZED"
+    ] * 2
+    assert [stages.get((e, "seed-3")) for e in range(6)] == [
+        None,
+        None,
+        "GERMINATED",
+        "TRAINING",
+        "BLENDING",
+        "FOSSILIZED",
+    ]
     assert steps[(1, "seed-2")] == steps[(2, "seed-3")] == 8
     for record in records:
-        assert set(record) == {"epoch", "sampled_steps", "top_k", "host_norm", "seeds", "loss", "clip_steps",
-                               "clipped_steps", "min_clip_factor"}
+        assert set(record) == {
+            "epoch",
+            "sampled_steps",
+            "top_k",
+            "host_norm",
+            "seeds",
+            "loss",
+            "clip_steps",
+            "clipped_steps",
+            "min_clip_factor",
+        }
         assert record["clip_steps"] == 0 and record["min_clip_factor"] is None  # the demo does not clip
         assert record["host_norm"] > 0  # the demo measures the host
         assert record["sampled_steps"] == 16 and record["top_k"] == 3 and math.isfinite(record["loss"])
@@ -211,11 +230,14 @@ def test_demo_defaults_need_no_server_and_write_runs_jsonl(tmp_path: Path) -> No
             assert seed["layer_count"] == 5
             assert len(values) == (0 if culled else 3) and values == sorted(values, reverse=True)
             assert seed["health"] == ("not_measured" if culled else "healthy")
-            assert (seed["host_ratio"] is None) == culled and sum(seed["step_norm_counts"]) == seed["sampled_steps"] * (not culled)
+            assert (seed["host_ratio"] is None) == culled and sum(seed["step_norm_counts"]) == seed["sampled_steps"] * (
+                not culled
+            )
 
 
-def test_plot_renders_a_demo_file_and_rejects_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_renders_a_demo_file_and_rejects_a_bad_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from matplotlib.image import imread
 
     for name in ("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "OTEL_METRICS_EXPORTER"):
@@ -236,8 +258,16 @@ def test_plot_renders_a_demo_file_and_rejects_a_bad_one(tmp_path: Path, capsys: 
 def test_demo_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     args = ("demo", "--quiet", "--epochs", "4", "--seeds", "3", "--top-k", "2", "--seed", "7")
     first, second = tmp_path / "a" / "run.jsonl", tmp_path / "b" / "run.jsonl"
-    runs = [subprocess.Popen([str(SCRIPT), *args, "--output", str(path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=clean_env()) for path in (first, second)]
+    runs = [
+        subprocess.Popen(
+            [str(SCRIPT), *args, "--output", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
+        for path in (first, second)
+    ]
     for path, process in zip((first, second), runs):  # side by side: they must not depend on timing either
         stdout, stderr = process.communicate(timeout=120)
         assert process.returncode == 0 and stdout.strip() == str(path), stderr
@@ -272,7 +302,11 @@ def test_ctrl_c_stops_cleanly_with_every_finished_epoch(tmp_path: Path, receiver
     with stdout.open("w") as out:
         process = subprocess.Popen(
             [str(SCRIPT), "demo", "--epochs", "1000", "--output", str(output), "--otlp-endpoint", receiver.url],
-            stdout=out, stderr=subprocess.PIPE, text=True, env=clean_env())
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
         try:
             deadline = time.monotonic() + DEADLINE_S
             while not (output.exists() and output.read_text().count("\n") >= 1):
@@ -305,35 +339,42 @@ def test_unreachable_endpoint_is_one_line_error(tmp_path: Path, closed_port: int
     assert "does not answer" in result.stderr and not (tmp_path / "x.jsonl").exists()
 
 
-@pytest.mark.parametrize("args", [
-    [],
-    ["--bogus"],
-    ["frobnicate"],
-    ["demo", "--bogus"],
-    ["demo", "--epochs", "0"],
-    ["demo", "--epochs", "1001"],
-    ["demo", "--seeds", "1"],
-    ["demo", "--seeds", "99"],
-    ["demo", "--top-k", "many"],
-    ["demo", "--seed", "-1"],
-    ["demo", "--device", "tpu"],
-    ["demo", "--device", "cuda:x"],
-    ["demo", "--otlp-endpoint", "localhost:4318"],
-    ["doctor", "--seeds", "0"],
-    ["doctor", "--timeout", "0"],
-], ids=lambda args: " ".join(args) or "no-command")
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--bogus"],
+        ["frobnicate"],
+        ["demo", "--bogus"],
+        ["demo", "--epochs", "0"],
+        ["demo", "--epochs", "1001"],
+        ["demo", "--seeds", "1"],
+        ["demo", "--seeds", "99"],
+        ["demo", "--top-k", "many"],
+        ["demo", "--seed", "-1"],
+        ["demo", "--device", "tpu"],
+        ["demo", "--device", "cuda:x"],
+        ["demo", "--otlp-endpoint", "localhost:4318"],
+        ["doctor", "--seeds", "0"],
+        ["doctor", "--timeout", "0"],
+    ],
+    ids=lambda args: " ".join(args) or "no-command",
+)
 def test_bad_options_give_one_line_errors(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = main_in_process(args, capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("tolaria-otel"), err
 
 
-@pytest.mark.parametrize("variable, value, more", [
-    ("TOLARIA_SEED_LAYER_TOPK", "abc", {}),
-    ("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "perhaps", {}),
-    ("OTEL_METRICS_EXPORTER", "kafka", {}),
-    ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "carrier-pigeon", {"OTEL_METRICS_EXPORTER": "otlp"}),
-])
+@pytest.mark.parametrize(
+    "variable, value, more",
+    [
+        ("TOLARIA_SEED_LAYER_TOPK", "abc", {}),
+        ("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "perhaps", {}),
+        ("OTEL_METRICS_EXPORTER", "kafka", {}),
+        ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "carrier-pigeon", {"OTEL_METRICS_EXPORTER": "otlp"}),
+    ],
+)
 def test_bad_environment_fails_the_demo_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], variable: str, value: str, more: dict[str, str]
 ) -> None:
@@ -361,8 +402,12 @@ def test_unwritable_output_is_one_line_error(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_doctor_all_well_masks_secrets(receiver: OtlpReceiver, capsys: pytest.CaptureFixture[str]) -> None:
-    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer s3cret",
-                      TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true", OTEL_METRIC_EXPORT_INTERVAL="15000")
+    os.environ.update(
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+        OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer s3cret",
+        TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true",
+        OTEL_METRIC_EXPORT_INTERVAL="15000",
+    )
     code, out, err = main_in_process(["doctor", "--seeds", "4"], capsys)
     assert code == 0, err
     assert "s3cret" not in out + err and "authorization=***" in out
@@ -371,35 +416,57 @@ def test_doctor_all_well_masks_secrets(receiver: OtlpReceiver, capsys: pytest.Ca
     assert re.search(r"TOLARIA_SEED_LAYER_SUMMARIES_ENABLED +true  \(env; default: false\)$", out, re.MULTILINE)
     assert re.search(r"TOLARIA_SEED_LAYER_TOPK +3  \(default\)$", out, re.MULTILINE)
     # 4 seeds x (top 3 layer_norm and layer_norm_max, norm, norm_max, 16 coarse histogram series) + info + budget
-    assert "98 series = 4 exported seeds x 24 (2 x 3 per-layer (top 3 of 3 layers), 2 seed totals, " \
-           "16 step_norm histogram (coarse)) + 2 per trainer; every 15 s: 6.53 samples per second" in out
+    assert (
+        "98 series = 4 exported seeds x 24 (2 x 3 per-layer (top 3 of 3 layers), 2 seed totals, "
+        "16 step_norm histogram (coarse)) + 2 per trainer; every 15 s: 6.53 samples per second" in out
+    )
     assert f"{receiver.url}/v1/metrics (http/protobuf): answers" in out
     headers, _ = receiver.requests[-1]
     assert headers["authorization"] == "Bearer s3cret"
 
 
 def test_doctor_reports_one_line_per_problem(closed_port: int, capsys: pytest.CaptureFixture[str]) -> None:
-    os.environ.update(TOLARIA_SEED_LAYER_TOPK="0", TOLARIA_SEED_HEALTH_COMPACT="maybe",
-                      TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="on",
-                      OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{closed_port}", OTEL_METRIC_EXPORT_INTERVAL="soon")
+    os.environ.update(
+        TOLARIA_SEED_LAYER_TOPK="0",
+        TOLARIA_SEED_HEALTH_COMPACT="maybe",
+        TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="on",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{closed_port}",
+        OTEL_METRIC_EXPORT_INTERVAL="soon",
+    )
     code, _, err = main_in_process(["doctor", "--timeout", "1"], capsys)
     assert code == 1
     problems = err.strip().splitlines()
     assert len(problems) == 4 and all(p.startswith("tolaria-otel doctor: ") for p in problems), problems
-    for needle in ("TOLARIA_SEED_LAYER_TOPK='0'", "TOLARIA_SEED_HEALTH_COMPACT='maybe'",
-                   "OTEL_METRIC_EXPORT_INTERVAL='soon'", "does not answer"):
+    for needle in (
+        "TOLARIA_SEED_LAYER_TOPK='0'",
+        "TOLARIA_SEED_HEALTH_COMPACT='maybe'",
+        "OTEL_METRIC_EXPORT_INTERVAL='soon'",
+        "does not answer",
+    ):
         assert sum(needle in p for p in problems) == 1, (needle, problems)
 
 
-@pytest.mark.parametrize(("top_k", "compact", "histogram", "seeds", "layers"), [
-    ("3", "false", "fine", "4", "3"), ("5", "false", "coarse", "4", "3"), ("3", "true", "off", "4", "3"),
-    ("3", "false", "coarse", "1000", "5"), ("8", "false", "off", "2", "5")])
-def test_doctor_volume_is_the_counted_one(top_k: str, compact: str, histogram: str, seeds: str, layers: str,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("top_k", "compact", "histogram", "seeds", "layers"),
+    [
+        ("3", "false", "fine", "4", "3"),
+        ("5", "false", "coarse", "4", "3"),
+        ("3", "true", "off", "4", "3"),
+        ("3", "false", "coarse", "1000", "5"),
+        ("8", "false", "off", "2", "5"),
+    ],
+)
+def test_doctor_volume_is_the_counted_one(
+    top_k: str, compact: str, histogram: str, seeds: str, layers: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """doctor prints volume.trainer_series, the count tests/test_volume.py checks against real stores."""
-    os.environ.update(TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true", TOLARIA_SEED_LAYER_TOPK=top_k,
-                      TOLARIA_SEED_HEALTH_COMPACT=compact, TOLARIA_SEED_STEP_NORM_HISTOGRAM=histogram,
-                      OTEL_METRICS_EXPORTER="none")
+    os.environ.update(
+        TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true",
+        TOLARIA_SEED_LAYER_TOPK=top_k,
+        TOLARIA_SEED_HEALTH_COMPACT=compact,
+        TOLARIA_SEED_STEP_NORM_HISTOGRAM=histogram,
+        OTEL_METRICS_EXPORTER="none",
+    )
     code, out, _ = main_in_process(["doctor", "--seeds", seeds, "--layers", layers], capsys)
     assert code == 0
     expected = sum(trainer_series(SeedLayerSettings.from_env(), int(seeds), int(layers)).values())
@@ -408,14 +475,17 @@ def test_doctor_volume_is_the_counted_one(top_k: str, compact: str, histogram: s
 
 def test_doctor_says_when_seeds_would_not_be_exported(capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 17.6: on main `doctor --seeds 1000` said all is well while 333 seeds exported no layer."""
-    os.environ.update(TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true", TOLARIA_SEED_LAYER_MAX_SEEDS="600",
-                      OTEL_METRICS_EXPORTER="none")
+    os.environ.update(
+        TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true", TOLARIA_SEED_LAYER_MAX_SEEDS="600", OTEL_METRICS_EXPORTER="none"
+    )
     code, out, err = main_in_process(["doctor", "--seeds", "1000", "--layers", "5"], capsys)
     assert code == 1
     assert "1000 seeds of 5 layers: " in out and "= 600 exported seeds x " in out
-    assert err.strip() == ("tolaria-otel doctor: --seeds 1000 is above TOLARIA_SEED_LAYER_MAX_SEEDS=600: 400 seeds "
-                           "would not be exported (the last by seed id); raise TOLARIA_SEED_LAYER_MAX_SEEDS to "
-                           "export them")
+    assert err.strip() == (
+        "tolaria-otel doctor: --seeds 1000 is above TOLARIA_SEED_LAYER_MAX_SEEDS=600: 400 seeds "
+        "would not be exported (the last by seed id); raise TOLARIA_SEED_LAYER_MAX_SEEDS to "
+        "export them"
+    )
 
 
 def env_example() -> dict[str, str]:

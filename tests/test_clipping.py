@@ -42,8 +42,9 @@ def batches(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(32, 32, generator=generator), torch.randn(32, 10, generator=generator)
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, clip: object, *, steps: int = STEPS,
-          commit: object = None) -> None:
+def train(
+    model: nn.Module, optimizer: torch.optim.Optimizer, clip: object, *, steps: int = STEPS, commit: object = None
+) -> None:
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for _ in range(ACCUMULATE):
@@ -66,7 +67,10 @@ def check_against(summary: object, reference: PreClipGradients) -> None:
             assert value == pytest.approx(layers[seed_id][layer], rel=1e-5)
     # One exploding seed does not make the others look vanishing, nor itself look calm.
     assert {seed_id: seed.health for seed_id, seed in summary.seeds.items()} == {
-        "seed-0": "healthy", "seed-1": "healthy", "seed-2": "exploding"}
+        "seed-0": "healthy",
+        "seed-1": "healthy",
+        "seed-2": "exploding",
+    }
     assert summary.clip_steps == len(factors)
     assert summary.clipped_steps == sum(factor < 1 for factor in factors) == len(factors)
     assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)
@@ -150,7 +154,7 @@ def test_half_precision_gradients_are_normed_in_float32() -> None:
     theirs = torch.nn.utils.clip_grad.clip_grad_norm_(twin, CLIP)
     assert ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
     assert float(ours) == pytest.approx(float(exact), rel=1e-5)
-    assert float(theirs) == pytest.approx(float(exact), rel=2 ** -7)
+    assert float(theirs) == pytest.approx(float(exact), rel=2**-7)
 
 
 def test_a_step_the_grad_scaler_skips_is_not_counted() -> None:
@@ -189,11 +193,15 @@ def test_two_trainers_in_one_process_each_take_their_own_clips() -> None:
     first, first_seeds = exploding_network()
     second, second_seeds = seeded_network(2, seed=5)
     provider = metered(ON)[0]
-    telemetries = [SeedLayerTelemetry(model, seeds, settings=ON, meter_provider=provider, attributes={"env_id": str(i)})
-                   for i, (model, seeds) in enumerate([(first, first_seeds), (second, second_seeds)])]
+    telemetries = [
+        SeedLayerTelemetry(model, seeds, settings=ON, meter_provider=provider, attributes={"env_id": str(i)})
+        for i, (model, seeds) in enumerate([(first, first_seeds), (second, second_seeds)])
+    ]
     optimizers = [torch.optim.SGD(model.parameters(), lr=1e-9) for model in (first, second)]
-    references = [PreClipGradients(model, optimizer, seeds, CLIP) for model, optimizer, seeds in
-                  zip((first, second), optimizers, (first_seeds, second_seeds))]
+    references = [
+        PreClipGradients(model, optimizer, seeds, CLIP)
+        for model, optimizer, seeds in zip((first, second), optimizers, (first_seeds, second_seeds))
+    ]
     for telemetry, optimizer in zip(telemetries, optimizers):
         telemetry.attach(optimizer)
     train(first, optimizers[0], torch.nn.utils.clip_grad_norm_, steps=2)

@@ -88,8 +88,13 @@ def test_prometheus_scrapes_the_collector_and_the_trainer_where_they_listen() ->
     # The pull-mode alternative: the package's default OTEL_EXPORTER_PROMETHEUS_PORT.
     assert jobs["tolaria-trainer"]["static_configs"] == [{"targets": ["127.0.0.1:9464"]}]
     assert PROMETHEUS["rule_files"] == ["rules/*.rules.yml"]
-    result = subprocess.run([backend_binaries().promtool, "check", "config", REPO_ROOT / "collector" / "prometheus.yml"],
-                            check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [backend_binaries().promtool, "check", "config", REPO_ROOT / "collector" / "prometheus.yml"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -103,8 +108,11 @@ def test_docs_give_the_same_ports_and_the_validate_command() -> None:
 def test_compose_pins_versions_and_publishes_the_collector_ports() -> None:
     services = COMPOSE["services"]
     images = {name: service["image"] for name, service in services.items()}
-    assert images == {"otel-collector": COLLECTOR_IMAGE, "prometheus": "prom/prometheus:v2.53.3",
-                      "grafana": "grafana/grafana:11.5.2"}
+    assert images == {
+        "otel-collector": COLLECTOR_IMAGE,
+        "prometheus": "prom/prometheus:v2.53.3",
+        "grafana": "grafana/grafana:11.5.2",
+    }
     for image in images.values():
         assert not image.endswith(":latest") and ":" in image
     collector = services["otel-collector"]
@@ -138,8 +146,9 @@ def test_compose_mounts_exist_and_match_the_configs() -> None:
     assert grafana[dashboards_path] == "./dashboards/json"
     assert list((REPO_ROOT / "dashboards" / "json").glob("*.json")), "no dashboard JSON to provision"
     collector = {v.split(":")[1]: v.split(":")[0] for v in COMPOSE["services"]["otel-collector"]["volumes"]}
-    config_path = next(arg.split("=", 1)[1] for arg in COMPOSE["services"]["otel-collector"]["command"]
-                       if arg.startswith("--config="))
+    config_path = next(
+        arg.split("=", 1)[1] for arg in COMPOSE["services"]["otel-collector"]["command"] if arg.startswith("--config=")
+    )
     assert collector[config_path] == "./collector/otel-collector.yaml"
 
 
@@ -157,14 +166,34 @@ def test_rules_use_the_names_the_exporters_produce() -> None:
     def prometheus_name(otel_name: str) -> str:
         return otel_name.replace(".", "_")
 
-    names = {prometheus_name(n) for n in (LAYER_NORM, LAYER_NONFINITE, SEED_NORM, SEED_NORM_MAX, SEED_NOT_MEASURED,
-                                          SETTINGS_INFO, SERIES_BUDGET, CLIPPED_STEPS, MIN_CLIP_FACTOR)}
+    names = {
+        prometheus_name(n)
+        for n in (
+            LAYER_NORM,
+            LAYER_NONFINITE,
+            SEED_NORM,
+            SEED_NORM_MAX,
+            SEED_NOT_MEASURED,
+            SETTINGS_INFO,
+            SERIES_BUDGET,
+            CLIPPED_STEPS,
+            MIN_CLIP_FACTOR,
+        )
+    }
     names |= {prometheus_name(SEED_STEP_NORM) + suffix for suffix in ("_bucket", "_count")}  # every histogram's
-    assert names == {"tolaria_grad_agg_seed_layer_norm", "tolaria_grad_agg_seed_layer_nonfinite",
-                     "tolaria_grad_agg_seed_norm", "tolaria_grad_agg_seed_norm_max", "tolaria_grad_agg_seed_layer_info",
-                     "tolaria_grad_agg_seed_layer_series_budget", "tolaria_grad_agg_seed_not_measured",
-                     "tolaria_grad_agg_seed_step_norm_bucket", "tolaria_grad_agg_seed_step_norm_count",
-                     "tolaria_grad_agg_clip_clipped_steps", "tolaria_grad_agg_clip_min_factor"}
+    assert names == {
+        "tolaria_grad_agg_seed_layer_norm",
+        "tolaria_grad_agg_seed_layer_nonfinite",
+        "tolaria_grad_agg_seed_norm",
+        "tolaria_grad_agg_seed_norm_max",
+        "tolaria_grad_agg_seed_layer_info",
+        "tolaria_grad_agg_seed_layer_series_budget",
+        "tolaria_grad_agg_seed_not_measured",
+        "tolaria_grad_agg_seed_step_norm_bucket",
+        "tolaria_grad_agg_seed_step_norm_count",
+        "tolaria_grad_agg_clip_clipped_steps",
+        "tolaria_grad_agg_clip_min_factor",
+    }
     used = set(re.findall(r"tolaria_grad_agg_[a-z_]+", RULES_TEXT))
     assert used == names, used ^ names  # every name plainly, and no suffixed spelling
     assert "__name__" not in RULES_TEXT  # no name-regex workarounds either
@@ -181,24 +210,37 @@ CONTRIB_ONLY = {
 }
 #: What each config the core Collector covers needs from its environment to validate (required addresses).
 #: TLS file paths are not read by `validate`; tests/test_tls.py runs these configs with real certificates.
-GATEWAY_TLS_ENV = {"OTELCOL_TLS_CERT_FILE": "/etc/otelcol/gateway.pem", "OTELCOL_TLS_KEY_FILE": "/etc/otelcol/gateway-key.pem",
-                   "OTELCOL_TLS_CLIENT_CA_FILE": "/etc/otelcol/ca.pem"}
-REQUIRED_ENV = {
-    "agent-gateway/agent.yaml": {"OTELCOL_GATEWAY_ENDPOINT": "127.0.0.1:4317", "OTELCOL_TLS_CA_FILE": "/etc/otelcol/ca.pem",
-                                 "OTELCOL_TLS_CERT_FILE": "/etc/otelcol/agent.pem",
-                                 "OTELCOL_TLS_KEY_FILE": "/etc/otelcol/agent-key.pem"},
-    "agent-gateway/gateway-store.yaml": {
-        "OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics", **GATEWAY_TLS_ENV},
+GATEWAY_TLS_ENV = {
+    "OTELCOL_TLS_CERT_FILE": "/etc/otelcol/gateway.pem",
+    "OTELCOL_TLS_KEY_FILE": "/etc/otelcol/gateway-key.pem",
+    "OTELCOL_TLS_CLIENT_CA_FILE": "/etc/otelcol/ca.pem",
 }
-COLLECTOR_CONFIGS = sorted(str(path.relative_to(REPO_ROOT / "collector"))
-                           for path in (REPO_ROOT / "collector").rglob("*.yaml")
-                           if "rules" not in path.parts)
+REQUIRED_ENV = {
+    "agent-gateway/agent.yaml": {
+        "OTELCOL_GATEWAY_ENDPOINT": "127.0.0.1:4317",
+        "OTELCOL_TLS_CA_FILE": "/etc/otelcol/ca.pem",
+        "OTELCOL_TLS_CERT_FILE": "/etc/otelcol/agent.pem",
+        "OTELCOL_TLS_KEY_FILE": "/etc/otelcol/agent-key.pem",
+    },
+    "agent-gateway/gateway-store.yaml": {
+        "OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics",
+        **GATEWAY_TLS_ENV,
+    },
+}
+COLLECTOR_CONFIGS = sorted(
+    str(path.relative_to(REPO_ROOT / "collector"))
+    for path in (REPO_ROOT / "collector").rglob("*.yaml")
+    if "rules" not in path.parts
+)
 
 
 def built_collector_components() -> dict[str, set[str]]:
     """What `otelcol components` of the Collector `make backends` built lists, by kind."""
-    listing = yaml.safe_load(subprocess.run([collector_binary(), "components"], check=True, capture_output=True,
-                                            text=True, timeout=60).stdout)
+    listing = yaml.safe_load(
+        subprocess.run(
+            [collector_binary(), "components"], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+    )
     return {kind: {item["name"] for item in listing[kind] or []} for kind in ("receivers", "processors", "exporters")}
 
 
@@ -223,16 +265,21 @@ def test_the_built_collector_validates(name: str, tmp_path) -> None:
 
 
 def test_the_built_collector_names_what_is_missing() -> None:
-    result = Collector(collector_binary(), REPO_ROOT / ".cache" / "otelcol",
-                       [REPO_ROOT / "collector" / "agent-gateway" / "gateway-store.yaml"]).validate()
+    result = Collector(
+        collector_binary(),
+        REPO_ROOT / ".cache" / "otelcol",
+        [REPO_ROOT / "collector" / "agent-gateway" / "gateway-store.yaml"],
+    ).validate()
     assert result.returncode != 0
     assert "otlphttp" in result.stderr and "endpoint" in result.stderr  # OTELCOL_STORE_OTLP_ENDPOINT unset
 
 
 def test_store_and_contrib_configs_share_receivers_and_processors() -> None:
     """The store path and the contrib path (single node and gateway) take in and process data the same way."""
-    pairs = [("otel-collector.yaml", "otel-collector-store.yaml"),
-             ("agent-gateway/gateway.yaml", "agent-gateway/gateway-store.yaml")]
+    pairs = [
+        ("otel-collector.yaml", "otel-collector-store.yaml"),
+        ("agent-gateway/gateway.yaml", "agent-gateway/gateway-store.yaml"),
+    ]
     for contrib, store in pairs:
         one, other = (yaml.safe_load((REPO_ROOT / "collector" / n).read_text()) for n in (contrib, store))
         for key in ("receivers", "processors"):
@@ -249,8 +296,10 @@ LOOPBACK = ("127.0.0.1:", "localhost:", "[::1]:")
 def listeners(name: str) -> dict[str, dict]:
     """Every server a config starts, by what it is, with its settings (``endpoint``, ``tls``)."""
     config = yaml.safe_load((REPO_ROOT / "collector" / name).read_text())
-    found = {f"otlp {protocol}": settings
-             for protocol, settings in config.get("receivers", {}).get("otlp", {}).get("protocols", {}).items()}
+    found = {
+        f"otlp {protocol}": settings
+        for protocol, settings in config.get("receivers", {}).get("otlp", {}).get("protocols", {}).items()
+    }
     if "prometheus" in config.get("exporters", {}):
         found["prometheus exporter"] = config["exporters"]["prometheus"]
     return found
@@ -271,8 +320,10 @@ def test_a_listener_beyond_loopback_takes_mutual_tls_only(name: str) -> None:
             continue
         tls = settings.get("tls") or {}
         assert {key: required_env(tls.get(key)) for key in ("cert_file", "key_file", "client_ca_file")} == {
-            "cert_file": "OTELCOL_TLS_CERT_FILE", "key_file": "OTELCOL_TLS_KEY_FILE",
-            "client_ca_file": "OTELCOL_TLS_CLIENT_CA_FILE"}, f"{name}: {what} on {address} without mutual TLS"
+            "cert_file": "OTELCOL_TLS_CERT_FILE",
+            "key_file": "OTELCOL_TLS_KEY_FILE",
+            "client_ca_file": "OTELCOL_TLS_CLIENT_CA_FILE",
+        }, f"{name}: {what} on {address} without mutual TLS"
 
 
 def test_the_agent_exports_to_the_gateway_with_its_certificate() -> None:
@@ -280,13 +331,19 @@ def test_the_agent_exports_to_the_gateway_with_its_certificate() -> None:
     tls = agent["exporters"]["otlp"]["tls"]
     assert "insecure" not in tls
     assert {key: required_env(value) for key, value in tls.items()} == {
-        "ca_file": "OTELCOL_TLS_CA_FILE", "cert_file": "OTELCOL_TLS_CERT_FILE", "key_file": "OTELCOL_TLS_KEY_FILE"}
+        "ca_file": "OTELCOL_TLS_CA_FILE",
+        "cert_file": "OTELCOL_TLS_CERT_FILE",
+        "key_file": "OTELCOL_TLS_KEY_FILE",
+    }
 
 
 def test_the_gateway_does_not_start_without_its_certificates() -> None:
-    result = Collector(collector_binary(), REPO_ROOT / ".cache" / "otelcol",
-                       [REPO_ROOT / "collector" / "agent-gateway" / "gateway-store.yaml"],
-                       {"OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics"}).validate()
+    result = Collector(
+        collector_binary(),
+        REPO_ROOT / ".cache" / "otelcol",
+        [REPO_ROOT / "collector" / "agent-gateway" / "gateway-store.yaml"],
+        {"OTELCOL_STORE_OTLP_ENDPOINT": "http://127.0.0.1:8428/opentelemetry/v1/metrics"},
+    ).validate()
     assert result.returncode != 0 and "certificate and key" in result.stderr, result.stderr
 
 
@@ -297,13 +354,20 @@ def test_the_ports_table_has_every_listener_with_its_default_address() -> None:
         for what, settings in listeners(name).items():
             address = default_address(settings["endpoint"])
             file_name = name.rsplit("/", 1)[-1].removesuffix(".yaml")
-            assert any(address in row and (file_name in row or "Collector" in row and "/" not in name)
-                       for row in rows), f"{name}: {what} {address} not in docs/operations.md's ports table"
+            assert any(
+                address in row and (file_name in row or "Collector" in row and "/" not in name) for row in rows
+            ), f"{name}: {what} {address} not in docs/operations.md's ports table"
             if not address.startswith(LOOPBACK):
                 assert any(address in row and "mutual TLS" in row for row in rows), f"{address}: TLS not said"
     for address in ("localhost:9464", "127.0.0.1:8888", "127.0.0.1:8428", "127.0.0.1:9090", "127.0.0.1:3000"):
         assert any(address in row for row in rows), address  # pull mode, telemetry, the store, compose
-    for variable in ("OTELCOL_TLS_CERT_FILE", "OTELCOL_TLS_KEY_FILE", "OTELCOL_TLS_CLIENT_CA_FILE", "OTELCOL_TLS_CA_FILE",
-                     "OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-                     "OTEL_EXPORTER_OTLP_CLIENT_KEY"):
+    for variable in (
+        "OTELCOL_TLS_CERT_FILE",
+        "OTELCOL_TLS_KEY_FILE",
+        "OTELCOL_TLS_CLIENT_CA_FILE",
+        "OTELCOL_TLS_CA_FILE",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    ):
         assert variable in OPERATIONS.split("## TLS", 1)[1], f"{variable} not documented in docs/operations.md, TLS"

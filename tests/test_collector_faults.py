@@ -60,8 +60,12 @@ def collector_for(tmp_path: Path) -> Iterator[type[Collector]]:
     made: list[Collector] = []
 
     def make(store: VictoriaMetrics) -> Collector:
-        collector = Collector(collector_binary(), tmp_path / f"otelcol-{len(made)}", [STORE_COLLECTOR_CONFIG],
-                              env={"OTELCOL_STORE_OTLP_ENDPOINT": store.otlp_metrics_url})
+        collector = Collector(
+            collector_binary(),
+            tmp_path / f"otelcol-{len(made)}",
+            [STORE_COLLECTOR_CONFIG],
+            env={"OTELCOL_STORE_OTLP_ENDPOINT": store.otlp_metrics_url},
+        )
         made.append(collector)
         return collector
 
@@ -99,8 +103,11 @@ def arrives(store: VictoriaMetrics, run: Run, summary: EpochSummary) -> None:
     """The epoch is the current top-K in the store (exports resumed)."""
     selector = f'{{service_instance_id="{run.instance}"}}'
     expected = expected_layers(summary)
-    wait_until(lambda: as_layers(store.query(current_top_k(selector))) == pytest.approx(expected, rel=1e-12),
-               timeout=RESUME_TIMEOUT_S, message=f"epoch {summary.epoch} did not arrive in the store")
+    wait_until(
+        lambda: as_layers(store.query(current_top_k(selector))) == pytest.approx(expected, rel=1e-12),
+        timeout=RESUME_TIMEOUT_S,
+        message=f"epoch {summary.epoch} did not arrive in the store",
+    )
 
 
 def settled(run: Run) -> None:
@@ -112,8 +119,10 @@ def settled(run: Run) -> None:
 
 def close_within_bound(run: Run, fault: str) -> None:
     close_s, shutdown_s = run.close()
-    print(f"\n{fault}: telemetry.close() {close_s:.2f}s, provider.shutdown() {shutdown_s:.2f}s "
-          f"(OTEL_EXPORTER_OTLP_TIMEOUT={OTLP_TIMEOUT_S}, bound {TEARDOWN_BOUND_S:.0f}s)")
+    print(
+        f"\n{fault}: telemetry.close() {close_s:.2f}s, provider.shutdown() {shutdown_s:.2f}s "
+        f"(OTEL_EXPORTER_OTLP_TIMEOUT={OTLP_TIMEOUT_S}, bound {TEARDOWN_BOUND_S:.0f}s)"
+    )
     assert close_s + shutdown_s < TEARDOWN_BOUND_S
 
 
@@ -166,8 +175,11 @@ def test_store_down_behind_a_live_collector_loses_nothing(env, collector_for, tm
         own_store.start()  # same port and data
         arrives(own_store, run, epochs[-1])
         # Every epoch is in the store, those of the outage late but with their own timestamps.
-        wait_until(lambda: within(values(*epochs), stored(own_store, run)), timeout=RESUME_TIMEOUT_S,
-                   message="an epoch exported while the store was down never arrived")
+        wait_until(
+            lambda: within(values(*epochs), stored(own_store, run)),
+            timeout=RESUME_TIMEOUT_S,
+            message="an epoch exported while the store was down never arrived",
+        )
         own_store.stop()
         close_within_bound(run, "store down behind the Collector")
 

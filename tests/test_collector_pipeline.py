@@ -44,8 +44,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]
 
 @pytest.fixture(scope="module")
 def collector(store: VictoriaMetrics, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
-    with otel_collector(tmp_path_factory.mktemp("otelcol"),
-                        env={"OTELCOL_STORE_OTLP_ENDPOINT": store.otlp_metrics_url}) as server:
+    with otel_collector(
+        tmp_path_factory.mktemp("otelcol"), env={"OTELCOL_STORE_OTLP_ENDPOINT": store.otlp_metrics_url}
+    ) as server:
         yield server
 
 
@@ -62,8 +63,11 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 def in_store(store: VictoriaMetrics, instance: str, expected: dict) -> None:
     selector = f'{{service_instance_id="{instance}"}}'
-    wait_until(lambda: as_layers(store.query(current_top_k(selector))) == pytest.approx(expected, rel=1e-12),
-               timeout=STORE_TIMEOUT_S, message=f"{instance}: latest top-K not in the store")
+    wait_until(
+        lambda: as_layers(store.query(current_top_k(selector))) == pytest.approx(expected, rel=1e-12),
+        timeout=STORE_TIMEOUT_S,
+        message=f"{instance}: latest top-K not in the store",
+    )
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -87,8 +91,11 @@ def test_current_top_k_through_the_collector_into_prometheus(env, store, collect
                 result = nissa.query(f'tolaria:seed_layer_norm:current{{instance="{instance}"}}')
                 return result if as_layers(result) == pytest.approx(expected, rel=1e-12) else None
 
-            result = nissa.wait_for(recorded, timeout=PROMETHEUS_TIMEOUT_S,
-                                    message=f"epoch {epoch}: Prometheus' current top-K is not the epoch's")
+            result = nissa.wait_for(
+                recorded,
+                timeout=PROMETHEUS_TIMEOUT_S,
+                message=f"epoch {epoch}: Prometheus' current top-K is not the epoch's",
+            )
             for item in result:
                 assert item["metric"]["job"] == "tolaria-pipeline-test"
                 assert item["metric"]["service_instance_id"] == instance
@@ -123,21 +130,29 @@ def test_alerts_fire_through_the_collector_and_a_healthy_run_stays_quiet(env, st
             return [a for a in nissa.alerts() if a["labels"].get("instance") in ours]
 
         def firing() -> set[tuple[str, str, str]]:
-            return {(a["labels"]["alertname"], a["labels"]["instance"], a["labels"]["layer"])
-                    for a in alerts() if a["state"] == "firing"}
+            return {
+                (a["labels"]["alertname"], a["labels"]["instance"], a["labels"]["layer"])
+                for a in alerts()
+                if a["state"] == "firing"
+            }
 
         nissa.wait_for(firing, timeout=PROMETHEUS_TIMEOUT_S, message="TolariaSeedLayerNonFinite not firing")
         assert firing() == {("TolariaSeedLayerNonFinite", faulty.instance, "net.0")}
         exploding = nissa.wait_for(
             lambda: [a for a in alerts() if a["labels"]["alertname"] == "TolariaSeedLayerGradientExploding"],
-            timeout=PROMETHEUS_TIMEOUT_S, message="TolariaSeedLayerGradientExploding not pending")
-        assert {(a["labels"]["instance"], a["labels"]["seed_id"], a["labels"]["layer"], a["state"])
-                for a in exploding} == {(faulty.instance, "seed-2", "net.4", "pending")}  # for: 5m
+            timeout=PROMETHEUS_TIMEOUT_S,
+            message="TolariaSeedLayerGradientExploding not pending",
+        )
+        assert {
+            (a["labels"]["instance"], a["labels"]["seed_id"], a["labels"]["layer"], a["state"]) for a in exploding
+        } == {(faulty.instance, "seed-2", "net.4", "pending")}  # for: 5m
         # The healthy run: no alert at all once its epochs are in (TelemetryAbsent may be pending for a moment
         # while only its info gauge has arrived, by design).
-        nissa.wait_for(lambda: not [a for a in alerts() if a["labels"]["instance"] == healthy.instance],
-                       timeout=PROMETHEUS_TIMEOUT_S, message="an alert on the healthy run")
+        nissa.wait_for(
+            lambda: not [a for a in alerts() if a["labels"]["instance"] == healthy.instance],
+            timeout=PROMETHEUS_TIMEOUT_S,
+            message="an alert on the healthy run",
+        )
     finally:
         for run in runs.values():
             run.close()
-

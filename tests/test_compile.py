@@ -84,24 +84,31 @@ def train(compiled: str, attach: str | None, settings: SeedLayerSettings, recomp
     for _ in range(STEPS):
         training_step(torch.randn(16, 32, generator=generator), torch.randn(16, 10, generator=generator))
         optimizer.zero_grad()
-    counts = {"graph breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"],
-              "recompiles": recompiles.count}
+    counts = {
+        "graph breaks": sum(counters["graph_break"].values()),
+        "graphs": counters["stats"]["unique_graphs"],
+        "recompiles": recompiles.count,
+    }
     summary = telemetry.end_epoch() if telemetry is not None else None
     if telemetry is not None:
         telemetry.close()
     return counts, summary
 
 
-@pytest.mark.parametrize(("compiled", "attach", "sample_every"), [
-    ("model", "optimizer", 1),
-    ("step", "optimizer", 1),
-    ("step", "every optimizer", 1),
-    ("step in a function", "optimizer", 4),
-    ("step in a function", "every optimizer", 4),
-    ("training step", "optimizer", 1),
-])
+@pytest.mark.parametrize(
+    ("compiled", "attach", "sample_every"),
+    [
+        ("model", "optimizer", 1),
+        ("step", "optimizer", 1),
+        ("step", "every optimizer", 1),
+        ("step in a function", "optimizer", 4),
+        ("step in a function", "every optimizer", 4),
+        ("training step", "optimizer", 1),
+    ],
+)
 def test_the_package_adds_no_graph_break_or_recompile_and_measures_as_eager(
-        compiled: str, attach: str, sample_every: int, recompiles: Recompiles) -> None:
+    compiled: str, attach: str, sample_every: int, recompiles: Recompiles
+) -> None:
     settings = SeedLayerSettings(enabled=True, top_k=3, sample_every=sample_every)
     without, _ = train(compiled, None, settings, recompiles)
     with_package, summary = train(compiled, attach, settings, recompiles)

@@ -70,12 +70,18 @@ NONFINITE_LAYER = "net.2"
 SPIKE_SCALE, NOISY_SCALE, NOISY_EVERY = 40.0, 100.0, 3
 
 # What Grafana puts for its global variables (any valid value does for parsing and running).
-GRAFANA_GLOBALS = {"__interval": "15s", "__rate_interval": "1m", "__range": "6h", "__range_s": "21600",
-                   "__interval_ms": "15000"}
+GRAFANA_GLOBALS = {
+    "__interval": "15s",
+    "__rate_interval": "1m",
+    "__range": "6h",
+    "__range_s": "21600",
+    "__interval_ms": "15000",
+}
 VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]|\$(\w+)")
 
 
 # -- Grafana's variable interpolation for the Prometheus data source --------------------------------
+
 
 def regex_escape(value: str) -> str:
     """Grafana's ``prometheusSpecialRegexEscape``: a multi/include-all value inside a regex matcher."""
@@ -101,6 +107,7 @@ def interpolate(expr: str, values: dict[str, str]) -> str:
         if name in GRAFANA_GLOBALS:
             return GRAFANA_GLOBALS[name]
         raise AssertionError(f"{expr!r} uses ${name}, which is no variable of the dashboard")
+
     return VARIABLE.sub(replace, expr)
 
 
@@ -118,6 +125,7 @@ def display_name(panel: dict[str, Any], target: dict[str, Any], labels: dict[str
 
 
 # -- the dashboard ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
@@ -149,8 +157,11 @@ def label_values_query(variable: dict[str, Any]) -> tuple[str, str]:
 def all_expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     """(where, expression) for every query, variable selector and annotation."""
     exprs = [(f"panel {p['id']} {t['refId']}", t["expr"]) for p, t in targets(dashboard)]
-    exprs += [(f"variable {name}", label_values_query(v)[0])
-              for name, v in variables(dashboard).items() if v["type"] == "query"]
+    exprs += [
+        (f"variable {name}", label_values_query(v)[0])
+        for name, v in variables(dashboard).items()
+        if v["type"] == "query"
+    ]
     exprs += [(f"annotation {a['name']}", a["expr"]) for a in dashboard["annotations"]["list"]]
     return exprs
 
@@ -197,7 +208,8 @@ def test_dashboard_is_valid_grafana_json(dashboard: dict[str, Any]) -> None:
 def test_provisioning_matches_the_dashboard(dashboard: dict[str, Any]) -> None:
     datasources = yaml.safe_load(DATASOURCE_PROVISIONING.read_text())["datasources"]
     assert [(d["uid"], d["type"], d["name"]) for d in datasources] == [
-        (seed_layers.DATASOURCE_UID, "prometheus", seed_layers.DATASOURCE_NAME)]
+        (seed_layers.DATASOURCE_UID, "prometheus", seed_layers.DATASOURCE_NAME)
+    ]
     assert variables(dashboard)["datasource"]["current"]["value"] == seed_layers.DATASOURCE_UID
     (provider,) = yaml.safe_load(DASHBOARD_PROVISIONING.read_text())["providers"]
     assert provider["type"] == "file" and provider["options"]["path"].startswith("/var/lib/grafana/dashboards")
@@ -234,6 +246,7 @@ def test_grafana_interpolation_matches_grafana() -> None:
 
 # -- real runs into real VictoriaMetrics ------------------------------------------------------------
 
+
 @dataclass
 class Backend:
     """The query API of a store holding a run's series (VictoriaMetrics or Prometheus), and the time range
@@ -266,14 +279,24 @@ class Backend:
 
     def label_values(self, label: str, selector: str) -> list[str]:
         """What Grafana's ``label_values(selector, label)`` asks the data source."""
-        return list(self.api(f"/api/v1/label/{label}/values", **{"match[]": selector},
-                             start=f"{self.started - 1:.0f}", end=f"{self.ended + 1:.0f}"))
-
+        return list(
+            self.api(
+                f"/api/v1/label/{label}/values",
+                **{"match[]": selector},
+                start=f"{self.started - 1:.0f}",
+                end=f"{self.ended + 1:.0f}",
+            )
+        )
 
 
 #: Every per-seed metric a run exports (the histogram by its buckets and count).
-PER_SEED_METRICS = (*seed_layers.SEED_FAMILY_NAMES, seed_layers.SEED_NORM_MAX, seed_layers.SEED_HOST_RATIO,
-                    seed_layers.SEED_STEP_NORM_BUCKET, seed_layers.SEED_STEP_NORM_COUNT)
+PER_SEED_METRICS = (
+    *seed_layers.SEED_FAMILY_NAMES,
+    seed_layers.SEED_NORM_MAX,
+    seed_layers.SEED_HOST_RATIO,
+    seed_layers.SEED_STEP_NORM_BUCKET,
+    seed_layers.SEED_STEP_NORM_COUNT,
+)
 
 
 def settle(vm: VictoriaMetrics, series: int) -> float:
@@ -281,10 +304,12 @@ def settle(vm: VictoriaMetrics, series: int) -> float:
     a few seconds after it arrives, even after its force_flush), and the budget gauge; return the end of
     the run's time range: a whole second after every export, and already past."""
     every = f'{{__name__=~"{"|".join(PER_SEED_METRICS)}"}}'
-    wait_until(lambda: len(vm.series(every)) == series, timeout=20,
-               message=f"the run's {series} series not searchable")
-    wait_until(lambda: len(vm.series(seed_layers.SERIES_BUDGET)) > 0, timeout=20,
-               message="the run's series budget gauge not searchable")
+    wait_until(lambda: len(vm.series(every)) == series, timeout=20, message=f"the run's {series} series not searchable")
+    wait_until(
+        lambda: len(vm.series(seed_layers.SERIES_BUDGET)) > 0,
+        timeout=20,
+        message="the run's series budget gauge not searchable",
+    )
     ended = math.ceil(time.time())
     wait_until(lambda: time.time() > ended + 0.05, timeout=2, message="clock")
     return ended
@@ -293,6 +318,7 @@ def settle(vm: VictoriaMetrics, series: int) -> float:
 def exported_series(summaries: list[EpochSummary]) -> set[tuple[str, str, str, str | None]]:
     """The per-seed series (``PER_SEED_METRICS``) a run's summaries export: (metric, seed, stage, layer,
     bucket or None)."""
+
     def finite(value: float | None) -> bool:
         return value is not None and math.isfinite(value)
 
@@ -302,8 +328,11 @@ def exported_series(summaries: list[EpochSummary]) -> set[tuple[str, str, str, s
             if seed.total_norm is None:
                 series.add(("not_measured", seed.seed_id, seed.stage, None))
                 continue
-            for metric, value in (("norm", seed.total_norm), ("norm_max", seed.max_norm),
-                                  ("host_ratio", seed.host_ratio)):
+            for metric, value in (
+                ("norm", seed.total_norm),
+                ("norm_max", seed.max_norm),
+                ("host_ratio", seed.host_ratio),
+            ):
                 if finite(value):
                     series.add((metric, seed.seed_id, seed.stage, None))
             for layer, value in seed.top_layers:
@@ -361,8 +390,9 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
             if faulty and epoch == EPOCHS - 1:
                 kasmina.modules[NOT_MEASURED].in_graph = False
             steps = LAST_EPOCH_STEPS if epoch == EPOCHS - 1 else STEPS
-            train_epoch(model, optimizer, steps=steps, generator=generator,
-                        before_step=inject_faults if faulty else None)
+            train_epoch(
+                model, optimizer, steps=steps, generator=generator, before_step=inject_faults if faulty else None
+            )
             summaries.append(telemetry.end_epoch())
             assert provider.force_flush(10_000)
     finally:
@@ -426,11 +456,16 @@ EXPECTED: dict[tuple[int, str], tuple[set[str], bool, bool]] = {
 }
 
 
-def dashboard_values(backend: Backend, dashboard: dict[str, Any], seed_id: list[str] | str = "$__all",
-                     env_id: list[str] | str = "$__all") -> dict[str, str]:
+def dashboard_values(
+    backend: Backend, dashboard: dict[str, Any], seed_id: list[str] | str = "$__all", env_id: list[str] | str = "$__all"
+) -> dict[str, str]:
     vars_ = variables(dashboard)
-    values = {"datasource": seed_layers.DATASOURCE_UID, "env_id": variable_value(vars_["env_id"], env_id),
-              "seed_id": variable_value(vars_["seed_id"], seed_id), "stage": variable_value(vars_["stage"], "$__all")}
+    values = {
+        "datasource": seed_layers.DATASOURCE_UID,
+        "env_id": variable_value(vars_["env_id"], env_id),
+        "seed_id": variable_value(vars_["seed_id"], seed_id),
+        "stage": variable_value(vars_["stage"], "$__all"),
+    }
     top_k = backend.label_values("top_k", interpolate(label_values_query(vars_["top_k"])[0], values))
     return {**values, "top_k": variable_value(vars_["top_k"], max(top_k, key=int))}
 
@@ -441,13 +476,17 @@ def panel_target(dashboard: dict[str, Any], panel_id: int, ref_id: str = "A") ->
 
 
 def metric_series(result: list[dict[str, Any]], seed_id: str | None = None) -> dict[tuple, dict[str, str]]:
-    return {tuple(sorted(r["metric"].items())): r["metric"] for r in result
-            if seed_id is None or r["metric"].get("seed_id") == seed_id}
+    return {
+        tuple(sorted(r["metric"].items())): r["metric"]
+        for r in result
+        if seed_id is None or r["metric"].get("seed_id") == seed_id
+    }
 
 
 @pytest.mark.parametrize("which", ["healthy", "faulty"])
-def test_every_panel_query_returns_what_it_should(request: pytest.FixtureRequest, dashboard: dict[str, Any],
-                                                   which: str) -> None:
+def test_every_panel_query_returns_what_it_should(
+    request: pytest.FixtureRequest, dashboard: dict[str, Any], which: str
+) -> None:
     run: Run = request.getfixturevalue(which)
     assert sorted((p["id"], t["refId"]) for p, t in targets(dashboard)) == sorted(EXPECTED)
     for seed_selection in ("$__all", list(SEEDS)):
@@ -455,8 +494,11 @@ def test_every_panel_query_returns_what_it_should(request: pytest.FixtureRequest
         for panel, target in targets(dashboard):
             labels, in_healthy, in_faulty = EXPECTED[(panel["id"], target["refId"])]
             where = f"{which} run, panel {panel['id']} {panel['title']!r} {target['refId']}"
-            repeats = [(s, variable_value(variables(dashboard)["seed_id"], s)) for s in SEEDS] \
-                if panel.get("repeat") else [(None, values["seed_id"])]
+            repeats = (
+                [(s, variable_value(variables(dashboard)["seed_id"], s)) for s in SEEDS]
+                if panel.get("repeat")
+                else [(None, values["seed_id"])]
+            )
             for seed, seed_value in repeats:
                 result = run.run_target(target, interpolate(target["expr"], {**values, "seed_id": seed_value}))
                 if not (in_faulty if run.faulty else in_healthy):
@@ -470,8 +512,7 @@ def test_every_panel_query_returns_what_it_should(request: pytest.FixtureRequest
                 if panel.get("repeat"):
                     assert {r["metric"]["seed_id"] for r in result} == {seed_value}, where
                 if target.get("legendFormat", "__auto") != "__auto":  # no trainer label: no trainer in the name
-                    assert all(not display_name(panel, target, r["metric"]).startswith("env_id")
-                               for r in result), where
+                    assert all(not display_name(panel, target, r["metric"]).startswith("env_id") for r in result), where
     check_values(run, dashboard)
 
 
@@ -489,10 +530,15 @@ def check_values(run: Run, dashboard: dict[str, Any]) -> None:
     for key, value in want.items():
         assert got[key] == (math.inf if not math.isfinite(value) else pytest.approx(value, rel=1e-6)), key
     largest = run.run_target(by_id[(4, "B")], interpolate(by_id[(4, "B")]["expr"], values))
-    got_max = {(r["metric"]["seed_id"], r["metric"]["stage"], r["metric"]["layer"]): float(r["value"][1])
-               for r in largest}
-    want_max = {(s.seed_id, s.stage, layer): s.layer_max[layer] for s in last.seeds.values()
-                for layer, value in s.top_layers if math.isfinite(value)}  # a NaN layer has no largest step
+    got_max = {
+        (r["metric"]["seed_id"], r["metric"]["stage"], r["metric"]["layer"]): float(r["value"][1]) for r in largest
+    }
+    want_max = {
+        (s.seed_id, s.stage, layer): s.layer_max[layer]
+        for s in last.seeds.values()
+        for layer, value in s.top_layers
+        if math.isfinite(value)
+    }  # a NaN layer has no largest step
     assert got_max == pytest.approx(want_max, rel=1e-9)
     assert all(got_max[key] >= got[key] * (1 - 1e-9) for key in got_max)  # the largest step is at least the RMS
 
@@ -568,9 +614,16 @@ def check_step_diagnostics(run: Run, dashboard: dict[str, Any]) -> None:
     last = run.summaries[-1].seeds
     # The run lasts seconds: the window holds every epoch, so every step of the seed, whatever its stage.
     fine_bounds = (*HISTOGRAM_BOUNDARIES, HISTOGRAM_BOUNDARIES[-1] * 2)  # where the package records each fine count
-    steps = {s: [bound for e in run.summaries if e.seeds[s].measured
-                 for bound, count in zip(fine_bounds, e.seeds[s].step_norm_counts) for _ in range(count)]
-             for s in SEEDS}
+    steps = {
+        s: [
+            bound
+            for e in run.summaries
+            if e.seeds[s].measured
+            for bound, count in zip(fine_bounds, e.seeds[s].step_norm_counts)
+            for _ in range(count)
+        ]
+        for s in SEEDS
+    }
     quantiles = {}
     for ref, quantile in (("A", 0.5), ("B", 0.99)):
         _, target = panel_target(dashboard, 11, ref)
@@ -580,7 +633,9 @@ def check_step_diagnostics(run: Run, dashboard: dict[str, Any]) -> None:
             lower, upper = quantile_bucket(steps[seed_id], quantile)
             assert lower < value <= upper or lower == value == upper, (ref, seed_id, value, lower, upper)
     spread = {s: decade(quantiles[0.99][s]) - decade(quantiles[0.5][s]) for s in SEEDS}
-    assert {s for s, apart in spread.items() if apart >= seed_layers.NOISY_DECADES} == ({NOISY} if run.faulty else set())
+    assert {s for s, apart in spread.items() if apart >= seed_layers.NOISY_DECADES} == (
+        {NOISY} if run.faulty else set()
+    )
 
     _, target = panel_target(dashboard, 12)
     spikes = at_end(run, run.run_target(target, interpolate(target["expr"], values)))
@@ -595,6 +650,7 @@ def check_step_diagnostics(run: Run, dashboard: dict[str, Any]) -> None:
 
 def openmetrics(backend: Backend) -> str:
     """Every tolaria sample the backend holds, as OpenMetrics text (one family after another)."""
+
     def escape(value: str) -> str:
         return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -606,8 +662,10 @@ def openmetrics(backend: Backend) -> str:
             series = json.loads(line)
             name = series["metric"].pop("__name__")
             labels = ",".join(f'{k}="{escape(v)}"' for k, v in sorted(series["metric"].items()))
-            families.setdefault(name, []).extend(f"{name}{{{labels}}} {value!r} {ms / 1000:.3f}"
-                                                 for value, ms in zip(series["values"], series["timestamps"]))
+            families.setdefault(name, []).extend(
+                f"{name}{{{labels}}} {value!r} {ms / 1000:.3f}"
+                for value, ms in zip(series["values"], series["timestamps"])
+            )
     text = "".join(f"# TYPE {name} gauge\n" + "\n".join(samples) + "\n" for name, samples in families.items())
     return text + "# EOF\n"
 
@@ -624,15 +682,21 @@ def faulty_in_prometheus(faulty: Run, tmp_path_factory: pytest.TempPathFactory) 
     tmp = tmp_path_factory.mktemp("prometheus-faulty")
     (tmp / "run.om").write_text(openmetrics(faulty))
     data = tmp / "prometheus" / "prometheus-data"
-    created = subprocess.run([backend_binaries().promtool, "tsdb", "create-blocks-from", "openmetrics",
-                              str(tmp / "run.om"), str(data)], capture_output=True, text=True, timeout=60, check=False)
+    created = subprocess.run(
+        [backend_binaries().promtool, "tsdb", "create-blocks-from", "openmetrics", str(tmp / "run.om"), str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert created.returncode == 0, created.stdout + created.stderr
     with prometheus("global: {}\n", tmp / "prometheus") as server:
         yield Backend(server.url, faulty.started, faulty.ended)
 
 
-def test_every_panel_query_answers_the_same_on_prometheus(faulty: Run, faulty_in_prometheus: Backend,
-                                                         dashboard: dict[str, Any]) -> None:
+def test_every_panel_query_answers_the_same_on_prometheus(
+    faulty: Run, faulty_in_prometheus: Backend, dashboard: dict[str, Any]
+) -> None:
     def series(result: list[dict[str, Any]]) -> list[str]:
         return sorted(json.dumps(r["metric"], sort_keys=True) for r in result)
 
@@ -653,16 +717,24 @@ def test_every_panel_query_answers_the_same_on_prometheus(faulty: Run, faulty_in
             assert got == pytest.approx(want), where
 
 
-def test_spike_and_noisy_alerts_catch_their_seeds_on_the_runs(healthy: Run, faulty: Run,
-                                                                faulty_in_prometheus: Backend) -> None:
+def test_spike_and_noisy_alerts_catch_their_seeds_on_the_runs(
+    healthy: Run, faulty: Run, faulty_in_prometheus: Backend
+) -> None:
     """The conditions of TolariaSeedGradientSpike and TolariaSeedGradientNoisy (their `for` aside, which
     promtool tests) on the runs' real series: in the faulty run exactly the spiking and the noisy seed, on
     VictoriaMetrics and on Prometheus (whose increase() extrapolates); nothing in the healthy run."""
-    rules = {rule["alert"]: rule["expr"] for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
-             for rule in group["rules"] if "alert" in rule}
+    rules = {
+        rule["alert"]: rule["expr"]
+        for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
     for alert, seed_id in (("TolariaSeedGradientSpike", SPIKE), ("TolariaSeedGradientNoisy", NOISY)):
-        for run, backend, want in ((healthy, healthy, set()), (faulty, faulty, {seed_id}),
-                                   (faulty, faulty_in_prometheus, {seed_id})):
+        for run, backend, want in (
+            (healthy, healthy, set()),
+            (faulty, faulty, {seed_id}),
+            (faulty, faulty_in_prometheus, {seed_id}),
+        ):
             result = backend.api("/api/v1/query", query=rules[alert], time=f"{run.ended:.3f}")["result"]
             assert {r["metric"]["seed_id"] for r in result} == want, (alert, backend.url, result)
 
@@ -685,8 +757,11 @@ def test_variables_return_the_run_seeds_stages_and_top_k(healthy: Run, dashboard
     assert sorted(healthy.label_values(label, interpolate(seed_selector, every_trainer))) == list(SEEDS)
     stage_selector, label = label_values_query(vars_["stage"])
     training, blending = "SEED_STAGE_TRAINING", "SEED_STAGE_BLENDING"
-    for chosen, stages in (("$__all", {training, blending}), ("seed-0", {training}),
-                           (["seed-0", "seed-1"], {training, blending})):
+    for chosen, stages in (
+        ("$__all", {training, blending}),
+        ("seed-0", {training}),
+        (["seed-0", "seed-1"], {training, blending}),
+    ):
         selector = interpolate(stage_selector, {**every_trainer, "seed_id": variable_value(vars_["seed_id"], chosen)})
         assert set(healthy.label_values(label, selector)) == stages, chosen
     top_k_selector, label = label_values_query(vars_["top_k"])
@@ -694,6 +769,7 @@ def test_variables_return_the_run_seeds_stages_and_top_k(healthy: Run, dashboard
 
 
 # -- the alert rules agree with the dashboard's thresholds ------------------------------------------
+
 
 def numbers_and_ranges(expr: str) -> tuple[set[float], set[str]]:
     """Every number literal and range/offset duration in a PromQL expression."""
@@ -704,12 +780,17 @@ def numbers_and_ranges(expr: str) -> tuple[set[float], set[str]]:
 
 
 def test_thresholds_agree_with_the_alert_rules() -> None:
-    alerts = [rule for group in yaml.safe_load(RULES_FILE.read_text())["groups"] for rule in group["rules"]
-              if "alert" in rule]
+    alerts = [
+        rule for group in yaml.safe_load(RULES_FILE.read_text())["groups"] for rule in group["rules"] if "alert" in rule
+    ]
     rules = {rule["alert"]: rule["expr"] for rule in alerts}
     durations = {rule["alert"]: rule["for"] for rule in alerts}
     numbers, ranges = numbers_and_ranges(rules["TolariaSeedLayerGradientExploding"])
-    assert {seed_layers.EXPLODING_ABSOLUTE, seed_layers.EXPLODING_FACTOR, seed_layers.EXPLODING_RELATIVE_FLOOR} <= numbers
+    assert {
+        seed_layers.EXPLODING_ABSOLUTE,
+        seed_layers.EXPLODING_FACTOR,
+        seed_layers.EXPLODING_RELATIVE_FLOOR,
+    } <= numbers
     assert seed_layers.EXPLODING_BASELINE in ranges
     assert seed_layers.NONFINITE_VALUE in numbers_and_ranges(rules["TolariaSeedLayerNonFinite"])[0]
     assert seed_layers.LAYER_NONFINITE in rules["TolariaSeedLayerNonFinite"]
@@ -741,6 +822,7 @@ def test_thresholds_agree_with_the_in_process_health_states() -> None:
 
 
 # -- the PNG ----------------------------------------------------------------------------------------
+
 
 def assert_not_blank(png: Path) -> None:
     pixels = imread(png)

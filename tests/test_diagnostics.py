@@ -42,7 +42,8 @@ class StepReference:
                 own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
                 if own:
                     self.layers[seed_id][name or "(root)"].append(
-                        math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in own if p.grad is not None)))
+                        math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in own if p.grad is not None))
+                    )
                 params.update((id(p), p) for p in own)
             in_seeds |= set(params)
             with_grad = [p for p in params.values() if p.grad is not None]
@@ -88,11 +89,12 @@ def train(steps: int, settings: SeedLayerSettings, spike_at: int | None = None):
 
 
 #: The exported buckets per TOLARIA_SEED_STEP_NORM_HISTOGRAM, written out here: one per decade, four per decade.
-EXPORTED_BOUNDS = {"coarse": tuple(10.0 ** k for k in range(-8, 5)), "fine": HISTOGRAM_BOUNDARIES}
+EXPORTED_BOUNDS = {"coarse": tuple(10.0**k for k in range(-8, 5)), "fine": HISTOGRAM_BOUNDARIES}
 
 
-@pytest.mark.parametrize(("steps", "resolution"), [(5, "coarse"), (FLUSH_EVERY + 7, "coarse"), (5, "fine"),
-                                                   (FLUSH_EVERY + 7, "fine")])  # inside one batch of steps, and across two
+@pytest.mark.parametrize(
+    ("steps", "resolution"), [(5, "coarse"), (FLUSH_EVERY + 7, "coarse"), (5, "fine"), (FLUSH_EVERY + 7, "fine")]
+)  # inside one batch of steps, and across two
 def test_spikes_distribution_and_every_layer_are_exact(steps, resolution):
     summary, reference, exported = train(steps, ON.replace(step_norm_histogram=resolution), spike_at=3)
     for seed_id, seed in summary.seeds.items():
@@ -110,7 +112,8 @@ def test_spikes_distribution_and_every_layer_are_exact(steps, resolution):
     for (seed_id, layer), value in maxima.items():
         assert value == pytest.approx(max(reference.layers[seed_id][layer]), rel=1e-5)
     assert {a["seed_id"]: v for a, v, _ in exported[SEED_NORM_MAX]} == pytest.approx(
-        {s: max(reference.totals[s]) for s in summary.seeds}, rel=1e-5)
+        {s: max(reference.totals[s]) for s in summary.seeds}, rel=1e-5
+    )
     histograms = {a["seed_id"]: point for a, point, _ in exported[SEED_STEP_NORM]}
     for seed_id, point in histograms.items():
         bounds = EXPORTED_BOUNDS[resolution]
@@ -133,22 +136,36 @@ def test_host_norm_and_ratio_when_switched_on():
 
 
 def test_health_states_with_their_thresholds():
-    seeds = nn.ModuleDict({name: nn.Linear(2, 2, bias=False) for name in
-                           ("absent", "nan", "exploding", "spiky", "vanishing", "healthy")})
+    seeds = nn.ModuleDict(
+        {name: nn.Linear(2, 2, bias=False) for name in ("absent", "nan", "exploding", "spiky", "vanishing", "healthy")}
+    )
     source = {name: (module, "SEED_STAGE_TRAINING") for name, module in seeds.items()}
     telemetry, _ = telemetry_for(seeds, source, ON)
-    fills = {"nan": [1.0, math.nan, 1.0], "exploding": [EXPLODING_ABOVE] * 3, "spiky": [1e-3] * 199 + [1.0],
-             "vanishing": [VANISHING_BELOW / 10] * 3, "healthy": [0.5, 0.6, 0.4]}
+    fills = {
+        "nan": [1.0, math.nan, 1.0],
+        "exploding": [EXPLODING_ABOVE] * 3,
+        "spiky": [1e-3] * 199 + [1.0],
+        "vanishing": [VANISHING_BELOW / 10] * 3,
+        "healthy": [0.5, 0.6, 0.4],
+    }
     for step in range(200):
         for name, module in seeds.items():
             values = fills.get(name)
-            module.weight.grad = None if values is None else torch.full((2, 2), values[step % len(values)]
-                                                                        if name != "spiky" else values[step])
+            module.weight.grad = (
+                None
+                if values is None
+                else torch.full((2, 2), values[step % len(values)] if name != "spiky" else values[step])
+            )
         telemetry.observe_step()
     summary = telemetry.end_epoch()
     assert {s: v.health for s, v in summary.seeds.items()} == {
-        "absent": "not_measured", "nan": "nonfinite", "exploding": "exploding", "spiky": "exploding",
-        "vanishing": "vanishing", "healthy": "healthy"}
+        "absent": "not_measured",
+        "nan": "nonfinite",
+        "exploding": "exploding",
+        "spiky": "exploding",
+        "vanishing": "vanishing",
+        "healthy": "healthy",
+    }
     assert summary.seeds["nan"].nonfinite_steps == 67  # steps 1, 4, 7, ... of 200
     assert summary.to_dict()["seeds"][0]["health"] == "not_measured"
 
@@ -166,8 +183,11 @@ def test_recording_counts_equals_recording_each_value_in_every_reader(monkeypatc
 
     def points(record) -> list[tuple]:
         readers = [InMemoryMetricReader(), InMemoryMetricReader()]
-        histogram = MeterProvider(metric_readers=readers).get_meter("t").create_histogram(
-            "h", explicit_bucket_boundaries_advisory=HISTOGRAM_BOUNDARIES)
+        histogram = (
+            MeterProvider(metric_readers=readers)
+            .get_meter("t")
+            .create_histogram("h", explicit_bucket_boundaries_advisory=HISTOGRAM_BOUNDARIES)
+        )
         out = []
         for _ in range(2):  # new attributes, then an aggregation that exists (the next epoch)
             record(histogram)
@@ -183,6 +203,8 @@ def test_recording_counts_equals_recording_each_value_in_every_reader(monkeypatc
 
     got = points(lambda h: sdk_state.record_counts(h, [({"seed_id": "s"}, counts)]))
     want = points(one_by_one)
-    for (count, total, buckets, low, high), (want_count, want_total, want_buckets, want_low, want_high) in zip(got, want):
+    for (count, total, buckets, low, high), (want_count, want_total, want_buckets, want_low, want_high) in zip(
+        got, want
+    ):
         assert (count, buckets, low, high) == (want_count, want_buckets, want_low, want_high)
         assert total == pytest.approx(want_total)

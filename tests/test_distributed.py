@@ -51,17 +51,25 @@ ON = SeedLayerSettings(enabled=True, top_k=2, host_norm=True, tensor_exploding_a
 
 # --- running ranks --------------------------------------------------------------------------------
 
-def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, str] | None = None,
-              world: int = WORLD, deadline_s: float = DEADLINE_S) -> list[Any]:
+
+def run_ranks(
+    worker: Callable[..., Any],
+    out: Path,
+    *args: Any,
+    env: dict[str, str] | None = None,
+    world: int = WORLD,
+    deadline_s: float = DEADLINE_S,
+) -> list[Any]:
     """Run ``worker(rank, *args)`` on every rank of a fresh gloo group of ``world`` ranks; its JSON-ready
     results, by rank."""
     with socket.socket() as probe:  # a port the kernel just called free; the ranks bind it at once
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_rank_main, args=(worker, rank, world, port, str(out), env or {}, args),
-                             daemon=True)
-             for rank in range(world)]
+    ranks = [
+        context.Process(target=_rank_main, args=(worker, rank, world, port, str(out), env or {}, args), daemon=True)
+        for rank in range(world)
+    ]
     for process in ranks:
         process.start()
     deadline = time.monotonic() + deadline_s
@@ -82,8 +90,9 @@ def run_ranks(worker: Callable[..., Any], out: Path, *args: Any, env: dict[str, 
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def _rank_main(worker: Callable[..., Any], rank: int, world: int, port: int, out: str, env: dict[str, str],
-               args: tuple[Any, ...]) -> None:
+def _rank_main(
+    worker: Callable[..., Any], rank: int, world: int, port: int, out: str, env: dict[str, str], args: tuple[Any, ...]
+) -> None:
     os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
@@ -112,6 +121,7 @@ class Collectives(TorchDispatchMode):
 
 # --- training, the same on every rank and in the single-process reference --------------------------
 
+
 def thin_network() -> tuple[SeededMLP, SeedRegistry]:
     """Two seeds, plus one so thin (hidden width 1) that FSDP2 leaves rank 1 an empty shard of most of it."""
     model, registry = seeded_network(2)
@@ -121,19 +131,34 @@ def thin_network() -> tuple[SeededMLP, SeedRegistry]:
 
 def global_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(100 + epoch)
-    return [(torch.randn(WORLD * LOCAL_BATCH, 32, generator=generator),
-             torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(WORLD * LOCAL_BATCH, 32, generator=generator),
+            torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def growing_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Epochs of 2, 5 and 3 steps: the second has more sampled steps than the one before."""
     generator = torch.Generator().manual_seed(200 + epoch)
-    return [(torch.randn(WORLD * LOCAL_BATCH, 32, generator=generator),
-             torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator)) for _ in range((2, 5, 3)[epoch])]
+    return [
+        (
+            torch.randn(WORLD * LOCAL_BATCH, 32, generator=generator),
+            torch.randn(WORLD * LOCAL_BATCH, 10, generator=generator),
+        )
+        for _ in range((2, 5, 3)[epoch])
+    ]
 
 
-def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice,
-          batches: Callable[[int], list] = global_batches, epochs: int = EPOCHS) -> list:
+def train(
+    model: nn.Module,
+    telemetry: SeedLayerTelemetry,
+    part: slice,
+    batches: Callable[[int], list] = global_batches,
+    epochs: int = EPOCHS,
+) -> list:
     """``epochs`` epochs of SGD on the ``part`` of each global batch; the summaries, and the collectives
     the telemetry ran at each step and epoch end."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -153,8 +178,11 @@ def train(model: nn.Module, telemetry: SeedLayerTelemetry, part: slice,
     return [summaries, step_ops, epoch_ops]
 
 
-def single_process_reference(network: Callable[[], tuple[SeededMLP, SeedRegistry]],
-                             batches: Callable[[int], list] = global_batches, epochs: int = EPOCHS) -> list[dict]:
+def single_process_reference(
+    network: Callable[[], tuple[SeededMLP, SeedRegistry]],
+    batches: Callable[[int], list] = global_batches,
+    epochs: int = EPOCHS,
+) -> list[dict]:
     """The same epochs, unsharded, in this process, over the whole global batches."""
     model, registry = network()
     telemetry, _ = telemetry_for(model, registry, ON)
@@ -173,18 +201,25 @@ def assert_same_summaries(got: list[dict], want: list[dict], *, sharded: bool = 
             assert got_seed["total_norm"] == pytest.approx(want_seed["total_norm"], rel=1e-4)
             assert [p["layer"] for p in got_seed["top_layers"]] == [p["layer"] for p in want_seed["top_layers"]]
             assert [p["value"] for p in got_seed["top_layers"]] == pytest.approx(
-                [p["value"] for p in want_seed["top_layers"]], rel=1e-4)
+                [p["value"] for p in want_seed["top_layers"]], rel=1e-4
+            )
             # The spikes and the distribution need the ranks' squares summed per step: exact too.
             assert got_seed["max_norm"] == pytest.approx(want_seed["max_norm"], rel=1e-4)
             assert [p["max"] for p in got_seed["top_layers"]] == pytest.approx(
-                [p["max"] for p in want_seed["top_layers"]], rel=1e-4)
+                [p["max"] for p in want_seed["top_layers"]], rel=1e-4
+            )
             assert got_seed["layers"] == pytest.approx(want_seed["layers"], rel=1e-4)
             assert got_seed["host_ratio"] == pytest.approx(want_seed["host_ratio"], rel=1e-4)
             assert (got_seed["step_norm_counts"], got_seed["nonfinite_steps"], got_seed["health"]) == (
-                want_seed["step_norm_counts"], want_seed["nonfinite_steps"], want_seed["health"])
+                want_seed["step_norm_counts"],
+                want_seed["nonfinite_steps"],
+                want_seed["health"],
+            )
             assert got_seed["gradient_tensors"] == want_seed["gradient_tensors"]
             counts = ("vanishing_tensor_steps", "exploding_tensor_steps")
-            assert [got_seed[name] for name in counts] == ([None, None] if sharded else [want_seed[name] for name in counts])
+            assert [got_seed[name] for name in counts] == (
+                [None, None] if sharded else [want_seed[name] for name in counts]
+            )
 
 
 def exported(reader: InMemoryMetricReader) -> dict[str, Any]:
@@ -195,6 +230,7 @@ def exported(reader: InMemoryMetricReader) -> dict[str, Any]:
 
 
 # --- DDP -------------------------------------------------------------------------------------------
+
 
 def _ddp_rank(rank: int) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
@@ -208,9 +244,15 @@ def _ddp_rank(rank: int) -> dict[str, Any]:
     reader = InMemoryMetricReader()
     provider = configure_meter_provider(ON, readers=[reader])  # OTEL_METRICS_EXPORTER=none: only the reader
     telemetry = SeedLayerTelemetry(model, registry, settings=ON, meter_provider=provider)
-    summaries, _, _ = train(DistributedDataParallel(model), telemetry, slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH))
-    return {"summaries": summaries, "exports": telemetry.exports, "bad_export_rank": bad_export_rank,
-            **exported(reader)}
+    summaries, _, _ = train(
+        DistributedDataParallel(model), telemetry, slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    )
+    return {
+        "summaries": summaries,
+        "exports": telemetry.exports,
+        "bad_export_rank": bad_export_rank,
+        **exported(reader),
+    }
 
 
 def test_ddp_equals_single_process_and_only_rank_0_exports(tmp_path):
@@ -219,7 +261,8 @@ def test_ddp_equals_single_process_and_only_rank_0_exports(tmp_path):
     for result in ranks:  # Tamiyo reads the same summary on every rank
         assert_same_summaries(result["summaries"], reference)
         assert result["bad_export_rank"] == (
-            f"export_rank=2 is not valid: expected a rank from 0 to 1 (world size 2; set by {ENV_EXPORT_RANK})")
+            f"export_rank=2 is not valid: expected a rank from 0 to 1 (world size 2; set by {ENV_EXPORT_RANK})"
+        )
     zero, one = ranks
     assert (zero["exports"], one["exports"]) == (True, False)
     assert one["points"] == [] and one["resources"] == []
@@ -251,10 +294,19 @@ def _growing_rank(rank: int) -> dict[str, Any]:
     warnings = Warnings()
     model, registry = thin_network()
     telemetry, _ = telemetry_for(model, registry, ON)
-    summaries, _, epoch_ops = train(DistributedDataParallel(model), telemetry,
-                                    slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH), growing_batches, 3)
-    return {"summaries": summaries, "epoch_ops": epoch_ops, "warnings": warnings.messages,
-            "failures": telemetry.failures}
+    summaries, _, epoch_ops = train(
+        DistributedDataParallel(model),
+        telemetry,
+        slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH),
+        growing_batches,
+        3,
+    )
+    return {
+        "summaries": summaries,
+        "epoch_ops": epoch_ops,
+        "warnings": warnings.messages,
+        "failures": telemetry.failures,
+    }
 
 
 def test_ddp_epoch_longer_than_the_last_is_one_all_reduce_and_no_failure(tmp_path):
@@ -281,20 +333,26 @@ def test_pull_mode_serves_from_the_export_rank_only(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
-           "OTEL_EXPORTER_PROMETHEUS_PORT": str(port)}
+    env = {
+        "OTEL_METRICS_EXPORTER": "prometheus",
+        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
+    }
     assert run_ranks(_pull_mode_rank, tmp_path, env=env) == [["ServingPrometheusReader"], []]
 
 
 # --- FSDP2 -----------------------------------------------------------------------------------------
+
 
 def _fsdp_rank(rank: int) -> dict[str, Any]:
     """FSDP2 on both ranks, then HSDP (replicated across the 2 ranks, shards of one): the weights differ."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    meshes = {"fsdp": init_device_mesh("cpu", (WORLD,)),
-              "hsdp": init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))}
+    meshes = {
+        "fsdp": init_device_mesh("cpu", (WORLD,)),
+        "hsdp": init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard")),
+    }
     results = {}
     for name, mesh in meshes.items():
         model, registry = thin_network()
@@ -304,8 +362,13 @@ def _fsdp_rank(rank: int) -> dict[str, Any]:
         empty_shards = sum(p.to_local().numel() == 0 for p in model.seeds["thin"].parameters())
         telemetry, _ = telemetry_for(model, registry, ON)
         summaries, step_ops, epoch_ops = train(model, telemetry, slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH))
-        results[name] = {"summaries": summaries, "step_ops": step_ops, "epoch_ops": epoch_ops,
-                         "empty_shards": empty_shards, "failures": telemetry.failures}
+        results[name] = {
+            "summaries": summaries,
+            "step_ops": step_ops,
+            "epoch_ops": epoch_ops,
+            "empty_shards": empty_shards,
+            "failures": telemetry.failures,
+        }
     return results
 
 
@@ -331,6 +394,7 @@ def test_fsdp2_sharded_gradients_equal_unsharded_with_one_all_reduce_per_epoch(f
 
 
 # --- seeds on some ranks, an idle rank, seeds that come, go and change stage ------------------------
+
 
 def _uneven_rank(rank: int) -> dict[str, Any]:
     """No DDP: each rank trains its own model on its own data, holding different seeds.
@@ -369,8 +433,14 @@ def _uneven_rank(rank: int) -> dict[str, Any]:
         with Collectives() as end:
             summaries.append(telemetry.end_epoch().to_dict())
         epoch_ops.append(end.ops)
-    return {"summaries": summaries, "epoch_ops": epoch_ops, "local": local, "exports": telemetry.exports,
-            "points": exported(reader)["points"], "settings": [settings.export_rank, settings.top_k]}
+    return {
+        "summaries": summaries,
+        "epoch_ops": epoch_ops,
+        "local": local,
+        "exports": telemetry.exports,
+        "points": exported(reader)["points"],
+        "settings": [settings.export_rank, settings.top_k],
+    }
 
 
 def test_seeds_on_some_ranks_and_an_idle_rank_give_exact_values_and_no_hang(tmp_path):
@@ -444,15 +514,25 @@ def _scale_rank(rank: int, world: int, kinds: list[str]) -> dict[str, Any]:
         registry = SeedRegistry()
         for seed_id, module in model.items():
             registry.add(seed_id, module, "TRAINING")
-        params = [(seed_id, layer, param) for seed_id, module in model.items()
-                  for layer, sub in module.named_modules() for param in sub.parameters(recurse=False)]
+        params = [
+            (seed_id, layer, param)
+            for seed_id, module in model.items()
+            for layer, sub in module.named_modules()
+            for param in sub.parameters(recurse=False)
+        ]
         for _, _, param in params:  # the gradient tensors each step is copied into
             grad = torch.zeros(param.shape)
             if isinstance(param, DTensor):
                 piece = [*torch.chunk(grad, world), *[grad[:0]] * world][rank]  # Shard(0)'s split
                 assert piece.shape == param.to_local().shape
-                grad = DTensor.from_local(piece.clone(), param.device_mesh, param.placements, run_check=False,
-                                          shape=grad.shape, stride=grad.stride())
+                grad = DTensor.from_local(
+                    piece.clone(),
+                    param.device_mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=grad.shape,
+                    stride=grad.stride(),
+                )
             param.grad = grad
         telemetry, _ = telemetry_for(model, registry, SeedLayerSettings(enabled=True, top_k=2))
         sizes: list[int] = []
@@ -465,16 +545,26 @@ def _scale_rank(rank: int, world: int, kinds: list[str]) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(7)
         summaries, step_bytes, end_bytes, reference = [], [], [], []
         for steps in SCALE_STEPS:
-            scales = {seed_id: 10.0 ** (4 * torch.rand(steps, generator=generator, dtype=torch.float64) - 3)
-                      for seed_id in model}  # per-step norms over four decades: many histogram buckets
-            grads = [(scales[seed_id].view(-1, *[1] * param.dim())
-                      * torch.randn(steps, *param.shape, generator=generator, dtype=torch.float64)).float()
-                     for seed_id, _, param in params]
-            targets = [param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-                       for _, _, param in params]
-            pieces = [grad if target.shape == grad.shape[1:]
-                      else [*torch.chunk(grad, world, dim=1), *[grad[:, :0]] * world][rank]
-                      for grad, target in zip(grads, targets)]
+            scales = {
+                seed_id: 10.0 ** (4 * torch.rand(steps, generator=generator, dtype=torch.float64) - 3)
+                for seed_id in model
+            }  # per-step norms over four decades: many histogram buckets
+            grads = [
+                (
+                    scales[seed_id].view(-1, *[1] * param.dim())
+                    * torch.randn(steps, *param.shape, generator=generator, dtype=torch.float64)
+                ).float()
+                for seed_id, _, param in params
+            ]
+            targets = [
+                param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad for _, _, param in params
+            ]
+            pieces = [
+                grad
+                if target.shape == grad.shape[1:]
+                else [*torch.chunk(grad, world, dim=1), *[grad[:, :0]] * world][rank]
+                for grad, target in zip(grads, targets)
+            ]
             for step in range(steps):
                 for target, piece in zip(targets, pieces):
                     target.copy_(piece[step])
@@ -490,12 +580,20 @@ def _scale_rank(rank: int, world: int, kinds: list[str]) -> dict[str, Any]:
                     per_step = grad.double().flatten(1).square().sum(1)
                     for key in (layer, ""):
                         layers = squares.setdefault(seed_id, {})
-                        layers[key] = (torch.tensor(layers[key], dtype=torch.float64) + per_step).tolist() \
-                            if key in layers else per_step.tolist()
+                        layers[key] = (
+                            (torch.tensor(layers[key], dtype=torch.float64) + per_step).tolist()
+                            if key in layers
+                            else per_step.tolist()
+                        )
             reference.append(squares)
         dist.all_reduce = original
-        results[kind] = {"summaries": summaries, "step_bytes": step_bytes, "end_bytes": end_bytes,
-                         "reference": reference, "failures": telemetry.failures}
+        results[kind] = {
+            "summaries": summaries,
+            "step_bytes": step_bytes,
+            "end_bytes": end_bytes,
+            "reference": reference,
+            "failures": telemetry.failures,
+        }
     return results
 
 
@@ -537,14 +635,16 @@ def test_epochs_of_100_and_10000_steps_reduce_the_same_bytes_exactly(tmp_path, w
             assert result["summaries"] == results[0]["summaries"]  # every rank the same global summary
             end = [4 * (60 * slots + 129 * sharded + world + 1)]
             assert result["end_bytes"] == [end] * 3  # 100 steps and 10,000 steps: the same all-reduce
-            assert result["step_bytes"] == [[4 * 129 * sharded] * (steps // 64 if sharded else 0)
-                                            for steps in SCALE_STEPS]
+            assert result["step_bytes"] == [
+                [4 * 129 * sharded] * (steps // 64 if sharded else 0) for steps in SCALE_STEPS
+            ]
         for summary, squares, steps in zip(results[0]["summaries"], results[0]["reference"], SCALE_STEPS):
             assert summary["sampled_steps"] == steps
             assert_equals_reference(summary, squares)
 
 
 # --- without torch.distributed, and the pieces -----------------------------------------------------
+
 
 def test_without_torch_distributed_nothing_changes():
     assert not dist.is_initialized()
@@ -569,17 +669,35 @@ def test_bad_export_rank_names_variable_value_and_accepted(raw):
 
 
 def test_slot_layout_is_the_union_with_the_lowest_rank_stage_and_left_where_no_rank_lists_a_seed_at_the_end():
-    layout = SlotLayout.agree([
-        ((("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")),
-         (("a", "TRAINING", False), ("b", "TRAINING", False)), (("b", ""), ("b", "net.0")), 3),
-        ((("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")),
-         (("b", "BLENDING", True), ("c", "GERMINATED", True)), (), 0),
-    ])
+    layout = SlotLayout.agree(
+        [
+            (
+                (("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0")),
+                (("a", "TRAINING", False), ("b", "TRAINING", False)),
+                (("b", ""), ("b", "net.0")),
+                3,
+            ),
+            (
+                (("b", ""), ("b", "net.0"), ("b", "net.1"), ("c", ""), ("c", "net.0")),
+                (("b", "BLENDING", True), ("c", "GERMINATED", True)),
+                (),
+                0,
+            ),
+        ]
+    )
     assert layout.sharded == (("b", ""), ("b", "net.0"))
     assert layout.steps == 3  # the per-step rows reduced for the sharded slots: the most any rank sampled
     assert layout.stages == {"a": "TRAINING", "b": "TRAINING", "c": "GERMINATED"}
     assert layout.left == {"a"}  # "b" left rank 0 but rank 1 still lists it
-    assert layout.slots == (("a", ""), ("a", "(root)"), ("a", "net.0"), ("b", ""), ("b", "net.0"), ("b", "net.1"),
-                            ("c", ""), ("c", "net.0"))
+    assert layout.slots == (
+        ("a", ""),
+        ("a", "(root)"),
+        ("a", "net.0"),
+        ("b", ""),
+        ("b", "net.0"),
+        ("b", "net.1"),
+        ("c", ""),
+        ("c", "net.0"),
+    )
     plain = SlotLayout.agree([((("a", ""),), (("a", "TRAINING", True),), (), 0), ((("a", ""),), (), (), 0)])
     assert (plain.sharded, plain.steps) == ((), 0)  # nothing sharded: no per-step rows at all

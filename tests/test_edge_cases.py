@@ -20,7 +20,9 @@ def test_seed_without_trainable_parameters_is_not_measured():
     telemetry.observe_step()
     summary = telemetry.end_epoch()
     assert {s: (v.top_layers, v.layer_count, v.total_norm, v.sampled_steps) for s, v in summary.seeds.items()} == {
-        "empty": ((), 0, None, 1), "frozen": ((), 0, None, 1)}
+        "empty": ((), 0, None, 1),
+        "frozen": ((), 0, None, 1),
+    }
     exported = collect(reader)
     assert LAYER_NORM not in exported and SEED_NORM not in exported
     assert sorted(a["seed_id"] for a, v, _ in exported[SEED_NOT_MEASURED] if v == 1) == ["empty", "frozen"]
@@ -64,7 +66,7 @@ def test_parameter_shared_with_host_and_between_seeds_and_tied_within_a_seed():
     assert summary.seeds["b"].total_norm == pytest.approx(math.sqrt(4 + 36))
 
 
-@pytest.mark.parametrize("seed_id", ["séed-ü", "seed with spaces", "种子/7", "s" * 5000, 'q"uo\'te\n'])
+@pytest.mark.parametrize("seed_id", ["séed-ü", "seed with spaces", "种子/7", "s" * 5000, "q\"uo'te\n"])
 def test_unusual_seed_ids_and_module_names(seed_id):
     seed = nn.Module()
     seed.add_module("çouche 1", nn.Linear(2, 2))
@@ -84,7 +86,10 @@ def test_unusual_seed_ids_and_module_names(seed_id):
         ({"": (nn.Linear(1, 1), "TRAINING")}, "seed id '' is not valid: expected a non-empty str"),
         ({3: (nn.Linear(1, 1), "TRAINING")}, "seed id 3 is not valid: expected a non-empty str"),
         ({"s": nn.Linear(1, 1)}, "seed 's': expected a \\(torch.nn.Module, stage\\) pair"),
-        ({"s": (nn.Linear(1, 1), None)}, "seed 's': stage None is not valid: expected a non-empty str, an Enum member, or an int"),
+        (
+            {"s": (nn.Linear(1, 1), None)},
+            "seed 's': stage None is not valid: expected a non-empty str, an Enum member, or an int",
+        ),
     ],
 )
 def test_malformed_seed_source_fails_fast_at_construction(source, message):

@@ -23,17 +23,21 @@ def test_bare_import_loads_neither_torch_nor_the_sdk():
 
 
 def test_public_api_does_not_load_torch_distributed_tensor():
-    modules = loaded_after("from tolaria_otel import SeedLayerTelemetry, configure_meter_provider, SeedLayerSettings, "
-                           "EpochSummary, seed_layer_views")
+    modules = loaded_after(
+        "from tolaria_otel import SeedLayerTelemetry, configure_meter_provider, SeedLayerSettings, "
+        "EpochSummary, seed_layer_views"
+    )
     assert "torch" in modules
     assert not {m for m in modules if m.startswith("torch.distributed.tensor")}
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["doctor"], ["plot"]], ids=lambda c: " ".join(c) or "top")
 def test_help_does_not_load_torch(command):
-    code = ("import contextlib, io\nfrom tolaria_otel.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            f"    try: main({[*command, '--help']!r})\n    except SystemExit: pass")
+    code = (
+        "import contextlib, io\nfrom tolaria_otel.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    try: main({[*command, '--help']!r})\n    except SystemExit: pass"
+    )
     assert "torch" not in loaded_after(code)
 
 

@@ -45,13 +45,17 @@ class Regression(pl.LightningModule):
     def on_fit_start(self) -> None:  # the optimizer exists now; Lightning steps a wrapper of it
         self.reference = AppliedGradients(self.trainer.optimizers[0], self.registry)
         clip = self.trainer.gradient_clip_val
-        self.pre_clip = PreClipGradients(self, self.trainer.optimizers[0], self.registry,
-                                         float("inf") if clip is None else float(clip))
+        self.pre_clip = PreClipGradients(
+            self, self.trainer.optimizers[0], self.registry, float("inf") if clip is None else float(clip)
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning's grad_norm hook: accumulated and unscaled, not yet clipped.
-        self.pre_clip_norms.append(float(torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None]))))
+        self.pre_clip_norms.append(
+            float(
+                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None]))
+            )
+        )
 
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         step = self.trainer.global_step
@@ -74,15 +78,25 @@ def network() -> tuple[SeededMLP, SeedRegistry]:
 
 def loader() -> DataLoader:
     generator = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(BATCHES * 8, 32, generator=generator), torch.randn(BATCHES * 8, 10,
-                                                                                        generator=generator))
+    data = TensorDataset(
+        torch.randn(BATCHES * 8, 32, generator=generator), torch.randn(BATCHES * 8, 10, generator=generator)
+    )
     return DataLoader(data, batch_size=8)
 
 
 def trainer(*callbacks: pl.Callback, **kwargs: object) -> pl.Trainer:
-    options: dict = dict(accelerator="cpu", devices=1, max_epochs=2, accumulate_grad_batches=ACCUMULATE,
-                         precision="bf16-mixed", gradient_clip_val=CLIP, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    options: dict = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        accumulate_grad_batches=ACCUMULATE,
+        precision="bf16-mixed",
+        gradient_clip_val=CLIP,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     options.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **options)
 
@@ -131,16 +145,18 @@ def test_fit_measures_the_gradients_before_clipping_once_per_optimizer_step() ->
     assert len(fit.optimizers[0]._optimizer_step_post_hooks) == 2  # the two references'
     assert torch.nn.utils.clip_grad_norm_ is before  # the clip as it was before the fit
     points = layer_points(collect(reader)[LAYER_NORM])
-    assert points == {(seed_id, layer): value for seed_id, seed in summaries[1].seeds.items()
-                      for layer, value in seed.top_layers}
+    assert points == {
+        (seed_id, layer): value for seed_id, seed in summaries[1].seeds.items() for layer, value in seed.top_layers
+    }
     provider.shutdown()
 
 
 def test_step_based_fit_summarises_every_n_steps_and_the_rest_at_the_end() -> None:
     model, registry = network()
     summaries = []
-    callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], every_n_steps=2,
-                                 on_summary=summaries.append)
+    callback = SeedLayerCallback(
+        registry, settings=ON, meter_provider=metered(ON)[0], every_n_steps=2, on_summary=summaries.append
+    )
     trainer(callback, max_epochs=-1, max_steps=5).fit(Regression(model, registry), loader())
     assert [s.sampled_steps for s in summaries] == [2, 2, 1]  # the fifth step's summary comes with the fit's end
     assert [s.epoch for s in summaries] == [0, 1, 2]
@@ -249,7 +265,8 @@ def test_several_optimizers_stepping_on_the_same_gradients_count_once_per_batch(
             seeds.zero_grad()
 
     trainer(callback, max_epochs=1, precision="32-true", gradient_clip_val=None, accumulate_grad_batches=1).fit(
-        HostAndSeeds(model, registry), loader())
+        HostAndSeeds(model, registry), loader()
+    )
     assert [s.sampled_steps for s in summaries] == [BATCHES]
 
 
@@ -279,8 +296,9 @@ def test_an_exploding_seed_under_gradient_clip_val_is_reported_exploding_and_the
             expected.append(module.pre_clip.epoch())
 
     callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
-    trainer(callback, Reference(), max_epochs=1, precision="32-true", gradient_clip_val=ONE,
-            accumulate_grad_batches=2).fit(module, loader())
+    trainer(
+        callback, Reference(), max_epochs=1, precision="32-true", gradient_clip_val=ONE, accumulate_grad_batches=2
+    ).fit(module, loader())
     (summary,), ((layers, totals, steps, factors),) = summaries, expected
     assert summary.sampled_steps == len(factors) == BATCHES // 2
     for seed_id, seed in summary.seeds.items():
@@ -288,6 +306,9 @@ def test_an_exploding_seed_under_gradient_clip_val_is_reported_exploding_and_the
         for layer, value in seed.layer_norms.items():
             assert value == pytest.approx(layers[seed_id][layer], rel=1e-5)
     assert {seed_id: seed.health for seed_id, seed in summary.seeds.items()} == {
-        "seed-0": "healthy", "seed-1": "healthy", "seed-2": "exploding"}
+        "seed-0": "healthy",
+        "seed-1": "healthy",
+        "seed-2": "exploding",
+    }
     assert summary.clip_steps == summary.clipped_steps == len(factors)
     assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)

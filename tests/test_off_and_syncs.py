@@ -24,8 +24,12 @@ class CountingProvider(MeterProvider):
 
 
 def test_off_by_default_installs_and_allocates_nothing(monkeypatch):
-    for name in ("TOLARIA_SEED_LAYER_SUMMARIES_ENABLED", "TOLARIA_SEED_LAYER_TOPK", "TOLARIA_SEED_HEALTH_COMPACT",
-                 "TOLARIA_SEED_LAYER_SAMPLE_EVERY"):
+    for name in (
+        "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED",
+        "TOLARIA_SEED_LAYER_TOPK",
+        "TOLARIA_SEED_HEALTH_COMPACT",
+        "TOLARIA_SEED_LAYER_SAMPLE_EVERY",
+    ):
         monkeypatch.delenv(name, raising=False)
     model, registry = seeded_network(2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

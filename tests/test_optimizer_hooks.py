@@ -28,8 +28,9 @@ def assert_matches(summary, reference: ReferenceNorms) -> None:
         assert [value for _, value in seed.top_layers] == pytest.approx([v for _, v in want], rel=1e-5)
 
 
-def closure_steps(model: nn.Module, optimizer: object, steps: int, *, micro_batches: int,
-                  on_backward_done=None) -> None:
+def closure_steps(
+    model: nn.Module, optimizer: object, steps: int, *, micro_batches: int, on_backward_done=None
+) -> None:
     """Lightning's way: every micro-batch's forward and backward run inside ``step(closure)``."""
     generator = torch.Generator().manual_seed(3)
 
@@ -115,8 +116,11 @@ def test_accelerate_wrapper_is_unwrapped_and_measured_exactly() -> None:  # Ligh
 def test_a_wrapper_without_an_optimizer_inside_is_a_type_error_naming_it() -> None:
     model, registry = seeded_network(1)
     telemetry, _ = telemetry_for(model, registry, ON)
-    with pytest.raises(TypeError, match=r"attach\(\) got SimpleNamespace: expected a torch.optim.Optimizer or a "
-                                        r"wrapper with one in its .optimizer attribute"):
+    with pytest.raises(
+        TypeError,
+        match=r"attach\(\) got SimpleNamespace: expected a torch.optim.Optimizer or a "
+        r"wrapper with one in its .optimizer attribute",
+    ):
         telemetry.attach(types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer="sgd")))
 
 

@@ -65,14 +65,19 @@ def test_every_opentelemetry_dependency_has_a_tested_range_and_ci_installs_the_p
     pins = _pins()
     requirements = _requirements()
     assert {canonicalize_name(r.name) for r in requirements} == {
-        "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http",
-        "opentelemetry-exporter-otlp-proto-grpc", "opentelemetry-exporter-prometheus"}
+        "opentelemetry-api",
+        "opentelemetry-sdk",
+        "opentelemetry-exporter-otlp-proto-http",
+        "opentelemetry-exporter-otlp-proto-grpc",
+        "opentelemetry-exporter-prometheus",
+    }
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
         lower, upper = _bounds(requirement.specifier)
         assert lower is not None and upper is not None, f"{requirement}: needs a lower and an upper bound"
-        assert upper == Version(f"{lower.major}.{lower.minor + 1}"), f"{requirement}: the upper bound is not the " \
-            "next minor release after the tested one"
+        assert upper == Version(f"{lower.major}.{lower.minor + 1}"), (
+            f"{requirement}: the upper bound is not the next minor release after the tested one"
+        )
         assert name in pins, f"{name} is not pinned in constraints.txt"
         assert requirement.specifier.contains(pins[name], prereleases=True), f"pin {pins[name]} outside {requirement}"
         assert version(name) == pins[name], f"{name} {version(name)} installed, constraints.txt pins {pins[name]}"
@@ -105,8 +110,12 @@ def _private_names_used(text: str, package_functions: set[str]) -> set[str]:
     used = set(re.findall(r"\.(_[A-Za-z]\w*)", text)) | set(re.findall(r"getattr\(\s*\w+,\s*\"(_\w+)\"", text))
     for imported in re.findall(r"^from [\w.]+ import (.+)$", text, re.M):
         used |= set(re.findall(r"\b(_[A-Za-z]\w*)", imported))
-    defined = package_functions | set(re.findall(r"^(_\w+)\b", text, re.M)) \
-        | set(re.findall(r"self\.(_\w+)(?:\s*:[^=\n]*)?\s*=[^=]", text)) | set(re.findall(r"self\.(_\w+), self", text))
+    defined = (
+        package_functions
+        | set(re.findall(r"^(_\w+)\b", text, re.M))
+        | set(re.findall(r"self\.(_\w+)(?:\s*:[^=\n]*)?\s*=[^=]", text))
+        | set(re.findall(r"self\.(_\w+), self", text))
+    )
     return {name for name in used - defined if not name.startswith("__")} - set(NOT_OPENTELEMETRY)
 
 
@@ -114,16 +123,18 @@ def test_every_private_opentelemetry_part_is_listed_and_every_listed_one_is_used
     listed = _listed()
     assert set(listed) == {"sdk_state.py", "prometheus.py", "redaction.py"}, listed
     modules = sorted(SOURCE.glob("*.py"))
-    package_functions = {name for module in modules
-                         for name in re.findall(r"(?:def|class) (_\w+)", module.read_text())}
+    package_functions = {name for module in modules for name in re.findall(r"(?:def|class) (_\w+)", module.read_text())}
     for module in modules:
         text = module.read_text()
         used = _private_names_used(text, package_functions)
-        assert used <= listed.get(module.name, set()), f"{module.name} uses private parts that " \
+        assert used <= listed.get(module.name, set()), (
+            f"{module.name} uses private parts that "
             f"docs/otel-internals.md does not list: {sorted(used - listed.get(module.name, set()))}"
+        )
         for name in listed.get(module.name, ()):
-            assert re.search(rf"\b{name}\b", text), f"docs/otel-internals.md lists {name} in {module.name}, " \
-                "which no longer uses it"
+            assert re.search(rf"\b{name}\b", text), (
+                f"docs/otel-internals.md lists {name} in {module.name}, which no longer uses it"
+            )
 
 
 def test_the_private_reader_list_is_not_read() -> None:

@@ -50,11 +50,13 @@ def test_training_run_exports_the_in_process_summaries(monkeypatch, protocol, re
             assert LAYER_NONFINITE not in points
             assert {(a["seed_id"], a["stage"], a["layer"]): pytest.approx(v) for a, v, _ in points[LAYER_NORM]} == {
                 (seed_id, seed.stage, layer): value
-                for seed_id, seed in summary.seeds.items() for layer, value in seed.top_layers
+                for seed_id, seed in summary.seeds.items()
+                for layer, value in seed.top_layers
             }
             assert {u for _, _, u in points[LAYER_NORM]} == {"grad"}
             assert {a["seed_id"]: v for a, v, _ in points[SEED_NORM]} == pytest.approx(
-                {s: v.total_norm for s, v in summary.seeds.items()})
+                {s: v.total_norm for s, v in summary.seeds.items()}
+            )
         resource = {kv.key: kv.value.string_value for kv in request.resource_metrics[0].resource.attributes}
         assert resource["service.name"] == "tolaria-test"
         assert [sorted(s.seeds) for s in summaries] == [["seed-0", "seed-1", "seed-2"]] * 2 + [["seed-0", "seed-1"]]
@@ -80,5 +82,4 @@ def test_close_then_shutdown_still_delivers_the_last_epoch(monkeypatch):
         telemetry.close()
         provider.shutdown()
         delivered = [gauge_points(request).get(LAYER_NORM, []) for request in received.requests]
-        assert {a["layer"]: v for a, v, _ in delivered[0]} == pytest.approx(
-            dict(summary.seeds["seed-0"].top_layers))
+        assert {a["layer"]: v for a, v, _ in delivered[0]} == pytest.approx(dict(summary.seeds["seed-0"].top_layers))

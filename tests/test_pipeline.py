@@ -44,9 +44,13 @@ RULES_DIR = REPO_ROOT / "collector" / "rules"
 #: VictoriaMetrics: one export interval plus VictoriaMetrics' ingestion (flushed by the query helper) plus
 #: a margin for a loaded 2-core CI machine.
 TOP_K_DELAY_BOUND_S = EXPORT_INTERVAL_MS / 1000 + 3.0
-PUSH_RESOURCE_LABELS = {"service_name", "service_instance_id", "telemetry_sdk_language", "telemetry_sdk_name",
-                        "telemetry_sdk_version"}
-
+PUSH_RESOURCE_LABELS = {
+    "service_name",
+    "service_instance_id",
+    "telemetry_sdk_language",
+    "telemetry_sdk_name",
+    "telemetry_sdk_version",
+}
 
 
 @pytest.fixture
@@ -97,16 +101,21 @@ def test_otlp_into_victoriametrics_equals_epoch_summary(otel_env, vm):
             assert got == pytest.approx(expected, rel=1e-12)
             for seed_id, seed in summary.seeds.items():  # exactly top_k series per seed
                 assert sum(1 for key in got if key[0] == seed_id) == min(2, seed.layer_count)
-            seed_norms = {r["metric"]["seed_id"]: float(r["value"][1]) for r in vm.query(
-                f'tolaria_grad_agg_seed_norm{selector} and (timestamp(tolaria_grad_agg_seed_norm{selector}) >= '
-                f'ignoring(seed_id, stage) group_left() max without(seed_id, stage) '
-                f'(timestamp(tolaria_grad_agg_seed_norm{selector})))')}
+            seed_norms = {
+                r["metric"]["seed_id"]: float(r["value"][1])
+                for r in vm.query(
+                    f"tolaria_grad_agg_seed_norm{selector} and (timestamp(tolaria_grad_agg_seed_norm{selector}) >= "
+                    f"ignoring(seed_id, stage) group_left() max without(seed_id, stage) "
+                    f"(timestamp(tolaria_grad_agg_seed_norm{selector})))"
+                )
+            }
             assert seed_norms == pytest.approx({s: v.total_norm for s, v in summary.seeds.items()}, rel=1e-12)
 
             # The trainer's own budget, plain name (no unit suffix under -opentelemetry.usePrometheusNaming).
             def budget(want: float = 2.0 * len(summary.seeds)) -> bool:
-                return [float(r["value"][1]) for r in vm.query(
-                    f"tolaria_grad_agg_seed_layer_series_budget{selector}")] == [want]
+                return [
+                    float(r["value"][1]) for r in vm.query(f"tolaria_grad_agg_seed_layer_series_budget{selector}")
+                ] == [want]
 
             wait_until(budget, timeout=10, message=f"epoch {summary.epoch}: series budget not top_k x seeds")
         assert vm.series(f'tolaria_grad_agg_seed_layer_info{{service_instance_id="{instance}", enabled="true"}}')
@@ -129,19 +138,28 @@ def test_current_top_k_query_follows_a_top_k_change_within_the_bound(otel_env, v
         run.tamper.scale = {"boost": (run.layer(0, "net.0"), 100.0)}
         first = run.epoch()
         assert [layer for layer, _ in first.seeds["seed-0"].top_layers] == ["net.0"]
-        wait_until(lambda: set(as_layers(vm.query(current_top_k(selector)))) == {("seed-0", "TRAINING", "net.0")},
-                   timeout=10, message="first top-K not exported")
+        wait_until(
+            lambda: set(as_layers(vm.query(current_top_k(selector)))) == {("seed-0", "TRAINING", "net.0")},
+            timeout=10,
+            message="first top-K not exported",
+        )
 
         run.tamper.scale = {"boost": (run.layer(0, "net.4"), 100.0)}
         second = run.epoch()
         changed_at = time.monotonic()
         assert [layer for layer, _ in second.seeds["seed-0"].top_layers] == ["net.4"]
         new = {("seed-0", "TRAINING", "net.4")}
-        wait_until(lambda: set(as_layers(vm.query(current_top_k(selector)))) == new, timeout=TOP_K_DELAY_BOUND_S,
-                   interval=0.05, message=f"new top-K not the only one within {TOP_K_DELAY_BOUND_S}s")
+        wait_until(
+            lambda: set(as_layers(vm.query(current_top_k(selector)))) == new,
+            timeout=TOP_K_DELAY_BOUND_S,
+            interval=0.05,
+            message=f"new top-K not the only one within {TOP_K_DELAY_BOUND_S}s",
+        )
         delay = time.monotonic() - changed_at
-        print(f"\ncurrent top-K query showed only the new layer {delay:.2f}s after end_epoch() "
-              f"(export interval {EXPORT_INTERVAL_MS} ms, bound {TOP_K_DELAY_BOUND_S:.1f}s)")
+        print(
+            f"\ncurrent top-K query showed only the new layer {delay:.2f}s after end_epoch() "
+            f"(export interval {EXPORT_INTERVAL_MS} ms, bound {TOP_K_DELAY_BOUND_S:.1f}s)"
+        )
         # The plain selector still answers the layer that left (VictoriaMetrics keeps the last sample):
         # the reason the documented query exists.
         plain = set(as_layers(vm.query(f"tolaria_grad_agg_seed_layer_norm{selector}")))
@@ -178,12 +196,16 @@ def pull_run(monkeypatch: pytest.MonkeyPatch, instance: str, port: int) -> Run:
 
 def promtool_test(tmp_path: Path, name: str, series: list[dict], alerts: list[tuple[str, int, list[dict]]]) -> None:
     """Run `promtool test rules` on series recorded from the real Prometheus, held for 20 minutes."""
-    lines = [f"rule_files:\n  - {RULES_DIR / 'tolaria-seed-layers.rules.yml'}\n",
-             "evaluation_interval: 1m\ntests:\n", f"  - name: {name}\n    interval: 1m\n    input_series:\n"]
+    lines = [
+        f"rule_files:\n  - {RULES_DIR / 'tolaria-seed-layers.rules.yml'}\n",
+        "evaluation_interval: 1m\ntests:\n",
+        f"  - name: {name}\n    interval: 1m\n    input_series:\n",
+    ]
     for item in series:
         labels = ", ".join(f'{k}="{v}"' for k, v in sorted(item["metric"].items()) if k != "__name__")
-        lines.append(f"      - series: '{item['metric']['__name__']}{{{labels}}}'\n"
-                     f"        values: '{item['value'][1]}x20'\n")
+        lines.append(
+            f"      - series: '{item['metric']['__name__']}{{{labels}}}'\n        values: '{item['value'][1]}x20'\n"
+        )
     # Empty expectations with alert_rule_test; firing ones through the ALERTS series (promtool compares
     # annotations in alert_rule_test, and they are the rule file's business, tested in collector/rules/tests).
     lines.append("    alert_rule_test:\n")
@@ -193,21 +215,33 @@ def promtool_test(tmp_path: Path, name: str, series: list[dict], alerts: list[tu
     lines.append("    promql_expr_test:\n")
     for alertname, minute, expected in alerts:
         if expected:
-            lines.append(f"      - expr: 'ALERTS{{alertname=\"{alertname}\", alertstate=\"firing\"}}'\n"
-                         f"        eval_time: {minute}m\n        exp_samples:\n")
+            lines.append(
+                f'      - expr: \'ALERTS{{alertname="{alertname}", alertstate="firing"}}\'\n'
+                f"        eval_time: {minute}m\n        exp_samples:\n"
+            )
             for labels in expected:
-                body = ", ".join(f'{k}="{v}"' for k, v in
-                                 {"alertname": alertname, "alertstate": "firing", **labels}.items())
+                body = ", ".join(
+                    f'{k}="{v}"' for k, v in {"alertname": alertname, "alertstate": "firing", **labels}.items()
+                )
                 lines.append(f"          - labels: 'ALERTS{{{body}}}'\n            value: 1\n")
     test_file = tmp_path / f"{name}.test.yml"
     test_file.write_text("".join(lines))
-    result = subprocess.run([backend_binaries().promtool, "test", "rules", test_file], check=False,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [backend_binaries().promtool, "test", "rules", test_file],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n--- {test_file} ---\n{test_file.read_text()}"
 
 
-ALERTS = ("TolariaSeedLayerNonFinite", "TolariaSeedLayerGradientExploding", "TolariaSeedGradientVanishing",
-          "TolariaSeedLayerTelemetryAbsent")
+ALERTS = (
+    "TolariaSeedLayerNonFinite",
+    "TolariaSeedLayerGradientExploding",
+    "TolariaSeedGradientVanishing",
+    "TolariaSeedLayerTelemetryAbsent",
+)
 
 
 def test_pull_mode_prometheus_series_and_alerts_on_real_data(otel_env, tmp_path):
@@ -241,10 +275,15 @@ def test_pull_mode_prometheus_series_and_alerts_on_real_data(otel_env, tmp_path)
                     assert not PUSH_RESOURCE_LABELS & set(item["metric"])  # the resource is in target_info here
                 for seed in run.summaries[-1].seeds.values():  # top_k points per seed, finite or not
                     assert len(seed.top_layers) == 2
-                nonfinite = {(r["metric"]["seed_id"], r["metric"]["layer"]) for r in prom.query(
-                    f"tolaria_grad_agg_seed_layer_nonfinite{selector}")}
-                assert nonfinite == {(seed_id, layer) for seed_id, seed in run.summaries[-1].seeds.items()
-                                     for layer in seed.nonfinite_layers}
+                nonfinite = {
+                    (r["metric"]["seed_id"], r["metric"]["layer"])
+                    for r in prom.query(f"tolaria_grad_agg_seed_layer_nonfinite{selector}")
+                }
+                assert nonfinite == {
+                    (seed_id, layer)
+                    for seed_id, seed in run.summaries[-1].seeds.items()
+                    for layer in seed.nonfinite_layers
+                }
 
                 if name == "healthy":
                     # 4a. Several rule evaluations on the healthy data: no alert at all, not even pending.
@@ -264,45 +303,72 @@ def test_pull_mode_prometheus_series_and_alerts_on_real_data(otel_env, tmp_path)
                     budget = prom.query(f"tolaria:seed_layer_norm:budget{selector}")
                     assert [float(r["value"][1]) for r in budget] == [2.0 * len(run.summaries[-1].seeds)]
                     series = prom.query(f"tolaria:seed_layer_norm:series{selector}")
+
                     def labels(result: list[dict]) -> list[tuple[dict, str]]:
-                        return [({k: v for k, v in r["metric"].items() if k != "__name__"}, r["value"][1])
-                                for r in result]
+                        return [
+                            ({k: v for k, v in r["metric"].items() if k != "__name__"}, r["value"][1]) for r in result
+                        ]
 
                     assert labels(series) == labels(budget)  # same labels, same value
                 else:
                     assert nonfinite == {("seed-1", "net.0")}
-                    assert run.summaries[-1].seeds["seed-2"].top_layers[0] == ("net.4", pytest.approx(
-                        expected[("seed-2", "TRAINING", "net.4")]))
+                    assert run.summaries[-1].seeds["seed-2"].top_layers[0] == (
+                        "net.4",
+                        pytest.approx(expected[("seed-2", "TRAINING", "net.4")]),
+                    )
                     assert expected[("seed-2", "TRAINING", "net.4")] > 1000
                     # 4a. Live: the non-finite alert (no `for`) fires; the exploding one is pending (for: 5m).
-                    firing = prom.wait_for(lambda: [a for a in prom.alerts() if a["state"] == "firing"],
-                                           message="TolariaSeedLayerNonFinite not firing")
-                    assert {(a["labels"]["alertname"], a["labels"]["instance"], a["labels"]["layer"])
-                            for a in firing} == {("TolariaSeedLayerNonFinite", targets[name], "net.0")}
-                    exploding = prom.wait_for(lambda: [a for a in prom.alerts() if a["labels"]["alertname"]
-                                                       == "TolariaSeedLayerGradientExploding"],
-                                              message="TolariaSeedLayerGradientExploding not pending")
+                    firing = prom.wait_for(
+                        lambda: [a for a in prom.alerts() if a["state"] == "firing"],
+                        message="TolariaSeedLayerNonFinite not firing",
+                    )
+                    assert {
+                        (a["labels"]["alertname"], a["labels"]["instance"], a["labels"]["layer"]) for a in firing
+                    } == {("TolariaSeedLayerNonFinite", targets[name], "net.0")}
+                    exploding = prom.wait_for(
+                        lambda: [
+                            a for a in prom.alerts() if a["labels"]["alertname"] == "TolariaSeedLayerGradientExploding"
+                        ],
+                        message="TolariaSeedLayerGradientExploding not pending",
+                    )
                     assert {(a["labels"]["seed_id"], a["labels"]["layer"], a["state"]) for a in exploding} == {
-                        ("seed-2", "net.4", "pending")}
+                        ("seed-2", "net.4", "pending")
+                    }
                     assert not [a for a in prom.alerts() if a["labels"].get("instance") == targets["healthy"]]
                 recorded[name] = prom.query(f'{{__name__=~"tolaria_grad_agg_seed.*", instance="{targets[name]}"}}')
             finally:
                 run.close()
 
     # 4b. promtool over the series the real Prometheus recorded, held 20 minutes: every `for` runs out.
-    scope = {"job": "tolaria-trainer", "instance": targets["faulty"], "otel_scope_name": "tolaria_otel",
-             "otel_scope_version": recorded["faulty"][0]["metric"]["otel_scope_version"]}
-    promtool_test(tmp_path, "faulty", recorded["faulty"], [
-        ("TolariaSeedLayerNonFinite", 0, [{"severity": "critical", **scope, "seed_id": "seed-1", "stage": "TRAINING",
-                                           "layer": "net.0"}]),
-        ("TolariaSeedLayerGradientExploding", 4, []),
-        ("TolariaSeedLayerGradientExploding", 5, [{"severity": "warning", **scope, "seed_id": "seed-2",
-                                                   "stage": "TRAINING", "layer": "net.4"}]),
-        ("TolariaSeedGradientVanishing", 19, []),
-        ("TolariaSeedLayerTelemetryAbsent", 19, []),
-    ])
-    promtool_test(tmp_path, "healthy", recorded["healthy"],
-                  [(alert, minute, []) for alert in ALERTS for minute in (0, 5, 19)])
+    scope = {
+        "job": "tolaria-trainer",
+        "instance": targets["faulty"],
+        "otel_scope_name": "tolaria_otel",
+        "otel_scope_version": recorded["faulty"][0]["metric"]["otel_scope_version"],
+    }
+    promtool_test(
+        tmp_path,
+        "faulty",
+        recorded["faulty"],
+        [
+            (
+                "TolariaSeedLayerNonFinite",
+                0,
+                [{"severity": "critical", **scope, "seed_id": "seed-1", "stage": "TRAINING", "layer": "net.0"}],
+            ),
+            ("TolariaSeedLayerGradientExploding", 4, []),
+            (
+                "TolariaSeedLayerGradientExploding",
+                5,
+                [{"severity": "warning", **scope, "seed_id": "seed-2", "stage": "TRAINING", "layer": "net.4"}],
+            ),
+            ("TolariaSeedGradientVanishing", 19, []),
+            ("TolariaSeedLayerTelemetryAbsent", 19, []),
+        ],
+    )
+    promtool_test(
+        tmp_path, "healthy", recorded["healthy"], [(alert, minute, []) for alert in ALERTS for minute in (0, 5, 19)]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ 5. faults
@@ -364,9 +430,11 @@ def test_backend_down_at_start_killed_mid_run_and_back(otel_env, vm, tmp_path, c
     faulty_step, healthy_step = (sorted(r.step_seconds)[epochs // 2] for r in (run, reference))
     ratio = faulty_step / healthy_step
     growth = (max(rss[2:]) - rss[1]) / 2**20
-    print(f"\nstore down/killed/back: step time ratio {ratio:.2f} vs healthy run ({faulty_step * 1e3:.2f} ms vs "
-          f"{healthy_step * 1e3:.2f} ms per step, medians), RSS growth {growth:.1f} MiB after epoch 1, "
-          f"shutdown with the store down {shutdown_s:.2f}s")
+    print(
+        f"\nstore down/killed/back: step time ratio {ratio:.2f} vs healthy run ({faulty_step * 1e3:.2f} ms vs "
+        f"{healthy_step * 1e3:.2f} ms per step, medians), RSS growth {growth:.1f} MiB after epoch 1, "
+        f"shutdown with the store down {shutdown_s:.2f}s"
+    )
     assert ratio < 3.0
     assert growth < 64
     assert shutdown_s < 5.0

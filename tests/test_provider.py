@@ -36,10 +36,15 @@ def test_bad_exporter_names_variable_and_choices(raw):
 def test_protocol_default_specific_and_bad():
     assert otlp_protocol({}) == "http/protobuf"
     assert otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
-    assert otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                          "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf"}) == "http/protobuf"
-    with pytest.raises(ConfigurationError, match=r"^OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not valid: expected "
-                                                 r"one of http/protobuf, grpc$"):
+    assert (
+        otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf"})
+        == "http/protobuf"
+    )
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not valid: expected "
+        r"one of http/protobuf, grpc$",
+    ):
         otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
 
 
@@ -102,7 +107,8 @@ def test_prometheus_pull_mode_serves_the_family_and_stops_on_shutdown(monkeypatc
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     samples = {
         (s.labels["seed_id"], s.labels["stage"], s.labels["layer"]): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
         if s.name == "tolaria_grad_agg_seed_layer_norm"
     }
     assert samples == pytest.approx({("s-1", "TRAINING", layer): v for layer, v in summary.seeds["s-1"].top_layers})
@@ -111,32 +117,38 @@ def test_prometheus_pull_mode_serves_the_family_and_stops_on_shutdown(monkeypatc
         urllib.request.urlopen(url, timeout=2)
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    ({"settings": {"enabled": True}}, r"^settings is dict: expected a tolaria_otel.SeedLayerSettings, or None"),
-    ({"settings": "true"}, r"^settings is str: expected a tolaria_otel.SeedLayerSettings"),
-    ({"resource": {"service.name": "x"}}, r"^resource is dict: expected an opentelemetry.sdk.resources.Resource"),
-    ({"readers": InMemoryMetricReader()}, r"^readers is InMemoryMetricReader: expected a sequence of"),
-    ({"readers": [InMemoryMetricReader(), "console"]}, r"^readers holds a str: expected only"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"settings": {"enabled": True}}, r"^settings is dict: expected a tolaria_otel.SeedLayerSettings, or None"),
+        ({"settings": "true"}, r"^settings is str: expected a tolaria_otel.SeedLayerSettings"),
+        ({"resource": {"service.name": "x"}}, r"^resource is dict: expected an opentelemetry.sdk.resources.Resource"),
+        ({"readers": InMemoryMetricReader()}, r"^readers is InMemoryMetricReader: expected a sequence of"),
+        ({"readers": [InMemoryMetricReader(), "console"]}, r"^readers holds a str: expected only"),
+    ],
+)
 def test_wrong_argument_types_name_the_argument(monkeypatch, arguments, message):
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     with pytest.raises(TypeError, match=message):
         configure_meter_provider(**arguments)
 
 
-@pytest.mark.parametrize(("variable", "value", "accepted"), [
-    ("OTEL_SDK_DISABLED", "1", "expected true or false"),
-    ("OTEL_EXPORTER_OTLP_TIMEOUT", "0", "expected a positive number of seconds"),
-    ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1", "expected a positive number of seconds"),
-    ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan", "expected a positive number of seconds"),
-    ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "abc", "expected a positive number of seconds"),
-    ("OTEL_METRIC_EXPORT_INTERVAL", "inf", "expected a positive number of milliseconds"),
-    ("OTEL_METRIC_EXPORT_TIMEOUT", "0", "expected a positive number of milliseconds"),
-    ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd", "expected one of none, gzip, deflate"),
-    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://[::1", "it does not parse as a URL"),
-    ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4318", "the scheme is not http or https"),
-    ("OTEL_RESOURCE_ATTRIBUTES", "a=b,", "entry 2 of 2 is not key=value"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("OTEL_SDK_DISABLED", "1", "expected true or false"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "0", "expected a positive number of seconds"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1", "expected a positive number of seconds"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan", "expected a positive number of seconds"),
+        ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "abc", "expected a positive number of seconds"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "inf", "expected a positive number of milliseconds"),
+        ("OTEL_METRIC_EXPORT_TIMEOUT", "0", "expected a positive number of milliseconds"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd", "expected one of none, gzip, deflate"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://[::1", "it does not parse as a URL"),
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4318", "the scheme is not http or https"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "a=b,", "entry 2 of 2 is not key=value"),
+    ],
+)
 def test_values_the_sdk_would_misread_fail_at_start(monkeypatch, variable, value, accepted):
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
     monkeypatch.setenv(variable, value)

@@ -68,10 +68,13 @@ def test_one_scrape_shows_exactly_the_latest_epoch_after_a_flush_per_epoch(pull_
             provider.force_flush()  # as the demo and close() do
 
         text, samples = scrape(url)
-        expected_layers = {(seed_id, seed.stage, layer) for seed_id, seed in summary.seeds.items()
-                           for layer, _ in seed.top_layers}
-        layer_rows = [(labels["seed_id"], labels["stage"], labels["layer"])
-                      for labels, _ in samples["tolaria_grad_agg_seed_layer_norm"]]
+        expected_layers = {
+            (seed_id, seed.stage, layer) for seed_id, seed in summary.seeds.items() for layer, _ in seed.top_layers
+        }
+        layer_rows = [
+            (labels["seed_id"], labels["stage"], labels["layer"])
+            for labels, _ in samples["tolaria_grad_agg_seed_layer_norm"]
+        ]
         assert len(layer_rows) == TOP_K * SEEDS and set(layer_rows) == expected_layers
         seed_rows = [(labels["seed_id"], labels["stage"]) for labels, _ in samples["tolaria_grad_agg_seed_norm"]]
         assert sorted(seed_rows) == sorted((seed_id, seed.stage) for seed_id, seed in summary.seeds.items())
@@ -145,9 +148,12 @@ def test_two_providers_on_two_ports_each_serve_their_own_series(pull_env: pytest
     try:
         for top_k, provider in zip((1, 2), providers):
             seed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-            telemetry = SeedLayerTelemetry(seed, {f"k{top_k}": (seed, "TRAINING")},
-                                           settings=SeedLayerSettings(enabled=True, top_k=top_k),
-                                           meter_provider=provider)
+            telemetry = SeedLayerTelemetry(
+                seed,
+                {f"k{top_k}": (seed, "TRAINING")},
+                settings=SeedLayerSettings(enabled=True, top_k=top_k),
+                meter_provider=provider,
+            )
             seed(torch.ones(1, 2)).sum().backward()
             telemetry.observe_step()
             telemetry.end_epoch()

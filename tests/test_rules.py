@@ -29,13 +29,18 @@ ALERTS = {
     "TolariaSeedGradientNoisy": ("warning", 1800),
     "TolariaSeedExplodingUnderClipping": ("warning", 300),
 }
-RECORDS = ["tolaria:seed_layer_norm:current", "tolaria:seed_layer_norm:top1", "tolaria:seed_layer_norm:series",
-           "tolaria:seed_layer_norm:budget"]
+RECORDS = [
+    "tolaria:seed_layer_norm:current",
+    "tolaria:seed_layer_norm:top1",
+    "tolaria:seed_layer_norm:series",
+    "tolaria:seed_layer_norm:budget",
+]
 
 
 def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([backend_binaries().promtool, *map(str, args)], check=False, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [backend_binaries().promtool, *map(str, args)], check=False, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_rule_files_are_valid() -> None:
@@ -62,8 +67,13 @@ def test_unit_tests_cover_several_trainers_and_both_stage_spellings() -> None:
     """The inputs the rules must keep apart: two trainers of one process with the same seed ids (env_id),
     and Kasmina's stage names with and without the SEED_STAGE_ prefix."""
     tests = yaml.safe_load((RULES_DIR / "tests" / "alerts.test.yml").read_text())["tests"]
-    fired = [alert["exp_labels"] for test in tests for check in test["alert_rule_test"] for alert in check["exp_alerts"]
-             if check["alertname"] == "TolariaSeedNotMeasured"]
+    fired = [
+        alert["exp_labels"]
+        for test in tests
+        for check in test["alert_rule_test"]
+        for alert in check["exp_alerts"]
+        if check["alertname"] == "TolariaSeedNotMeasured"
+    ]
     assert {(labels["seed_id"], labels.get("env_id")) for labels in fired} >= {("seed-0", "0"), ("seed-0", "1")}
     stages = {labels["stage"] for labels in fired}
     assert any(s.startswith("SEED_STAGE_") for s in stages) and any(not s.startswith("SEED_STAGE_") for s in stages)

@@ -48,8 +48,13 @@ q = urllib.parse.quote
 
 def forms(secret: str) -> set[str]:
     """What would give ``secret`` away in a line: itself, encoded, or a chunk of it."""
-    found = {secret, q(secret, safe=""), q(secret), urllib.parse.quote_plus(secret),
-             base64.b64encode(secret.encode()).decode().rstrip("=")}
+    found = {
+        secret,
+        q(secret, safe=""),
+        q(secret),
+        urllib.parse.quote_plus(secret),
+        base64.b64encode(secret.encode()).decode().rstrip("="),
+    }
     return found | set(re.findall(r"[A-Za-z0-9]{5,}", secret))
 
 
@@ -59,45 +64,65 @@ BASIC = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 #: is the failing endpoint's port; ``{scheme}`` http.
 CASES: dict[str, tuple[dict[str, str], str]] = {
     # ---- user info
-    "password with / as written": ({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://user:{PASSWORD}@127.0.0.1:{{port}}"},
-                                   "refused"),
+    "password with / as written": (
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://user:{PASSWORD}@127.0.0.1:{{port}}"},
+        "refused",
+    ),
     "password with # only": ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:Pw4xq#Kz8Rb@127.0.0.1:{port}"}, "refused"),
-    "password with ? only": ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://user:Pw4xq?Kz8Rb@127.0.0.1:{port}/v1/metrics"},
-                             "refused"),
-    "password with digits then /": ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:12345/Kz8Rb@127.0.0.1:{port}"},
-                                    "refused"),
-    "password with @ and :": ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:Pw4xq@Kz:8Rb@127.0.0.1:{port}"},
-                              "either"),
+    "password with ? only": (
+        {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://user:Pw4xq?Kz8Rb@127.0.0.1:{port}/v1/metrics"},
+        "refused",
+    ),
+    "password with digits then /": (
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:12345/Kz8Rb@127.0.0.1:{port}"},
+        "refused",
+    ),
+    "password with @ and :": ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:Pw4xq@Kz:8Rb@127.0.0.1:{port}"}, "either"),
     "user info percent-encoded": (
         {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{q(USER, safe='')}:{q(PASSWORD, safe='')}@127.0.0.1:{{port}}"},
-        "exported"),
+        "exported",
+    ),
     "token as user name": ({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{TOKEN}@127.0.0.1:{{port}}"}, "exported"),
     "metrics endpoint with user info": (
         {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://{USER}:{q(PASSWORD, safe='')}@127.0.0.1:{{port}}/v1/metrics"},
-        "exported"),
+        "exported",
+    ),
     "malformed URL with a token": ({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{TOKEN}@[::1"}, "refused"),
     # ---- query strings and fragments
     "query string credential": (
         {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{{port}}/v1/metrics?api_key={q(API_KEY, safe='')}"},
-        "exported"),
+        "exported",
+    ),
     "query string as written": (
         {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{{port}}/v1/metrics?api_key={API_KEY}&x={TOKEN}"},
-        "exported"),
-    "query string on the base endpoint": ({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{{port}}?api_key={TOKEN}"},
-                                          "refused"),
-    "fragment": ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{{port}}/v1/metrics#{FRAGMENT}"},
-                 "refused"),
+        "exported",
+    ),
+    "query string on the base endpoint": (
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{{port}}?api_key={TOKEN}"},
+        "refused",
+    ),
+    "fragment": (
+        {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{{port}}/v1/metrics#{FRAGMENT}"},
+        "refused",
+    ),
     "user info and query together": (
-        {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT":
-         f"http://{USER}:{q(PASSWORD, safe='')}@127.0.0.1:{{port}}/v1/metrics?token={TOKEN}"}, "exported"),
+        {
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://{USER}:{q(PASSWORD, safe='')}@127.0.0.1:{{port}}/v1/metrics?token={TOKEN}"
+        },
+        "exported",
+    ),
     # ---- headers
-    "bearer token, percent-encoded": ({"OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer%20{TOKEN},x-api-key={HEADER_KEY}"},
-                                      "exported"),
+    "bearer token, percent-encoded": (
+        {"OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer%20{TOKEN},x-api-key={HEADER_KEY}"},
+        "exported",
+    ),
     "bearer token as written": ({"OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer {TOKEN}"}, "exported"),
     "basic auth header": ({"OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Basic%20{BASIC}"}, "exported"),
     "comma inside a value": ({"OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Basic {HEADER_TOKEN}"}, "refused"),
-    "comma inside a value, encoded": ({"OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Basic%20{q(HEADER_TOKEN, safe='')}"},
-                                      "exported"),
+    "comma inside a value, encoded": (
+        {"OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Basic%20{q(HEADER_TOKEN, safe='')}"},
+        "exported",
+    ),
     "header without =": ({"OTEL_EXPORTER_OTLP_HEADERS": f"x-team=ml,authorization Bearer {TOKEN}"}, "refused"),
     "header, non-ASCII value": ({"OTEL_EXPORTER_OTLP_METRICS_HEADERS": f"x-token=\u00e9{HEADER_KEY}"}, "refused"),
     "header, quoted value": ({"OTEL_EXPORTER_OTLP_HEADERS": f'x-token="{HEADER_KEY}"'}, "refused"),
@@ -107,21 +132,47 @@ CASES: dict[str, tuple[dict[str, str], str]] = {
     "header, name only, value empty": ({"OTEL_EXPORTER_OTLP_HEADERS": f"x-token={HEADER_KEY},{TOKEN}="}, "refused"),
     "per-signal headers over general ones": (
         {"OTEL_EXPORTER_OTLP_METRICS_HEADERS": f"x-api-key={HEADER_KEY}", "OTEL_EXPORTER_OTLP_HEADERS": f"x-t={TOKEN}"},
-        "exported"),
+        "exported",
+    ),
     # ---- gRPC
-    "grpc with a header token": ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:{port}",
-                                  "OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer%20{TOKEN}"}, "exported"),
-    "grpc per-signal": ({"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc",
-                         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:{port}",
-                         "OTEL_EXPORTER_OTLP_METRICS_HEADERS": f"x-api-key={HEADER_KEY}"}, "exported"),
-    "grpc with user info": ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{USER}:{q(PASSWORD, safe='')}@127.0.0.1:{{port}}"},
-                            "refused"),
-    "grpc with a query string": ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                                  "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{{port}}/?api_key={TOKEN}"},
-                                 "refused"),
-    "grpc with a malformed header": ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:{port}",
-                                      "OTEL_EXPORTER_OTLP_HEADERS": f"authorization Bearer {TOKEN}"}, "refused"),
+    "grpc with a header token": (
+        {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer%20{TOKEN}",
+        },
+        "exported",
+    ),
+    "grpc per-signal": (
+        {
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_METRICS_HEADERS": f"x-api-key={HEADER_KEY}",
+        },
+        "exported",
+    ),
+    "grpc with user info": (
+        {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{USER}:{q(PASSWORD, safe='')}@127.0.0.1:{{port}}",
+        },
+        "refused",
+    ),
+    "grpc with a query string": (
+        {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{{port}}/?api_key={TOKEN}",
+        },
+        "refused",
+    ),
+    "grpc with a malformed header": (
+        {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_HEADERS": f"authorization Bearer {TOKEN}",
+        },
+        "refused",
+    ),
 }
 
 
@@ -154,22 +205,28 @@ def logged(caplog: pytest.LogCaptureFixture) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_no_secret_in_any_output(case: str, failing_port: int, capfd: pytest.CaptureFixture[str],
-                                 caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+def test_no_secret_in_any_output(
+    case: str, failing_port: int, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
     environment, expected = CASES[case]
     os.environ.update({name: value.format(port=failing_port) for name, value in environment.items()})
     if not any("ENDPOINT" in name for name in environment):  # a header case: the failing endpoint too
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{failing_port}"
-    os.environ.update({"TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": "true", "OTEL_METRIC_EXPORT_INTERVAL": "60000",
-                       "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5", "OTEL_SERVICE_NAME": "secrets-test"})
+    os.environ.update(
+        {
+            "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": "true",
+            "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",
+            "OTEL_SERVICE_NAME": "secrets-test",
+        }
+    )
     caplog.set_level(logging.DEBUG)  # every logger of the process at DEBUG: urllib3's request lines too
 
     # Doctor: a refused value or an endpoint that does not answer is a problem (gRPC is probed with a TCP
     # connection, which the 503 server takes). Demo: refused before training, or trained and exported.
     code, _, _ = main_in_process(["doctor", "--timeout", "0.5"], capfd)  # type: ignore[arg-type]
     assert code in (0, 1) if "grpc" in case else code == 1
-    code, _, _ = main_in_process(["demo", "--quiet", "--epochs", "1", "--output", str(tmp_path / "d.jsonl")],
-                                 capfd)  # type: ignore[arg-type]
+    code, _, _ = main_in_process(["demo", "--quiet", "--epochs", "1", "--output", str(tmp_path / "d.jsonl")], capfd)  # type: ignore[arg-type]
     assert code in (0, 2) if "grpc" in case else code == 2
 
     outcome = "exported"
@@ -203,18 +260,24 @@ def test_a_comma_inside_a_value_is_refused_because_the_exporter_splits_there() -
         otlp_headers({"OTEL_EXPORTER_OTLP_HEADERS": raw})
     assert not leaks(str(refused.value))
     encoded = f"authorization=Basic%20{q(HEADER_TOKEN, safe='')}"
-    assert otlp_headers({"OTEL_EXPORTER_OTLP_HEADERS": encoded}) == dict(parse_env_headers(encoded, liberal=True)) \
+    assert (
+        otlp_headers({"OTEL_EXPORTER_OTLP_HEADERS": encoded})
+        == dict(parse_env_headers(encoded, liberal=True))
         == {"authorization": f"Basic {HEADER_TOKEN}"}
+    )
 
 
-@pytest.mark.parametrize("url", [
-    f"http://user:{PASSWORD}@collector.example:4318/v1/metrics",
-    f"http://{TOKEN}@collector.example:4318",
-    f"https://{USER}:{q(PASSWORD, safe='')}@collector.example:4318/v1/metrics?api_key={API_KEY}#{FRAGMENT}",
-    f"http://collector.example:4318/v1/metrics?api_key={API_KEY}",
-    f"http://u:{PASSWORD}@[::1",
-    f"collector.example/v1?{TOKEN}",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://user:{PASSWORD}@collector.example:4318/v1/metrics",
+        f"http://{TOKEN}@collector.example:4318",
+        f"https://{USER}:{q(PASSWORD, safe='')}@collector.example:4318/v1/metrics?api_key={API_KEY}#{FRAGMENT}",
+        f"http://collector.example:4318/v1/metrics?api_key={API_KEY}",
+        f"http://u:{PASSWORD}@[::1",
+        f"collector.example/v1?{TOKEN}",
+    ],
+)
 def test_a_url_is_shown_without_user_info_query_or_fragment(url: str) -> None:
     from tolaria_otel.redaction import redacted_url
 

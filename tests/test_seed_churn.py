@@ -50,7 +50,8 @@ class PresenceReference:
                 if not params:
                     continue
                 self.squares[seed_id][name or "(root)"] += sum(
-                    float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+                    float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None
+                )
                 seen.update((id(p), p.grad) for p in params if p.grad is not None)
             self.totals[seed_id] += sum(float(g.double().pow(2).sum()) for g in seen.values())
             self.had[seed_id] |= bool(seen)
@@ -62,9 +63,13 @@ class PresenceReference:
         out = {}
         for seed_id, steps in self.steps.items():
             total = math.sqrt(self.totals[seed_id] / steps) if self.had[seed_id] else None
-            out[seed_id] = (steps, total, {k: math.sqrt(v / steps) for k, v in self.squares[seed_id].items()},
-                            listed_at_end[seed_id][1] if seed_id in listed_at_end else self.stages[seed_id],
-                            seed_id not in listed_at_end)
+            out[seed_id] = (
+                steps,
+                total,
+                {k: math.sqrt(v / steps) for k, v in self.squares[seed_id].items()},
+                listed_at_end[seed_id][1] if seed_id in listed_at_end else self.stages[seed_id],
+                seed_id not in listed_at_end,
+            )
         self.reset()
         return out
 
@@ -169,6 +174,7 @@ def test_culled_seed_stops_being_measured_at_the_first_step_it_is_gone():
     def at_step(step):
         if step == 2:
             registry.remove("seed-1")  # Kasmina forgets it, but the module stays in the graph
+
     _train(model, optimizer, 5, generator, at_step)
     registry.add("seed-1", culled_module, "SEED_STAGE_GERMINATED")  # back, just before the epoch end
     summary = telemetry.end_epoch()
@@ -326,8 +332,13 @@ def test_stage_names_failing_mid_run_is_logged_and_training_goes_on(caplog):
     seed = nn.Linear(2, 2)
     stage = {"value": 3}
     provider, _ = metered(ON)
-    telemetry = SeedLayerTelemetry(seed, lambda: {"s": (seed, stage["value"])}, settings=ON, meter_provider=provider,
-                                   stage_names={3: "SEED_STAGE_TRAINING"})
+    telemetry = SeedLayerTelemetry(
+        seed,
+        lambda: {"s": (seed, stage["value"])},
+        settings=ON,
+        meter_provider=provider,
+        stage_names={3: "SEED_STAGE_TRAINING"},
+    )
     seed(torch.ones(1, 2)).sum().backward()
     telemetry.observe_step()
     stage["value"] = 9  # Kasmina moved to a stage the mapping does not know
@@ -360,7 +371,8 @@ def test_seed_with_no_gradient_in_the_epoch_is_not_measured_never_zero():
     assert {a["seed_id"] for a, _, _ in exported[SEED_NORM]} == {"live", "zero"}
     assert {a["seed_id"] for a, _, _ in exported[LAYER_NORM]} == {"live", "zero"}
     assert [(a["seed_id"], a["stage"], v) for a, v, _ in exported[SEED_NOT_MEASURED]] == [
-        ("embargoed", "SEED_STAGE_EMBARGOED", 1)]
+        ("embargoed", "SEED_STAGE_EMBARGOED", 1)
+    ]
 
 
 def test_four_trainers_on_one_provider_each_export_all_their_points():
@@ -371,16 +383,21 @@ def test_four_trainers_on_one_provider_each_export_all_their_points():
         model, registry = SeededMLP(), SeedRegistry()
         for i in range(2):
             registry.add(f"seed-{i}", model.graft(f"seed_{i}"), "SEED_STAGE_TRAINING")
-        telemetry = SeedLayerTelemetry(model, registry, settings=ON, meter_provider=provider,
-                                       attributes={"env_id": str(env)})
+        telemetry = SeedLayerTelemetry(
+            model, registry, settings=ON, meter_provider=provider, attributes={"env_id": str(env)}
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         telemetry.attach(optimizer)
         _train(model, optimizer, 2, torch.Generator().manual_seed(env))
         trainers.append(telemetry.end_epoch())
     exported = collect(reader)
     got = {(a["env_id"], a["seed_id"], a["layer"]): v for a, v, _ in exported[LAYER_NORM]}
-    want = {(str(env), seed_id, layer): pytest.approx(value) for env, summary in enumerate(trainers)
-            for seed_id, seed in summary.seeds.items() for layer, value in seed.top_layers}
+    want = {
+        (str(env), seed_id, layer): pytest.approx(value)
+        for env, summary in enumerate(trainers)
+        for seed_id, seed in summary.seeds.items()
+        for layer, value in seed.top_layers
+    }
     assert got == want and len(got) == 4 * 2 * ON.top_k
     assert len({tuple(sorted(a)) for a, _, _ in exported[LAYER_NORM]}) == 1  # same keys everywhere
 
@@ -398,8 +415,9 @@ def test_trainer_identity_collisions_are_refused_at_construction():
     closed = SeedLayerTelemetry(seed, {}, settings=ON, meter_provider=provider, attributes={"env_id": "1"})
     closed.close()  # frees its identity for a trainer that takes over, which exports from then on
     collect(reader)  # the closed trainer's last collection
-    successor = SeedLayerTelemetry(seed, {"s": (seed, "TRAINING")}, settings=ON, meter_provider=provider,
-                                   attributes={"env_id": "1"})
+    successor = SeedLayerTelemetry(
+        seed, {"s": (seed, "TRAINING")}, settings=ON, meter_provider=provider, attributes={"env_id": "1"}
+    )
     seed(torch.ones(1, 2)).sum().backward()
     successor.observe_step()
     successor.end_epoch()
@@ -407,12 +425,15 @@ def test_trainer_identity_collisions_are_refused_at_construction():
     assert first.enabled
 
 
-@pytest.mark.parametrize(("argument", "value", "message"), [
-    ("settings", {"enabled": True}, "settings is dict: expected a SeedLayerSettings"),
-    ("meter_provider", "localhost:4318", "meter_provider is str: expected an OpenTelemetry MeterProvider"),
-    ("stage_names", 3, "stage_names is int: expected a mapping int -> str"),
-    ("attributes", ["env_id"], "attributes is list: expected a mapping str -> str"),
-])
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("settings", {"enabled": True}, "settings is dict: expected a SeedLayerSettings"),
+        ("meter_provider", "localhost:4318", "meter_provider is str: expected an OpenTelemetry MeterProvider"),
+        ("stage_names", 3, "stage_names is int: expected a mapping int -> str"),
+        ("attributes", ["env_id"], "attributes is list: expected a mapping str -> str"),
+    ],
+)
 def test_wrong_argument_types_name_the_argument(argument, value, message):
     with pytest.raises(TypeError, match=message):
         SeedLayerTelemetry(nn.Linear(1, 1), {}, **{argument: value})
@@ -439,13 +460,18 @@ def test_a_sparse_gradient_is_measured_exactly():
     references = []
     for tokens in ([1, 1, 2], [4, 5, 5]):
         dense(embedding(torch.tensor(tokens))).sum().backward()
-        references.append({"embedding": float(embedding.weight.grad.to_dense().pow(2).sum()),
-                           "dense": sum(float(p.grad.pow(2).sum()) for p in dense.parameters())})
+        references.append(
+            {
+                "embedding": float(embedding.weight.grad.to_dense().pow(2).sum()),
+                "dense": sum(float(p.grad.pow(2).sum()) for p in dense.parameters()),
+            }
+        )
         telemetry.observe_step()
         seed.zero_grad()
     summary = telemetry.end_epoch()
     assert dict(summary.seeds["s"].top_layers) == pytest.approx(
-        {layer: math.sqrt(sum(r[layer] for r in references) / 2) for layer in ("embedding", "dense")}, rel=1e-5)
+        {layer: math.sqrt(sum(r[layer] for r in references) / 2) for layer in ("embedding", "dense")}, rel=1e-5
+    )
     assert telemetry.failures == 0
 
 
@@ -519,7 +545,9 @@ def test_a_seed_culled_mid_epoch_keeps_that_epoch_in_the_summary_and_the_export_
     assert summary.to_dict()["seeds"][1]["left"] is True
     exported = collect(reader)
     assert {(a["seed_id"], a["stage"]) for a, _, _ in exported[LAYER_NORM]} == {
-        ("seed-0", "SEED_STAGE_GERMINATED"), ("seed-1", "SEED_STAGE_CULLED")}
+        ("seed-0", "SEED_STAGE_GERMINATED"),
+        ("seed-1", "SEED_STAGE_CULLED"),
+    }
     _train(model, optimizer, 2, torch.Generator().manual_seed(5), reference=reference)
     summary = telemetry.end_epoch()
     assert sorted(summary.seeds) == ["seed-0"]  # released after its last epoch
@@ -553,6 +581,7 @@ def test_a_parameter_replaced_inside_a_seed_is_followed_at_the_next_check_and_th
     summary = telemetry.end_epoch()
     seed = summary.seeds["seed-0"]
     assert seed.partial and not summary.seeds["seed-1"].partial
+
     # Until a check finds it, at most PARAMETER_CHECK_EVERY sampled steps later, the old weight is measured
     # (it has no gradient after the replacement); from the step after that check, the new one.
     def partial_value(followed_from: int) -> float:

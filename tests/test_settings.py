@@ -28,8 +28,32 @@ def test_bool_false_spellings(raw):
     assert SeedLayerSettings.from_env({ENV_ENABLED: raw}).enabled is False
 
 
-WORDS = ["1", "0", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off", "2", "-1", "tru", "yess", "enabled",
-         "none", "null", "", "oui", "１", "1.0", "0.0"]
+WORDS = [
+    "1",
+    "0",
+    "true",
+    "false",
+    "t",
+    "f",
+    "yes",
+    "no",
+    "y",
+    "n",
+    "on",
+    "off",
+    "2",
+    "-1",
+    "tru",
+    "yess",
+    "enabled",
+    "none",
+    "null",
+    "",
+    "oui",
+    "１",
+    "1.0",
+    "0.0",
+]
 
 
 @pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT])
@@ -61,15 +85,21 @@ def test_empty_or_blank_counts_as_unset(name, raw):
 @pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT])
 @pytest.mark.parametrize("raw", ["-1", "3.5", "abc", "2", "tru", "yy", "enabled", "１"])
 def test_bad_bool_names_variable_value_and_accepted(name, raw):
-    with pytest.raises(SettingsError, match="^" + re.escape(f"{name}={raw!r} is not valid: expected one of 1/true/t/yes/y/on")):
+    with pytest.raises(
+        SettingsError, match="^" + re.escape(f"{name}={raw!r} is not valid: expected one of 1/true/t/yes/y/on")
+    ):
         SeedLayerSettings.from_env({name: raw})
 
 
-@pytest.mark.parametrize(("name", "maximum"), [(ENV_TOP_K, 1_000_000), (ENV_SAMPLE_EVERY, 1_000_000),
-                                                   (ENV_MAX_SEEDS, 1_000_000)])
+@pytest.mark.parametrize(
+    ("name", "maximum"), [(ENV_TOP_K, 1_000_000), (ENV_SAMPLE_EVERY, 1_000_000), (ENV_MAX_SEEDS, 1_000_000)]
+)
 @pytest.mark.parametrize("raw", ["0", "-1", "3.5", "abc", "+3", "1_0", "1e3", "0x10", "٣", "9" * 40])
 def test_bad_int_names_variable_value_and_accepted(name, maximum, raw):
-    with pytest.raises(SettingsError, match="^" + re.escape(f"{name}={raw!r} is not valid: expected an integer from 1 to {maximum}") + "$"):
+    with pytest.raises(
+        SettingsError,
+        match="^" + re.escape(f"{name}={raw!r} is not valid: expected an integer from 1 to {maximum}") + "$",
+    ):
         SeedLayerSettings.from_env({name: raw})
 
 
@@ -120,13 +150,19 @@ def test_a_long_field_value_in_code_is_cut_too():
         SeedLayerSettings(top_k=[0] * 10_000)
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("coarse", "coarse"), (" FINE ", "fine"), ("Off", "off"), ("", "coarse")])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("coarse", "coarse"), (" FINE ", "fine"), ("Off", "off"), ("", "coarse")]
+)
 def test_step_norm_histogram_accepted(raw, expected):
     assert SeedLayerSettings.from_env({ENV_STEP_NORM_HISTOGRAM: raw}).step_norm_histogram == expected
 
 
 @pytest.mark.parametrize("raw", ["none", "0", "4", "fine,coarse", "decades"])
 def test_bad_step_norm_histogram_names_variable_value_and_accepted(raw):
-    with pytest.raises(SettingsError, match="^" + re.escape(f"{ENV_STEP_NORM_HISTOGRAM}={raw!r} is not valid: "
-                                                            "expected one of coarse, fine, off (any case)") + "$"):
+    with pytest.raises(
+        SettingsError,
+        match="^"
+        + re.escape(f"{ENV_STEP_NORM_HISTOGRAM}={raw!r} is not valid: expected one of coarse, fine, off (any case)")
+        + "$",
+    ):
         SeedLayerSettings.from_env({ENV_STEP_NORM_HISTOGRAM: raw})

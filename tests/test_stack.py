@@ -199,12 +199,19 @@ def test_make_stack_runs_the_whole_chain_and_the_demo_exports_through_what_it_pr
     printed OTEL_EXPORTER_OTLP_ENDPOINT, given to `tolaria-otel demo --otlp-endpoint`, reaches the rules."""
     output = tmp_path / "stack.out"
     with output.open("w") as out:
-        stack = subprocess.Popen([sys.executable, "-m", "devtools.stack", "--interval", "1s",
-                                  "--data-dir", str(tmp_path / "data")],
-                                 cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "devtools.stack", "--interval", "1s", "--data-dir", str(tmp_path / "data")],
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
-        printed = wait_until(lambda: "Ctrl-C to stop." in output.read_text() and output.read_text(), timeout=60,
-                             message="the stack did not come up")
+        printed = wait_until(
+            lambda: "Ctrl-C to stop." in output.read_text() and output.read_text(),
+            timeout=60,
+            message="the stack did not come up",
+        )
         endpoint = re.search(r"^  export OTEL_EXPORTER_OTLP_ENDPOINT=(http://127\.0\.0\.1:\d+)$", printed, re.M)
         prometheus_url = re.search(r"^Prometheus: +(http://127\.0\.0\.1:\d+)", printed, re.M)
         assert endpoint and prometheus_url, printed
@@ -212,24 +219,47 @@ def test_make_stack_runs_the_whole_chain_and_the_demo_exports_through_what_it_pr
         assert re.search(r"^VictoriaMetrics: +http://127\.0\.0\.1:\d+", printed, re.M)
 
         summaries = tmp_path / "demo.jsonl"
-        demo = subprocess.run([str(Path(sys.executable).with_name("tolaria-otel")), "demo", "--otlp-endpoint",
-                               endpoint.group(1), "--epochs", "2", "--quiet", "--output", str(summaries)],
-                              capture_output=True, text=True, timeout=120, check=False)
+        demo = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("tolaria-otel")),
+                "demo",
+                "--otlp-endpoint",
+                endpoint.group(1),
+                "--epochs",
+                "2",
+                "--quiet",
+                "--output",
+                str(summaries),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert demo.returncode == 0, demo.stdout + demo.stderr
         last = json.loads(summaries.read_text().splitlines()[-1])
-        expected = {(seed["seed_id"], seed["stage"], layer["layer"]): layer["value"]
-                    for seed in last["seeds"] for layer in seed["top_layers"] if layer["value"] is not None}
+        expected = {
+            (seed["seed_id"], seed["stage"], layer["layer"]): layer["value"]
+            for seed in last["seeds"]
+            for layer in seed["top_layers"]
+            if layer["value"] is not None
+        }
         assert expected
 
         prom = Prometheus(backend_binaries().prometheus, tmp_path, tmp_path / "unused.yml")
         prom.url = prometheus_url.group(1)  # the stack's own Prometheus, only queried here
 
         def current() -> dict[tuple[str, str, str], float]:
-            return {(r["metric"]["seed_id"], r["metric"]["stage"], r["metric"]["layer"]): float(r["value"][1])
-                    for r in prom.query("tolaria:seed_layer_norm:current")}
+            return {
+                (r["metric"]["seed_id"], r["metric"]["stage"], r["metric"]["layer"]): float(r["value"][1])
+                for r in prom.query("tolaria:seed_layer_norm:current")
+            }
 
-        prom.wait_for(lambda: current().keys() == expected.keys(), timeout=60,
-                      message="the demo's last top-K is not Prometheus' current top-K")
+        prom.wait_for(
+            lambda: current().keys() == expected.keys(),
+            timeout=60,
+            message="the demo's last top-K is not Prometheus' current top-K",
+        )
         assert current() == pytest.approx(expected, rel=1e-9)
     finally:
         stack.send_signal(signal.SIGTERM)

@@ -57,8 +57,16 @@ def test_above_list_tensors_max_the_norms_wait_in_a_buffer_and_give_the_same_row
             p.grad = torch.randn(3, generator=generator) if (i + step) % 7 else None
         given = {id(p): torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None} if step % 2 else None
         norms.add_step(given)
-        expected.append([sum(float(p.grad.double().square().sum()) for i, p in enumerate(params)
-                             if i % 4 == slot and p.grad is not None) for slot in range(4)])
+        expected.append(
+            [
+                sum(
+                    float(p.grad.double().square().sum())
+                    for i, p in enumerate(params)
+                    if i % 4 == slot and p.grad is not None
+                )
+                for slot in range(4)
+            ]
+        )
     rows = norms.take_rows()
     assert rows is not None
     assert torch.allclose(rows.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5)

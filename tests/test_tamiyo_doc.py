@@ -77,8 +77,11 @@ def test_the_documented_esper_fields_equal_esper_s_formula_on_float64_counts(cap
     summary = namespace["summary"]
     for seed_id, (tensor_steps, below, above) in counts.items():
         fields = namespace["esper_gradient_fields"](summary.seeds[seed_id])
-        health = 0.0 if seed_id == "seed-3" else min(max(1 - 0.5 * below / tensor_steps - 0.8 * above / tensor_steps,
-                                                         0.0), 1.0)
+        health = (
+            0.0
+            if seed_id == "seed-3"
+            else min(max(1 - 0.5 * below / tensor_steps - 0.8 * above / tensor_steps, 0.0), 1.0)
+        )
         assert fields["gradient_health"] == pytest.approx(health, abs=1e-12), seed_id
         assert (fields["has_vanishing"], fields["has_exploding"]) == (below > 0, above > 0), seed_id
     assert namespace["esper_gradient_fields"](summary.seeds["seed-1"])["has_exploding"]

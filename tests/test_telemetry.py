@@ -175,7 +175,8 @@ def test_compact_mode_emits_seed_totals_only():
     assert set(exported) == {SEED_NORM, SEED_NORM_MAX, SEED_STEP_NORM, SETTINGS_INFO, SERIES_BUDGET}
     assert exported[SERIES_BUDGET] == [({}, 0, "")]
     assert exported[SETTINGS_INFO] == [
-        ({"enabled": "true", "top_k": "3", "compact": "true", "sample_every": "1"}, 1, "")]
+        ({"enabled": "true", "top_k": "3", "compact": "true", "sample_every": "1"}, 1, "")
+    ]
     assert {a["seed_id"]: v for a, v, _ in exported[SEED_NORM]} == pytest.approx(
         {s: v.total_norm for s, v in summary.seeds.items()}
     )

@@ -84,7 +84,9 @@ def test_tensor_steps_below_and_above_the_thresholds_equal_a_float64_count(seed_
         seed = seeds[seed_id]
         assert seed.gradient_tensors == len(reference.had[seed_id]) == 2 * seed_layers
         assert (seed.vanishing_tensor_steps, seed.exploding_tensor_steps) == (
-            reference.below[seed_id], reference.above[seed_id]), seed_id
+            reference.below[seed_id],
+            reference.above[seed_id],
+        ), seed_id
     if bounds == (1e-7, 10.0):  # the defaults: the fixture gives each case something to count
         assert seeds["exploding"].exploding_tensor_steps == steps * 2 * seed_layers
         assert seeds["vanishing"].vanishing_tensor_steps > 0 and seeds["calm"].vanishing_tensor_steps == 0
@@ -111,8 +113,10 @@ def test_thresholds_from_the_environment_and_their_errors():
     for name, value in [(below, "0"), (above, "-1"), (above, "nan"), (below, "tiny")]:
         with pytest.raises(SettingsError, match=rf"^{name}='{value}' is not valid: expected a finite number above 0"):
             SeedLayerSettings.from_env({name: value})
-    with pytest.raises(SettingsError, match="TOLARIA_SEED_TENSOR_VANISHING_BELOW=20.0 is not below "
-                                            "TOLARIA_SEED_TENSOR_EXPLODING_ABOVE=10.0"):
+    with pytest.raises(
+        SettingsError,
+        match="TOLARIA_SEED_TENSOR_VANISHING_BELOW=20.0 is not below TOLARIA_SEED_TENSOR_EXPLODING_ABOVE=10.0",
+    ):
         SeedLayerSettings.from_env({"TOLARIA_SEED_TENSOR_VANISHING_BELOW": "20"})
     with pytest.raises(SettingsError, match="tensor_vanishing_below=1.0 is not below tensor_exploding_above=1.0"):
         SeedLayerSettings(tensor_vanishing_below=1.0, tensor_exploding_above=1.0)

@@ -50,14 +50,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]
 
 def gateway_tls_env(pki: Pki) -> dict[str, str]:
     """What gateway-store.yaml's receivers need (documented in its comments and docs/operations.md, "TLS")."""
-    return {"OTELCOL_TLS_CERT_FILE": str(pki.server_cert), "OTELCOL_TLS_KEY_FILE": str(pki.server_key),
-            "OTELCOL_TLS_CLIENT_CA_FILE": str(pki.ca)}
+    return {
+        "OTELCOL_TLS_CERT_FILE": str(pki.server_cert),
+        "OTELCOL_TLS_KEY_FILE": str(pki.server_key),
+        "OTELCOL_TLS_CLIENT_CA_FILE": str(pki.ca),
+    }
 
 
 @pytest.fixture(scope="module")
 def gateway(pki: Pki, store: VictoriaMetrics, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
-    with otel_collector(tmp_path_factory.mktemp("gateway"), [AGENT_GATEWAY / "gateway-store.yaml"], name="gateway",
-                        env={"OTELCOL_STORE_OTLP_ENDPOINT": store.otlp_metrics_url, **gateway_tls_env(pki)}) as server:
+    with otel_collector(
+        tmp_path_factory.mktemp("gateway"),
+        [AGENT_GATEWAY / "gateway-store.yaml"],
+        name="gateway",
+        env={"OTELCOL_STORE_OTLP_ENDPOINT": store.otlp_metrics_url, **gateway_tls_env(pki)},
+    ) as server:
         yield server
 
 
@@ -88,8 +95,9 @@ def test_a_trainer_exports_over_mutual_tls(monkeypatch, pki, store, gateway, pro
 
 
 def post_empty_export(url: str, context: ssl.SSLContext) -> int:
-    request = urllib.request.Request(f"{url}/v1/metrics", data=b"", method="POST",
-                                     headers={"Content-Type": "application/x-protobuf"})
+    request = urllib.request.Request(
+        f"{url}/v1/metrics", data=b"", method="POST", headers={"Content-Type": "application/x-protobuf"}
+    )
     with urllib.request.urlopen(request, timeout=10, context=context) as response:
         return int(response.status)
 
@@ -98,7 +106,8 @@ def grpc_export(target: str, pki: Pki, client: tuple[Path, Path] | None) -> None
     credentials = grpc.ssl_channel_credentials(
         root_certificates=pki.ca.read_bytes(),
         private_key=client[1].read_bytes() if client else None,
-        certificate_chain=client[0].read_bytes() if client else None)
+        certificate_chain=client[0].read_bytes() if client else None,
+    )
     with grpc.secure_channel(target, credentials) as channel:
         MetricsServiceStub(channel).Export(ExportMetricsServiceRequest(), timeout=10)
 
@@ -146,8 +155,12 @@ def test_doctor_checks_the_endpoint_with_the_client_certificate(monkeypatch, cap
 def test_the_agent_forwards_to_the_gateway_over_mutual_tls(monkeypatch, pki, store, gateway, tmp_path) -> None:
     """collector/agent-gateway/: the trainer -> agent (OTLP/HTTP, loopback) -> gateway (OTLP/gRPC, mutual TLS) ->
     the store."""
-    agent_env = {"OTELCOL_GATEWAY_ENDPOINT": f"localhost:{gateway.grpc_port}", "OTELCOL_TLS_CA_FILE": str(pki.ca),
-                 "OTELCOL_TLS_CERT_FILE": str(pki.client_cert), "OTELCOL_TLS_KEY_FILE": str(pki.client_key)}
+    agent_env = {
+        "OTELCOL_GATEWAY_ENDPOINT": f"localhost:{gateway.grpc_port}",
+        "OTELCOL_TLS_CA_FILE": str(pki.ca),
+        "OTELCOL_TLS_CERT_FILE": str(pki.client_cert),
+        "OTELCOL_TLS_KEY_FILE": str(pki.client_key),
+    }
     with otel_collector(tmp_path / "agent", [AGENT_GATEWAY / "agent.yaml"], name="agent", env=agent_env) as agent:
         env = run_env(monkeypatch)
         instance = f"multi-node-{uuid.uuid4().hex[:8]}"
@@ -164,8 +177,10 @@ def test_the_agent_forwards_to_the_gateway_over_mutual_tls(monkeypatch, pki, sto
 def test_client_certificate_rules(pki: Pki) -> None:
     from tolaria_otel.provider import ConfigurationError, otlp_client_certificate
 
-    pair = {"OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(pki.client_cert),
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key)}
+    pair = {
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(pki.client_cert),
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key),
+    }
     ca = {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca)}
     expected = (str(pki.client_cert), str(pki.client_key))
     assert otlp_client_certificate(pair, "http/protobuf") == expected
@@ -175,12 +190,20 @@ def test_client_certificate_rules(pki: Pki) -> None:
         # The gRPC exporter loads a client certificate only with a CA file, and never mixes the two sets.
         "grpc without a CA": ({**pair}, "grpc", r"^OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE is not used: over grpc"),
         "grpc, general pair under a metrics CA": (
-            {**pair, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": str(pki.ca)}, "grpc",
-            r"^OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE is not used: .*METRICS_CLIENT_CERTIFICATE"),
-        "a key alone": ({"OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key)}, "http/protobuf",
-                        r"^OTEL_EXPORTER_OTLP_CLIENT_KEY is set but neither .* is set"),
-        "a missing file": ({**pair, "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY": "/no/such/key.pem"}, "http/protobuf",
-                           r"^OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY='/no/such/key.pem' is not valid: not a readable"),
+            {**pair, "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": str(pki.ca)},
+            "grpc",
+            r"^OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE is not used: .*METRICS_CLIENT_CERTIFICATE",
+        ),
+        "a key alone": (
+            {"OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key)},
+            "http/protobuf",
+            r"^OTEL_EXPORTER_OTLP_CLIENT_KEY is set but neither .* is set",
+        ),
+        "a missing file": (
+            {**pair, "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY": "/no/such/key.pem"},
+            "http/protobuf",
+            r"^OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY='/no/such/key.pem' is not valid: not a readable",
+        ),
     }
     for case, (env, protocol, message) in refused.items():
         with pytest.raises(ConfigurationError, match=message):

@@ -67,8 +67,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             for seed_id in SEEDS:
                 kasmina.stages[seed_id] = STAGE
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            telemetry = SeedLayerTelemetry(model, kasmina, settings=settings, meter_provider=provider,
-                                           attributes={"env_id": env_id})
+            telemetry = SeedLayerTelemetry(
+                model, kasmina, settings=settings, meter_provider=provider, attributes={"env_id": env_id}
+            )
             telemetry.attach(optimizer)
             loops.append((env_id, model, kasmina, optimizer, telemetry, torch.Generator().manual_seed(index)))
         history: dict[str, list[EpochSummary]] = {env_id: [] for env_id in ENV_IDS}
@@ -101,8 +102,12 @@ def dashboard() -> dict[str, Any]:
 
 def expected_layers(fleet: Fleet, env_ids: tuple[str, ...] = ENV_IDS) -> dict[tuple[str, str, str], float]:
     """(env_id, seed, layer) -> the last epoch's value, for every top-K layer of every measured seed."""
-    return {(env_id, seed.seed_id, layer): value for env_id in env_ids
-            for seed in fleet.last[env_id].seeds.values() for layer, value in seed.top_layers}
+    return {
+        (env_id, seed.seed_id, layer): value
+        for env_id in env_ids
+        for seed in fleet.last[env_id].seeds.values()
+        for layer, value in seed.top_layers
+    }
 
 
 def test_the_trainers_differ_and_one_seed_is_not_measured(fleet: Fleet) -> None:
@@ -119,8 +124,12 @@ def test_the_trainers_differ_and_one_seed_is_not_measured(fleet: Fleet) -> None:
 def test_every_trainer_top_k_arrives_with_exact_values(fleet: Fleet) -> None:
     """The rules' current-top-K query (tolaria:seed_layer_norm:current, the same query for a store without the
     rules), per env_id: each trainer's latest top-K, nothing of the others, the values as exported."""
-    (current,) = [rule["expr"] for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
-                  for rule in group["rules"] if rule.get("record") == "tolaria:seed_layer_norm:current"]
+    (current,) = [
+        rule["expr"]
+        for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
+        for rule in group["rules"]
+        if rule.get("record") == "tolaria:seed_layer_norm:current"
+    ]
     result = fleet.backend.api("/api/v1/query", query=current, time=f"{fleet.backend.ended:.3f}")["result"]
     got: dict[tuple[str, str, str], float] = {}
     for row in result:
@@ -137,9 +146,13 @@ def test_every_trainer_top_k_arrives_with_exact_values(fleet: Fleet) -> None:
 
 @pytest.mark.parametrize("env_selection", ["$__all", ["1", "3"], "2"])
 def test_dashboard_table_and_totals_have_one_row_per_trainer_seed_and_layer(
-        fleet: Fleet, dashboard: dict[str, Any], env_selection: list[str] | str) -> None:
-    env_ids = ENV_IDS if env_selection == "$__all" else tuple(
-        [env_selection] if isinstance(env_selection, str) else env_selection)
+    fleet: Fleet, dashboard: dict[str, Any], env_selection: list[str] | str
+) -> None:
+    env_ids = (
+        ENV_IDS
+        if env_selection == "$__all"
+        else tuple([env_selection] if isinstance(env_selection, str) else env_selection)
+    )
     values = dashboard_values(fleet.backend, dashboard, env_id=env_selection)
 
     panel, target = panel_target(dashboard, 4)  # latest top-K table
@@ -154,8 +167,12 @@ def test_dashboard_table_and_totals_have_one_row_per_trainer_seed_and_layer(
     totals = {(s["metric"]["env_id"], s["metric"]["seed_id"]): s for s in series}
     assert len(totals) == len(series)
     at_end = {key: float(s["values"][-1][1]) for key, s in totals.items() if s["values"][-1][0] == fleet.backend.ended}
-    want_totals = {(env_id, seed.seed_id): seed.total_norm for env_id in env_ids
-                   for seed in fleet.last[env_id].seeds.values() if seed.measured}
+    want_totals = {
+        (env_id, seed.seed_id): seed.total_norm
+        for env_id in env_ids
+        for seed in fleet.last[env_id].seeds.values()
+        if seed.measured
+    }
     assert at_end == pytest.approx(want_totals, rel=1e-12)  # the unmeasured seed has no total at the end
     for key, s in totals.items():
         assert display_name(panel, target, s["metric"]) == f"env_id={key[0]} {key[1]}"
@@ -178,7 +195,8 @@ def test_trainer_variable_lists_the_four_env_ids(fleet: Fleet, dashboard: dict[s
 
 
 def test_per_step_panels_keep_the_trainers_apart_and_the_ratio_says_the_host_is_not_measured(
-        fleet: Fleet, dashboard: dict[str, Any]) -> None:
+    fleet: Fleet, dashboard: dict[str, Any]
+) -> None:
     values = dashboard_values(fleet.backend, dashboard)
     for ref in ("A", "B"):  # p50, p99: every seed of every trainer had steps in the window
         panel, target = panel_target(dashboard, 11, ref)
@@ -187,14 +205,25 @@ def test_per_step_panels_keep_the_trainers_apart_and_the_ratio_says_the_host_is_
         assert sorted(keys) == [(env_id, seed_id) for env_id in ENV_IDS for seed_id in SEEDS]
         quantile = {"A": "p50", "B": "p99"}[ref]
         assert {display_name(panel, target, s["metric"]) for s in series} == {
-            f"env_id={env_id} {seed_id} {quantile}" for env_id, seed_id in keys}
+            f"env_id={env_id} {seed_id} {quantile}" for env_id, seed_id in keys
+        }
 
     panel, target = panel_target(dashboard, 12)  # spikes: max / RMS of each trainer's last epoch
     series = fleet.backend.run_target(target, interpolate(target["expr"], values))
-    at_end = {(s["metric"]["env_id"], s["metric"]["seed_id"]): float(s["values"][-1][1]) for s in series
-              if s["values"][-1][0] == fleet.backend.ended}
-    assert at_end == pytest.approx({(env_id, seed.seed_id): seed.max_norm / seed.total_norm for env_id in ENV_IDS
-                                    for seed in fleet.last[env_id].seeds.values() if seed.measured}, rel=1e-9)
+    at_end = {
+        (s["metric"]["env_id"], s["metric"]["seed_id"]): float(s["values"][-1][1])
+        for s in series
+        if s["values"][-1][0] == fleet.backend.ended
+    }
+    assert at_end == pytest.approx(
+        {
+            (env_id, seed.seed_id): seed.max_norm / seed.total_norm
+            for env_id in ENV_IDS
+            for seed in fleet.last[env_id].seeds.values()
+            if seed.measured
+        },
+        rel=1e-9,
+    )
 
     panel, target = panel_target(dashboard, 13)  # these trainers do not measure the host
     assert fleet.backend.run_target(target, interpolate(target["expr"], values)) == []

@@ -40,16 +40,34 @@ class Sentences(torch.utils.data.Dataset):
 
 def tiny_bert() -> transformers.BertForSequenceClassification:
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
     return transformers.BertForSequenceClassification(config)
 
 
 def arguments(tmp_path: object, **kwargs: object) -> transformers.TrainingArguments:
-    options: dict = dict(output_dir=str(tmp_path), use_cpu=True, bf16=True, per_device_train_batch_size=4,
-                         gradient_accumulation_steps=ACCUMULATE, max_grad_norm=CLIP, num_train_epochs=2,
-                         lr_scheduler_type="constant", report_to="none", save_strategy="no", logging_steps=1,
-                         disable_tqdm=True, dataloader_num_workers=0)
+    options: dict = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=ACCUMULATE,
+        max_grad_norm=CLIP,
+        num_train_epochs=2,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     options.update(kwargs)
     return transformers.TrainingArguments(**options)
 
@@ -77,8 +95,13 @@ def test_train_measures_the_gradients_before_clipping_once_per_optimizer_step(tm
 
     provider, reader = metered(ON)
     callback = SeedLayerCallback(lambda: seeds, settings=ON, meter_provider=provider, on_summary=summaries.append)
-    trainer = transformers.Trainer(model=model, args=arguments(tmp_path), train_dataset=Sentences(),
-                                   optimizers=(optimizer, None), callbacks=[callback, Lifecycle()])
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=Sentences(),
+        optimizers=(optimizer, None),
+        callbacks=[callback, Lifecycle()],
+    )
     trainer.train()
 
     assert [s.sampled_steps for s in summaries] == [3, 3]
@@ -108,10 +131,16 @@ def test_train_measures_the_gradients_before_clipping_once_per_optimizer_step(tm
 def test_max_steps_training_summarises_every_n_steps(tmp_path: object) -> None:
     model = tiny_bert()
     summaries = []
-    callback = SeedLayerCallback({"layer-0": (model.bert.encoder.layer[0], "TRAINING")}, settings=ON,
-                                 meter_provider=metered(ON)[0], every_n_steps=2, on_summary=summaries.append)
-    trainer = transformers.Trainer(model=model, args=arguments(tmp_path, max_steps=5, bf16=False),
-                                   train_dataset=Sentences(), callbacks=[callback])
+    callback = SeedLayerCallback(
+        {"layer-0": (model.bert.encoder.layer[0], "TRAINING")},
+        settings=ON,
+        meter_provider=metered(ON)[0],
+        every_n_steps=2,
+        on_summary=summaries.append,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=arguments(tmp_path, max_steps=5, bf16=False), train_dataset=Sentences(), callbacks=[callback]
+    )
     trainer.train()  # accelerate's AcceleratedOptimizer around the Trainer's own AdamW
     assert [s.sampled_steps for s in summaries] == [2, 2, 1]
     assert all(s.seeds["layer-0"].total_norm > 0 for s in summaries)
@@ -153,13 +182,23 @@ def test_an_exploding_seed_under_the_default_max_grad_norm_is_reported_exploding
     pre_clip = PreClipGradients(model, optimizer, registry, 1.0)
     summaries = []
     callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8,
-                                          gradient_accumulation_steps=2, num_train_epochs=1, report_to="none",
-                                          save_strategy="no", logging_steps=1, disable_tqdm=True,
-                                          lr_scheduler_type="constant", dataloader_num_workers=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_train_epochs=1,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        dataloader_num_workers=0,
+    )
     assert args.max_grad_norm == 1.0  # the default
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Vectors(64), optimizers=(optimizer, None),
-                                   callbacks=[callback])
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Vectors(64), optimizers=(optimizer, None), callbacks=[callback]
+    )
     trainer.train()
     (summary,) = summaries
     layers, totals, steps, factors = pre_clip.epoch()
@@ -169,6 +208,9 @@ def test_an_exploding_seed_under_the_default_max_grad_norm_is_reported_exploding
         for layer, value in seed.layer_norms.items():
             assert value == pytest.approx(layers[seed_id][layer], rel=1e-5)
     assert {seed_id: seed.health for seed_id, seed in summary.seeds.items()} == {
-        "seed-0": "healthy", "seed-1": "healthy", "seed-2": "exploding"}
+        "seed-0": "healthy",
+        "seed-1": "healthy",
+        "seed-2": "exploding",
+    }
     assert summary.clip_steps == summary.clipped_steps == 4
     assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)

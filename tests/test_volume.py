@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from benchmarks import capacity
-from devtools.stack import Prometheus, VictoriaMetrics, prometheus, store_prometheus_config, victoria_metrics, wait_until
+from devtools.stack import (
+    Prometheus,
+    VictoriaMetrics,
+    prometheus,
+    store_prometheus_config,
+    victoria_metrics,
+    wait_until,
+)
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
 from tolaria_otel.volume import per_seed, trainer_series
 
@@ -62,8 +69,9 @@ def train(case: Case, metrics_url: str) -> None:
     torch.manual_seed(0)
     model = nn.Module()
     model.host = nn.Linear(2, 2)
-    model.seeds = nn.ModuleDict({f"seed-{i}": nn.Sequential(*(nn.Linear(2, 2) for _ in range(case.layers)))
-                                 for i in range(case.seeds)})
+    model.seeds = nn.ModuleDict(
+        {f"seed-{i}": nn.Sequential(*(nn.Linear(2, 2) for _ in range(case.layers))) for i in range(case.seeds)}
+    )
     with pytest.MonkeyPatch.context() as env:
         export_each_flush(env, metrics_url, case.service, 3)
         for name, value in case.env:
@@ -71,8 +79,12 @@ def train(case: Case, metrics_url: str) -> None:
         settings = SeedLayerSettings.from_env()
         assert settings == settings_of(case)  # what expected() counts for
         provider = configure_meter_provider(settings)
-    telemetry = SeedLayerTelemetry(model, {seed_id: (module, "TRAINING") for seed_id, module in model.seeds.items()},
-                                   settings=settings, meter_provider=provider)
+    telemetry = SeedLayerTelemetry(
+        model,
+        {seed_id: (module, "TRAINING") for seed_id, module in model.seeds.items()},
+        settings=settings,
+        meter_provider=provider,
+    )
     for parameter in model.parameters():  # the same every epoch: the top-K stays, as does every series
         parameter.grad = torch.rand_like(parameter)
     try:
@@ -96,7 +108,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
     with victoria_metrics(tmp_path_factory.mktemp("vm-volume")) as vm:
         for case in CASES:
             train(case, vm.otlp_metrics_url)
-        with prometheus(store_prometheus_config(vm.url, interval="1s"), tmp_path_factory.mktemp("prom-volume")) as nissa:
+        with prometheus(
+            store_prometheus_config(vm.url, interval="1s"), tmp_path_factory.mktemp("prom-volume")
+        ) as nissa:
             yield Stores(vm, nissa)
 
 
@@ -105,7 +119,9 @@ def expected(case: Case) -> dict[str, int]:
 
 
 def vm_counts(vm: VictoriaMetrics, case: Case) -> Counter[str]:
-    return Counter(series["__name__"] for series in vm.series(f'{{__name__=~"tolaria_.+", service_name="{case.service}"}}'))
+    return Counter(
+        series["__name__"] for series in vm.series(f'{{__name__=~"tolaria_.+", service_name="{case.service}"}}')
+    )
 
 
 def prometheus_counts(nissa: Prometheus, case: Case) -> Counter[str]:
@@ -117,17 +133,21 @@ def prometheus_counts(nissa: Prometheus, case: Case) -> Counter[str]:
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_series_in_victoria_metrics_are_the_counted_ones(stores: Stores, case: Case) -> None:
     want = expected(case)
-    got = wait_until(lambda: (counts := vm_counts(stores.vm, case)) == want and counts, timeout=20,
-                     message=f"{case.name}: {dict(vm_counts(stores.vm, case))} in VictoriaMetrics, want {want}")
+    got = wait_until(
+        lambda: (counts := vm_counts(stores.vm, case)) == want and counts,
+        timeout=20,
+        message=f"{case.name}: {dict(vm_counts(stores.vm, case))} in VictoriaMetrics, want {want}",
+    )
     print(f"\n{case.name}: {case.seeds} seeds x {case.layers} layers: {sum(got.values())} series in VictoriaMetrics")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_series_in_prometheus_are_the_counted_ones(stores: Stores, case: Case) -> None:
     want = expected(case)
-    got = stores.prometheus.wait_for(lambda: (counts := prometheus_counts(stores.prometheus, case)) == want and counts,
-                                     message=f"{case.name}: {dict(prometheus_counts(stores.prometheus, case))} "
-                                     f"in Prometheus, want {want}")
+    got = stores.prometheus.wait_for(
+        lambda: (counts := prometheus_counts(stores.prometheus, case)) == want and counts,
+        message=f"{case.name}: {dict(prometheus_counts(stores.prometheus, case))} in Prometheus, want {want}",
+    )
     print(f"\n{case.name}: {case.seeds} seeds x {case.layers} layers: {sum(got.values())} series in Prometheus")
 
 
@@ -155,6 +175,7 @@ def test_the_capacity_table_is_the_command_output() -> None:
 def test_per_seed_and_per_trainer_add_up(resolution: str, compact: bool, host: bool) -> None:
     """The per-seed figure the docs give adds up to the counted trainer: seeds x per seed + the trainer's own."""
     for top_k, layers in ((1, 3), (3, 3), (7, 12), (3, 1)):
-        settings = SeedLayerSettings(enabled=True, top_k=top_k, compact=compact, host_norm=host,
-                                     step_norm_histogram=resolution)
+        settings = SeedLayerSettings(
+            enabled=True, top_k=top_k, compact=compact, host_norm=host, step_norm_histogram=resolution
+        )
         assert sum(trainer_series(settings, 5, layers).values()) == 5 * per_seed(settings, layers) + 2 + host

@@ -48,15 +48,21 @@ pytestmark = pytest.mark.timeout(1200)  # the builds and installs of the module'
 def _clean_env(**extra: str) -> dict[str, str]:
     """The environment without the repository's source path and without any telemetry setting; bytecode
     is written, so that only the first process of a venv compiles what it imports (torch: about 10 s)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "TOLARIA_"))
-           and key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("OTEL_", "TOLARIA_"))
+        and key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")
+    }
     return {**env, **extra}
 
 
-def _run(command: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 300) -> \
-        subprocess.CompletedProcess[str]:
-    return subprocess.run(command, cwd=cwd, env=dict(env or _clean_env()), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+def _run(
+    command: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=cwd, env=dict(env or _clean_env()), capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -71,13 +77,29 @@ def _venv(path: Path, python: str = sys.executable) -> Path:
 
 
 def _pip_install(python: Path, *requirements: str) -> None:
-    _ok(_run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-compile",
-              "--constraint", str(CONSTRAINTS), *requirements], ROOT, timeout=INSTALL_TIMEOUT_S))
+    _ok(
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(python),
+                "install",
+                "--quiet",
+                "--no-compile",
+                "--constraint",
+                str(CONSTRAINTS),
+                *requirements,
+            ],
+            ROOT,
+            timeout=INSTALL_TIMEOUT_S,
+        )
+    )
 
 
 def _site_packages(python: Path) -> Path:
-    return Path(_ok(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], ROOT))
-                .strip())
+    return Path(_ok(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], ROOT)).strip())
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +154,11 @@ def test_the_wheel_carries_license_metadata_and_assets_and_the_sdist_no_tests(di
     classifiers = metadata.get_all("Classifier")
     assert "Programming Language :: Python :: 3.10" in classifiers and "Typing :: Typed" in classifiers
     # Every asset, and nothing from the repository's tests, benchmarks or tools.
-    shipped = {name.split(f"tolaria_otel/{PACKAGE_FOLDER}/", 1)[1] for name in names
-               if name.startswith(f"tolaria_otel/{PACKAGE_FOLDER}/")}
+    shipped = {
+        name.split(f"tolaria_otel/{PACKAGE_FOLDER}/", 1)[1]
+        for name in names
+        if name.startswith(f"tolaria_otel/{PACKAGE_FOLDER}/")
+    }
     assert shipped == {path.as_posix() for path in asset_files(ROOT)}
     assert not [name for name in names if name.startswith(("tests/", "benchmarks/", "devtools/"))]
     with tarfile.open(sdist) as archive:
@@ -153,8 +178,7 @@ def test_readme_links_resolve_in_what_assets_writes(core: Path, tmp_path: Path) 
     assert not missing, f"README links a wheel user does not get from `tolaria-otel assets`: {missing}"
 
 
-def test_core_install_runs_the_demo_doctor_and_assets_and_names_each_missing_extra(core: Path,
-                                                                                    tmp_path: Path) -> None:
+def test_core_install_runs_the_demo_doctor_and_assets_and_names_each_missing_extra(core: Path, tmp_path: Path) -> None:
     cli = str(core.parent / "tolaria-otel")
     assert re.fullmatch(r"tolaria-otel \S+\n", _ok(_run([cli, "--version"], tmp_path)))
     assert _ok(_run([cli, "doctor"], tmp_path)).rstrip().endswith("all is well")
@@ -163,8 +187,9 @@ def test_core_install_runs_the_demo_doctor_and_assets_and_names_each_missing_ext
     assert (tmp_path / "run.jsonl").read_text().count("\n") == 1
 
     _ok(_run([cli, "assets", "out"], tmp_path))
-    written = {path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").rglob("*")
-               if path.is_file()}
+    written = {
+        path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").rglob("*") if path.is_file()
+    }
     assert written == {path.as_posix() for path in asset_files(ROOT)}
     again = _run([cli, "assets", "out"], tmp_path)
     assert again.returncode == 2 and "pass --force to overwrite" in again.stderr
@@ -195,13 +220,18 @@ def test_demo_extra_runs_the_demo_as_the_readme_says(layered: dict[str, Path], t
 
 
 def test_prometheus_extra_serves_pull_mode(layered: dict[str, Path], tmp_path: Path) -> None:
-    pull = {"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
-            "OTEL_EXPORTER_PROMETHEUS_PORT": "0"}
+    pull = {
+        "OTEL_METRICS_EXPORTER": "prometheus",
+        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
+    }
     out = _layer_runs(layered, "prometheus", tmp_path, "doctor", **pull)
     assert "pull mode: can listen on 127.0.0.1 port 0" in out and out.rstrip().endswith("all is well")
     # The demo prints the URL it serves, which needs rich: this venv has only [prometheus], so --quiet.
-    assert _layer_runs(layered, "prometheus", tmp_path, "demo", "--quiet", "--epochs", "1", **pull).strip() \
+    assert (
+        _layer_runs(layered, "prometheus", tmp_path, "demo", "--quiet", "--epochs", "1", **pull).strip()
         == "runs/demo.jsonl"
+    )
 
 
 def test_grpc_extra_takes_the_grpc_protocol(layered: dict[str, Path], tmp_path: Path) -> None:
@@ -215,14 +245,16 @@ def test_plot_extra_draws_the_demo_run(layered: dict[str, Path], tmp_path: Path)
     assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize(("extra", "base"), [("lightning", "lightning.pytorch.Callback"),
-                                             ("transformers", "transformers.TrainerCallback")])
-def test_framework_extras_import_the_callbacks(layered: dict[str, Path], tmp_path: Path, extra: str,
-                                               base: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "base"), [("lightning", "lightning.pytorch.Callback"), ("transformers", "transformers.TrainerCallback")]
+)
+def test_framework_extras_import_the_callbacks(layered: dict[str, Path], tmp_path: Path, extra: str, base: str) -> None:
     module, _, name = base.rpartition(".")
-    check = (f"import importlib; from tolaria_otel.{extra} import SeedLayerCallback; "
-             f"callback = SeedLayerCallback({{}}); "
-             f"assert isinstance(callback, getattr(importlib.import_module('{module}'), '{name}'))")
+    check = (
+        f"import importlib; from tolaria_otel.{extra} import SeedLayerCallback; "
+        f"callback = SeedLayerCallback({{}}); "
+        f"assert isinstance(callback, getattr(importlib.import_module('{module}'), '{name}'))"
+    )
     _ok(_run([str(layered[extra]), "-c", check], tmp_path))
 
 
@@ -241,8 +273,11 @@ def test_oldest_declared_python_installs_and_runs_the_package(dist: tuple[Path, 
     assert oldest is not None, "no interpreter of the oldest Python requires-python admits: install it (pyenv)"
     python = _venv(tmp_path / "oldest", str(oldest))
     metadata, _ = _metadata(dist[1])
-    core = [requirement for requirement in metadata.get_all("Requires-Dist")
-            if "extra ==" not in requirement and not requirement.startswith("torch")]
+    core = [
+        requirement
+        for requirement in metadata.get_all("Requires-Dist")
+        if "extra ==" not in requirement and not requirement.startswith("torch")
+    ]
     _pip_install(python, "--no-deps", str(dist[1]))
     _pip_install(python, *core)
     _ok(_run([str(python), "-m", "compileall", "-q", str(_site_packages(python) / "tolaria_otel")], tmp_path))
@@ -256,7 +291,9 @@ def test_oldest_declared_python_installs_and_runs_the_package(dist: tuple[Path, 
 def test_demo_needs_no_prometheus_exporter(tmp_path: Path) -> None:
     """The demo with rich and without the optional Prometheus exporter (as ``[demo]`` installs it), in
     this environment: the exporter's import is blocked. Main crashed here (``metrics_urls``)."""
-    script = ("import sys; sys.modules['opentelemetry.exporter.prometheus'] = None; "
-              "from tolaria_otel.cli import main; sys.exit(main(['demo', '--epochs', '1', '--output', 'd.jsonl']))")
+    script = (
+        "import sys; sys.modules['opentelemetry.exporter.prometheus'] = None; "
+        "from tolaria_otel.cli import main; sys.exit(main(['demo', '--epochs', '1', '--output', 'd.jsonl']))"
+    )
     env = _clean_env(PYTHONPATH=str(ROOT / "src"))
     assert "wrote 1 epochs to d.jsonl" in _ok(_run([sys.executable, "-c", script], tmp_path, env))

@@ -40,8 +40,10 @@ def source_root() -> Path:
     checkout = Path(__file__).resolve().parents[2]
     if all((checkout / source).exists() for source in SOURCES):
         return checkout
-    raise AssetsError(f"this installation has no assets: neither {shipped} nor a source checkout around "
-                      f"{Path(__file__).parent} holds them; reinstall the package from its wheel")
+    raise AssetsError(
+        f"this installation has no assets: neither {shipped} nor a source checkout around "
+        f"{Path(__file__).parent} holds them; reinstall the package from its wheel"
+    )
 
 
 def asset_files(root: Path) -> Iterator[Path]:

@@ -66,11 +66,18 @@ KNOWN_OTLP_PATHS = {
 }
 
 #: The settings field each TOLARIA_* variable sets (for the defaults ``doctor`` shows).
-TOLARIA_FIELDS = {ENV_ENABLED: "enabled", ENV_TOP_K: "top_k", ENV_COMPACT: "compact",
-                  ENV_SAMPLE_EVERY: "sample_every", ENV_EXPORT_RANK: "export_rank", ENV_HOST_NORM: "host_norm",
-                  ENV_MAX_SEEDS: "max_seeds", ENV_STEP_NORM_HISTOGRAM: "step_norm_histogram",
-                  ENV_TENSOR_VANISHING_BELOW: "tensor_vanishing_below",
-                  ENV_TENSOR_EXPLODING_ABOVE: "tensor_exploding_above"}
+TOLARIA_FIELDS = {
+    ENV_ENABLED: "enabled",
+    ENV_TOP_K: "top_k",
+    ENV_COMPACT: "compact",
+    ENV_SAMPLE_EVERY: "sample_every",
+    ENV_EXPORT_RANK: "export_rank",
+    ENV_HOST_NORM: "host_norm",
+    ENV_MAX_SEEDS: "max_seeds",
+    ENV_STEP_NORM_HISTOGRAM: "step_norm_histogram",
+    ENV_TENSOR_VANISHING_BELOW: "tensor_vanishing_below",
+    ENV_TENSOR_EXPLODING_ABOVE: "tensor_exploding_above",
+}
 
 #: The OTEL_* variables that shape this package's export, with the default each falls back to.
 OTEL_DEFAULTS = {
@@ -100,15 +107,24 @@ OTEL_DEFAULTS = {
     "OTEL_EXPORTER_PROMETHEUS_PORT": "9464",
 }
 _ENDPOINT_VARIABLES = (otel.ENV_ENDPOINT, otel.ENV_METRICS_ENDPOINT)
-_CLIENT_TLS_VARIABLES = (otel.ENV_CLIENT_CERTIFICATE, otel.ENV_METRICS_CLIENT_CERTIFICATE, otel.ENV_CLIENT_KEY,
-                         otel.ENV_METRICS_CLIENT_KEY)
+_CLIENT_TLS_VARIABLES = (
+    otel.ENV_CLIENT_CERTIFICATE,
+    otel.ENV_METRICS_CLIENT_CERTIFICATE,
+    otel.ENV_CLIENT_KEY,
+    otel.ENV_METRICS_CLIENT_KEY,
+)
 _TLS_VARIABLES = (otel.ENV_CERTIFICATE, otel.ENV_METRICS_CERTIFICATE, *_CLIENT_TLS_VARIABLES)
 #: The OTLP variables, each with the metrics-specific one that overrides it.
-_OTLP_PAIRS = {otel.ENV_PROTOCOL: otel.ENV_METRICS_PROTOCOL, otel.ENV_ENDPOINT: otel.ENV_METRICS_ENDPOINT,
-               otel.ENV_HEADERS: otel.ENV_METRICS_HEADERS, otel.ENV_TIMEOUT: otel.ENV_METRICS_TIMEOUT,
-               otel.ENV_COMPRESSION: otel.ENV_METRICS_COMPRESSION, otel.ENV_CERTIFICATE: otel.ENV_METRICS_CERTIFICATE,
-               otel.ENV_CLIENT_CERTIFICATE: otel.ENV_METRICS_CLIENT_CERTIFICATE,
-               otel.ENV_CLIENT_KEY: otel.ENV_METRICS_CLIENT_KEY}
+_OTLP_PAIRS = {
+    otel.ENV_PROTOCOL: otel.ENV_METRICS_PROTOCOL,
+    otel.ENV_ENDPOINT: otel.ENV_METRICS_ENDPOINT,
+    otel.ENV_HEADERS: otel.ENV_METRICS_HEADERS,
+    otel.ENV_TIMEOUT: otel.ENV_METRICS_TIMEOUT,
+    otel.ENV_COMPRESSION: otel.ENV_METRICS_COMPRESSION,
+    otel.ENV_CERTIFICATE: otel.ENV_METRICS_CERTIFICATE,
+    otel.ENV_CLIENT_CERTIFICATE: otel.ENV_METRICS_CLIENT_CERTIFICATE,
+    otel.ENV_CLIENT_KEY: otel.ENV_METRICS_CLIENT_KEY,
+}
 
 
 class CommandError(Exception):
@@ -141,56 +157,77 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
-        "demo", help="train a small seeded network with the feature on",
+        "demo",
+        help="train a small seeded network with the feature on",
         description="Train a small host network with seeds grafted in, through a scripted lifecycle on "
         f"synthetic data, with the feature on unless {ENV_ENABLED} says otherwise, and the host measured "
         f"unless {ENV_HOST_NORM} says otherwise. Summaries go to a JSON "
         "Lines file, one line per epoch. With no OTEL_METRICS_EXPORTER and no OTLP endpoint in the "
         "environment nothing is exported (OTEL_METRICS_EXPORTER=none); otherwise the OTEL_* variables "
-        "apply. Ctrl-C stops at the next step, keeping every finished epoch.")
+        "apply. Ctrl-C stops at the next step, keeping every finished epoch.",
+    )
     demo.add_argument("--epochs", type=_int_in(1, 1000), default=6, help="epochs to train (default 6)")
     demo.add_argument("--seeds", type=_int_in(2, 4), default=4, help="seeds to grow, 2 to 4 (default 4)")
     demo.add_argument("--top-k", type=_int_in(1, TOP_K_MAX), help=f"layers kept per seed (default: {ENV_TOP_K})")
     demo.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="random seed (default 0)")
     demo.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    demo.add_argument("--output", type=Path, default=Path("runs/demo.jsonl"),
-                      help="JSON Lines file of the summaries (default runs/demo.jsonl)")
-    demo.add_argument("--otlp-endpoint", metavar="URL",
-                      help="export over OTLP/HTTP to this receiver: http://host:4318 for a Collector "
-                      "(/v1/metrics is added to a URL without a path), or the full URL a store takes")
+    demo.add_argument(
+        "--output",
+        type=Path,
+        default=Path("runs/demo.jsonl"),
+        help="JSON Lines file of the summaries (default runs/demo.jsonl)",
+    )
+    demo.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export over OTLP/HTTP to this receiver: http://host:4318 for a Collector "
+        "(/v1/metrics is added to a URL without a path), or the full URL a store takes",
+    )
     demo.add_argument("--quiet", action="store_true", help="print only the output path")
     demo.set_defaults(handler=run_demo_command)
 
     doctor = commands.add_parser(
-        "doctor", help="show and check the telemetry configuration",
+        "doctor",
+        help="show and check the telemetry configuration",
         description="Print every TOLARIA_* and OTEL_* variable this package reads, where its value comes "
         "from, its default and whether the settings in force use it; check each one in force as a "
         "training run would; estimate the telemetry volume; check that the OTLP endpoint answers (when "
         "the feature is on) and that pull mode can listen where it is told to. Exit status 1, with one "
-        "line per problem, when not all is well.")
-    doctor.add_argument("--seeds", type=_int_in(1, MAX_SEEDS_MAX), default=4,
-                        help="active seeds to estimate the volume for (default 4)")
-    doctor.add_argument("--layers", type=_int_in(1, 1_000_000), default=3,
-                        help="layers per seed to estimate the volume for (default 3)")
-    doctor.add_argument("--timeout", type=_float_in(0.1, 60.0), default=PROBE_TIMEOUT_S,
-                        help=f"seconds to wait for the OTLP endpoint (default {PROBE_TIMEOUT_S:g})")
+        "line per problem, when not all is well.",
+    )
+    doctor.add_argument(
+        "--seeds", type=_int_in(1, MAX_SEEDS_MAX), default=4, help="active seeds to estimate the volume for (default 4)"
+    )
+    doctor.add_argument(
+        "--layers", type=_int_in(1, 1_000_000), default=3, help="layers per seed to estimate the volume for (default 3)"
+    )
+    doctor.add_argument(
+        "--timeout",
+        type=_float_in(0.1, 60.0),
+        default=PROBE_TIMEOUT_S,
+        help=f"seconds to wait for the OTLP endpoint (default {PROBE_TIMEOUT_S:g})",
+    )
     doctor.set_defaults(handler=run_doctor_command)
 
     plot = commands.add_parser(
-        "plot", help="render a run's summaries to a PNG",
+        "plot",
+        help="render a run's summaries to a PNG",
         description="Render the main views of the dashboards (top-K layers per seed over epochs, per-seed "
         "totals) from a JSON Lines file of epoch summaries (the demo's --output) to a PNG, for a look "
-        "without Grafana. Needs matplotlib: pip install 'tolaria-otel[plot]'.")
+        "without Grafana. Needs matplotlib: pip install 'tolaria-otel[plot]'.",
+    )
     plot.add_argument("summaries", type=Path, help="JSON Lines file, one EpochSummary.to_dict() per line")
     plot.add_argument("-o", "--output", type=Path, help="PNG to write (default: the input with .png)")
     plot.set_defaults(handler=run_plot_command)
 
     assets = commands.add_parser(
-        "assets", help="write the collector configs, alert rules, dashboards and docs into a folder",
+        "assets",
+        help="write the collector configs, alert rules, dashboards and docs into a folder",
         description="Write the files around the package into DIR, laid out as in the repository: collector/ "
         "(OpenTelemetry Collector configs, Prometheus scrape config, alert rules and their promtool tests), "
         "dashboards/json and dashboards/provisioning (Grafana), docs/, docker-compose.yml and .env.example. "
-        "The README's links are relative to DIR. A file that exists is not overwritten without --force.")
+        "The README's links are relative to DIR. A file that exists is not overwritten without --force.",
+    )
     assets.add_argument("folder", type=Path, metavar="DIR", help="folder to write into (created if missing)")
     assets.add_argument("--force", action="store_true", help="overwrite files that exist")
     assets.set_defaults(handler=run_assets_command)
@@ -235,15 +272,22 @@ def run_demo_command(args: argparse.Namespace) -> int:
         protocol = otel.otlp_protocol(env)
         # OTEL_EXPORTER_OTLP_METRICS_ENDPOINT takes a full URL as is, the way to give a store's path.
         setting = "--otlp-endpoint" if args.otlp_endpoint is not None else otel.ENV_METRICS_ENDPOINT
-        problem = probe_otlp(otel.otlp_metrics_endpoint(env, protocol), protocol, otel.otlp_headers(env),
-                             otel.otlp_certificate(env), PROBE_TIMEOUT_S, setting,
-                             otel.otlp_client_certificate(env, protocol))
+        problem = probe_otlp(
+            otel.otlp_metrics_endpoint(env, protocol),
+            protocol,
+            otel.otlp_headers(env),
+            otel.otlp_certificate(env),
+            PROBE_TIMEOUT_S,
+            setting,
+            otel.otlp_client_certificate(env, protocol),
+        )
         if problem:
             raise CommandError(problem)
     device = _device(args.device)
     if not args.quiet and importlib.util.find_spec("rich") is None:
-        raise CommandError("the demo's progress display needs rich: pip install 'tolaria-otel[demo]' "
-                           "(or run with --quiet)")
+        raise CommandError(
+            "the demo's progress display needs rich: pip install 'tolaria-otel[demo]' (or run with --quiet)"
+        )
 
     from . import demo  # only the command that trains loads the training code
 
@@ -257,14 +301,18 @@ def run_demo_command(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot write --output {str(args.output)!r}: {error.strerror or error}") from None
     with out:
         if not args.quiet:
-            print(f"{args.seeds} seeds, {args.epochs} epochs x {options.steps} steps on {device}, seed {args.seed}; "
-                  f"top {settings.top_k} layers per seed; exporters: {', '.join(exporters) or 'none'}")
+            print(
+                f"{args.seeds} seeds, {args.epochs} epochs x {options.steps} steps on {device}, seed {args.seed}; "
+                f"top {settings.top_k} layers per seed; exporters: {', '.join(exporters) or 'none'}"
+            )
             for url in otel.metrics_urls(provider):
                 print(f"serving {url} while it trains")
             print(f"summaries: {args.output}")
         if not settings.enabled:
-            print(f"{PROG} demo: {ENV_ENABLED} is off in the environment: no summaries are made or written",
-                  file=sys.stderr)
+            print(
+                f"{PROG} demo: {ENV_ENABLED} is off in the environment: no summaries are made or written",
+                file=sys.stderr,
+            )
         with demo.stop_on_interrupt() as stop_requested:
             if args.quiet:
                 finished = demo.run_demo(options, settings, provider, out, demo.QuietDisplay(), stop_requested)
@@ -272,8 +320,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
                 with demo.RichDisplay(args.epochs, options.steps) as display:
                     finished = demo.run_demo(options, settings, provider, out, display, stop_requested)
     if finished < args.epochs:
-        print(f"{PROG} demo: interrupted after {finished} finished epochs; summaries in {args.output}",
-              file=sys.stderr)
+        print(f"{PROG} demo: interrupted after {finished} finished epochs; summaries in {args.output}", file=sys.stderr)
         return 130
     print(args.output if args.quiet else f"wrote {finished} epochs to {args.output}")
     return 0
@@ -300,12 +347,17 @@ def run_doctor_command(args: argparse.Namespace) -> int:
         raw = _value(env, name)
         where = "(default)" if raw is None else f"(env; default: {default})"
         unused = in_force.unused(name, settings)
-        print(f"  {name:<40} {default if raw is None else _shown(name, raw)}  {where}"
-              + (f"  not used: {unused}" if unused else ""))
+        print(
+            f"  {name:<40} {default if raw is None else _shown(name, raw)}  {where}"
+            + (f"  not used: {unused}" if unused else "")
+        )
 
-    print(f"feature: {'on' if settings.enabled else 'off'}" + (", compact" if settings.compact else "")
-          + f"; exporters: {', '.join(in_force.exporters) or 'none'}"
-          + (f" ({in_force.protocol})" if "otlp" in in_force.exporters and in_force.protocol else ""))
+    print(
+        f"feature: {'on' if settings.enabled else 'off'}"
+        + (", compact" if settings.compact else "")
+        + f"; exporters: {', '.join(in_force.exporters) or 'none'}"
+        + (f" ({in_force.protocol})" if "otlp" in in_force.exporters and in_force.protocol else "")
+    )
     print(volume_estimate(settings, args.seeds, args.layers, in_force))
     problems += volume_problems(settings, args.seeds)
     if in_force.disabled:
@@ -355,7 +407,9 @@ class _InForce:
                 return f"{_OTLP_PAIRS[name]} is set"
             if name in _TLS_VARIABLES and not (self.endpoint or "").startswith("https:"):
                 return "the endpoint is not https"
-        if name in (otel.ENV_EXPORT_INTERVAL, otel.ENV_EXPORT_TIMEOUT) and not {"otlp", "console"} & set(self.exporters):
+        if name in (otel.ENV_EXPORT_INTERVAL, otel.ENV_EXPORT_TIMEOUT) and not {"otlp", "console"} & set(
+            self.exporters
+        ):
             return "no periodic exporter (otlp, console)"
         if name in (otel.ENV_PROMETHEUS_HOST, otel.ENV_PROMETHEUS_PORT) and "prometheus" not in self.exporters:
             return "no prometheus exporter"
@@ -370,9 +424,11 @@ def _check_otlp(env: Mapping[str, str], settings: SeedLayerSettings, in_force: _
     seconds = _or_none(lambda: otel.otlp_timeout_s(env))
     if seconds is not None and seconds > OTLP_TIMEOUT_PLAUSIBLE_S:
         variable = otel.ENV_METRICS_TIMEOUT if _value(env, otel.ENV_METRICS_TIMEOUT) else otel.ENV_TIMEOUT
-        problems.append(f"{variable}={echoed(env[variable])} is {seconds:g} seconds ({seconds / 60:,.0f} min) in the "
-                        "Python SDK, which reads seconds, not the specification's milliseconds: a down collector "
-                        "would hold every export and the final shutdown that long; expected seconds, e.g. 2")
+        problems.append(
+            f"{variable}={echoed(env[variable])} is {seconds:g} seconds ({seconds / 60:,.0f} min) in the "
+            "Python SDK, which reads seconds, not the specification's milliseconds: a down collector "
+            "would hold every export and the final shutdown that long; expected seconds, e.g. 2"
+        )
     if in_force.endpoint is None:
         return problems
     shown = redacted_url(in_force.endpoint)
@@ -384,12 +440,14 @@ def _check_otlp(env: Mapping[str, str], settings: SeedLayerSettings, in_force: _
     certificate_set = _value(env, otel.ENV_METRICS_CERTIFICATE) or _value(env, otel.ENV_CERTIFICATE)
     client = _or_none(lambda: otel.otlp_client_certificate(env, in_force.protocol))
     client_bad = client is None and any(_value(env, name) for name in _CLIENT_TLS_VARIABLES)
-    if headers is None or (in_force.endpoint.startswith("https:") and (
-            (certificate_set and certificate is None) or client_bad)):
+    if headers is None or (
+        in_force.endpoint.startswith("https:") and ((certificate_set and certificate is None) or client_bad)
+    ):
         print(f"OTLP endpoint: {shown} ({in_force.protocol}): not checked: its headers or TLS files are not valid")
         return problems
-    problem = probe_otlp(in_force.endpoint, in_force.protocol, headers, certificate, timeout, otel.ENV_METRICS_ENDPOINT,
-                         client)
+    problem = probe_otlp(
+        in_force.endpoint, in_force.protocol, headers, certificate, timeout, otel.ENV_METRICS_ENDPOINT, client
+    )
     print(f"OTLP endpoint: {shown} ({in_force.protocol}): {'does not work (below)' if problem else 'answers'}")
     return [*problems, *([problem] if problem else [])]
 
@@ -423,11 +481,21 @@ def volume_estimate(settings: SeedLayerSettings, seeds: int, layers: int, in_for
     histogram = sum(count for name, count in series.items() if "_step_norm_" in name) // exported
     seed_totals = 2 + int(settings.host_norm)  # norm, norm_max (and host_ratio)
     trainer = 2 + int(settings.host_norm)  # info, series_budget (and host_norm)
-    layers_text = f"2 x {per_layer} per-layer (top {settings.top_k} of {layers} layers)" if settings.emits_layers         else "no per-layer (compact)"
-    histogram_text = f"{histogram} step_norm histogram ({settings.step_norm_histogram})" if histogram else         "no step_norm histogram (off)"
-    text = (f"volume for {seeds} seeds of {layers} layers: {total} series = {exported} exported seeds x "
-            f"{2 * per_layer + seed_totals + histogram} ({layers_text}, {seed_totals} seed totals, {histogram_text}) "
-            f"+ {trainer} per trainer")
+    layers_text = (
+        f"2 x {per_layer} per-layer (top {settings.top_k} of {layers} layers)"
+        if settings.emits_layers
+        else "no per-layer (compact)"
+    )
+    histogram_text = (
+        f"{histogram} step_norm histogram ({settings.step_norm_histogram})"
+        if histogram
+        else "no step_norm histogram (off)"
+    )
+    text = (
+        f"volume for {seeds} seeds of {layers} layers: {total} series = {exported} exported seeds x "
+        f"{2 * per_layer + seed_totals + histogram} ({layers_text}, {seed_totals} seed totals, {histogram_text}) "
+        f"+ {trainer} per trainer"
+    )
     pushed = {"otlp", "console"} & set(in_force.exporters)
     interval_ms = _or_none(lambda: otel.export_interval_ms(os.environ))
     if pushed and interval_ms is not None:
@@ -441,12 +509,21 @@ def volume_problems(settings: SeedLayerSettings, seeds: int) -> list[str]:
     """Seeds a trainer would leave out of its export (it warns once at run time too)."""
     if not settings.enabled or seeds <= settings.max_seeds:
         return []
-    return [f"--seeds {seeds} is above {ENV_MAX_SEEDS}={settings.max_seeds}: {seeds - settings.max_seeds} seeds "
-            f"would not be exported (the last by seed id); raise {ENV_MAX_SEEDS} to export them"]
+    return [
+        f"--seeds {seeds} is above {ENV_MAX_SEEDS}={settings.max_seeds}: {seeds - settings.max_seeds} seeds "
+        f"would not be exported (the last by seed id); raise {ENV_MAX_SEEDS} to export them"
+    ]
 
 
-def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certificate: str | None, timeout: float,
-               setting: str, client: tuple[str, str] | None = None) -> str | None:
+def probe_otlp(
+    endpoint: str,
+    protocol: str,
+    headers: Mapping[str, str],
+    certificate: str | None,
+    timeout: float,
+    setting: str,
+    client: tuple[str, str] | None = None,
+) -> str | None:
     """None when the endpoint answers as a receiver would; otherwise why not and what to try, in one line.
 
     OTLP/HTTP gets an empty export request (a valid, empty protobuf message) with the export's
@@ -470,8 +547,10 @@ def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certifi
     if status is None:
         return None
     if status[0] in (401, 403):
-        return (f"OTLP endpoint {shown} answered HTTP {status[0]} {status[1]}: the receiver refused the "
-                f"credentials; check {otel.ENV_HEADERS} (or the URL's user info)")
+        return (
+            f"OTLP endpoint {shown} answered HTTP {status[0]} {status[1]}: the receiver refused the "
+            f"credentials; check {otel.ENV_HEADERS} (or the URL's user info)"
+        )
     tail = ""
     if 400 <= status[0] < 500:
         found = _answering_path(endpoint, headers, context, timeout)
@@ -479,8 +558,10 @@ def probe_otlp(endpoint: str, protocol: str, headers: Mapping[str, str], certifi
             alternative, what = found
             tail = f"; {redacted_url(alternative)} answers ({what}'s OTLP path): try {_set(setting, alternative)}"
         else:
-            tail = (f": no OTLP/HTTP metrics receiver at that path; try the receiver's full URL in {setting} "
-                    "(a Collector: http://HOST:4318/v1/metrics; VictoriaMetrics: http://HOST:8428/opentelemetry/v1/metrics)")
+            tail = (
+                f": no OTLP/HTTP metrics receiver at that path; try the receiver's full URL in {setting} "
+                "(a Collector: http://HOST:4318/v1/metrics; VictoriaMetrics: http://HOST:8428/opentelemetry/v1/metrics)"
+            )
     return f"OTLP endpoint {shown} answered HTTP {status[0]} {status[1]}{tail}"
 
 
@@ -491,8 +572,9 @@ def _tls_context(certificate: str | None, client: tuple[str, str] | None) -> ssl
     return context
 
 
-def _post_empty_export(endpoint: str, headers: Mapping[str, str], context: ssl.SSLContext | None,
-                       timeout: float) -> tuple[int, str] | None:
+def _post_empty_export(
+    endpoint: str, headers: Mapping[str, str], context: ssl.SSLContext | None, timeout: float
+) -> tuple[int, str] | None:
     """POST an empty export request: None on success, else (HTTP status, reason). Raises OSError."""
     parts = urllib.parse.urlsplit(endpoint)
     sent = {**headers, "Content-Type": "application/x-protobuf"}
@@ -509,8 +591,9 @@ def _post_empty_export(endpoint: str, headers: Mapping[str, str], context: ssl.S
         return error.code, str(error.reason)
 
 
-def _answering_path(endpoint: str, headers: Mapping[str, str], context: ssl.SSLContext | None,
-                    timeout: float) -> tuple[str, str] | None:
+def _answering_path(
+    endpoint: str, headers: Mapping[str, str], context: ssl.SSLContext | None, timeout: float
+) -> tuple[str, str] | None:
     """A well-known OTLP path on the same server that takes an empty export, with whose path it is."""
     parts = urllib.parse.urlsplit(endpoint)
     for path, what in KNOWN_OTLP_PATHS.items():
@@ -534,8 +617,10 @@ def _demo_exporter_defaults(env: os._Environ[str], otlp_endpoint: str | None) ->
     if otlp_endpoint is not None:
         problem = otel.url_problem(otlp_endpoint.strip())
         if problem:
-            raise CommandError(f"--otlp-endpoint {echoed(redacted_url(otlp_endpoint))} is not valid: {problem}; "
-                               "expected http://host:port (a Collector) or the full URL a store takes")
+            raise CommandError(
+                f"--otlp-endpoint {echoed(redacted_url(otlp_endpoint))} is not valid: {problem}; "
+                "expected http://host:port (a Collector) or the full URL a store takes"
+            )
         otlp_endpoint = otlp_endpoint.strip()
         if urllib.parse.urlsplit(otlp_endpoint).path in ("", "/"):
             otlp_endpoint = f"{otlp_endpoint.removesuffix('/')}/v1/metrics"
@@ -608,7 +693,10 @@ def _format(value: object) -> str:
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         text = raw.strip()
-        if not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= len(str(high))) or not low <= int(text) <= high:
+        if (
+            not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= len(str(high)))
+            or not low <= int(text) <= high
+        ):
             raise argparse.ArgumentTypeError(f"{echoed(raw)} is not valid: expected an integer from {low} to {high}")
         return int(text)
 

@@ -80,7 +80,9 @@ def l2_norms(grads: Sequence[torch.Tensor], foreach: bool | None = None) -> tupl
     order: list[int] = []
     for (device, dtype), ([tensors], indices) in grouped.items():  # type: ignore[misc]
         wide = torch.float32 if dtype in _HALF else None
-        if (foreach is None and _has_foreach_support(tensors, device)) or (foreach and _device_has_foreach_support(device)):
+        if (foreach is None and _has_foreach_support(tensors, device)) or (
+            foreach and _device_has_foreach_support(device)
+        ):
             norms.extend(torch._foreach_norm(tensors, 2, dtype=wide) if wide else torch._foreach_norm(tensors, 2))
         elif foreach:
             raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
@@ -100,9 +102,15 @@ def _shareable(grads: Sequence[torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def clip_and_stage(parameters: Parameters, max_norm: float, norm_type: float, error_if_nonfinite: bool,
-                   foreach: bool | None, listeners: Sequence[ClipListener],
-                   original: Callable[..., torch.Tensor]) -> torch.Tensor:
+def clip_and_stage(
+    parameters: Parameters,
+    max_norm: float,
+    norm_type: float,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    listeners: Sequence[ClipListener],
+    original: Callable[..., torch.Tensor],
+) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_``, handing the norms it computes to ``listeners`` before it scales.
 
     Equal to torch's result for float32 and float64 gradients (same grouping, same ops, same order);
@@ -117,9 +125,14 @@ def clip_and_stage(parameters: Parameters, max_norm: float, norm_type: float, er
             ids.append(id(param))
             grads.append(grad)
     if not grads or float(norm_type) != 2.0 or not _shareable(grads):
-        return _measure_then(listeners, lambda: original(params, max_norm, norm_type=norm_type,
-                                                         error_if_nonfinite=error_if_nonfinite, foreach=foreach),
-                             max_norm, params)
+        return _measure_then(
+            listeners,
+            lambda: original(
+                params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
+            ),
+            max_norm,
+            params,
+        )
     norms, order = l2_norms(grads, foreach)
     first_device = grads[0].device
     total = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), 2.0)
@@ -127,7 +140,8 @@ def clip_and_stage(parameters: Parameters, max_norm: float, norm_type: float, er
         raise RuntimeError(
             "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be clipped. "
             "To disable this error and scale the gradients by the non-finite norm anyway, set "
-            "`error_if_nonfinite=False`")
+            "`error_if_nonfinite=False`"
+        )
     factor = torch.clamp(float(max_norm) / (total + CLIP_EPSILON), max=1.0)
     by_id = {ids[i]: norm for i, norm in zip(order, norms)}
     for listener in listeners:
@@ -142,7 +156,8 @@ def _scale(grads: list[torch.Tensor], factor: torch.Tensor, foreach: bool | None
     """``torch.nn.utils.clip_grads_with_norm_`` from the factor: the gradients are grouped once more, as there."""
     for (device, _), ([device_grads], _) in _group_tensors_by_device_and_dtype([grads]).items():  # type: ignore[misc]
         if (foreach is None and _has_foreach_support(device_grads, device)) or (
-                foreach and _device_has_foreach_support(device)):
+            foreach and _device_has_foreach_support(device)
+        ):
             torch._foreach_mul_(device_grads, factor.to(device))
         else:
             device_factor = factor.to(device)
@@ -150,8 +165,12 @@ def _scale(grads: list[torch.Tensor], factor: torch.Tensor, foreach: bool | None
                 grad.mul_(device_factor)
 
 
-def _measure_then(listeners: Sequence[ClipListener], clip: Callable[[], torch.Tensor | None], max_norm: float | None,
-                  params: list[torch.Tensor]) -> Any:
+def _measure_then(
+    listeners: Sequence[ClipListener],
+    clip: Callable[[], torch.Tensor | None],
+    max_norm: float | None,
+    params: list[torch.Tensor],
+) -> Any:
     """A clip whose norms cannot be shared: measure before it, run it, then note its factor (norm clips)."""
     for listener in listeners:
         _safely(listener, "clip", listener._measure_before_clip)
@@ -215,13 +234,19 @@ class _Patch:
         self._originals = {"clip_grad_norm_": norm, "clip_grad_value_": value}
 
         @functools.wraps(norm)
-        def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: float = 2.0,
-                            error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+        def clip_grad_norm_(
+            parameters: Parameters,
+            max_norm: float,
+            norm_type: float = 2.0,
+            error_if_nonfinite: bool = False,
+            foreach: bool | None = None,
+        ) -> torch.Tensor:
             params = _listed(parameters)
             listeners = self.listeners_of(params)
             if not listeners:
-                return norm(params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
-                            foreach=foreach)
+                return norm(
+                    params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
+                )
             return clip_and_stage(params, max_norm, norm_type, error_if_nonfinite, foreach, listeners, norm)
 
         @functools.wraps(value)
@@ -268,13 +293,17 @@ def unreachable_clip(model: nn.Module, *, deepspeed: bool = False) -> str | None
     """Why the package would see only clipped gradients of ``model``, with the way out; None when it would not."""
     names = {cls.__name__ for cls in type(model).__mro__}
     if deepspeed or "DeepSpeedEngine" in names:
-        return ("DeepSpeed clips inside its engine (its gradient_clipping setting), out of the package's reach: "
-                "the values are measured after clipping. Set gradient_clipping to 0 in the DeepSpeed config "
-                "to measure the gradients before any clip")
+        return (
+            "DeepSpeed clips inside its engine (its gradient_clipping setting), out of the package's reach: "
+            "the values are measured after clipping. Set gradient_clipping to 0 in the DeepSpeed config "
+            "to measure the gradients before any clip"
+        )
     if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
-        return ("FSDP1 clips with model.clip_grad_norm_, out of the package's reach: the values are measured "
-                "after clipping. Shard with fully_shard (FSDP2), whose gradients torch.nn.utils.clip_grad_norm_ "
-                "clips where the package measures them first, or do not clip")
+        return (
+            "FSDP1 clips with model.clip_grad_norm_, out of the package's reach: the values are measured "
+            "after clipping. Shard with fully_shard (FSDP2), whose gradients torch.nn.utils.clip_grad_norm_ "
+            "clips where the package measures them first, or do not clip"
+        )
     return None
 
 
@@ -363,8 +392,11 @@ class ClipFacts:
         self._totals: torch.Tensor | None = None  # [clipped steps, smallest factor]
 
     def add(self, factors: Sequence[torch.Tensor]) -> None:
-        factor = factors[0] if len(factors) == 1 else torch.stack(
-            [f.to(factors[0].device, torch.float32) for f in factors]).amin()
+        factor = (
+            factors[0]
+            if len(factors) == 1
+            else torch.stack([f.to(factors[0].device, torch.float32) for f in factors]).amin()
+        )
         self._waiting.append(factor)
         self.steps += 1
         if len(self._waiting) >= self._flush_every:

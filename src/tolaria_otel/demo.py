@@ -56,8 +56,14 @@ class Display(Protocol):
     def epoch(self, record: dict[str, Any]) -> None: ...
 
 
-def run_demo(options: DemoOptions, settings: SeedLayerSettings, provider: MeterProvider, out: TextIO,
-             display: Display, stop_requested: Callable[[], bool]) -> int:
+def run_demo(
+    options: DemoOptions,
+    settings: SeedLayerSettings,
+    provider: MeterProvider,
+    out: TextIO,
+    display: Display,
+    stop_requested: Callable[[], bool],
+) -> int:
     """Train ``options.epochs`` epochs, writing one JSON line per epoch to ``out``.
 
     Returns the number of finished epochs: fewer than asked when ``stop_requested()`` turned true,
@@ -156,8 +162,9 @@ class RichDisplay:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.steps = steps
-        self.progress = Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn())
+        self.progress = Progress(
+            TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        )
         self._epochs = self.progress.add_task("epochs", total=epochs)
         self._steps = self.progress.add_task("steps", total=steps)
 
@@ -174,16 +181,18 @@ class RichDisplay:
     def epoch(self, record: dict[str, Any]) -> None:
         from rich.table import Table
 
-        table = Table(title=f"epoch {record['epoch']}  loss {record['loss']:.4f}", title_justify="left",
-                      box=None, padding=(0, 1))
+        table = Table(
+            title=f"epoch {record['epoch']}  loss {record['loss']:.4f}", title_justify="left", box=None, padding=(0, 1)
+        )
         for column in ("seed", "stage", "total norm"):
             table.add_column(column, justify="right" if column == "total norm" else "left", no_wrap=True)
         table.add_column(f"top {record.get('top_k', '-')} layers", no_wrap=True)
         for seed in record["seeds"]:
             layers = "  ".join(f"{layer['layer']}={_number(layer['value'])}" for layer in seed["top_layers"])
             # Kasmina's prefix left out here only, to fit a terminal; the file and the metrics keep it.
-            table.add_row(seed["seed_id"], seed["stage"].removeprefix("SEED_STAGE_"), _number(seed["total_norm"]),
-                          layers)
+            table.add_row(
+                seed["seed_id"], seed["stage"].removeprefix("SEED_STAGE_"), _number(seed["total_norm"]), layers
+            )
         self.progress.console.print(table)
         self.progress.advance(self._epochs)
 

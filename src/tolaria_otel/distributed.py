@@ -136,8 +136,7 @@ def shard_weight(param: nn.Parameter) -> float | None:
     if dtensor is None or not isinstance(param, dtensor):
         return None
     mesh = param.device_mesh
-    return 1.0 / math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements)
-                           if not placement.is_shard())
+    return 1.0 / math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if not placement.is_shard())
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,13 @@ class SlotLayout:
                 if at_end:
                     listed.add(seed_id)
         steps = max(steps for _, _, _, steps in descriptors) if sharded else 0
-        return cls(tuple(sorted(slots)), dict(sorted(stages.items())), tuple(sorted(sharded)), steps,
-                   frozenset(stages.keys() - listed))
+        return cls(
+            tuple(sorted(slots)),
+            dict(sorted(stages.items())),
+            tuple(sorted(sharded)),
+            steps,
+            frozenset(stages.keys() - listed),
+        )
 
 
 #: Sampled steps whose per-step squares of the sharded slots are summed across ranks by one
@@ -233,7 +237,7 @@ class ShardedChunks:
         block = torch.zeros(self.length, dtype=torch.float32, device=device)
         if not k or segments is None:
             return block
-        rows = block[:2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)
+        rows = block[: 2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)
         for segment in segments:
             known = [i for i, slot in enumerate(segment.sharded_slots) if slot in self._index]
             if not known or not segment.rows:
@@ -243,15 +247,18 @@ class ShardedChunks:
             columns = [self._index[segment.sharded_slots[i]] for i in known]
             into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device).unsqueeze(0)
             for step_indices, segment_rows in segment.rows:
-                mine = [(i, step - self._first) for i, step in enumerate(step_indices)
-                        if 0 <= step - self._first < CHUNK_STEPS]
+                mine = [
+                    (i, step - self._first)
+                    for i, step in enumerate(step_indices)
+                    if 0 <= step - self._first < CHUNK_STEPS
+                ]
                 if not mine:
                     continue
                 source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=segment_rows.device)
                 at = torch.tensor([row for _, row in mine], dtype=torch.long, device=device).unsqueeze(1)
                 values = segment_rows.index_select(0, source).index_select(1, picked.to(segment_rows.device))
                 rows.index_put_((at, into), values.to(device), accumulate=True)
-        block[2 * CHUNK_STEPS * k:] = (rows[:, :k] != 0).any(0)
+        block[2 * CHUNK_STEPS * k :] = (rows[:, :k] != 0).any(0)
         return block
 
     def wait(self) -> None:
@@ -271,21 +278,25 @@ class ShardedChunks:
         k = len(self.slots)
         if not steps:  # an epoch of whole chunks: its last one is empty
             return torch.zeros(statistics_length(k), device=block.device) if self._stats is None else self._stats
-        rows = block[:2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)[:steps]
-        holders = block[2 * CHUNK_STEPS * k:].clamp(min=1.0)
+        rows = block[: 2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)[:steps]
+        holders = block[2 * CHUNK_STEPS * k :].clamp(min=1.0)
         sums, maxima, counts = slot_statistics(rows[:, :k] / holders + rows[:, k:], bucket_bounds(block.device))
         chunk = torch.cat([sums, maxima, counts.flatten().float()])
         if self._stats is None:
             return chunk
         total = self._stats.to(block.device).clone()
         total[:k] += sums
-        torch.maximum(total[k:2 * k], maxima, out=total[k:2 * k])
-        total[2 * k:] += chunk[2 * k:]
+        torch.maximum(total[k : 2 * k], maxima, out=total[k : 2 * k])
+        total[2 * k :] += chunk[2 * k :]
         return total
 
     def _warn(self, what: str) -> None:
-        _logger.log(logging.DEBUG if self._warned else logging.WARNING,
-                    "tolaria_otel: %s; it contributes nothing to it", what, exc_info=not self._warned)
+        _logger.log(
+            logging.DEBUG if self._warned else logging.WARNING,
+            "tolaria_otel: %s; it contributes nothing to it",
+            what,
+            exc_info=not self._warned,
+        )
         self._warned = True
 
 
@@ -318,8 +329,10 @@ class RankReduction:
         if group is None:
             return None
         if export_rank >= group[1]:
-            raise SettingsError(f"export_rank={export_rank} is not valid: expected a rank from 0 to {group[1] - 1} "
-                                f"(world size {group[1]}; set by {ENV_EXPORT_RANK})")
+            raise SettingsError(
+                f"export_rank={export_rank} is not valid: expected a rank from 0 to {group[1] - 1} "
+                f"(world size {group[1]}; set by {ENV_EXPORT_RANK})"
+            )
         return cls(*group)
 
     def begin(self, segment: Segment) -> None:
@@ -333,8 +346,14 @@ class RankReduction:
         self._chunks.stepped(segments, epoch_steps, home)
 
     @torch.no_grad()
-    def reduce(self, segments: Sequence[Segment] | None, steps: int, stages: Mapping[str, str],
-               listed: Collection[str], home: torch.device) -> tuple[EpochSums, Mapping[str, str], frozenset[str]]:
+    def reduce(
+        self,
+        segments: Sequence[Segment] | None,
+        steps: int,
+        stages: Mapping[str, str],
+        listed: Collection[str],
+        home: torch.device,
+    ) -> tuple[EpochSums, Mapping[str, str], frozenset[str]]:
         """All-reduce the epoch: one collective while no rank's slots or stages changed; when some did,
         a layout exchange and a second all-reduce in the agreed new layout.
 
@@ -348,15 +367,19 @@ class RankReduction:
                     segment.absorb()
                 facts = host_facts(segments)
         except Exception:  # telemetry must never stop (or hang) training
-            _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
-                            self.rank, exc_info=True)
+            _logger.warning(
+                "tolaria_otel: rank %d could not measure its epoch; it contributes nothing", self.rank, exc_info=True
+            )
             segments, facts = None, None
         self._chunks.wait()
         sharded = () if segments is None or facts is None else _sharded_slots(segments)
         unchunked = set(sharded) - set(self._chunks.slots)
-        descriptor: Descriptor = ((() if facts is None else facts.slots),
-                                  tuple((seed_id, stage, seed_id in listed) for seed_id, stage in sorted(stages.items())),
-                                  sharded, steps if unchunked else 0)
+        descriptor: Descriptor = (
+            (() if facts is None else facts.slots),
+            tuple((seed_id, stage, seed_id in listed) for seed_id, stage in sorted(stages.items())),
+            sharded,
+            steps if unchunked else 0,
+        )
         if self._agreed is None:
             self._agree(descriptor)
         changed = descriptor != self._contributed
@@ -369,8 +392,9 @@ class RankReduction:
         self._chunks = ShardedChunks(self._agreed.sharded)  # the next epoch's chunks carry every sharded slot
         return self._epoch(values), self._agreed.stages, self._agreed.left
 
-    def _all_reduce(self, segments: Sequence[Segment] | None, facts: HostFacts | None, steps: int,
-                    home: torch.device, changed: bool) -> list[float]:
+    def _all_reduce(
+        self, segments: Sequence[Segment] | None, facts: HostFacts | None, steps: int, home: torch.device, changed: bool
+    ) -> list[float]:
         """Reduce, and compute the statistics on the device: the epoch's one host copy (steady state)."""
         layout = self._agreed
         assert layout is not None
@@ -381,12 +405,13 @@ class RankReduction:
         try:
             vector = self._local(segments, facts, layout, device)
         except Exception:  # telemetry must never stop (or hang) training
-            _logger.warning("tolaria_otel: rank %d could not measure its epoch; it contributes nothing",
-                            self.rank, exc_info=True)
+            _logger.warning(
+                "tolaria_otel: rank %d could not measure its epoch; it contributes nothing", self.rank, exc_info=True
+            )
             vector = torch.zeros(self._length(layout), dtype=torch.float32, device=device)
         vector = torch.cat([vector, torch.tensor(tail, dtype=torch.float32).to(device)])
         dist.all_reduce(vector)
-        return torch.cat([self._statistics(vector, layout), vector[-(self.world_size + 1):]]).tolist()
+        return torch.cat([self._statistics(vector, layout), vector[-(self.world_size + 1) :]]).tolist()
 
     def _unchunked(self, layout: SlotLayout) -> tuple[Slot, ...]:
         """The sharded slots whose rows the epoch end reduces: those the chunks did not carry."""
@@ -396,10 +421,13 @@ class RankReduction:
         """The reduced vector before its tail: ``[statistics | tensor counts | measured | numel | seed steps |
         holders | gradient tensors | last chunk | unchunked rows]``."""
         n = len(layout.slots)
-        return _summed_length(n) + HOST_FACTS * n + self._chunks.length + 2 * layout.steps * len(self._unchunked(layout))
+        return (
+            _summed_length(n) + HOST_FACTS * n + self._chunks.length + 2 * layout.steps * len(self._unchunked(layout))
+        )
 
-    def _local(self, segments: Sequence[Segment] | None, facts: HostFacts | None, layout: SlotLayout,
-               device: torch.device) -> torch.Tensor:
+    def _local(
+        self, segments: Sequence[Segment] | None, facts: HostFacts | None, layout: SlotLayout, device: torch.device
+    ) -> torch.Tensor:
         """This rank's contribution in the agreed layout: the statistics of the slots it measured, the
         host facts, the last chunk, then the rows of the sharded slots not chunked."""
         n = len(layout.slots)
@@ -408,16 +436,21 @@ class RankReduction:
             return vector
         index = {slot: i for i, slot in enumerate(layout.slots)}
         # The slots this rank measured: one that held no gradient here must not dilute the mean.
-        mine = [(i, index[slot]) for i, (slot, measured) in enumerate(zip(facts.slots, facts.measured))
-                if measured and slot in index]
+        mine = [
+            (i, index[slot])
+            for i, (slot, measured) in enumerate(zip(facts.slots, facts.measured))
+            if measured and slot in index
+        ]
         if mine:
             m = len(facts.slots)
-            sums, maxima, counts, tensors = fold_statistics(segments, facts, device).to(device).split(
-                [m, m, m * COLUMNS, tensor_counts_length(m)])
+            sums, maxima, counts, tensors = (
+                fold_statistics(segments, facts, device).to(device).split([m, m, m * COLUMNS, tensor_counts_length(m)])
+            )
             source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=device)
             target = torch.tensor([j for _, j in mine], dtype=torch.long, device=device)
-            into_sums, into_maxima, into_counts, into_tensors = vector[:_summed_length(n)].split(
-                [n, n, n * COLUMNS, tensor_counts_length(n)])
+            into_sums, into_maxima, into_counts, into_tensors = vector[: _summed_length(n)].split(
+                [n, n, n * COLUMNS, tensor_counts_length(n)]
+            )
             into_sums[target] = sums[source]
             into_maxima[target] = maxima[source]
             into_counts.view(n, COLUMNS)[target] = counts.view(m, COLUMNS)[source]
@@ -435,9 +468,9 @@ class RankReduction:
                 host[2 * n + i] = float(facts.seed_steps[slot[0]])
                 host[3 * n + i] = 1.0
         start = _summed_length(n)
-        vector[start:start + HOST_FACTS * n] = torch.tensor(host, dtype=torch.float32).to(device)
+        vector[start : start + HOST_FACTS * n] = torch.tensor(host, dtype=torch.float32).to(device)
         start += HOST_FACTS * n
-        vector[start:start + self._chunks.length] = self._chunks.block(segments, device)
+        vector[start : start + self._chunks.length] = self._chunks.block(segments, device)
         start += self._chunks.length
         unchunked = self._unchunked(layout)
         if unchunked:
@@ -468,7 +501,7 @@ class RankReduction:
         n = len(layout.slots)
         index = {slot: i for i, slot in enumerate(layout.slots)}
         start = _summed_length(n)
-        host = vector[start:start + HOST_FACTS * n]
+        host = vector[start : start + HOST_FACTS * n]
         holders = host[:n].clamp(min=1.0)
         sums, maxima, counts, tensors = vector[:start].split([n, n, n * COLUMNS, tensor_counts_length(n)])
         sums, maxima = sums / holders, maxima / holders
@@ -480,17 +513,17 @@ class RankReduction:
         chunked = [(j, index[slot]) for j, slot in enumerate(self._chunks.slots) if slot in index]
         if chunked:
             k = len(self._chunks.slots)
-            chunk = self._chunks.statistics(vector[start:start + self._chunks.length], self._chunks.tail_steps)
+            chunk = self._chunks.statistics(vector[start : start + self._chunks.length], self._chunks.tail_steps)
             source = torch.tensor([j for j, _ in chunked], dtype=torch.long, device=vector.device)
             target = torch.tensor([i for _, i in chunked], dtype=torch.long, device=vector.device)
             sums[target] = chunk[:k][source]
-            maxima[target] = chunk[k:2 * k][source]
-            counts[target] = chunk[2 * k:].view(k, COLUMNS)[source]
+            maxima[target] = chunk[k : 2 * k][source]
+            counts[target] = chunk[2 * k :].view(k, COLUMNS)[source]
         start += self._chunks.length
         unchunked = self._unchunked(layout)
         if unchunked and layout.steps:
             k = len(unchunked)
-            rows = vector[start:start + 2 * layout.steps * k].view(layout.steps, 2 * k)
+            rows = vector[start : start + 2 * layout.steps * k].view(layout.steps, 2 * k)
             columns = torch.tensor([index[slot] for slot in unchunked], dtype=torch.long, device=vector.device)
             steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
             sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
@@ -503,14 +536,20 @@ class RankReduction:
         n = len(layout.slots)
         length = _summed_length(n)
         measured, numel, seed_steps, holders, tensors = (
-            values[length + i * n:length + (i + 1) * n] for i in range(HOST_FACTS))
+            values[length + i * n : length + (i + 1) * n] for i in range(HOST_FACTS)
+        )
         facts = HostFacts(
-            layout.slots, tuple(m > 0 for m in measured),
+            layout.slots,
+            tuple(m > 0 for m in measured),
             tuple(round(size / max(m, 1.0)) for size, m in zip(numel, measured)),
-            {slot[0]: round(total / count) for slot, total, count in zip(layout.slots, seed_steps, holders)
-             if slot[1] == TOTAL and count},
-            tuple(round(count / max(m, 1.0)) for count, m in zip(tensors, measured)))
-        return epoch_sums(facts, values[:length], self._agreed_steps(values[-(self.world_size + 1):-1]))
+            {
+                slot[0]: round(total / count)
+                for slot, total, count in zip(layout.slots, seed_steps, holders)
+                if slot[1] == TOTAL and count
+            },
+            tuple(round(count / max(m, 1.0)) for count, m in zip(tensors, measured)),
+        )
+        return epoch_sums(facts, values[:length], self._agreed_steps(values[-(self.world_size + 1) : -1]))
 
     def _agree(self, descriptor: Descriptor) -> None:
         """Agree on the slot layout: every rank learns what every other rank holds."""
@@ -523,8 +562,10 @@ class RankReduction:
         """Ranks step together, so their counts agree; if one fell behind, the most any rank saw."""
         if min(counts) != max(counts) and not self._warned_steps:
             self._warned_steps = True
-            _logger.warning("tolaria_otel: ranks sampled different numbers of steps this epoch (%s); "
-                            "reporting the largest", ", ".join(str(int(c)) for c in counts))
+            _logger.warning(
+                "tolaria_otel: ranks sampled different numbers of steps this epoch (%s); reporting the largest",
+                ", ".join(str(int(c)) for c in counts),
+            )
         return int(max(counts))
 
 

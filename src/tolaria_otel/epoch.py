@@ -45,8 +45,10 @@ def segment_key(seeds: Mapping[str, SeedView], host: Sequence[nn.Parameter] = ()
 
     Parameter ids cannot be reused while a segment holds the parameters.
     """
-    key = tuple((seed_id, tuple((id(p), p.requires_grad, p.device) for p in module_parameters(view.module)))
-                for seed_id, view in seeds.items())
+    key = tuple(
+        (seed_id, tuple((id(p), p.requires_grad, p.device) for p in module_parameters(view.module)))
+        for seed_id, view in seeds.items()
+    )
     return (*key, (HOST, tuple((id(p), p.device) for p in host))) if host else key
 
 
@@ -110,7 +112,8 @@ class SlotStats:
         length = statistics_length(slot_count)
         self.values = torch.zeros(length + tensor_counts_length(slot_count), dtype=torch.float32, device=device)
         self.sums, self.maxima, counts, tensors = self.values.split(
-            [slot_count, slot_count, slot_count * COLUMNS, tensor_counts_length(slot_count)])
+            [slot_count, slot_count, slot_count * COLUMNS, tensor_counts_length(slot_count)]
+        )
         self.counts = counts.view(slot_count, COLUMNS)
         #: ``[TENSOR_COUNTS, slots]``: added at every batch, single process or not (norms.StepNorms.take_rows).
         self.tensors = tensors.view(TENSOR_COUNTS, slot_count)
@@ -128,9 +131,15 @@ class SlotStats:
 class Segment:
     """The measured parameters of one set of seed modules, and the sampled steps it was current."""
 
-    def __init__(self, seeds: Mapping[str, SeedView], key: SegmentKey, *, host: Sequence[nn.Parameter] = (),
-                 keep_rows: bool = False,
-                 tensor_bounds: tuple[float, float] = (TENSOR_VANISHING_BELOW, TENSOR_EXPLODING_ABOVE)) -> None:
+    def __init__(
+        self,
+        seeds: Mapping[str, SeedView],
+        key: SegmentKey,
+        *,
+        host: Sequence[nn.Parameter] = (),
+        keep_rows: bool = False,
+        tensor_bounds: tuple[float, float] = (TENSOR_VANISHING_BELOW, TENSOR_EXPLODING_ABOVE),
+    ) -> None:
         from .distributed import local_gradients, shard_weight  # DTensor support, loaded only when needed
 
         self.key = key
@@ -196,8 +205,9 @@ class Segment:
         self.stats.update(rows[:, :n].contiguous() if self.norms.sharded else rows)
         if self._sharded_columns is not None:
             columns = self._sharded_columns
-            self.rows.append((self._row_steps, torch.cat([rows.index_select(1, columns),
-                                                          rows.index_select(1, columns + n)], dim=1)))
+            self.rows.append(
+                (self._row_steps, torch.cat([rows.index_select(1, columns), rows.index_select(1, columns + n)], dim=1))
+            )
             self._row_steps = []
 
     def reset(self) -> None:
@@ -243,10 +253,13 @@ def host_facts(segments: Sequence[Segment]) -> HostFacts:
     active = [segment for segment in segments if segment.steps]
     if len(active) == 1 and active[0].norms.steps_all_present:  # the usual epoch: every parameter had a gradient
         segment = active[0]
-        return HostFacts(tuple(segment.slots), tuple(bool(params) for params in segment.slot_params),
-                         tuple(segment.slot_numel),
-                         dict.fromkeys(sorted(segment.seed_ids), segment.steps),
-                         tuple(len(params) for params in segment.slot_params))
+        return HostFacts(
+            tuple(segment.slots),
+            tuple(bool(params) for params in segment.slot_params),
+            tuple(segment.slot_numel),
+            dict.fromkeys(sorted(segment.seed_ids), segment.steps),
+            tuple(len(params) for params in segment.slot_params),
+        )
     seed_steps: dict[str, int] = {}
     measured: dict[Slot, bool] = {}
     numel: dict[Slot, int] = {}
@@ -260,8 +273,13 @@ def host_facts(segments: Sequence[Segment]) -> HostFacts:
             numel[slot] = max(numel.get(slot, 0), sum(segment.numel[i] for i in params if had[i]))
             tensors[slot] = max(tensors.get(slot, 0), sum(had[i] for i in params))
     slots = tuple(sorted(measured))
-    return HostFacts(slots, tuple(measured[s] for s in slots), tuple(numel[s] for s in slots), seed_steps,
-                     tuple(tensors[s] for s in slots))
+    return HostFacts(
+        slots,
+        tuple(measured[s] for s in slots),
+        tuple(numel[s] for s in slots),
+        seed_steps,
+        tuple(tensors[s] for s in slots),
+    )
 
 
 def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int) -> EpochSums:
@@ -269,16 +287,27 @@ def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int) -> EpochSu
     host; the health counts when the vector goes on with them (``tensor_counts_length``)."""
     n = len(facts.slots)
     length = statistics_length(n)
-    counts = values[2 * n:length]
-    tensors = values[length:length + tensor_counts_length(n)]
+    counts = values[2 * n : length]
+    tensors = values[length : length + tensor_counts_length(n)]
     counted = len(tensors) == tensor_counts_length(n)
     return EpochSums(
-        facts.slots, values[:n], values[n:2 * n],
-        [int(counts[i * COLUMNS + BUCKETS]) for i in range(n)], facts.measured, facts.numel,
-        {seed: tuple(int(c) for c in counts[i * COLUMNS:i * COLUMNS + BUCKETS])
-         for i, (seed, layer) in enumerate(facts.slots) if layer == TOTAL},
-        facts.seed_steps, steps, facts.tensors,
-        _counts(tensors[:n]) if counted else None, _counts(tensors[n:]) if counted else None)
+        facts.slots,
+        values[:n],
+        values[n : 2 * n],
+        [int(counts[i * COLUMNS + BUCKETS]) for i in range(n)],
+        facts.measured,
+        facts.numel,
+        {
+            seed: tuple(int(c) for c in counts[i * COLUMNS : i * COLUMNS + BUCKETS])
+            for i, (seed, layer) in enumerate(facts.slots)
+            if layer == TOTAL
+        },
+        facts.seed_steps,
+        steps,
+        facts.tensors,
+        _counts(tensors[:n]) if counted else None,
+        _counts(tensors[n:]) if counted else None,
+    )
 
 
 def _counts(values: Sequence[float]) -> list[int | None]:

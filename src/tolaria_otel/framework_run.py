@@ -39,22 +39,31 @@ class RunOptions:
     def __post_init__(self) -> None:
         every = self.every_n_steps
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(f"every_n_steps={every!r} is not valid: expected None (summarise at each epoch end) "
-                             "or an int >= 1 (summarise every that many optimizer steps)")
+            raise ValueError(
+                f"every_n_steps={every!r} is not valid: expected None (summarise at each epoch end) "
+                "or an int >= 1 (summarise every that many optimizer steps)"
+            )
         if self.on_summary is not None and not callable(self.on_summary):
-            raise TypeError(f"on_summary is {type(self.on_summary).__name__}: expected a callable taking an "
-                            "EpochSummary, or None")
+            raise TypeError(
+                f"on_summary is {type(self.on_summary).__name__}: expected a callable taking an EpochSummary, or None"
+            )
 
 
 class FrameworkRun:
     """The telemetry of one run of a framework's training loop, from its start to its end."""
 
-    def __init__(self, model: nn.Module, optimizers: Sequence[object], options: RunOptions, *,
-                 deepspeed: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, optimizers: Sequence[object], options: RunOptions, *, deepspeed: bool = False
+    ) -> None:
         self.options = options
-        self.telemetry = SeedLayerTelemetry(model, options.seeds, settings=options.settings,
-                                            meter_provider=options.meter_provider, attributes=options.attributes,
-                                            stage_names=options.stage_names)
+        self.telemetry = SeedLayerTelemetry(
+            model,
+            options.seeds,
+            settings=options.settings,
+            meter_provider=options.meter_provider,
+            attributes=options.attributes,
+            stage_names=options.stage_names,
+        )
         self._steps_unsummarised = 0
         self._hook: RemovableHandle | None = None
         if self.telemetry.enabled:
@@ -127,8 +136,15 @@ class FrameworkCallback:
         on_summary: Callable[[EpochSummary], object] | None = None,
     ) -> None:
         super().__init__()
-        self.options = RunOptions(seeds, SeedLayerSettings.from_env() if settings is None else settings,
-                                  meter_provider, attributes, stage_names, every_n_steps, on_summary)
+        self.options = RunOptions(
+            seeds,
+            SeedLayerSettings.from_env() if settings is None else settings,
+            meter_provider,
+            attributes,
+            stage_names,
+            every_n_steps,
+            on_summary,
+        )
         self._run: FrameworkRun | None = None
 
     @property

@@ -23,8 +23,9 @@ SPIKE_ABOVE = 10.0
 HEALTH_STATES = ("not_measured", "nonfinite", "exploding", "vanishing", "healthy")
 
 
-def classify(total_norm: float | None, max_norm: float | None, layer_norms: Iterable[float | None],
-             nonfinite_steps: int) -> str:
+def classify(
+    total_norm: float | None, max_norm: float | None, layer_norms: Iterable[float | None], nonfinite_steps: int
+) -> str:
     """A seed's health from its summary's values (``SeedSummary.health``), before the summary is built."""
     if total_norm is None:
         return "not_measured"
@@ -32,7 +33,8 @@ def classify(total_norm: float | None, max_norm: float | None, layer_norms: Iter
     if nonfinite_steps or not all(math.isfinite(v) for v in (total_norm, *values)):
         return "nonfinite"
     if any(v > EXPLODING_ABOVE for v in values) or (
-            max_norm is not None and total_norm > 0 and max_norm > SPIKE_ABOVE * total_norm):
+        max_norm is not None and total_norm > 0 and max_norm > SPIKE_ABOVE * total_norm
+    ):
         return "exploding"
     if max(values, default=0.0) < VANISHING_BELOW:
         return "vanishing"

@@ -89,27 +89,62 @@ _PointKey = frozenset[tuple[str, object]]
 #: SEED_NORM comes first: its callback, the first of a collection, counts the collections after close().
 _GAUGES = (
     (SEED_NORM, UNIT, "Per seed, RMS over the epoch's sampled optimizer steps of the L2 norm of all its gradients."),
-    (SEED_NORM_MAX, UNIT, "Per seed, the largest per-step L2 norm of all its gradients over the epoch's sampled "
-     "optimizer steps (a spike the RMS hides)."),
-    (SEED_HOST_RATIO, "", "Per seed, (seed norm / host norm) x sqrt(host parameters / seed parameters), epoch RMS "
-     "norms (TOLARIA_SEED_HOST_NORM)."),
-    (HOST_NORM, UNIT, "The host's gradient norm (every trainable parameter outside the seeds), RMS over the epoch's "
-     "sampled optimizer steps (TOLARIA_SEED_HOST_NORM)."),
-    (SEED_NOT_MEASURED, "", "1 for a seed that had no gradient at any sampled step of the epoch (not a zero "
-     "gradient: none at all)."),
+    (
+        SEED_NORM_MAX,
+        UNIT,
+        "Per seed, the largest per-step L2 norm of all its gradients over the epoch's sampled "
+        "optimizer steps (a spike the RMS hides).",
+    ),
+    (
+        SEED_HOST_RATIO,
+        "",
+        "Per seed, (seed norm / host norm) x sqrt(host parameters / seed parameters), epoch RMS "
+        "norms (TOLARIA_SEED_HOST_NORM).",
+    ),
+    (
+        HOST_NORM,
+        UNIT,
+        "The host's gradient norm (every trainable parameter outside the seeds), RMS over the epoch's "
+        "sampled optimizer steps (TOLARIA_SEED_HOST_NORM).",
+    ),
+    (
+        SEED_NOT_MEASURED,
+        "",
+        "1 for a seed that had no gradient at any sampled step of the epoch (not a zero gradient: none at all).",
+    ),
     (SETTINGS_INFO, "", "1 while the per-layer seed summaries are on; attributes give the effective settings."),
     (SERIES_BUDGET, "", "Per-layer series this trainer may export now: top_k x active seeds (0 in compact mode)."),
-    (LAYER_NORM, UNIT, "Top-K layers per seed: RMS over the epoch's sampled optimizer steps of the L2 norm of the "
-     "layer's direct parameters' gradients."),
-    (LAYER_NORM_MAX, UNIT, "Top-K layers per seed (ranked by RMS): the largest per-step L2 norm of the layer's "
-     "direct parameters' gradients over the epoch's sampled optimizer steps."),
+    (
+        LAYER_NORM,
+        UNIT,
+        "Top-K layers per seed: RMS over the epoch's sampled optimizer steps of the L2 norm of the "
+        "layer's direct parameters' gradients.",
+    ),
+    (
+        LAYER_NORM_MAX,
+        UNIT,
+        "Top-K layers per seed (ranked by RMS): the largest per-step L2 norm of the layer's "
+        "direct parameters' gradients over the epoch's sampled optimizer steps.",
+    ),
     (LAYER_NONFINITE, "", "1 for a top-K layer whose epoch gradient norm is NaN or Inf."),
-    (CLIP_STEPS, "", "Sampled optimizer steps of the epoch at which the package saw a gradient clip (exported "
-     "only in epochs with one)."),
-    (CLIPPED_STEPS, "", "Sampled optimizer steps of the epoch whose gradient clip scaled the gradients down; the "
-     "norms are measured before it."),
-    (MIN_CLIP_FACTOR, "", "The smallest factor the gradient clip applied in the epoch's sampled steps, "
-     "min(max_norm / (total + 1e-6), 1); 1 when it never scaled."),
+    (
+        CLIP_STEPS,
+        "",
+        "Sampled optimizer steps of the epoch at which the package saw a gradient clip (exported "
+        "only in epochs with one).",
+    ),
+    (
+        CLIPPED_STEPS,
+        "",
+        "Sampled optimizer steps of the epoch whose gradient clip scaled the gradients down; the "
+        "norms are measured before it.",
+    ),
+    (
+        MIN_CLIP_FACTOR,
+        "",
+        "The smallest factor the gradient clip applied in the epoch's sampled steps, "
+        "min(max_norm / (total + 1e-6), 1); 1 when it never scaled.",
+    ),
 )
 
 
@@ -127,14 +162,21 @@ def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
 
     settings = SeedLayerSettings.from_env() if settings is None else settings
     seed_limit, layer_limit = stream_limits(settings)
-    views = [View(instrument_name=name, aggregation_cardinality_limit=seed_limit)
-             for name in (*_SEED_GAUGES, SETTINGS_INFO, SERIES_BUDGET)]
+    views = [
+        View(instrument_name=name, aggregation_cardinality_limit=seed_limit)
+        for name in (*_SEED_GAUGES, SETTINGS_INFO, SERIES_BUDGET)
+    ]
     boundaries = STEP_NORM_BOUNDARIES.get(settings.step_norm_histogram)
     if boundaries is None:
         views.append(View(instrument_name=SEED_STEP_NORM, aggregation=DropAggregation()))
     else:
-        views.append(View(instrument_name=SEED_STEP_NORM, aggregation_cardinality_limit=seed_limit,
-                          aggregation=ExplicitBucketHistogramAggregation(boundaries)))
+        views.append(
+            View(
+                instrument_name=SEED_STEP_NORM,
+                aggregation_cardinality_limit=seed_limit,
+                aggregation=ExplicitBucketHistogramAggregation(boundaries),
+            )
+        )
     for name in _LAYER_INSTRUMENTS:
         if settings.compact:
             views.append(View(instrument_name=name, aggregation=DropAggregation()))
@@ -153,8 +195,9 @@ def stream_limits(settings: SeedLayerSettings) -> tuple[int, int]:
     return seeds, seeds * settings.top_k
 
 
-def snapshot_points(summary: EpochSummary, emit_layers: bool,
-                    identity: Mapping[str, str] | None = None) -> dict[str, list[Observation]]:
+def snapshot_points(
+    summary: EpochSummary, emit_layers: bool, identity: Mapping[str, str] | None = None
+) -> dict[str, list[Observation]]:
     """The points an epoch summary exports, per instrument.
 
     Non-finite values go to ``layer_nonfinite`` (value 1) because the SDK drops, with a warning,
@@ -205,8 +248,9 @@ def trainer_scope(identity: Mapping[str, str]) -> str:
 _trainers: weakref.WeakKeyDictionary[Any, dict[str, SeedLayerInstruments]] = weakref.WeakKeyDictionary()
 
 
-def trainer_instruments(meter_provider: MeterProvider, settings: SeedLayerSettings,
-                        identity: Mapping[str, str]) -> SeedLayerInstruments:
+def trainer_instruments(
+    meter_provider: MeterProvider, settings: SeedLayerSettings, identity: Mapping[str, str]
+) -> SeedLayerInstruments:
     """The instruments of the trainer ``identity`` on ``meter_provider``, opened for ``settings``.
 
     Raises ValueError when a trainer with the same identity exports there and is not closed.
@@ -226,8 +270,12 @@ def trainer_instruments(meter_provider: MeterProvider, settings: SeedLayerSettin
 class SeedLayerInstruments:
     """Publishes one trainer's epoch summaries to observable gauges on its own meter."""
 
-    def __init__(self, meter_provider: MeterProvider, identity: Mapping[str, str] | None = None,
-                 settings: SeedLayerSettings | None = None) -> None:
+    def __init__(
+        self,
+        meter_provider: MeterProvider,
+        identity: Mapping[str, str] | None = None,
+        settings: SeedLayerSettings | None = None,
+    ) -> None:
         self._identity = dict(identity or {})
         self._lock = threading.Lock()
         self._is_open = False
@@ -249,10 +297,12 @@ class SeedLayerInstruments:
         # the resolution of the settings this identity was first opened with.
         resolution = (settings or SeedLayerSettings()).step_norm_histogram
         self._step_norm: Histogram = meter.create_histogram(
-            SEED_STEP_NORM, unit=UNIT,
+            SEED_STEP_NORM,
+            unit=UNIT,
             explicit_bucket_boundaries_advisory=STEP_NORM_BOUNDARIES.get(resolution, STEP_NORM_BOUNDARIES["coarse"]),
             description="Per seed, the distribution of its per-step gradient L2 norm over the epoch's sampled "
-            "optimizer steps; recorded at each epoch end (a value per step, at its bucket's upper bound).")
+            "optimizer steps; recorded at each epoch end (a value per step, at its bucket's upper bound).",
+        )
         #: Every instrument of this trainer (the SDK state of each is released as seeds come and go).
         self.streams: list[Asynchronous | Histogram] = [*gauges, self._step_norm]
         self._can_release = True
@@ -261,16 +311,27 @@ class SeedLayerInstruments:
         with self._lock:
             if self._is_open:
                 who = f"attributes {self._identity}" if self._identity else "no attributes"
-                raise ValueError(f"a SeedLayerTelemetry with {who} already exports on this meter provider: give "
-                                 "each trainer distinct attributes=, for example {'env_id': '1'}")
+                raise ValueError(
+                    f"a SeedLayerTelemetry with {who} already exports on this meter provider: give "
+                    "each trainer distinct attributes=, for example {'env_id': '1'}"
+                )
             self._is_open = True
             self._emit_layers = settings.emits_layers
             self._max_seeds = settings.max_seeds
             self._record_steps = settings.step_norm_histogram != "off"
             # The signal alert rules need to tell "feature on, nothing measured" from "feature off".
-            self._settings_info = [Observation(1, {
-                **self._identity, "enabled": "true", "top_k": str(settings.top_k),
-                "compact": str(settings.compact).lower(), "sample_every": str(settings.sample_every)})]
+            self._settings_info = [
+                Observation(
+                    1,
+                    {
+                        **self._identity,
+                        "enabled": "true",
+                        "top_k": str(settings.top_k),
+                        "compact": str(settings.compact).lower(),
+                        "sample_every": str(settings.sample_every),
+                    },
+                )
+            ]
             self._points = {SETTINGS_INFO: self._settings_info}
             self._final_collections = -1
 
@@ -290,11 +351,16 @@ class SeedLayerInstruments:
             self._previous_keys = keys
         if self._record_steps:
             self._record_distribution(summary)
-        if not steady and self._can_release and not release_idle_attribute_sets(self.streams,
-                                                                                lambda a: _key(a) in keep):
+        if (
+            not steady
+            and self._can_release
+            and not release_idle_attribute_sets(self.streams, lambda a: _key(a) in keep)
+        ):
             self._can_release = False
-            _logger.warning("tolaria_otel: this OpenTelemetry SDK does not let the package release idle attribute "
-                            "sets; a long run with many seeds may reach the streams' cardinality limits")
+            _logger.warning(
+                "tolaria_otel: this OpenTelemetry SDK does not let the package release idle attribute "
+                "sets; a long run with many seeds may reach the streams' cardinality limits"
+            )
 
     def _exported_seeds(self, summary: EpochSummary) -> EpochSummary:
         """``summary`` with its first ``max_seeds`` seeds (by seed id), warning once when that leaves some out."""
@@ -304,18 +370,30 @@ class SeedLayerInstruments:
         if not self._warned_max_seeds:
             self._warned_max_seeds = True
             first_left = next(seed_id for seed_id in summary.seeds if seed_id not in kept)
-            _logger.warning("tolaria_otel: %d seeds at epoch %d, %s=%d: the %d from seed %r on are not exported "
-                            "(the EpochSummary has them all); raise %s to export them (said once)",
-                            len(summary.seeds), summary.epoch, ENV_MAX_SEEDS, self._max_seeds,
-                            len(summary.seeds) - self._max_seeds, first_left, ENV_MAX_SEEDS)
+            _logger.warning(
+                "tolaria_otel: %d seeds at epoch %d, %s=%d: the %d from seed %r on are not exported "
+                "(the EpochSummary has them all); raise %s to export them (said once)",
+                len(summary.seeds),
+                summary.epoch,
+                ENV_MAX_SEEDS,
+                self._max_seeds,
+                len(summary.seeds) - self._max_seeds,
+                first_left,
+                ENV_MAX_SEEDS,
+            )
         return dataclasses.replace(summary, seeds=kept)
 
     def _record_distribution(self, summary: EpochSummary) -> None:
         """The epoch's per-step seed norms, from the device's bucket counts: each step recorded at its
         bucket's upper bound, so the exported buckets are exact and the sum is an upper bound."""
-        bounds = (*HISTOGRAM_BOUNDARIES, HISTOGRAM_BOUNDARIES[-1] * 10 ** 0.25)  # the last: any value above
-        record_counts(self._step_norm, [({**self._identity, "seed_id": seed.seed_id, "stage": seed.stage},
-                                         zip(bounds, seed.step_norm_counts)) for seed in summary.seeds.values()])
+        bounds = (*HISTOGRAM_BOUNDARIES, HISTOGRAM_BOUNDARIES[-1] * 10**0.25)  # the last: any value above
+        record_counts(
+            self._step_norm,
+            [
+                ({**self._identity, "seed_id": seed.seed_id, "stage": seed.stage}, zip(bounds, seed.step_norm_counts))
+                for seed in summary.seeds.values()
+            ],
+        )
 
     def close(self) -> None:
         """Export the latest snapshot at one more collection (the next export, a flush, or the

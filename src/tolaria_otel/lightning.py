@@ -32,8 +32,7 @@ class SeedLayerCallback(FrameworkCallback, pl.Callback):
         deepspeed = type(trainer.strategy).__name__.startswith("DeepSpeed")
         self._start_run(pl_module, trainer.optimizers, deepspeed=deepspeed)
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: object) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: object) -> None:
         self._before_clip()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -97,9 +97,14 @@ class StepNorms:
     vanishing below the first, as exploding above the second or when non-finite.
     """
 
-    def __init__(self, params: Sequence[GradientHolder], entries: Sequence[tuple[int, int, float | None]],
-                 slot_count: int, home: torch.device,
-                 tensor_bounds: tuple[float, float] = (TENSOR_VANISHING_BELOW, TENSOR_EXPLODING_ABOVE)) -> None:
+    def __init__(
+        self,
+        params: Sequence[GradientHolder],
+        entries: Sequence[tuple[int, int, float | None]],
+        slot_count: int,
+        home: torch.device,
+        tensor_bounds: tuple[float, float] = (TENSOR_VANISHING_BELOW, TENSOR_EXPLODING_ABOVE),
+    ) -> None:
         self.params = list(params)
         self.slot_count = slot_count
         self.home = home
@@ -117,23 +122,42 @@ class StepNorms:
         for (device, float32_norm), positions in keys.items():
             dtype = torch.float32 if float32_norm else _wide(params[positions[0]])
             buffer = torch.empty(FLUSH_EVERY, len(positions), dtype=dtype, device=device) if buffered else None
-            self._groups.append(_Group(device, float32_norm, [params[p] for p in positions], positions,
-                                       torch.full((), -1.0, dtype=dtype, device=device), buffer,
-                                       buffer.unbind(0) if buffered else ()))
+            self._groups.append(
+                _Group(
+                    device,
+                    float32_norm,
+                    [params[p] for p in positions],
+                    positions,
+                    torch.full((), -1.0, dtype=dtype, device=device),
+                    buffer,
+                    buffer.unbind(0) if buffered else (),
+                )
+            )
         self._batches = []
         for device in dict.fromkeys(group.device for group in self._groups):
             groups = [group for group in self._groups if group.device == device]
             column = {position: i for i, position in enumerate(p for group in groups for p in group.positions)}
-            mine = [(column[p], slot + (slot_count if weight is not None else 0), weight)
-                    for p, slot, weight in entries if p in column]
-            weights = None if all(w is None for _, _, w in mine) else torch.tensor(
-                [1.0 if w is None else w for _, _, w in mine], dtype=torch.float32, device=device)
+            mine = [
+                (column[p], slot + (slot_count if weight is not None else 0), weight)
+                for p, slot, weight in entries
+                if p in column
+            ]
+            weights = (
+                None
+                if all(w is None for _, _, w in mine)
+                else torch.tensor([1.0 if w is None else w for _, _, w in mine], dtype=torch.float32, device=device)
+            )
             plain = [(c, t) for c, t, w in mine if w is None]
-            self._batches.append(_DeviceBatch(
-                groups, torch.tensor([c for c, _, _ in mine], dtype=torch.long, device=device),
-                torch.tensor([t for _, t, _ in mine], dtype=torch.long, device=device), weights,
-                torch.tensor([c for c, _ in plain], dtype=torch.long, device=device),
-                torch.tensor([t for _, t in plain], dtype=torch.long, device=home)))
+            self._batches.append(
+                _DeviceBatch(
+                    groups,
+                    torch.tensor([c for c, _, _ in mine], dtype=torch.long, device=device),
+                    torch.tensor([t for _, t, _ in mine], dtype=torch.long, device=device),
+                    weights,
+                    torch.tensor([c for c, _ in plain], dtype=torch.long, device=device),
+                    torch.tensor([t for _, t in plain], dtype=torch.long, device=home),
+                )
+            )
 
     def add_step(self, precomputed: Mapping[int, torch.Tensor] | None = None) -> None:
         """Queue this step's gradient norms on the device (no host sync).
@@ -233,8 +257,11 @@ class StepNorms:
     @staticmethod
     def _split_sparse(group: _Group) -> bool:
         """Move the parameters whose gradient is sparse to the one-by-one path; False if none is."""
-        sparse = [i for i, param in enumerate(group.params)
-                  if param.grad is not None and param.grad.layout != torch.strided and i not in group.sparse]
+        sparse = [
+            i
+            for i, param in enumerate(group.params)
+            if param.grad is not None and param.grad.layout != torch.strided and i not in group.sparse
+        ]
         group.sparse.extend(sparse)
         return bool(sparse)
 
@@ -256,8 +283,9 @@ class StepNorms:
             columns = []
             for group in batch.groups:
                 if group.buffer is None:
-                    norms = torch.stack([norm for step in group.pending for norm in step]).view(steps,
-                                                                                                len(group.params))
+                    norms = torch.stack([norm for step in group.pending for norm in step]).view(
+                        steps, len(group.params)
+                    )
                     group.pending = []
                 else:
                     norms = group.buffer[:steps]

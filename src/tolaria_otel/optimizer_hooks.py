@@ -38,15 +38,20 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
     inner: object = optimizer
     for _ in range(8):  # wrappers of wrappers, but never a cycle
         nested = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
-        if not isinstance(nested, torch.optim.Optimizer) and not hasattr(nested, "optimizer") \
-                and not hasattr(nested, "_optimizer"):
+        if (
+            not isinstance(nested, torch.optim.Optimizer)
+            and not hasattr(nested, "optimizer")
+            and not hasattr(nested, "_optimizer")
+        ):
             break
         inner = nested
     if isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "_optimizer_step_post_hooks"):
         return inner
-    raise TypeError(f"attach() got {type(optimizer).__name__}: expected a torch.optim.Optimizer or a wrapper with "
-                    "one in its .optimizer attribute; or call attach() with no argument to measure every optimizer "
-                    "that holds the model's parameters")
+    raise TypeError(
+        f"attach() got {type(optimizer).__name__}: expected a torch.optim.Optimizer or a wrapper with "
+        "one in its .optimizer attribute; or call attach() with no argument to measure every optimizer "
+        "that holds the model's parameters"
+    )
 
 
 class _StepHook:

@@ -54,8 +54,10 @@ def render(summaries_or_path: SummariesOrPath, out_png: str | os.PathLike) -> Pa
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     top_k = max(summary.top_k for summary in summaries)
-    figure.suptitle(f"Seed layer gradients: {len(summaries)} epochs, top {top_k} layers per seed "
-                    "(RMS per epoch of the gradient L2 norm)")
+    figure.suptitle(
+        f"Seed layer gradients: {len(summaries)} epochs, top {top_k} layers per seed "
+        "(RMS per epoch of the gradient L2 norm)"
+    )
 
     for ax, seed_id in zip(axes, seed_ids):
         _seed_panel(ax, seed_id, summaries)
@@ -102,10 +104,16 @@ def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
             host_ratio=_number(seed.get("host_ratio")),
             health=str(seed.get("health", "")),
         )
-    return EpochSummary(epoch=int(data["epoch"]), sampled_steps=int(data["sampled_steps"]),
-                        top_k=int(data["top_k"]), seeds=seeds, host_norm=_number(data.get("host_norm")),
-                        clip_steps=int(data.get("clip_steps", 0)), clipped_steps=int(data.get("clipped_steps", 0)),
-                        min_clip_factor=_number(data.get("min_clip_factor")))
+    return EpochSummary(
+        epoch=int(data["epoch"]),
+        sampled_steps=int(data["sampled_steps"]),
+        top_k=int(data["top_k"]),
+        seeds=seeds,
+        host_norm=_number(data.get("host_norm")),
+        clip_steps=int(data.get("clip_steps", 0)),
+        clipped_steps=int(data.get("clipped_steps", 0)),
+        min_clip_factor=_number(data.get("min_clip_factor")),
+    )
 
 
 def _number(value: float | str | None) -> float | None:
@@ -139,15 +147,39 @@ def _seed_panel(ax: Any, seed_id: str, summaries: Sequence[EpochSummary]) -> Non
     _value_axis(ax, [v for _, values in layers.values() for v in values])
     if nonfinite:
         top = ax.get_ylim()[1]
-        ax.scatter([e for e, _ in nonfinite], [top] * len(nonfinite), marker="X", s=60, color="red", zorder=3,
-                   clip_on=False, label="NaN/Inf: " + ", ".join(sorted({layer for _, layer in nonfinite})))
+        ax.scatter(
+            [e for e, _ in nonfinite],
+            [top] * len(nonfinite),
+            marker="X",
+            s=60,
+            color="red",
+            zorder=3,
+            clip_on=False,
+            label="NaN/Inf: " + ", ".join(sorted({layer for _, layer in nonfinite})),
+        )
     for epoch, stage in stages:
         ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(stage.removeprefix("SEED_STAGE_"), (epoch, 1), xycoords=("data", "axes fraction"),
-                    xytext=(2, -2), textcoords="offset points", va="top", fontsize=7, color="dimgrey")
+        ax.annotate(
+            stage.removeprefix("SEED_STAGE_"),
+            (epoch, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -2),
+            textcoords="offset points",
+            va="top",
+            fontsize=7,
+            color="dimgrey",
+        )
     for epoch, note in notes:
-        ax.annotate(note, (epoch, 0), xycoords=("data", "axes fraction"), xytext=(2, 2),
-                    textcoords="offset points", va="bottom", fontsize=7, color="darkorange")
+        ax.annotate(
+            note,
+            (epoch, 0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, 2),
+            textcoords="offset points",
+            va="bottom",
+            fontsize=7,
+            color="darkorange",
+        )
     ax.set_title(f"{seed_id}: top-K layers")
     _epoch_axis(ax)
     ax.set_ylabel("gradient norm (RMS)")
@@ -169,8 +201,17 @@ def _totals_panel(ax: Any, seed_ids: Sequence[str], summaries: Sequence[EpochSum
         unmeasured[line.get_color()] = [e for e, v in points if v is None]
     _value_axis(ax, drawn)
     for color, epochs in unmeasured.items():  # at the bottom edge, whatever the scale
-        ax.scatter(epochs, [0.0] * len(epochs), marker="o", s=40, facecolors="none", edgecolors=color, zorder=3,
-                   transform=ax.get_xaxis_transform(), clip_on=False)
+        ax.scatter(
+            epochs,
+            [0.0] * len(epochs),
+            marker="o",
+            s=40,
+            facecolors="none",
+            edgecolors=color,
+            zorder=3,
+            transform=ax.get_xaxis_transform(),
+            clip_on=False,
+        )
     ax.set_title("Per-seed total gradient norm (X: NaN/Inf, o at the bottom: not measured)")
     _epoch_axis(ax)
     ax.set_ylabel("gradient norm (RMS)")
@@ -197,8 +238,9 @@ def _epoch_axis(ax: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tolaria_otel.plot",
-                                     description="Render a run's epoch summaries (JSON Lines) to a PNG.")
+    parser = argparse.ArgumentParser(
+        prog="python -m tolaria_otel.plot", description="Render a run's epoch summaries (JSON Lines) to a PNG."
+    )
     parser.add_argument("summaries", type=Path, help="JSON Lines file of EpochSummary.to_dict() lines")
     parser.add_argument("-o", "--output", type=Path, help="PNG to write (default: the input with .png)")
     args = parser.parse_args(argv)

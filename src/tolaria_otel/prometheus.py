@@ -91,9 +91,12 @@ def _without_repeated_units(metrics_data: MetricsData) -> MetricsData:
     return dataclasses.replace(
         metrics_data,
         resource_metrics=[
-            dataclasses.replace(rm, scope_metrics=[
-                dataclasses.replace(sm, metrics=[fix(m) for m in sm.metrics]) for sm in rm.scope_metrics
-            ])
+            dataclasses.replace(
+                rm,
+                scope_metrics=[
+                    dataclasses.replace(sm, metrics=[fix(m) for m in sm.metrics]) for sm in rm.scope_metrics
+                ],
+            )
             for rm in metrics_data.resource_metrics
         ],
     )

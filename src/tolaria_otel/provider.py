@@ -83,8 +83,10 @@ DEFAULT_PROMETHEUS_PORT = 9464
 # The liberal header syntax of opentelemetry.util.re, which the OTLP exporters parse with: an entry
 # that does not match it is logged, value included, and dropped.
 _HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
-_HEADER_ENTRY = re.compile(r"[ \t]*[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+[ \t]*=[ \t]*"
-                           r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*")
+_HEADER_ENTRY = re.compile(
+    r"[ \t]*[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+[ \t]*=[ \t]*"
+    r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*"
+)
 
 #: Letters, digits, hyphens (and the underscores some internal names have) in dot-separated labels.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
@@ -146,8 +148,11 @@ def metrics_urls(provider: MeterProvider) -> list[str]:
     pull_mode = sys.modules.get(f"{__package__}.prometheus")  # loaded by any pull-mode reader ever made
     if pull_mode is None:
         return []
-    return [reader.url for reader in _readers_made.get(provider, ())
-            if isinstance(reader, pull_mode.ServingPrometheusReader)]
+    return [
+        reader.url
+        for reader in _readers_made.get(provider, ())
+        if isinstance(reader, pull_mode.ServingPrometheusReader)
+    ]
 
 
 def environment_problems(environ: Environ | None = None) -> list[ConfigurationError]:
@@ -179,8 +184,9 @@ def environment_problems(environ: Environ | None = None) -> list[ConfigurationEr
                 check(lambda: otlp_certificate(env))
                 check(lambda: otlp_client_certificate(env, protocol))
             if protocol == "grpc" and importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is None:
-                problems.append(ConfigurationError(
-                    "OTLP over grpc needs the exporter package: pip install 'tolaria-otel[grpc]'"))
+                problems.append(
+                    ConfigurationError("OTLP over grpc needs the exporter package: pip install 'tolaria-otel[grpc]'")
+                )
         check(lambda: otlp_headers(env))
         check(lambda: otlp_timeout_s(env))
         check(lambda: otlp_compression(env))
@@ -190,8 +196,11 @@ def environment_problems(environ: Environ | None = None) -> list[ConfigurationEr
     if "prometheus" in exporters:
         check(lambda: prometheus_address(env))
         if importlib.util.find_spec("opentelemetry.exporter.prometheus") is None:
-            problems.append(ConfigurationError(
-                f"{ENV_EXPORTER}=prometheus needs the exporter package: pip install 'tolaria-otel[prometheus]'"))
+            problems.append(
+                ConfigurationError(
+                    f"{ENV_EXPORTER}=prometheus needs the exporter package: pip install 'tolaria-otel[prometheus]'"
+                )
+            )
     return problems
 
 
@@ -203,8 +212,10 @@ def sdk_disabled(environ: Environ | None = None) -> bool:
         return False
     word = raw.strip().lower()
     if word not in ("true", "false"):
-        raise ConfigurationError(f"{ENV_SDK_DISABLED}={echoed(raw)} is not valid: expected true or false "
-                                 "(the SDK reads any other value as false)")
+        raise ConfigurationError(
+            f"{ENV_SDK_DISABLED}={echoed(raw)} is not valid: expected true or false "
+            "(the SDK reads any other value as false)"
+        )
     return word == "true"
 
 
@@ -214,8 +225,9 @@ def exporter_names(environ: Environ | None = None) -> list[str]:
     names = [name.strip().lower() for name in raw.split(",") if name.strip()] or ["otlp"]
     for name in names:
         if name not in EXPORTERS:
-            raise ConfigurationError(f"{ENV_EXPORTER}={echoed(raw)} is not valid: expected a comma-separated list "
-                                     f"of {', '.join(EXPORTERS)}")
+            raise ConfigurationError(
+                f"{ENV_EXPORTER}={echoed(raw)} is not valid: expected a comma-separated list of {', '.join(EXPORTERS)}"
+            )
     if "none" in names and len(names) > 1:
         raise ConfigurationError(f"{ENV_EXPORTER}={echoed(raw)} is not valid: 'none' cannot be combined with others")
     return [name for name in names if name != "none"]
@@ -228,7 +240,9 @@ def otlp_protocol(environ: Environ | None = None) -> str:
         raw = env.get(variable, "").strip()
         if raw:
             if raw.lower() not in PROTOCOLS:
-                raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: expected one of {', '.join(PROTOCOLS)}")
+                raise ConfigurationError(
+                    f"{variable}={echoed(raw)} is not valid: expected one of {', '.join(PROTOCOLS)}"
+                )
             return raw.lower()
     return "http/protobuf"
 
@@ -251,11 +265,15 @@ def otlp_metrics_endpoint(environ: Environ | None = None, protocol: str | None =
     if problem is None:
         problem = _unsent_part(url, protocol)
     if problem is None and variable == ENV_ENDPOINT and protocol != "grpc" and "?" in raw:
-        problem = (f"a query string here ends up before the /v1/metrics the exporter appends; give the full URL, "
-                   f"query included, in {ENV_METRICS_ENDPOINT}")
+        problem = (
+            f"a query string here ends up before the /v1/metrics the exporter appends; give the full URL, "
+            f"query included, in {ENV_METRICS_ENDPOINT}"
+        )
     if problem:
-        raise ConfigurationError(f"{variable}={echoed(redacted_url(raw))} is not valid: {problem}; expected "
-                                 "http://host:port or https://host:port, with a path where the receiver needs one")
+        raise ConfigurationError(
+            f"{variable}={echoed(redacted_url(raw))} is not valid: {problem}; expected "
+            "http://host:port or https://host:port, with a path where the receiver needs one"
+        )
     return url
 
 
@@ -279,7 +297,8 @@ def otlp_headers(environ: Environ | None = None) -> dict[str, str]:
             raise ConfigurationError(
                 f"{variable} is not valid: entry {number} of {len(entries)} {problem} (not shown: it may hold a "
                 "secret); expected comma-separated name=value pairs, special characters URL-encoded, "
-                "e.g. authorization=Bearer%20TOKEN")
+                "e.g. authorization=Bearer%20TOKEN"
+            )
     return dict(parse_env_headers(raw, liberal=True))
 
 
@@ -291,8 +310,10 @@ def otlp_timeout_s(environ: Environ | None = None) -> float:
     variable, raw = found
     value = _number(raw)
     if not (math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: expected a positive number of seconds "
-                                 "(the Python SDK reads seconds), e.g. 2")
+        raise ConfigurationError(
+            f"{variable}={echoed(raw)} is not valid: expected a positive number of seconds "
+            "(the Python SDK reads seconds), e.g. 2"
+        )
     return value
 
 
@@ -313,8 +334,10 @@ def otlp_certificate(environ: Environ | None = None) -> str | None:
         return None
     variable, raw = found
     if not (os.path.isfile(raw) and os.access(raw, os.R_OK)):
-        raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: not a readable file; expected the path "
-                                 "of a PEM file of CA certificates")
+        raise ConfigurationError(
+            f"{variable}={echoed(raw)} is not valid: not a readable file; expected the path "
+            "of a PEM file of CA certificates"
+        )
     return raw
 
 
@@ -336,16 +359,19 @@ def otlp_client_certificate(environ: Environ | None = None, protocol: str | None
             if _value(env, variable) is not None:
                 raise ConfigurationError(
                     f"{variable} is not used: over grpc the exporter reads {used[1]} and {used[2]} (because "
-                    f"{ENV_METRICS_CERTIFICATE} is {'set' if used is specific else 'not set'}); set those")
+                    f"{ENV_METRICS_CERTIFICATE} is {'set' if used is specific else 'not set'}); set those"
+                )
         ca, cert_variable, key_variable = used
         given = [variable for variable in (cert_variable, key_variable) if _value(env, variable) is not None]
         if given and _value(env, ca) is None:
             raise ConfigurationError(
                 f"{given[0]} is not used: over grpc the exporter sends a client certificate only when {ca} "
-                "names the CA file to trust; set it (the system's CAs: /etc/ssl/certs/ca-certificates.crt)")
+                "names the CA file to trust; set it (the system's CAs: /etc/ssl/certs/ca-certificates.crt)"
+            )
     else:
-        cert_variable = ENV_METRICS_CLIENT_CERTIFICATE if _value(env, ENV_METRICS_CLIENT_CERTIFICATE) else \
-            ENV_CLIENT_CERTIFICATE
+        cert_variable = (
+            ENV_METRICS_CLIENT_CERTIFICATE if _value(env, ENV_METRICS_CLIENT_CERTIFICATE) else ENV_CLIENT_CERTIFICATE
+        )
         key_variable = ENV_METRICS_CLIENT_KEY if _value(env, ENV_METRICS_CLIENT_KEY) else ENV_CLIENT_KEY
     cert, key = _value(env, cert_variable), _value(env, key_variable)
     if cert is None and key is None:
@@ -357,12 +383,16 @@ def otlp_client_certificate(environ: Environ | None = None, protocol: str | None
             missing = f"neither {general_name.replace('_OTLP_', '_OTLP_METRICS_')} nor {general_name} is set"
         else:
             missing = f"{missing} is not"
-        raise ConfigurationError(f"{given} is set but {missing}: mutual TLS needs both, the client certificate "
-                                 "(PEM) and its private key (PEM)")
+        raise ConfigurationError(
+            f"{given} is set but {missing}: mutual TLS needs both, the client certificate "
+            "(PEM) and its private key (PEM)"
+        )
     for variable, path, what in ((cert_variable, cert, "certificate"), (key_variable, key, "private key")):
         if not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            raise ConfigurationError(f"{variable}={echoed(path)} is not valid: not a readable file; expected the "
-                                     f"path of the client's {what} (PEM)")
+            raise ConfigurationError(
+                f"{variable}={echoed(path)} is not valid: not a readable file; expected the "
+                f"path of the client's {what} (PEM)"
+            )
     return cert, key
 
 
@@ -383,9 +413,11 @@ def resource_attributes(environ: Environ | None = None) -> None:
     for number, entry in enumerate(entries, 1):
         key, equals, _ = entry.partition("=")
         if not equals or not key.strip():
-            raise ConfigurationError(f"{ENV_RESOURCE_ATTRIBUTES} is not valid: entry {number} of {len(entries)} is "
-                                     "not key=value (not shown); expected comma-separated key=value pairs, "
-                                     "e.g. service.instance.id=run-42")
+            raise ConfigurationError(
+                f"{ENV_RESOURCE_ATTRIBUTES} is not valid: entry {number} of {len(entries)} is "
+                "not key=value (not shown); expected comma-separated key=value pairs, "
+                "e.g. service.instance.id=run-42"
+            )
 
 
 def prometheus_address(environ: Environ | None = None) -> tuple[str, int]:
@@ -397,8 +429,9 @@ def prometheus_address(environ: Environ | None = None) -> tuple[str, int]:
         return host, DEFAULT_PROMETHEUS_PORT
     text = raw_port.strip()
     if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535):
-        raise ConfigurationError(f"{ENV_PROMETHEUS_PORT}={echoed(raw_port)} is not valid: expected a port from 0 "
-                                 "to 65535 (0: a free one)")
+        raise ConfigurationError(
+            f"{ENV_PROMETHEUS_PORT}={echoed(raw_port)} is not valid: expected a port from 0 to 65535 (0: a free one)"
+        )
     return host, int(text)
 
 
@@ -408,23 +441,32 @@ def prometheus_reader(environ: Environ | None = None) -> MetricReader:
     try:
         from .prometheus import ServingPrometheusReader
     except ImportError as error:
-        raise ConfigurationError(f"{ENV_EXPORTER}=prometheus needs the exporter package: "
-                                 f"pip install 'tolaria-otel[prometheus]' ({error})") from error
+        raise ConfigurationError(
+            f"{ENV_EXPORTER}=prometheus needs the exporter package: pip install 'tolaria-otel[prometheus]' ({error})"
+        ) from error
     try:
         return ServingPrometheusReader(host, port)
     except OSError as error:
         if error.errno in (errno.EADDRINUSE, errno.EACCES):
-            why = "in use (another trainer or program listens there)" if error.errno == errno.EADDRINUSE else \
-                "not allowed for this user (ports below 1024 need privileges)"
+            why = (
+                "in use (another trainer or program listens there)"
+                if error.errno == errno.EADDRINUSE
+                else "not allowed for this user (ports below 1024 need privileges)"
+            )
             raise ConfigurationError(
                 f"{ENV_PROMETHEUS_PORT}={port} is not usable: port {port} on {echoed(host)} is {why}; give each "
-                "trainer its own port, or 0 for a free one") from None
+                "trainer its own port, or 0 for a free one"
+            ) from None
         reason = error.strerror or str(error)
-        raise ConfigurationError(f"{ENV_PROMETHEUS_HOST}={echoed(host)} is not usable: {reason}; expected a name or "
-                                 "address of this machine, e.g. localhost, 127.0.0.1 or 0.0.0.0") from None
+        raise ConfigurationError(
+            f"{ENV_PROMETHEUS_HOST}={echoed(host)} is not usable: {reason}; expected a name or "
+            "address of this machine, e.g. localhost, 127.0.0.1 or 0.0.0.0"
+        ) from None
     except ValueError:  # a host name that IDNA cannot encode
-        raise ConfigurationError(f"{ENV_PROMETHEUS_HOST}={echoed(host)} is not valid: expected a name or address of "
-                                 "this machine, e.g. localhost, 127.0.0.1 or 0.0.0.0") from None
+        raise ConfigurationError(
+            f"{ENV_PROMETHEUS_HOST}={echoed(host)} is not valid: expected a name or address of "
+            "this machine, e.g. localhost, 127.0.0.1 or 0.0.0.0"
+        ) from None
 
 
 def url_problem(url: str) -> str | None:
@@ -432,14 +474,18 @@ def url_problem(url: str) -> str | None:
     if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
         return "it has a space or a control character"
     # A "/", "?" or "#" in a password ends the authority for every URL parser: the rest would be a path.
-    encode = (" (a '/', '?', '#' or '@' in the user info must be percent-encoded: %2F, %3F, %23, %40)"
-              if "@" in url.partition("://")[2] else "")
+    encode = (
+        " (a '/', '?', '#' or '@' in the user info must be percent-encoded: %2F, %3F, %23, %40)"
+        if "@" in url.partition("://")[2]
+        else ""
+    )
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as error:  # 'http://[::1' (unclosed bracket), 'http://host:99999'
-        return ("the port is not a number from 1 to 65535" if "Port" in str(error) else
-                "it does not parse as a URL") + encode
+        return (
+            "the port is not a number from 1 to 65535" if "Port" in str(error) else "it does not parse as a URL"
+        ) + encode
     if parts.scheme not in ("http", "https"):
         return "the scheme is not http or https"
     if not parts.hostname:
@@ -463,26 +509,35 @@ def _unsent_part(url: str, protocol: str) -> str | None:
     if parts.fragment or url.endswith("#"):
         return "it has a fragment (#...), which is never sent"
     if protocol == "grpc" and (parts.username is not None or parts.query or "?" in url):
-        return ("a gRPC endpoint takes no user info or query string (the gRPC exporter uses only host:port and "
-                f"sends neither); give credentials as a header in {ENV_METRICS_HEADERS} or {ENV_HEADERS}, "
-                "e.g. authorization=Bearer%20TOKEN")
+        return (
+            "a gRPC endpoint takes no user info or query string (the gRPC exporter uses only host:port and "
+            f"sends neither); give credentials as a header in {ENV_METRICS_HEADERS} or {ENV_HEADERS}, "
+            "e.g. authorization=Bearer%20TOKEN"
+        )
     return None
 
 
 def _check_arguments(settings: object, resource: object, readers: object) -> None:
     if settings is not None and not isinstance(settings, SeedLayerSettings):
-        raise TypeError(f"settings is {type(settings).__name__}: expected a tolaria_otel.SeedLayerSettings, or None "
-                        "to read the TOLARIA_* variables")
+        raise TypeError(
+            f"settings is {type(settings).__name__}: expected a tolaria_otel.SeedLayerSettings, or None "
+            "to read the TOLARIA_* variables"
+        )
     if resource is not None and not isinstance(resource, Resource):
-        raise TypeError(f"resource is {type(resource).__name__}: expected an opentelemetry.sdk.resources.Resource, "
-                        "or None for the SDK's own")
+        raise TypeError(
+            f"resource is {type(resource).__name__}: expected an opentelemetry.sdk.resources.Resource, "
+            "or None for the SDK's own"
+        )
     if isinstance(readers, (str, bytes)) or not isinstance(readers, Sequence):
-        raise TypeError(f"readers is {type(readers).__name__}: expected a sequence of "
-                        "opentelemetry.sdk.metrics.export.MetricReader")
+        raise TypeError(
+            f"readers is {type(readers).__name__}: expected a sequence of opentelemetry.sdk.metrics.export.MetricReader"
+        )
     for reader in readers:
         if not isinstance(reader, MetricReader):
-            raise TypeError(f"readers holds a {type(reader).__name__}: expected only "
-                            "opentelemetry.sdk.metrics.export.MetricReader instances")
+            raise TypeError(
+                f"readers holds a {type(reader).__name__}: expected only "
+                "opentelemetry.sdk.metrics.export.MetricReader instances"
+            )
 
 
 def _process_group() -> tuple[int, int] | None:

@@ -30,21 +30,27 @@ def release_idle_attribute_sets(instruments: Iterable[Any], keep: Callable[[Mapp
             continue  # the API's no-op or proxy instruments hold no state
         try:
             storages = list(consumer._reader_storages.values())
-            matches = [match for storage in storages
-                       for match in storage._instrument_view_instrument_matches.get(instrument, ())]
+            matches = [
+                match
+                for storage in storages
+                for match in storage._instrument_view_instrument_matches.get(instrument, ())
+            ]
             for match in matches:
                 with match._lock:
                     # A new dict rather than deletions: a collection may be iterating the old one.
                     match._attributes_aggregation = {
-                        key: aggregation for key, aggregation in match._attributes_aggregation.items()
-                        if keep(aggregation._attributes or {})}
+                        key: aggregation
+                        for key, aggregation in match._attributes_aggregation.items()
+                        if keep(aggregation._attributes or {})
+                    }
         except AttributeError:
             return False
     return True
 
 
-def record_counts(histogram: Any,
-                  per_attributes: Iterable[tuple[Mapping[str, Any], Iterable[tuple[float, int]]]]) -> None:
+def record_counts(
+    histogram: Any, per_attributes: Iterable[tuple[Mapping[str, Any], Iterable[tuple[float, int]]]]
+) -> None:
     """For each attribute set, record ``count`` measurements of ``value`` for each pair, as ``count`` calls of
     ``record`` would.
 
@@ -98,8 +104,12 @@ def _index(histogram: Any) -> _Index | None:
             matches = storage._instrument_view_instrument_matches.get(histogram)
             unseen |= not matches
             for match in matches or ():
-                by_attributes.append({frozenset((aggregation._attributes or {}).items()): aggregation
-                                      for aggregation in list(match._attributes_aggregation.values())})
+                by_attributes.append(
+                    {
+                        frozenset((aggregation._attributes or {}).items()): aggregation
+                        for aggregation in list(match._attributes_aggregation.values())
+                    }
+                )
     except AttributeError:
         return None
     return by_attributes, unseen

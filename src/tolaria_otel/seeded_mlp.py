@@ -40,8 +40,9 @@ class SeededMLP(nn.Module):
         super().__init__()
         self.width = width
         self.stem = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
-        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                  nn.Linear(width, out_features))
+        self.head = nn.Sequential(
+            nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out_features)
+        )
         self.seeds = nn.ModuleDict()
 
     def graft(self, seed_id: str, hidden: int = 32, depth: int = 3) -> Seed:
@@ -78,7 +79,8 @@ class SeedRegistry:
 
 #: Kasmina's stage names, as its protobuf enum ``SeedStage`` spells them (``SeedStage.Name``).
 GERMINATED, TRAINING, BLENDING, FOSSILIZED, CULLED = (
-    f"SEED_STAGE_{name}" for name in ("GERMINATED", "TRAINING", "BLENDING", "FOSSILIZED", "CULLED"))
+    f"SEED_STAGE_{name}" for name in ("GERMINATED", "TRAINING", "BLENDING", "FOSSILIZED", "CULLED")
+)
 #: The stages of a young seed, one epoch each, in order.
 YOUNG_STAGES = (GERMINATED, TRAINING, BLENDING)
 #: A seed's blending weight in each stage but BLENDING, where it rises across the epoch.
@@ -115,8 +117,14 @@ class ScriptedLifecycle:
     CULLED_INDEX = 1
     DEPTH = 5  # Linear layers per seed: more than the default top-K, so the top-K selects
 
-    def __init__(self, model: SeededMLP, registry: SeedRegistry, seed_count: int, steps_per_epoch: int,
-                 on_graft: Callable[[Seed], None] = lambda seed: None) -> None:
+    def __init__(
+        self,
+        model: SeededMLP,
+        registry: SeedRegistry,
+        seed_count: int,
+        steps_per_epoch: int,
+        on_graft: Callable[[Seed], None] = lambda seed: None,
+    ) -> None:
         self.model = model
         self.registry = registry
         middle = steps_per_epoch // 2

@@ -50,9 +50,7 @@ def read_seeds(source: SeedSource, stage_names: StageNames | None = None) -> dic
 def validate_seeds(mapping: object, stage_names: StageNames | None = None) -> dict[str, SeedView]:
     """Validate what a seed source returned; the result is ordered by seed id."""
     if not isinstance(mapping, Mapping):
-        raise TypeError(
-            f"seed source returned {type(mapping).__name__}: expected a mapping seed_id -> (module, stage)"
-        )
+        raise TypeError(f"seed source returned {type(mapping).__name__}: expected a mapping seed_id -> (module, stage)")
     views: dict[str, SeedView] = {}
     for seed_id, entry in mapping.items():
         if not isinstance(seed_id, str) or not seed_id:
@@ -73,14 +71,18 @@ def stage_name(seed_id: str, stage: SeedStage, stage_names: StageNames | None = 
         return stage
     if isinstance(stage, int) and not isinstance(stage, bool):
         if stage_names is None:
-            raise TypeError(f"seed {seed_id!r}: stage {stage!r} is an int, but no stage_names were given: pass "
-                            "stage_names= (a mapping int -> str, or a protobuf enum's Name) to SeedLayerTelemetry")
+            raise TypeError(
+                f"seed {seed_id!r}: stage {stage!r} is an int, but no stage_names were given: pass "
+                "stage_names= (a mapping int -> str, or a protobuf enum's Name) to SeedLayerTelemetry"
+            )
         name = stage_names(stage) if callable(stage_names) else stage_names.get(stage)
         if not isinstance(name, str) or not name:
             raise TypeError(f"seed {seed_id!r}: stage_names gave {name!r} for stage {stage}: expected a non-empty str")
         return name
-    raise TypeError(f"seed {seed_id!r}: stage {stage!r} is not valid: expected a non-empty str, an Enum member, "
-                    "or an int named by stage_names")
+    raise TypeError(
+        f"seed {seed_id!r}: stage {stage!r} is not valid: expected a non-empty str, an Enum member, "
+        "or an int named by stage_names"
+    )
 
 
 def discover_layers(seed: SeedView) -> SeedLayout:

@@ -98,8 +98,10 @@ class SeedLayerSettings:
         _check_int("export_rank", self.export_rank, EXPORT_RANK_MAX, minimum=0)
         _check_int("max_seeds", self.max_seeds, MAX_SEEDS_MAX)
         if self.step_norm_histogram not in STEP_NORM_HISTOGRAMS:
-            raise SettingsError(f"step_norm_histogram={echoed(self.step_norm_histogram)} is not valid: expected "
-                                f"one of {', '.join(STEP_NORM_HISTOGRAMS)}")
+            raise SettingsError(
+                f"step_norm_histogram={echoed(self.step_norm_histogram)} is not valid: expected "
+                f"one of {', '.join(STEP_NORM_HISTOGRAMS)}"
+            )
         _check_bounds(self.tensor_vanishing_below, self.tensor_exploding_above)
 
     @property
@@ -120,8 +122,9 @@ class SeedLayerSettings:
             export_rank=_parse_int(env, ENV_EXPORT_RANK, defaults.export_rank, EXPORT_RANK_MAX, minimum=0),
             host_norm=_parse_bool(env, ENV_HOST_NORM, defaults.host_norm),
             max_seeds=_parse_int(env, ENV_MAX_SEEDS, defaults.max_seeds, MAX_SEEDS_MAX),
-            step_norm_histogram=_parse_choice(env, ENV_STEP_NORM_HISTOGRAM, defaults.step_norm_histogram,
-                                              STEP_NORM_HISTOGRAMS),
+            step_norm_histogram=_parse_choice(
+                env, ENV_STEP_NORM_HISTOGRAM, defaults.step_norm_histogram, STEP_NORM_HISTOGRAMS
+            ),
             **_parse_bounds(env),
         )
 
@@ -200,8 +203,10 @@ def _parse_bounds(env: Mapping[str, str]) -> dict[str, float]:
     lower = _parse_positive(env, ENV_TENSOR_VANISHING_BELOW, TENSOR_VANISHING_BELOW)
     upper = _parse_positive(env, ENV_TENSOR_EXPLODING_ABOVE, TENSOR_EXPLODING_ABOVE)
     if lower >= upper:
-        raise SettingsError(f"{ENV_TENSOR_VANISHING_BELOW}={lower!r} is not below {ENV_TENSOR_EXPLODING_ABOVE}="
-                            f"{upper!r}: expected the vanishing threshold below the exploding one")
+        raise SettingsError(
+            f"{ENV_TENSOR_VANISHING_BELOW}={lower!r} is not below {ENV_TENSOR_EXPLODING_ABOVE}="
+            f"{upper!r}: expected the vanishing threshold below the exploding one"
+        )
     return {"tensor_vanishing_below": lower, "tensor_exploding_above": upper}
 
 
@@ -210,5 +215,7 @@ def _check_bounds(lower: object, upper: object) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
             raise SettingsError(f"{name}={echoed(value)} is not valid: expected {_POSITIVE}")
     if lower >= upper:  # type: ignore[operator]
-        raise SettingsError(f"tensor_vanishing_below={lower!r} is not below tensor_exploding_above={upper!r}: "
-                            "expected the vanishing threshold below the exploding one")
+        raise SettingsError(
+            f"tensor_vanishing_below={lower!r} is not below tensor_exploding_above={upper!r}: "
+            "expected the vanishing threshold below the exploding one"
+        )

@@ -103,8 +103,10 @@ class EpochSummary:
                     "total_norm": json_number(seed.total_norm),
                     "max_norm": json_number(seed.max_norm),
                     "layer_count": seed.layer_count,
-                    "top_layers": [{"layer": layer, "value": json_number(value),
-                                    "max": json_number(seed.layer_max.get(layer))} for layer, value in seed.top_layers],
+                    "top_layers": [
+                        {"layer": layer, "value": json_number(value), "max": json_number(seed.layer_max.get(layer))}
+                        for layer, value in seed.top_layers
+                    ],
                     "layers": {layer: json_number(value) for layer, value in seed.layer_norms.items()},
                     "nonfinite_steps": seed.nonfinite_steps,
                     "step_norm_counts": list(seed.step_norm_counts),
@@ -124,8 +126,11 @@ class EpochSummary:
         }
 
     def __str__(self) -> str:
-        clip = "" if self.min_clip_factor is None else \
-            f", clipped {self.clipped_steps}/{self.clip_steps}, smallest factor {self.min_clip_factor:.3g}"
+        clip = (
+            ""
+            if self.min_clip_factor is None
+            else f", clipped {self.clipped_steps}/{self.clip_steps}, smallest factor {self.min_clip_factor:.3g}"
+        )
         lines = [f"epoch {self.epoch} ({self.sampled_steps} sampled steps, top {self.top_k}{clip})"]
         for seed in self.seeds.values():
             layers = ", ".join(f"{layer}={value:.4g}" for layer, value in seed.top_layers) or "no layers"

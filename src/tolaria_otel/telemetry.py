@@ -65,15 +65,21 @@ class SeedLayerTelemetry:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model is {type(model).__name__}: expected a torch.nn.Module")
         if settings is not None and not isinstance(settings, SeedLayerSettings):
-            raise TypeError(f"settings is {type(settings).__name__}: expected a SeedLayerSettings "
-                            "(SeedLayerSettings.from_env()) or None")
+            raise TypeError(
+                f"settings is {type(settings).__name__}: expected a SeedLayerSettings "
+                "(SeedLayerSettings.from_env()) or None"
+            )
         if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
-            raise TypeError(f"meter_provider is {type(meter_provider).__name__}: expected an OpenTelemetry "
-                            "MeterProvider (configure_meter_provider()) or None for the global one")
+            raise TypeError(
+                f"meter_provider is {type(meter_provider).__name__}: expected an OpenTelemetry "
+                "MeterProvider (configure_meter_provider()) or None for the global one"
+            )
         identity = _checked_identity(attributes)
         if stage_names is not None and not (callable(stage_names) or isinstance(stage_names, Mapping)):
-            raise TypeError(f"stage_names is {type(stage_names).__name__}: expected a mapping int -> str or a "
-                            "callable such as a protobuf enum's Name")
+            raise TypeError(
+                f"stage_names is {type(stage_names).__name__}: expected a mapping int -> str or a "
+                "callable such as a protobuf enum's Name"
+            )
         self.settings = SeedLayerSettings.from_env() if settings is None else settings
         self.model = model
         self.attributes = identity
@@ -140,9 +146,14 @@ class SeedLayerTelemetry:
         norms, factors = self._pre_clip.take()
         self._observe(norms, factors)
 
-    def clip_grad_norm_(self, parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
-                        norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                        foreach: bool | None = None) -> torch.Tensor:
+    def clip_grad_norm_(
+        self,
+        parameters: torch.Tensor | Iterable[torch.Tensor],
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` that measures this step before it clips, in one pass.
 
         The per-gradient norms the clip takes anyway are this step's values, and its factor
@@ -155,12 +166,14 @@ class SeedLayerTelemetry:
         """
         original = torch.nn.utils.clip_grad.clip_grad_norm_  # torch's own, never the patch
         if not self._enabled or self._countdown != 1:
-            return original(parameters, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
-                            foreach=foreach)
+            return original(
+                parameters, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
+            )
         return clip_and_stage(parameters, max_norm, norm_type, error_if_nonfinite, foreach, [self], original)
 
-    def _observe(self, precomputed: Mapping[int, torch.Tensor] | None,
-                 clip_factors: Sequence[torch.Tensor] = ()) -> None:
+    def _observe(
+        self, precomputed: Mapping[int, torch.Tensor] | None, clip_factors: Sequence[torch.Tensor] = ()
+    ) -> None:
         """A step, measured here or from the norms a caller computed already (``StepNorms.add_step``)."""
         self._countdown -= 1
         if self._countdown:
@@ -199,9 +212,11 @@ class SeedLayerTelemetry:
         if not self._enabled:
             return RemovableHandle(OrderedDict())  # a handle whose remove() has nothing to do
         if any(_active(hook) for hook in self._hooks):
-            raise RuntimeError("attach() was already called on this SeedLayerTelemetry and its hook is still "
-                               "attached: a second one would measure every step twice; remove the first handle "
-                               "(handle.remove()) before attaching again")
+            raise RuntimeError(
+                "attach() was already called on this SeedLayerTelemetry and its hook is still "
+                "attached: a second one would measure every step twice; remove the first handle "
+                "(handle.remove()) before attaching again"
+            )
         self._attach_clip()
         if optimizer is None:
             handle = EveryOptimizer(self.model, self.observe_step).handle
@@ -289,7 +304,9 @@ class SeedLayerTelemetry:
             except Exception:  # noqa: BLE001
                 self._failed("measure before clip")
 
-    def _completed(self, segment: Segment, norms: Mapping[int, torch.Tensor] | None) -> Mapping[int, torch.Tensor] | None:
+    def _completed(
+        self, segment: Segment, norms: Mapping[int, torch.Tensor] | None
+    ) -> Mapping[int, torch.Tensor] | None:
         """Norms taken before the clip, plus those of the segment's parameters no clip covered (still unclipped now)."""
         if norms is None:
             return None
@@ -299,7 +316,9 @@ class SeedLayerTelemetry:
         ids = self._ids_of[1]
         if all(map(norms.__contains__, ids)):
             return norms
-        missing = [(key, holder.grad) for key, holder in zip(ids, holders) if key not in norms and holder.grad is not None]
+        missing = [
+            (key, holder.grad) for key, holder in zip(ids, holders) if key not in norms and holder.grad is not None
+        ]
         if not missing:
             return norms
         measured, order = l2_norms([grad for _, grad in missing])  # type: ignore[misc]
@@ -378,25 +397,36 @@ class SeedLayerTelemetry:
         segment = self._segments.get(key)
         if segment is None:
             segment = self._segments[key] = Segment(
-                seeds, key, host=host, keep_rows=self._ranks is not None,
-                tensor_bounds=(self.settings.tensor_vanishing_below, self.settings.tensor_exploding_above))
+                seeds,
+                key,
+                host=host,
+                keep_rows=self._ranks is not None,
+                tensor_bounds=(self.settings.tensor_vanishing_below, self.settings.tensor_exploding_above),
+            )
         return segment
 
     def _warn_outside_model(self, seeds: Mapping[str, nn.Module]) -> None:
         """Under attach(), say once per seed when its module is not inside ``model``: attach() follows the
         optimizers of the model's parameters, and a module outside the model's forward gets no gradient."""
-        outside = [seed_id for seed_id, module in seeds.items() if seed_id not in self._warned_outside
-                   and not {id(p) for p in module_parameters(module)} <= self._model_parameters]
+        outside = [
+            seed_id
+            for seed_id, module in seeds.items()
+            if seed_id not in self._warned_outside
+            and not {id(p) for p in module_parameters(module)} <= self._model_parameters
+        ]
         if not outside:
             return
         self._model_parameters = {id(p) for p in module_parameters(self.model)}  # the model may have grown
         for seed_id in outside:
             if not {id(p) for p in module_parameters(seeds[seed_id])} <= self._model_parameters:
                 self._warned_outside.add(seed_id)
-                _logger.warning("tolaria_otel: seed %r is not inside the model given to SeedLayerTelemetry (its "
-                                "parameters are not among model.parameters()): attach() does not follow its "
-                                "optimizer and it is measured only when its gradients are set at an observed step; "
-                                "pass the model that contains the seeds", seed_id)
+                _logger.warning(
+                    "tolaria_otel: seed %r is not inside the model given to SeedLayerTelemetry (its "
+                    "parameters are not among model.parameters()): attach() does not follow its "
+                    "optimizer and it is measured only when its gradients are set at an observed step; "
+                    "pass the model that contains the seeds",
+                    seed_id,
+                )
 
     def _host_parameters(self, seeds: Mapping[str, SeedView]) -> list[nn.Parameter]:
         """Every trainable parameter of the model that belongs to no seed (walked only when a seed
@@ -430,21 +460,30 @@ class SeedLayerTelemetry:
         elif steps:
             sums = fold(segments, home, steps)  # the epoch's one host sync
         if not steps and stages:
-            _logger.log(logging.DEBUG if self._warned_unsampled else logging.WARNING,
-                        "tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
-                        self.epoch, self.settings.sample_every)
+            _logger.log(
+                logging.DEBUG if self._warned_unsampled else logging.WARNING,
+                "tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
+                self.epoch,
+                self.settings.sample_every,
+            )
             self._warned_unsampled = True
         if sums is None or not steps:
             return EpochSummary(self.epoch, steps, self.settings.top_k, {})
         by_seed = _slot_values(sums)
         host = by_seed.get(HOST, {}).get(TOTAL)
         host_norm = host.rms if host is not None else None
-        return EpochSummary(self.epoch, steps, self.settings.top_k,
-                            self._seed_summaries(sums, by_seed, stages, left, host), host_norm)
+        return EpochSummary(
+            self.epoch, steps, self.settings.top_k, self._seed_summaries(sums, by_seed, stages, left, host), host_norm
+        )
 
-    def _seed_summaries(self, sums: EpochSums, by_seed: Mapping[str, dict[str, _SlotValues]],
-                        stages: Mapping[str, str], left: Collection[str],
-                        host: _SlotValues | None) -> dict[str, SeedSummary]:
+    def _seed_summaries(
+        self,
+        sums: EpochSums,
+        by_seed: Mapping[str, dict[str, _SlotValues]],
+        stages: Mapping[str, str],
+        left: Collection[str],
+        host: _SlotValues | None,
+    ) -> dict[str, SeedSummary]:
         """Every seed listed at some sampled step of the epoch, the ones gone before its end included."""
         seeds = {}
         for seed_id, stage in stages.items():
@@ -463,12 +502,18 @@ class SeedLayerTelemetry:
             max_norm = total.max if measured else None  # type: ignore[union-attr]
             nonfinite_steps = total.nonfinite if total is not None else 0
             seeds[seed_id] = SeedSummary(
-                seed_id=seed_id, stage=stage, total_norm=total_norm,
+                seed_id=seed_id,
+                stage=stage,
+                total_norm=total_norm,
                 top_layers=top_k({k: v for k, v in layers.items() if v is not None}, self.settings.top_k)
-                if measured else (),
+                if measured
+                else (),
                 layer_count=len(slots),
                 sampled_steps=sums.seed_steps[seed_id],
-                max_norm=max_norm, layer_norms=layers, layer_max=layer_max, nonfinite_steps=nonfinite_steps,
+                max_norm=max_norm,
+                layer_norms=layers,
+                layer_max=layer_max,
+                nonfinite_steps=nonfinite_steps,
                 step_norm_counts=sums.counts.get(seed_id, ()) if measured else (),
                 host_ratio=ratio,
                 health=classify(total_norm, max_norm, layers.values(), nonfinite_steps),
@@ -485,9 +530,12 @@ class SeedLayerTelemetry:
         kind = (where, type(sys.exc_info()[1]))
         first = kind not in self._reported_failures
         self._reported_failures.add(kind)
-        _logger.log(logging.WARNING if first else logging.DEBUG,
-                    "tolaria_otel: %s failed; training goes on without this measurement", where,
-                    exc_info=first)
+        _logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "tolaria_otel: %s failed; training goes on without this measurement",
+            where,
+            exc_info=first,
+        )
 
 
 @dataclass(frozen=True)
@@ -509,10 +557,13 @@ def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
         measured = sums.measured[i] and steps > 0
         out.setdefault(seed, {})[layer] = _SlotValues(
             math.sqrt(sums.sums[i] / steps) if measured else None,
-            math.sqrt(sums.maxima[i]) if measured else None, sums.nonfinite[i], sums.numel[i],
+            math.sqrt(sums.maxima[i]) if measured else None,
+            sums.nonfinite[i],
+            sums.numel[i],
             sums.tensors[i] if sums.tensors else None,
             sums.vanishing[i] if sums.vanishing is not None else None,
-            sums.exploding[i] if sums.exploding is not None else None)
+            sums.exploding[i] if sums.exploding is not None else None,
+        )
     return out
 
 
@@ -525,21 +576,27 @@ def _active(handle: RemovableHandle) -> bool:
 def _seeds_with_new_parameters(segment: Segment, seed_ids: Iterable[str]) -> set[str]:
     """Those of ``seed_ids`` whose modules now hold a trainable parameter ``segment`` does not measure."""
     measured = segment.measured_parameters
-    return {seed_id for seed_id in seed_ids
-            if any(p.requires_grad and id(p) not in measured for p in module_parameters(segment.modules[seed_id]))}
+    return {
+        seed_id
+        for seed_id in seed_ids
+        if any(p.requires_grad and id(p) not in measured for p in module_parameters(segment.modules[seed_id]))
+    }
 
 
 def _checked_identity(attributes: Mapping[str, str] | None) -> dict[str, str]:
     if attributes is None:
         return {}
     if not isinstance(attributes, Mapping):
-        raise TypeError(f"attributes is {type(attributes).__name__}: expected a mapping str -> str, "
-                        "for example {'env_id': '3'}")
+        raise TypeError(
+            f"attributes is {type(attributes).__name__}: expected a mapping str -> str, for example {{'env_id': '3'}}"
+        )
     for key, value in attributes.items():
         if not isinstance(key, str) or not key or not isinstance(value, str):
             raise TypeError(f"attributes[{key!r}] = {value!r}: expected non-empty str keys and str values")
         if key in RESERVED_ATTRIBUTES:
-            raise ValueError(f"attributes[{key!r}]: {key!r} is one of the package's own attributes "
-                             f"({', '.join(sorted(RESERVED_ATTRIBUTES))}); name the trainer with another key, "
-                             "for example env_id")
+            raise ValueError(
+                f"attributes[{key!r}]: {key!r} is one of the package's own attributes "
+                f"({', '.join(sorted(RESERVED_ATTRIBUTES))}); name the trainer with another key, "
+                "for example env_id"
+            )
     return dict(attributes)

@@ -37,11 +37,20 @@ class SeedLayerCallback(FrameworkCallback, transformers.TrainerCallback):
     ``seeds`` and the keywords: see :class:`~tolaria_otel.framework_run.FrameworkCallback`.
     """
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       optimizer: object = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        optimizer: object = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(model, nn.Module) or optimizer is None:
-            raise TypeError(f"the Trainer passed model={type(model).__name__}, optimizer={type(optimizer).__name__} "
-                            "to on_train_begin: expected a torch.nn.Module and its optimizer")
+            raise TypeError(
+                f"the Trainer passed model={type(model).__name__}, optimizer={type(optimizer).__name__} "
+                "to on_train_begin: expected a torch.nn.Module and its optimizer"
+            )
         # closes a train() that raised
         self._start_run(model, [optimizer], deepspeed=bool(getattr(args, "deepspeed", None)))
 
