@@ -108,6 +108,10 @@ def integer_in(value: str, low: int, high: int) -> bool:
     return text.isascii() and text.isdigit() and len(text) < 10 and low <= int(text) <= high
 
 
+#: Esper's (pydantic's) boolean words, any case.
+FLAG_WORDS = ("1", "true", "t", "yes", "y", "on", "0", "false", "f", "no", "n", "off")
+
+
 def one_of(*words: str) -> Callable[[str], bool]:
     return lambda value: value.strip().lower() in words
 
@@ -187,9 +191,12 @@ def verdict(variable: str, value: str) -> str:
         # and one without the other is refused.
         return "bad" if variable.removeprefix("OTEL_EXPORTER_OTLP_") in CLIENT_TLS else "ok"
     rules: dict[str, Callable[[str], bool]] = {
-        "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
-        "TOLARIA_SEED_HEALTH_COMPACT": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
-        "TOLARIA_SEED_HOST_NORM": one_of("true", "false", "1", "0", "yes", "no", "on", "off"),
+        "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": one_of(*FLAG_WORDS),
+        "TOLARIA_SEED_HEALTH_COMPACT": one_of(*FLAG_WORDS),
+        "TOLARIA_SEED_HOST_NORM": one_of(*FLAG_WORDS),
+        # Each alone, the other at its default (1e-7 and 10): the vanishing bound must stay below the exploding one.
+        "TOLARIA_SEED_TENSOR_VANISHING_BELOW": lambda v: positive_finite(v) and float(v) < 10,
+        "TOLARIA_SEED_TENSOR_EXPLODING_ABOVE": lambda v: positive_finite(v) and float(v) > 1e-7,
         "TOLARIA_SEED_LAYER_TOPK": lambda v: integer_in(v, 1, 1_000_000),
         "TOLARIA_SEED_LAYER_MAX_SEEDS": lambda v: integer_in(v, 1, 1_000_000),
         "TOLARIA_SEED_STEP_NORM_HISTOGRAM": one_of("coarse", "fine", "off"),

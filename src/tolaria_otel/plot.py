@@ -103,6 +103,11 @@ def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
             step_norm_counts=tuple(int(c) for c in seed.get("step_norm_counts", ())),
             host_ratio=_number(seed.get("host_ratio")),
             health=str(seed.get("health", "")),
+            left=bool(seed.get("left", False)),
+            partial=bool(seed.get("partial", False)),
+            gradient_tensors=_count(seed.get("gradient_tensors")),
+            vanishing_tensor_steps=_count(seed.get("vanishing_tensor_steps")),
+            exploding_tensor_steps=_count(seed.get("exploding_tensor_steps")),
         )
     return EpochSummary(
         epoch=int(data["epoch"]),
@@ -118,6 +123,10 @@ def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
 
 def _number(value: float | str | None) -> float | None:
     return None if value is None else float(value)
+
+
+def _count(value: int | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _seed_panel(ax: Any, seed_id: str, summaries: Sequence[EpochSummary]) -> None:
