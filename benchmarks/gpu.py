@@ -164,7 +164,7 @@ def device_move_check(device: str) -> str:
     model.to(device)
     settings = SeedLayerSettings(enabled=True, top_k=5)
     telemetry = SeedLayerTelemetry(model, registry, settings=settings, meter_provider=None)
-    totals = {seed_id: 0.0 for seed_id in registry.modules}
+    totals = dict.fromkeys(registry.modules, 0.0)
     for where in (device, "cpu", device):
         model.to(where)
         for _ in range(3):

@@ -16,7 +16,9 @@ import time
 COMMANDS = {
     "python (nothing)": "pass",
     "import torch": "import torch",
-    "import torch, tolaria_otel and its public API": "import torch; from tolaria_otel import SeedLayerTelemetry, configure_meter_provider, SeedLayerSettings",
+    "import torch, tolaria_otel and its public API": (
+        "import torch; from tolaria_otel import SeedLayerTelemetry, configure_meter_provider, SeedLayerSettings"
+    ),
     "import tolaria_otel (bare)": "import tolaria_otel",
     "tolaria-otel --help": "import sys; from tolaria_otel.cli import main; sys.argv = ['tolaria-otel', '--help']; "
     "import contextlib, io\nwith contextlib.redirect_stdout(io.StringIO()):\n"

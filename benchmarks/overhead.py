@@ -44,7 +44,7 @@ import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
@@ -54,6 +54,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
 from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 PEER_INSTALL = "pip install -c constraints.txt -r benchmarks/requirements.txt"
 
@@ -73,7 +76,7 @@ class Workload:
     batches: list[Any]
     loss: Callable[[nn.Module, Any], torch.Tensor]
     optimizer: Callable[[nn.Module], torch.optim.Optimizer]
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - a torch.device is immutable
     synchronize: Callable[[], None] = lambda: None
     seed_layers: int = 0  # layers (modules with parameters) inside the seeds, for the tables
 
@@ -351,7 +354,7 @@ class Wandb(Variant):
     every = 4  # an order of magnitude slower than the rest: every 4th round keeps the run short
 
     def setup(self, run: Run) -> None:
-        global _WANDB_RUN
+        global _WANDB_RUN  # noqa: PLW0603 - one offline wandb run per process, as wandb allows
         os.environ["WANDB_MODE"] = "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
@@ -378,7 +381,7 @@ class Wandb(Variant):
         self.wandb.log({"bench/step": self.steps})
 
     def close(self) -> None:
-        global _WANDB_RUN
+        global _WANDB_RUN  # noqa: PLW0603 - one offline wandb run per process, as wandb allows
         if _WANDB_RUN is not None:
             _WANDB_RUN.finish()
             _WANDB_RUN = None
@@ -568,7 +571,7 @@ class Probe:
     def counts(self, tensor: Any) -> bool:
         return isinstance(tensor, torch.Tensor) and not (self.only_from_device and tensor.device.type == "cpu")
 
-    def __enter__(self) -> Probe:
+    def __enter__(self) -> Self:
         def tensor_reads(args: Sequence[Any]) -> int:
             return sum(1 for t in _flatten(args[0]) if self.counts(t)) if args else 0
 
@@ -1017,7 +1020,9 @@ def select(variants: list[Variant], only: str | None) -> list[Variant]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    log = lambda s: print(s, file=sys.stderr, flush=True)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
     if args.memory_probe:
         workload = (

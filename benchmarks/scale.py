@@ -157,11 +157,11 @@ def main() -> None:
         print(json.dumps(measure(seeds, layers, args.epochs, args.steps)))
         return
     print(
-        f"| seeds x layers | gradient tensors | observe_step µs (median) | × floor "
-        f"| mean × floor's (flushes included) | flushing step × median "
-        f"| slowest × median: observe_step, floor | end_epoch ms: median, mean (of which GC) "
-        f"| step path held (MiB, RSS) "
-        f"| points per collection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| seeds x layers | gradient tensors | observe_step µs (median) | × floor "
+        "| mean × floor's (flushes included) | flushing step × median "
+        "| slowest × median: observe_step, floor | end_epoch ms: median, mean (of which GC) "
+        "| step path held (MiB, RSS) "
+        "| points per collection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     grid = QUICK_GRID if args.quick else GRID
     if args.sizes:

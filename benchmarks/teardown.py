@@ -64,7 +64,10 @@ def teardown_times(mode: str, timeout: str | None) -> dict[str, float]:
 
 def measure(mode: str, timeout: str | None) -> dict[str, float]:
     """One case in a fresh interpreter (the SDK's exporters keep process-wide state)."""
-    code = f"import json; from benchmarks.teardown import teardown_times; print(json.dumps(teardown_times({mode!r}, {timeout!r})))"
+    code = (
+        "import json; from benchmarks.teardown import teardown_times; "
+        f"print(json.dumps(teardown_times({mode!r}, {timeout!r})))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

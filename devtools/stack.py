@@ -13,6 +13,7 @@ Stdlib only, so it works in any venv and in CI without extra installs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -173,10 +174,8 @@ def _die_with_parent() -> None:
     # killed pytest), so no orphan keeps a port and a data dir busy.
     # Note: strictly it fires when the *thread* that forked exits.
     PR_SET_PDEATHSIG = 1
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Server:
@@ -234,7 +233,7 @@ class _Server:
                 # Own session: Ctrl-C in a terminal goes to us only, and we
                 # stop the servers in order instead of them dying mid-write.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - one prctl, no lock
             )
         try:
             wait_until(self._ready, timeout, message=f"{self.name} not ready at {self.url}{self.ready_path}")

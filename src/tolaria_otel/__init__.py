@@ -60,7 +60,28 @@ _EXPORTS = {
     "SeedLayerTelemetry": "telemetry",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+#: A literal list, so that tools (and readers) see the public API; tests/test_imports.py holds it equal to _EXPORTS.
+__all__ = [
+    "LAYER_NONFINITE",
+    "LAYER_NORM",
+    "ROOT_LAYER",
+    "SEED_NORM",
+    "SEED_NOT_MEASURED",
+    "SERIES_BUDGET",
+    "SETTINGS_INFO",
+    "ConfigurationError",
+    "EpochSummary",
+    "SeedLayerSettings",
+    "SeedLayerTelemetry",
+    "SeedMapping",
+    "SeedSource",
+    "SeedSummary",
+    "SettingsError",
+    "StageNames",
+    "__version__",
+    "configure_meter_provider",
+    "seed_layer_views",
+]
 
 if TYPE_CHECKING:
     from .instruments import (

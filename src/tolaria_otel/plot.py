@@ -25,13 +25,13 @@ from typing import Any
 
 from .summary import EpochSummary, SeedSummary
 
-SummariesOrPath = Iterable[EpochSummary] | str | os.PathLike
+SummariesOrPath = Iterable[EpochSummary] | str | os.PathLike[str]
 
 _COLUMNS = 3
 _PANEL_SIZE = (5.2, 3.4)
 
 
-def render(summaries_or_path: SummariesOrPath, out_png: str | os.PathLike) -> Path:
+def render(summaries_or_path: SummariesOrPath, out_png: str | os.PathLike[str]) -> Path:
     """Draw the summaries (or the JSON Lines file at that path) into the PNG ``out_png``; return its path."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -71,7 +71,7 @@ def render(summaries_or_path: SummariesOrPath, out_png: str | os.PathLike) -> Pa
     return out
 
 
-def load_summaries(path: str | os.PathLike) -> list[EpochSummary]:
+def load_summaries(path: str | os.PathLike[str]) -> list[EpochSummary]:
     """The summaries of a JSON Lines file of ``EpochSummary.to_dict()`` lines, in epoch order."""
     summaries = []
     with open(path, encoding="utf-8") as lines:

@@ -36,7 +36,7 @@ class ServingPrometheusReader(PrometheusMetricReader):
         registry.unregister(self._collector)
         self._collector = _LatestSnapshotCollector()
         registry.register(self._collector)
-        self._collector._callback = self.collect  # as upstream does, once registered
+        self._collector._callback = self.collect  # type: ignore[assignment]  # as upstream does, once registered
         self._server, self._thread = start_http_server(port=port, addr=host, registry=registry)
         self.host = host
         self.port: int = self._server.server_port

@@ -28,6 +28,7 @@ import sys
 import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -42,6 +43,9 @@ from opentelemetry.util.re import parse_env_headers
 from .instruments import seed_layer_views
 from .redaction import install_log_redaction, redacted_url
 from .settings import SeedLayerSettings, echoed
+
+if TYPE_CHECKING:
+    import requests
 
 ENV_SDK_DISABLED = "OTEL_SDK_DISABLED"
 ENV_EXPORTER = "OTEL_METRICS_EXPORTER"
@@ -377,14 +381,14 @@ def otlp_client_certificate(environ: Environ | None = None, protocol: str | None
     if cert is None and key is None:
         return None
     if cert is None or key is None:
-        missing, given = (cert_variable, key_variable) if cert is None else (key_variable, cert_variable)
+        missing, set_one = (cert_variable, key_variable) if cert is None else (key_variable, cert_variable)
         general_name = missing.replace("_OTLP_METRICS_", "_OTLP_")
         if protocol != "grpc":  # either spelling of the missing one would do
             missing = f"neither {general_name.replace('_OTLP_', '_OTLP_METRICS_')} nor {general_name} is set"
         else:
             missing = f"{missing} is not"
         raise ConfigurationError(
-            f"{given} is set but {missing}: mutual TLS needs both, the client certificate "
+            f"{set_one} is set but {missing}: mutual TLS needs both, the client certificate "
             "(PEM) and its private key (PEM)"
         )
     for variable, path, what in ((cert_variable, cert, "certificate"), (key_variable, key, "private key")):
@@ -583,7 +587,7 @@ def _otlp_exporter() -> MetricExporter:
     return GrpcExporter()
 
 
-def _session_keeping_its_ca() -> object:
+def _session_keeping_its_ca() -> requests.Session:
     """A ``requests`` session on which ``OTEL_EXPORTER_OTLP_[METRICS_]CERTIFICATE`` holds.
 
     The HTTP exporter puts the CA file on its session (``session.verify``), but ``requests`` lets a

@@ -54,7 +54,7 @@ SECRET_MIN = 4
 
 _URL_USER_INFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*@")
 _QUERY = re.compile(r"(\S)\?[^\s'\"<>)]+")
-_FRAGMENT_RUN = re.compile(r"[A-Za-z0-9]{%d,}" % FRAGMENT_MIN)
+_FRAGMENT_RUN = re.compile(rf"[A-Za-z0-9]{{{FRAGMENT_MIN},}}")
 _HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
 
 
@@ -67,7 +67,7 @@ def redacted_url(url: str) -> str:
         scheme, rest = "", url
     # The user info ends at the last "@": a password may hold "/", "?" or "#" that a URL parser would take for
     # the end of the authority (and so print the rest of it as a path).
-    user_info, at, rest = rest.rpartition("@")
+    _user_info, at, rest = rest.rpartition("@")
     cut = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
     authority, tail = (f"{MASK}@" if at else "") + rest[:cut], rest[cut:]
     end = min([i for i in (tail.find("?"), tail.find("#")) if i >= 0] or [len(tail)])

@@ -78,10 +78,11 @@ def record_counts(
             created.add(i)
         if new:
             index = _index(histogram)
-    for i, (attributes, pairs) in enumerate(todo):
-        if i in created:
-            first, count = pairs[0]
-            pairs = [(first, count - 1), *pairs[1:]] if count > 1 else pairs[1:]
+    for i, (attributes, counted) in enumerate(todo):
+        pairs = counted
+        if i in created:  # its first value is in already
+            first, count = counted[0]
+            pairs = [(first, count - 1), *counted[1:]] if count > 1 else counted[1:]
             if not pairs:
                 continue
         aggregations = None if index is None else _lookup(index, attributes)
@@ -98,18 +99,18 @@ def _index(histogram: Any) -> _Index | None:
     """Per reader (view match), the histogram's aggregations by attributes, and whether some reader has not
     seen the instrument yet; None when the SDK's internals are not the known ones."""
     try:
-        by_attributes = []
+        by_attributes: list[dict[frozenset[tuple[str, Any]], Any]] = []
         unseen = False
         for storage in list(histogram._measurement_consumer._reader_storages.values()):
             matches = storage._instrument_view_instrument_matches.get(histogram)
             unseen |= not matches
-            for match in matches or ():
-                by_attributes.append(
-                    {
-                        frozenset((aggregation._attributes or {}).items()): aggregation
-                        for aggregation in list(match._attributes_aggregation.values())
-                    }
-                )
+            by_attributes.extend(
+                {
+                    frozenset((aggregation._attributes or {}).items()): aggregation
+                    for aggregation in list(match._attributes_aggregation.values())
+                }
+                for match in matches or ()
+            )
     except AttributeError:
         return None
     return by_attributes, unseen

@@ -7,6 +7,7 @@ into the host's hidden state.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,14 +24,15 @@ class Seed(nn.Module):
         super().__init__()
         sizes = [width] + [hidden] * (depth - 1) + [width]
         layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
             layers += [nn.Linear(fan_in, fan_out)] + ([nn.ReLU()] if i < depth - 1 else [])
         self.net = nn.Sequential(*layers)
         self.alpha = 1.0  # blending weight; the lifecycle moves it
         self.in_graph = True  # False once culled: the host skips it, so it gets no gradient at all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * self.net(x)
+        out: torch.Tensor = self.alpha * self.net(x)
+        return out
 
 
 class SeededMLP(nn.Module):
@@ -55,7 +57,8 @@ class SeededMLP(nn.Module):
         for seed in self.seeds.values():
             if seed.in_graph:
                 h = h + seed(h)
-        return self.head(h)
+        out: torch.Tensor = self.head(h)
+        return out
 
 
 class SeedRegistry:

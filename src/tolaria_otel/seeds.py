@@ -3,9 +3,9 @@
 A seed source is a mapping ``seed_id -> (module, stage)`` or a zero-argument callable that returns
 one. A stage is a ``str`` (passed through as given), an ``Enum`` member (its name) or an ``int`` (a
 protobuf enum value, such as Kasmina's ``SeedStage``), named by the ``stage_names`` the user gives:
-a mapping ``int -> str`` or a callable such as the protobuf enum's ``Name``. A *layer* is a submodule of the seed module, named as ``seed_module.named_modules()`` names it,
-that holds trainable parameters of its own; the seed module's own direct parameters form the layer
-``(root)``.
+a mapping ``int -> str`` or a callable such as the protobuf enum's ``Name``. A *layer* is a submodule of
+the seed module, named as ``seed_module.named_modules()`` names it, that holds trainable parameters of its
+own; the seed module's own direct parameters form the layer ``(root)``.
 """
 
 from __future__ import annotations
