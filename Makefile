@@ -32,7 +32,11 @@ stack: install backends
 
 # The suite includes tests/test_wheel.py: it builds the sdist and wheel and installs the wheel into fresh
 # venvs under pytest's tmp folder (core, each extra, the oldest declared Python), pinned by constraints.txt.
+# Lint, format and types first (seconds; configured in pyproject.toml), then the tests.
 test: install backends
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # Grafana dashboards: regenerate dashboards/json/ from dashboards/*.py (commit the result).
