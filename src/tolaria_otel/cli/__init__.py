@@ -26,12 +26,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from . import provider as otel
-from ._version import __version__
-from .provider import ConfigurationError
-from .redaction import HEADER_VARIABLES, MASK, redact, redacted_url, secrets_in
-from .volume import trainer_series
-from .settings import (
+from .. import provider as otel
+from .._version import __version__
+from ..provider import ConfigurationError
+from ..redaction import HEADER_VARIABLES, MASK, redact, redacted_url, secrets_in
+from ..volume import trainer_series
+from ..settings import (
     ENV_COMPACT,
     ENV_ENABLED,
     ENV_EXPORT_RANK,
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_assets_command(args: argparse.Namespace) -> int:
-    from .assets import AssetsError, write_assets
+    from ..assets import AssetsError, write_assets
 
     try:
         written = write_assets(args.folder, force=args.force)
@@ -248,7 +248,7 @@ def run_assets_command(args: argparse.Namespace) -> int:
 
 def run_plot_command(args: argparse.Namespace) -> int:
     try:
-        from .plot import render
+        from ..plot import render
 
         print(render(args.summaries, args.output or args.summaries.with_suffix(".png")))
     except (OSError, ValueError, ImportError) as error:
@@ -289,7 +289,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
             "the demo's progress display needs rich: pip install 'tolaria-otel[demo]' (or run with --quiet)"
         )
 
-    from . import demo  # only the command that trains loads the training code
+    from .. import demo  # only the command that trains loads the training code
 
     options = demo.DemoOptions(epochs=args.epochs, seeds=args.seeds, seed=args.seed, device=device)
     provider = _checked(lambda: otel.configure_meter_provider(settings))
