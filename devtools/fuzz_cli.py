@@ -40,7 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from devtools.stack import QuietHandler, http_server
-from tolaria_otel.cli import OTEL_DEFAULTS, TOLARIA_FIELDS, main
+from tolaria_otel.cli import main
+from tolaria_otel.cli.doctor_variables import OTEL_DEFAULTS, TOLARIA_FIELDS
 
 SECRET = "S3CR3T-MARKER"
 HUGE = "7" * 100_000

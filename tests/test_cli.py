@@ -32,7 +32,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from devtools.stack import QuietHandler, http_server
 from tolaria_otel import LAYER_NORM, SEED_NORM, SeedLayerSettings, SettingsError, settings
-from tolaria_otel.cli import TOLARIA_FIELDS, main
+from tolaria_otel.cli import main
+from tolaria_otel.cli.doctor_variables import TOLARIA_FIELDS
 from tolaria_otel.volume import trainer_series
 
 SCRIPT = Path(sys.executable).with_name("tolaria-otel")

@@ -31,7 +31,7 @@ from tests.test_cli import (  # noqa: F401 - fixtures: the environment is restor
     receiver,
     run,
 )
-from tolaria_otel.cli import OTEL_DEFAULTS
+from tolaria_otel.cli.doctor_variables import OTEL_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "SECRET123"

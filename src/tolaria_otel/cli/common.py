@@ -1,0 +1,45 @@
+"""What every command shares: its name in messages, the error for bad input, and reading the environment.
+
+A command raises :class:`CommandError` for bad input; ``main`` (``tolaria_otel.cli``) prints it as one
+line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+from .. import provider as otel
+from ..provider import ConfigurationError
+
+T = TypeVar("T")
+
+PROG = "tolaria-otel"
+#: The variables that set the OTLP endpoint: URLs, shown with their secrets masked.
+ENDPOINT_VARIABLES = (otel.ENV_ENDPOINT, otel.ENV_METRICS_ENDPOINT)
+
+
+class CommandError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def checked(build: Callable[[], T]) -> T:
+    """``build()``, with the package's configuration errors turned into one-line command errors."""
+    try:
+        return build()
+    except ValueError as error:  # SettingsError and ConfigurationError
+        raise CommandError(str(error)) from None
+
+
+def or_none(read: Callable[[], T]) -> T | None:
+    """``read()``, or None where the value is bad (reported on its own)."""
+    try:
+        return read()
+    except ConfigurationError:
+        return None
+
+
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value; empty or blank counts as unset, as the OpenTelemetry specification says."""
+    raw = env.get(name)
+    return raw if raw is not None and raw.strip() else None
