@@ -61,24 +61,7 @@ class SeedLayerTelemetry:
         attributes: Mapping[str, str] | None = None,
         stage_names: StageNames | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model is {type(model).__name__}: expected a torch.nn.Module")
-        if settings is not None and not isinstance(settings, SeedLayerSettings):
-            raise TypeError(
-                f"settings is {type(settings).__name__}: expected a SeedLayerSettings "
-                "(SeedLayerSettings.from_env()) or None"
-            )
-        if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
-            raise TypeError(
-                f"meter_provider is {type(meter_provider).__name__}: expected an OpenTelemetry "
-                "MeterProvider (configure_meter_provider()) or None for the global one"
-            )
-        identity = _checked_identity(attributes)
-        if stage_names is not None and not (callable(stage_names) or isinstance(stage_names, Mapping)):
-            raise TypeError(
-                f"stage_names is {type(stage_names).__name__}: expected a mapping int -> str or a "
-                "callable such as a protobuf enum's Name"
-            )
+        identity = _checked_arguments(model, settings, meter_provider, attributes, stage_names)
         self.settings = SeedLayerSettings.from_env() if settings is None else settings
         self.model = model
         self.attributes = identity
@@ -248,6 +231,35 @@ def _any_active(handles: Sequence[RemovableHandle]) -> bool:
         if hooks is not None and handle.id in hooks:
             return True
     return False
+
+
+def _checked_arguments(
+    model: object,
+    settings: object,
+    meter_provider: object,
+    attributes: Mapping[str, str] | None,
+    stage_names: object,
+) -> dict[str, str]:
+    """Fail fast on a constructor argument of the wrong kind, naming it and what is accepted; the identity."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model is {type(model).__name__}: expected a torch.nn.Module")
+    if settings is not None and not isinstance(settings, SeedLayerSettings):
+        raise TypeError(
+            f"settings is {type(settings).__name__}: expected a SeedLayerSettings "
+            "(SeedLayerSettings.from_env()) or None"
+        )
+    if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+        raise TypeError(
+            f"meter_provider is {type(meter_provider).__name__}: expected an OpenTelemetry "
+            "MeterProvider (configure_meter_provider()) or None for the global one"
+        )
+    identity = _checked_identity(attributes)
+    if stage_names is not None and not (callable(stage_names) or isinstance(stage_names, Mapping)):
+        raise TypeError(
+            f"stage_names is {type(stage_names).__name__}: expected a mapping int -> str or a "
+            "callable such as a protobuf enum's Name"
+        )
+    return identity
 
 
 def _checked_identity(attributes: Mapping[str, str] | None) -> dict[str, str]:
