@@ -1,6 +1,6 @@
 """What following parameters replaced inside a seed module costs on the step path: each seed's parameters
 are walked once every ``PARAMETER_CHECK_EVERY`` sampled steps, a share of the seeds at each step
-(``SeedLayerTelemetry._follow_replaced_parameters``). Times that call alone at every step of two rounds,
+(``SeedTracker.follow_replaced_parameters``). Times that call alone at every step of two rounds,
 median and slowest, next to the walk over every seed at once. ``python -m benchmarks.parameter_check``."""
 
 import time
@@ -8,7 +8,7 @@ import time
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
-from tolaria_otel.telemetry import PARAMETER_CHECK_EVERY, _seeds_with_new_parameters
+from tolaria_otel.seed_tracker import PARAMETER_CHECK_EVERY, seeds_with_new_parameters
 
 
 def _median(times: list[float]) -> float:
@@ -25,12 +25,11 @@ def main() -> None:
         )
         per_step = []
         for step in range(2 * PARAMETER_CHECK_EVERY):
-            telemetry._sampled_steps = step + 1
             start = time.perf_counter()
-            telemetry._follow_replaced_parameters()
+            telemetry._seeds.follow_replaced_parameters(step + 1)
             per_step.append(time.perf_counter() - start)
         start = time.perf_counter()
-        _seeds_with_new_parameters(telemetry._current, telemetry._current.modules)
+        seeds_with_new_parameters(telemetry._seeds.current, telemetry._seeds.current.modules)
         whole = time.perf_counter() - start
         telemetry.close()
         print(

@@ -106,7 +106,7 @@ def main() -> None:
     print(f"\nattach(optimizer)'s step hook around observe_step(): {statistics.median(calls) * 1e6:.1f} µs per step")
 
     # What reading Kasmina's callable seed source costs a sampled step: one call and the identity check.
-    segment = telemetry._current
+    segment = telemetry._seeds.current
     reads = []
     for _ in range(20):
         start = time.perf_counter()

@@ -203,6 +203,6 @@ def test_gradients_of_a_create_graph_backward_are_measured_without_keeping_their
     telemetry.observe_step()
     assert torch.is_grad_enabled()  # the caller's grad mode is back
     # A norm that required grad would keep the whole double-backward graph alive until the epoch end.
-    waiting = [norm for group in telemetry._current.norms._groups for step in group.pending for norm in step]
+    waiting = [norm for group in telemetry._seeds.current.norms._groups for step in group.pending for norm in step]
     assert waiting and not any(norm.requires_grad for norm in waiting)
     assert telemetry.end_epoch().seeds["s"].total_norm == pytest.approx(expected, rel=1e-6)

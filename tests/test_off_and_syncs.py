@@ -52,7 +52,7 @@ def test_off_by_default_installs_and_allocates_nothing(monkeypatch):
     assert mode.ops == []  # observe_step touched no tensor
     assert calls == []  # the seed source is never read
     assert provider.meters_requested == 0  # so no instrument either
-    assert not hasattr(telemetry, "_segments")  # no buffers
+    assert not hasattr(telemetry, "_seeds")  # no segments, so no buffers
     assert not collect(reader)
     handle.remove()
     telemetry.close()

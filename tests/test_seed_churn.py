@@ -555,7 +555,7 @@ def test_a_seed_culled_mid_epoch_keeps_that_epoch_in_the_summary_and_the_export_
 
 
 def test_a_parameter_replaced_inside_a_seed_is_followed_at_the_next_check_and_the_epoch_flagged_partial():
-    from tolaria_otel.telemetry import PARAMETER_CHECK_EVERY
+    from tolaria_otel.seed_tracker import PARAMETER_CHECK_EVERY
 
     torch.manual_seed(0)
     model, registry = SeededMLP(), SeedRegistry()

@@ -32,7 +32,7 @@ def test_a_step_from_precomputed_norms_equals_the_measured_one():
     def from_precomputed():
         reference.hook(optimizer, (), {})
         grads = {id(p): torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None}
-        telemetry._observe(grads)
+        telemetry._steps.observe(grads)
 
     train_epoch(model, optimizer, steps=5, generator=torch.Generator().manual_seed(1), before_step=from_precomputed)
     summary = telemetry.end_epoch()

@@ -61,15 +61,27 @@ Parameters = torch.Tensor | Iterable[torch.Tensor]
 
 
 class ClipListener(Protocol):
-    """What a telemetry offers the patch (``SeedLayerTelemetry`` implements it)."""
+    """What a telemetry offers the patch (``pre_clip.PreClipListener`` implements it)."""
 
-    def _takes_clip(self, first_parameter: int) -> bool: ...
+    def takes_clip(self, first_parameter: int) -> bool:
+        """Whether this clip, whose first parameter has this id, is one the listener measures before."""
+        ...
 
-    def _stage_clip(self, norms: dict[int, torch.Tensor], factor: torch.Tensor) -> None: ...
+    def stage_clip(self, norms: dict[int, torch.Tensor], factor: torch.Tensor) -> None:
+        """The clip's per-gradient norms (by parameter id) and its factor, before it scales."""
+        ...
 
-    def _measure_before_clip(self) -> None: ...
+    def measure_before_clip(self) -> None:
+        """A clip whose norms cannot be shared is about to scale: measure now."""
+        ...
 
-    def _clip_applied(self, factor: torch.Tensor | None, parameter: torch.Tensor | None) -> None: ...
+    def clip_applied(self, factor: torch.Tensor | None, parameter: torch.Tensor | None) -> None:
+        """The clip scaled (by ``factor`` when known); ``parameter`` is the first it clipped."""
+        ...
+
+    def failed(self, where: str) -> None:
+        """One of the calls above raised: count and log it (``failures.FailureLog``)."""
+        ...
 
 
 def l2_norms(grads: Sequence[torch.Tensor], foreach: bool | None = None) -> tuple[list[torch.Tensor], list[int]]:
@@ -145,10 +157,10 @@ def clip_and_stage(
     factor = torch.clamp(float(max_norm) / (total + CLIP_EPSILON), max=1.0)
     by_id = {ids[i]: norm for i, norm in zip(order, norms)}
     for listener in listeners:
-        _safely(listener, "clip", lambda: listener._stage_clip(by_id, factor))
+        _safely(listener, "clip", lambda: listener.stage_clip(by_id, factor))
     _scale(grads, factor, foreach)
     for listener in listeners:
-        _safely(listener, "clip", lambda: listener._clip_applied(None, params[0]))
+        _safely(listener, "clip", lambda: listener.clip_applied(None, params[0]))
     return total
 
 
@@ -173,13 +185,13 @@ def _measure_then(
 ) -> Any:
     """A clip whose norms cannot be shared: measure before it, run it, then note its factor (norm clips)."""
     for listener in listeners:
-        _safely(listener, "clip", listener._measure_before_clip)
+        _safely(listener, "clip", listener.measure_before_clip)
     total = clip()
     factor = None
     if max_norm is not None and type(total) is torch.Tensor:
         factor = torch.clamp(float(max_norm) / (total.detach() + CLIP_EPSILON), max=1.0)
     for listener in listeners:
-        _safely(listener, "clip", lambda: listener._clip_applied(factor, params[0] if params else None))
+        _safely(listener, "clip", lambda: listener.clip_applied(factor, params[0] if params else None))
     return total
 
 
@@ -187,9 +199,7 @@ def _safely(listener: ClipListener, where: str, work: Callable[[], None]) -> Non
     try:
         work()
     except Exception:  # noqa: BLE001 - telemetry must never stop the clip
-        failed = getattr(listener, "_failed", None)
-        if failed is not None:
-            failed(where)
+        listener.failed(where)
 
 
 class _Patch:
@@ -224,7 +234,7 @@ class _Patch:
         takers = []
         for ref in list(self._listeners):
             listener = ref()
-            if listener is not None and listener._takes_clip(first):
+            if listener is not None and listener.takes_clip(first):
                 takers.append(listener)
         return takers
 
@@ -316,116 +326,3 @@ def warn_unreachable_clip(model: nn.Module, *, deepspeed: bool = False) -> None:
     if reason is not None and reason not in _warned:
         _warned.add(reason)
         _logger.warning("tolaria_otel: %s", reason)
-
-
-class PreClipStep:
-    """One step's norms taken before the clip, waiting for the optimizer step that commits them.
-
-    Staged norms belong to the gradients they were taken from: the stage is marked with a gradient
-    (the tensor and its version counter, bumped by the clip's in-place scaling), and a mark that no
-    longer matches (``zero_grad``, the next backward) means the step they belong to never reached the
-    optimizer: they are dropped, not carried into the next step.
-    """
-
-    def __init__(self) -> None:
-        self.norms: dict[int, torch.Tensor] | None = None
-        self.factors: list[torch.Tensor] = []
-        self._mark: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int] | None = None
-
-    @property
-    def waiting(self) -> bool:
-        return self.norms is not None or bool(self.factors)
-
-    def fresh(self) -> bool:
-        """The marked gradient is still the one the stage was taken from (or was since clipped here)."""
-        if self._mark is None:
-            return False
-        param_ref, grad_ref, version = self._mark
-        param = param_ref()
-        grad = None if param is None else param.grad
-        return grad is not None and grad is grad_ref() and grad._version == version
-
-    def stage(self, norms: dict[int, torch.Tensor] | None, factor: torch.Tensor | None) -> None:
-        if self.waiting and not self.fresh():
-            self.clear()
-        if norms:
-            if self.norms is None:
-                self.norms = norms  # the caller's fresh dict: no copy on the step path
-            else:
-                self.norms.update(norms)
-        if factor is not None:
-            self.factors.append(factor)
-
-    def mark(self, parameter: torch.Tensor | None) -> None:
-        """Tie the stage to ``parameter``'s gradient as it is now (after the clip that just ran)."""
-        grad = None if parameter is None else parameter.grad
-        self._mark = None if grad is None else (weakref.ref(parameter), weakref.ref(grad), grad._version)  # type: ignore[arg-type]
-
-    def take(self) -> tuple[dict[int, torch.Tensor] | None, list[torch.Tensor]]:
-        """What the committing step measured before its clip: (norms or None, clip factors); then empty."""
-        if not self.fresh():
-            self.clear()
-            return None, []
-        norms, factors = self.norms, self.factors
-        self.clear()
-        return norms, factors
-
-    def clear(self) -> None:
-        self.norms = None
-        self.factors = []
-        self._mark = None
-
-
-class ClipFacts:
-    """Per epoch, on the device: how many sampled steps the clip scaled down, and its smallest factor.
-
-    A step's factor is the clip's ``min(max_norm / (total + 1e-6), 1)`` (the smallest of its clips when
-    it clipped several groups). Factors wait as 0-d tensors and are folded every ``FLUSH_EVERY`` steps in
-    one batch of ops: nothing on the step path but an append. :meth:`take` is a host copy of two floats,
-    made only in epochs in which a clip was seen (the epoch's statistics copy is another module's).
-    """
-
-    def __init__(self, flush_every: int) -> None:
-        self.steps = 0  # sampled steps at which a clip was seen
-        self._flush_every = flush_every
-        self._waiting: list[torch.Tensor] = []
-        self._totals: torch.Tensor | None = None  # [clipped steps, smallest factor]
-
-    def add(self, factors: Sequence[torch.Tensor]) -> None:
-        factor = (
-            factors[0]
-            if len(factors) == 1
-            else torch.stack([f.to(factors[0].device, torch.float32) for f in factors]).amin()
-        )
-        self._waiting.append(factor)
-        self.steps += 1
-        if len(self._waiting) >= self._flush_every:
-            self._fold()
-
-    @torch.no_grad()
-    def _fold(self) -> None:
-        if not self._waiting:
-            return
-        device = self._waiting[0].device if self._totals is None else self._totals.device
-        factors = torch.stack([f.to(device, torch.float32) for f in self._waiting])
-        self._waiting = []
-        batch = torch.stack([(factors < 1).sum(dtype=torch.float32), factors.amin()])
-        if self._totals is None:
-            self._totals = batch
-        else:
-            self._totals = torch.stack([self._totals[0] + batch[0], torch.minimum(self._totals[1], batch[1])])
-
-    def take(self) -> tuple[int, float | None]:
-        """(clipped sampled steps, smallest factor or None when no clip was seen); then starts over."""
-        if not self.steps:
-            return 0, None
-        self._fold()
-        assert self._totals is not None
-        clipped, smallest = self._totals.tolist()  # the one host copy of the clip facts, per epoch that clipped
-        self.reset()
-        return int(clipped), smallest
-
-    def reset(self) -> None:
-        self.steps = 0
-        self._waiting = []
-        self._totals = None

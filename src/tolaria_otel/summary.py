@@ -52,7 +52,7 @@ class SeedSummary:
     #: this is its last summary; its values cover the steps it was listed at.
     left: bool = False
     #: A parameter was replaced or added inside the seed's module mid-epoch: measured on the new one from
-    #: at most ``telemetry.PARAMETER_CHECK_EVERY`` sampled steps later, so the epoch's values are partial.
+    #: at most ``seed_tracker.PARAMETER_CHECK_EVERY`` sampled steps later, so the epoch's values are partial.
     partial: bool = False
     gradient_tensors: int | None = None
     vanishing_tensor_steps: int | None = None

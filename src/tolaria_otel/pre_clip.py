@@ -1,0 +1,251 @@
+"""The telemetry's side of measuring before the clip (``clipping``): a step's norms wait for its commit.
+
+A clip that runs before the optimizer step hands its per-gradient norms over (or the telemetry
+measures just before it), and the step that commits them (the optimizer's step post-hook, or
+``observe_step()``) queues them as that step's values; a step ``GradScaler`` skips never commits, and
+its norms are dropped. The clip's factors are the epoch's clip facts, reported on their own
+(``EpochSummary.clipped_steps``, ``min_clip_factor``).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .clipping import attach_clip_patch, l2_norms, warn_unreachable_clip
+from .epoch import Segment
+from .failures import FailureLog
+from .norms import FLUSH_EVERY
+from .seed_tracker import SeedTracker
+from .summary import EpochSummary
+
+
+class PreClipListener:
+    """One telemetry's :class:`~tolaria_otel.clipping.ClipListener`: takes the clips of its model's
+    parameters before a sampled step, while attached (:meth:`attach` until :meth:`detach`).
+
+    ``next_is_sampled`` says whether the coming optimizer step is measured: the clips of the others
+    are left alone. ``lock`` is the telemetry's: a clip may run on another thread than the step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        seeds: SeedTracker,
+        next_is_sampled: Callable[[], bool],
+        lock: threading.Lock,
+        failures: FailureLog,
+    ) -> None:
+        self._model = model
+        self._seeds = seeds
+        self._next_is_sampled = next_is_sampled
+        self._lock = lock
+        self._failures = failures
+        self._staged = PreClipStep()
+        #: The epoch's clip facts: the committed steps' factors.
+        self.facts = ClipFacts(FLUSH_EVERY)
+        self._remove_patch: Callable[[], None] | None = None  # set while attached
+        self._model_ids: frozenset[int] | None = None
+        self._ids_of: tuple[Segment, list[int]] | None = None
+
+    def attach(self, *, deepspeed: bool = False) -> None:
+        """Take the clips of the model's parameters until :meth:`detach` (once, however often attached)."""
+        if self._remove_patch is None:
+            self._remove_patch = attach_clip_patch(self).remove
+            warn_unreachable_clip(self._model, deepspeed=deepspeed)
+
+    def detach(self) -> None:
+        if self._remove_patch is not None:
+            self._remove_patch()
+            self._remove_patch = None
+
+    def take(self) -> tuple[dict[int, torch.Tensor] | None, Sequence[torch.Tensor]]:
+        """What the committing step measured before its clip: (norms or None, clip factors)."""
+        if not self._staged.waiting:
+            return None, ()
+        return self._staged.take()
+
+    def takes_clip(self, first_parameter: int) -> bool:
+        """A clip of the model's parameters, before a sampled step, while attached."""
+        if self._remove_patch is None or not self._next_is_sampled():
+            return False
+        if self._model_ids is None:
+            self._model_ids = frozenset(id(param) for param in self._model.parameters())
+        return first_parameter in self._model_ids
+
+    def stage_clip(self, norms: dict[int, torch.Tensor], factor: torch.Tensor) -> None:
+        with self._lock:
+            self._staged.stage(norms, factor)
+
+    def clip_applied(self, factor: torch.Tensor | None, parameter: torch.Tensor | None) -> None:
+        with self._lock:
+            self._staged.mark(parameter)  # first: the clip just changed the gradients' versions
+            if factor is not None:
+                self._staged.stage(None, factor)
+
+    def measure_before_clip(self) -> None:
+        """Take this step's norms now, before a clip runs (Lightning's ``on_before_optimizer_step``, a clip
+        whose norms cannot be shared); the step that follows commits them. Only before a sampled step."""
+        if not self._next_is_sampled():
+            return
+        with self._lock:
+            try:
+                holders = self._seeds.current.norms.params
+                present = [(id(holder), holder) for holder in holders if holder.grad is not None]
+                norms, order = l2_norms([holder.grad for _, holder in present])  # type: ignore[misc]
+                self._staged.stage({present[i][0]: norm for i, norm in zip(order, norms)}, None)
+                self._staged.mark(present[0][1] if present else None)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001
+                self.failed("measure before clip")
+
+    def failed(self, where: str) -> None:
+        self._failures(where)
+
+    def completed(
+        self, segment: Segment, norms: Mapping[int, torch.Tensor] | None
+    ) -> Mapping[int, torch.Tensor] | None:
+        """Norms taken before the clip, plus those of the segment's parameters no clip covered (still unclipped now)."""
+        if norms is None:
+            return None
+        holders = segment.norms.params
+        if self._ids_of is None or self._ids_of[0] is not segment:
+            self._ids_of = (segment, [id(holder) for holder in holders])
+        ids = self._ids_of[1]
+        if all(map(norms.__contains__, ids)):
+            return norms
+        missing = [
+            (key, holder.grad) for key, holder in zip(ids, holders) if key not in norms and holder.grad is not None
+        ]
+        if not missing:
+            return norms
+        measured, order = l2_norms([grad for _, grad in missing])  # type: ignore[misc]
+        return {**norms, **{missing[i][0]: norm for i, norm in zip(order, measured)}}
+
+    def with_clip_facts(self, summary: EpochSummary) -> EpochSummary:
+        if not self.facts.steps:
+            return summary
+        clip_steps = self.facts.steps
+        clipped, smallest = self.facts.take()  # a second small host copy, only in epochs that clipped
+        return replace(summary, clip_steps=clip_steps, clipped_steps=clipped, min_clip_factor=smallest)
+
+    def start_epoch(self) -> None:
+        self.facts.reset()
+        self._model_ids = None  # parameters grafted in this epoch take part in the next one's clips
+
+
+class PreClipStep:
+    """One step's norms taken before the clip, waiting for the optimizer step that commits them.
+
+    Staged norms belong to the gradients they were taken from: the stage is marked with a gradient
+    (the tensor and its version counter, bumped by the clip's in-place scaling), and a mark that no
+    longer matches (``zero_grad``, the next backward) means the step they belong to never reached the
+    optimizer: they are dropped, not carried into the next step.
+    """
+
+    def __init__(self) -> None:
+        self.norms: dict[int, torch.Tensor] | None = None
+        self.factors: list[torch.Tensor] = []
+        self._mark: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.norms is not None or bool(self.factors)
+
+    def fresh(self) -> bool:
+        """The marked gradient is still the one the stage was taken from (or was since clipped here)."""
+        if self._mark is None:
+            return False
+        param_ref, grad_ref, version = self._mark
+        param = param_ref()
+        grad = None if param is None else param.grad
+        return grad is not None and grad is grad_ref() and grad._version == version
+
+    def stage(self, norms: dict[int, torch.Tensor] | None, factor: torch.Tensor | None) -> None:
+        if self.waiting and not self.fresh():
+            self.clear()
+        if norms:
+            if self.norms is None:
+                self.norms = norms  # the caller's fresh dict: no copy on the step path
+            else:
+                self.norms.update(norms)
+        if factor is not None:
+            self.factors.append(factor)
+
+    def mark(self, parameter: torch.Tensor | None) -> None:
+        """Tie the stage to ``parameter``'s gradient as it is now (after the clip that just ran)."""
+        grad = None if parameter is None else parameter.grad
+        self._mark = None if grad is None else (weakref.ref(parameter), weakref.ref(grad), grad._version)  # type: ignore[arg-type]
+
+    def take(self) -> tuple[dict[int, torch.Tensor] | None, list[torch.Tensor]]:
+        """What the committing step measured before its clip: (norms or None, clip factors); then empty."""
+        if not self.fresh():
+            self.clear()
+            return None, []
+        norms, factors = self.norms, self.factors
+        self.clear()
+        return norms, factors
+
+    def clear(self) -> None:
+        self.norms = None
+        self.factors = []
+        self._mark = None
+
+
+class ClipFacts:
+    """Per epoch, on the device: how many sampled steps the clip scaled down, and its smallest factor.
+
+    A step's factor is the clip's ``min(max_norm / (total + 1e-6), 1)`` (the smallest of its clips when
+    it clipped several groups). Factors wait as 0-d tensors and are folded every ``FLUSH_EVERY`` steps in
+    one batch of ops: nothing on the step path but an append. :meth:`take` is a host copy of two floats,
+    made only in epochs in which a clip was seen (the epoch's statistics copy is another module's).
+    """
+
+    def __init__(self, flush_every: int) -> None:
+        self.steps = 0  # sampled steps at which a clip was seen
+        self._flush_every = flush_every
+        self._waiting: list[torch.Tensor] = []
+        self._totals: torch.Tensor | None = None  # [clipped steps, smallest factor]
+
+    def add(self, factors: Sequence[torch.Tensor]) -> None:
+        factor = (
+            factors[0]
+            if len(factors) == 1
+            else torch.stack([f.to(factors[0].device, torch.float32) for f in factors]).amin()
+        )
+        self._waiting.append(factor)
+        self.steps += 1
+        if len(self._waiting) >= self._flush_every:
+            self._fold()
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        if not self._waiting:
+            return
+        device = self._waiting[0].device if self._totals is None else self._totals.device
+        factors = torch.stack([f.to(device, torch.float32) for f in self._waiting])
+        self._waiting = []
+        batch = torch.stack([(factors < 1).sum(dtype=torch.float32), factors.amin()])
+        if self._totals is None:
+            self._totals = batch
+        else:
+            self._totals = torch.stack([self._totals[0] + batch[0], torch.minimum(self._totals[1], batch[1])])
+
+    def take(self) -> tuple[int, float | None]:
+        """(clipped sampled steps, smallest factor or None when no clip was seen); then starts over."""
+        if not self.steps:
+            return 0, None
+        self._fold()
+        assert self._totals is not None
+        clipped, smallest = self._totals.tolist()  # the one host copy of the clip facts, per epoch that clipped
+        self.reset()
+        return int(clipped), smallest
+
+    def reset(self) -> None:
+        self.steps = 0
+        self._waiting = []
+        self._totals = None

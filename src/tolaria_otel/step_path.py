@@ -1,0 +1,138 @@
+"""The step path and the epoch's fold: sampled steps queued on the device, reduced once at the epoch end.
+
+At a sampled step the seeds listed now are measured (``SeedTracker.segment_now``) with the norms a
+clip took before it scaled, completed for the parameters it did not cover (``pre_clip``), or with
+one foreach norm: device work only, no host sync (DESIGN.md). Every ``FLUSH_EVERY`` steps the
+waiting norms are folded into the segment's running statistics. At the epoch end the segments are
+folded into the epoch's sums: one device-to-host copy, or under torch.distributed the ranks'
+all-reduce (``distributed.RankReduction``), in which every rank takes part at every sampled step
+and every epoch end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection, Mapping, Sequence
+
+import torch
+
+from .distributed import RankReduction
+from .epoch import EpochSums, fold
+from .failures import FailureLog
+from .norms import FLUSH_EVERY, DeviceMoved
+from .pre_clip import PreClipListener
+from .seed_tracker import SeedTracker
+
+_logger = logging.getLogger("tolaria_otel.telemetry")  # the telemetry's warnings, under the name users filter on
+
+#: The epoch as the summary reads it: its sums, every seed listed at some sampled step with its last
+#: stage, and the seeds gone before its end.
+FoldedEpoch = tuple[EpochSums, Mapping[str, str], Collection[str]]
+
+
+class Sampling:
+    """Which optimizer steps are measured: one in every ``sample_every``, the first one included.
+
+    Apart from the step path because the clip asks too: only a clip before a sampled step is taken.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._countdown = 1  # steps until the next sampled one
+
+    def next_is_sampled(self) -> bool:
+        return self._countdown == 1
+
+    def count(self) -> bool:
+        """Count an optimizer step; True when it is a sampled one."""
+        self._countdown -= 1
+        if self._countdown:
+            return False
+        self._countdown = self.every
+        return True
+
+
+class StepPath:
+    """One telemetry's sampled steps of the current epoch, and their fold at its end.
+
+    ``lock`` is the telemetry's: a step takes it only once it is known to be sampled.
+    """
+
+    def __init__(
+        self,
+        sampling: Sampling,
+        seeds: SeedTracker,
+        pre_clip: PreClipListener,
+        ranks: RankReduction | None,
+        lock: threading.Lock,
+        failures: FailureLog,
+    ) -> None:
+        self._sampling = sampling
+        self._seeds = seeds
+        self._pre_clip = pre_clip
+        self._ranks = ranks
+        self._lock = lock
+        self._failures = failures
+        self.sampled_steps = 0  # of this epoch
+        self._warned_unsampled = False
+        if ranks is not None:  # on every rank: which slots the sharded steps' chunks carry
+            ranks.begin(seeds.current)
+
+    def observe(
+        self, precomputed: Mapping[int, torch.Tensor] | None, clip_factors: Sequence[torch.Tensor] = ()
+    ) -> None:
+        """A step, measured here or from the norms a caller computed already (``StepNorms.add_step``)."""
+        if not self._sampling.count():
+            return
+        seeds = self._seeds
+        with self._lock:
+            try:
+                segment = seeds.segment_now()
+                try:
+                    segment.add_step(self.sampled_steps, self._pre_clip.completed(segment, precomputed))
+                except DeviceMoved:  # the model moved: measure this step on its new device
+                    segment.absorb()  # what it measured so far, while its device is there
+                    segment = seeds.reread()
+                    segment.add_step(self.sampled_steps, self._pre_clip.completed(segment, precomputed))
+                if clip_factors:
+                    self._pre_clip.facts.add(clip_factors)
+                self.sampled_steps += 1
+                if segment.norms.waiting >= FLUSH_EVERY:
+                    segment.absorb()
+                seeds.follow_replaced_parameters(self.sampled_steps)
+            except Exception:  # noqa: BLE001 - telemetry must never stop training
+                self._failures("observe_step")
+            if self._ranks is not None:  # measured or not: every rank issues the same chunk all-reduces
+                self._ranks.stepped(seeds.segments.values(), self.sampled_steps, seeds.current.home)
+
+    def fold(self, epoch: int) -> FoldedEpoch | None:
+        """The epoch's sums (the epoch's one host sync; under torch.distributed, on every rank, the
+        all-reduce the others wait in); None when no step was sampled, on any rank."""
+        seeds = self._seeds
+        steps = self.sampled_steps
+        # Every seed listed at some sampled step, the gone ones included (with their last stage).
+        stages: Mapping[str, str] = dict(sorted(seeds.epoch_stages.items()))
+        segments = list(seeds.segments.values())
+        home = seeds.current.home
+        sums: EpochSums | None = None
+        left: Collection[str] = stages.keys() - seeds.stages.keys()
+        if self._ranks is not None:
+            sums, stages, left = self._ranks.reduce(segments, steps, stages, seeds.stages.keys(), home)
+            steps = sums.steps
+        elif steps:
+            sums = fold(segments, home, steps)
+        if not steps and stages:
+            _logger.log(
+                logging.DEBUG if self._warned_unsampled else logging.WARNING,
+                "tolaria_otel: epoch %d had no sampled step (sample_every=%d); nothing to report",
+                epoch,
+                self._sampling.every,
+            )
+            self._warned_unsampled = True
+        if sums is None or not steps:
+            return None
+        return sums, stages, left
+
+    def start_epoch(self) -> None:
+        self.sampled_steps = 0

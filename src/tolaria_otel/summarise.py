@@ -1,0 +1,111 @@
+"""The epoch's sums turned into its summary: per seed, RMS and largest step per layer, top-K, health.
+
+Pure host arithmetic on what the fold copied out (``epoch.EpochSums``): no tensor, no device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from .epoch import HOST, TOTAL, EpochSums
+from .health import classify
+from .summary import EpochSummary, SeedSummary
+from .topk import top_k
+
+
+def summarise(
+    epoch: int,
+    top: int,
+    sums: EpochSums,
+    stages: Mapping[str, str],
+    left: Collection[str],
+    partial: Collection[str],
+) -> EpochSummary:
+    """The summary of an epoch with sampled steps: every seed of ``stages`` (listed at some sampled step,
+    with its last stage), ``left`` the ones gone before its end, ``partial`` those whose parameters were
+    replaced in place; ``top`` layers per seed."""
+    by_seed = _slot_values(sums)
+    host = by_seed.get(HOST, {}).get(TOTAL)
+    seeds = {}
+    for seed_id, stage in stages.items():
+        if not sums.seed_steps.get(seed_id):
+            continue  # listed only after the last sampled step: measured from the next epoch on
+        seeds[seed_id] = _seed_summary(
+            seed_id, stage, by_seed.get(seed_id, {}), sums, host, top, seed_id in left, seed_id in partial
+        )
+    return EpochSummary(epoch, sums.steps, top, seeds, host.rms if host is not None else None)
+
+
+@dataclass(frozen=True)
+class _SlotValues:
+    rms: float | None  # None: not measured
+    max: float | None
+    nonfinite: int
+    numel: int
+    tensors: int | None  # None: not known (the reduction did not carry it)
+    vanishing: int | None  # None: not counted
+    exploding: int | None
+
+
+def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
+    """Per seed, its slots by layer (``TOTAL`` for the seed's total): RMS and largest step over its steps."""
+    out: dict[str, dict[str, _SlotValues]] = {}
+    for i, (seed, layer) in enumerate(sums.slots):
+        steps = sums.seed_steps.get(seed, 0)
+        measured = sums.measured[i] and steps > 0
+        out.setdefault(seed, {})[layer] = _SlotValues(
+            math.sqrt(sums.sums[i] / steps) if measured else None,
+            math.sqrt(sums.maxima[i]) if measured else None,
+            sums.nonfinite[i],
+            sums.numel[i],
+            sums.tensors[i] if sums.tensors else None,
+            sums.vanishing[i] if sums.vanishing is not None else None,
+            sums.exploding[i] if sums.exploding is not None else None,
+        )
+    return out
+
+
+def _seed_summary(
+    seed_id: str,
+    stage: str,
+    seed_slots: Mapping[str, _SlotValues],
+    sums: EpochSums,
+    host: _SlotValues | None,
+    top: int,
+    left: bool,
+    partial: bool,
+) -> SeedSummary:
+    slots = dict(seed_slots)
+    total = slots.pop(TOTAL, None)
+    measured = total is not None and total.rms is not None
+    layers = {layer: values.rms for layer, values in slots.items()}
+    layer_max = {layer: values.max for layer, values in slots.items()}
+    ratio = None
+    if measured and host is not None and host.rms and total.numel:  # type: ignore[union-attr]
+        # Esper's lifecycle gate: the seed's gradient against the host's, per parameter.
+        ratio = (total.rms / host.rms) * math.sqrt(host.numel / total.numel)  # type: ignore[union-attr,operator]
+    total_norm = total.rms if measured else None  # type: ignore[union-attr]
+    max_norm = total.max if measured else None  # type: ignore[union-attr]
+    nonfinite_steps = total.nonfinite if total is not None else 0
+    return SeedSummary(
+        seed_id=seed_id,
+        stage=stage,
+        total_norm=total_norm,
+        top_layers=top_k({k: v for k, v in layers.items() if v is not None}, top) if measured else (),
+        layer_count=len(slots),
+        sampled_steps=sums.seed_steps[seed_id],
+        max_norm=max_norm,
+        layer_norms=layers,
+        layer_max=layer_max,
+        nonfinite_steps=nonfinite_steps,
+        step_norm_counts=sums.counts.get(seed_id, ()) if measured else (),
+        host_ratio=ratio,
+        health=classify(total_norm, max_norm, layers.values(), nonfinite_steps),
+        left=left,
+        partial=partial,
+        gradient_tensors=total.tensors if total is not None else 0,
+        vanishing_tensor_steps=total.vanishing if total is not None else 0,
+        exploding_tensor_steps=total.exploding if total is not None else 0,
+    )
