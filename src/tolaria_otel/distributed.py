@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .epoch import (
     COLUMNS,
@@ -51,7 +50,7 @@ from .epoch import (
     statistics_length,
     tensor_counts_length,
 )
-from .norms import TENSOR_COUNTS, GradientHolder
+from .norms import TENSOR_COUNTS
 from .settings import ENV_EXPORT_RANK, SettingsError
 
 if TYPE_CHECKING:
@@ -89,54 +88,6 @@ def distributed_resource() -> Resource:
     if group is None:
         return Resource.get_empty()
     return Resource({RANK_ATTRIBUTE: group[0], WORLD_SIZE_ATTRIBUTE: group[1]})
-
-
-def _dtensor_type() -> type | None:
-    """The DTensor class, imported only under torch.distributed (its import costs about a second)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None  # a DTensor needs a process group: without one, no parameter can be one
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch older than 2.5 has it under a private name
-        from torch.distributed._tensor import DTensor
-    return DTensor
-
-
-class LocalShard:
-    """A DTensor parameter as :class:`GradientSquares` sees it: its gradient is the local shard.
-
-    A DTensor gradient in ``torch._foreach_norm`` would reduce across ranks at every step; the local
-    shard keeps the step path free of collectives.
-    """
-
-    __slots__ = ("device", "dtype", "param")
-
-    def __init__(self, param: nn.Parameter) -> None:
-        self.param = param
-        self.device = param.device
-        self.dtype = param.dtype
-
-    @property
-    def grad(self) -> torch.Tensor | None:
-        grad = self.param.grad
-        return None if grad is None else grad.to_local()  # type: ignore[attr-defined]  # a DTensor
-
-
-def local_gradients(params: Sequence[nn.Parameter]) -> list[GradientHolder]:
-    """The parameters to measure: DTensors by their local shard, plain tensors as they are."""
-    dtensor = _dtensor_type()
-    if dtensor is None:
-        return list(params)
-    return [LocalShard(param) if isinstance(param, dtensor) else param for param in params]
-
-
-def shard_weight(param: nn.Parameter) -> float | None:
-    """The weight of this rank's squares of a DTensor ``param``, ``1 / replicas``; None for a plain tensor."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(param, dtensor):
-        return None
-    mesh = param.device_mesh
-    return 1.0 / math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if not placement.is_shard())
 
 
 @dataclass(frozen=True)

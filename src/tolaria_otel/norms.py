@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
 
+from .gradients import GradientHolder
 from .settings import TENSOR_EXPLODING_ABOVE, TENSOR_VANISHING_BELOW
 
 #: Sampled steps whose norms wait on the device before they are batched into slot rows: the step
@@ -39,19 +39,6 @@ TENSOR_COUNTS = 2
 #: Gradient dtypes ``torch._foreach_norm(..., dtype=torch.float32)`` accepts; others (float64,
 #: complex) are normed in their own precision, then converted to float32 with the batch.
 _FLOAT32_NORMABLE = frozenset({torch.float32, torch.float16, torch.bfloat16})
-
-
-class GradientHolder(Protocol):
-    """What is measured: an ``nn.Parameter``, or a stand-in exposing a DTensor's local shard as ``grad``."""
-
-    @property
-    def grad(self) -> torch.Tensor | None: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def dtype(self) -> torch.dtype: ...
 
 
 class DeviceMoved(Exception):
