@@ -81,6 +81,7 @@ class GroupQueue:
         return norms if norms.dtype == torch.float32 else norms.float()
 
     def clear(self) -> None:
+        """Forget the waiting steps (a buffer's rows are written over from the first step on)."""
         self.pending = []
 
 
@@ -118,8 +119,8 @@ class DeviceRows:
         self.count_target = torch.tensor([t for _, t in plain], dtype=torch.long, device=home)
 
     def take(self, steps: int, missing: bool, tensor_counts: torch.Tensor | None) -> torch.Tensor:
-        """The waiting steps' ``[steps, width]`` squared norms on ``home``; ``missing``: some step lacked a
-        gradient, whose placeholder must add 0."""
+        """The waiting steps' ``[steps, width]`` squared norms on ``home``, and their health counts added into
+        ``tensor_counts`` when given; ``missing``: some step lacked a gradient, whose placeholder must add 0."""
         columns = [queue.take(steps) for queue in self.queues]
         norms = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
         if tensor_counts is not None:
