@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .epoch import (
     COLUMNS,
@@ -51,7 +50,7 @@ from .epoch import (
     statistics_length,
     tensor_counts_length,
 )
-from .norms import TENSOR_COUNTS, GradientHolder
+from .norms import TENSOR_COUNTS
 from .settings import ENV_EXPORT_RANK, SettingsError
 
 if TYPE_CHECKING:
@@ -89,54 +88,6 @@ def distributed_resource() -> Resource:
     if group is None:
         return Resource.get_empty()
     return Resource({RANK_ATTRIBUTE: group[0], WORLD_SIZE_ATTRIBUTE: group[1]})
-
-
-def _dtensor_type() -> type | None:
-    """The DTensor class, imported only under torch.distributed (its import costs about a second)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None  # a DTensor needs a process group: without one, no parameter can be one
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch older than 2.5 has it under a private name
-        from torch.distributed._tensor import DTensor
-    return DTensor
-
-
-class LocalShard:
-    """A DTensor parameter as :class:`GradientSquares` sees it: its gradient is the local shard.
-
-    A DTensor gradient in ``torch._foreach_norm`` would reduce across ranks at every step; the local
-    shard keeps the step path free of collectives.
-    """
-
-    __slots__ = ("device", "dtype", "param")
-
-    def __init__(self, param: nn.Parameter) -> None:
-        self.param = param
-        self.device = param.device
-        self.dtype = param.dtype
-
-    @property
-    def grad(self) -> torch.Tensor | None:
-        grad = self.param.grad
-        return None if grad is None else grad.to_local()  # type: ignore[attr-defined]  # a DTensor
-
-
-def local_gradients(params: Sequence[nn.Parameter]) -> list[GradientHolder]:
-    """The parameters to measure: DTensors by their local shard, plain tensors as they are."""
-    dtensor = _dtensor_type()
-    if dtensor is None:
-        return list(params)
-    return [LocalShard(param) if isinstance(param, dtensor) else param for param in params]
-
-
-def shard_weight(param: nn.Parameter) -> float | None:
-    """The weight of this rank's squares of a DTensor ``param``, ``1 / replicas``; None for a plain tensor."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(param, dtensor):
-        return None
-    mesh = param.device_mesh
-    return 1.0 / math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if not placement.is_shard())
 
 
 @dataclass(frozen=True)
@@ -300,6 +251,152 @@ class ShardedChunks:
         self._warned = True
 
 
+class EpochVector:
+    """The vector the ranks add at an epoch end, in one agreed layout: what this rank puts in it
+    (:meth:`pack`), and what their sum says (:meth:`statistics`, then :meth:`epoch` on the host).
+
+    ``[statistics | tensor counts | measured | numel | seed steps | holders | gradient tensors | last chunk |
+    unchunked rows]``: the per-slot values the ranks add (``_summed_length``), the facts only the host knows
+    (``HOST_FACTS`` per slot), the last, partial chunk of the sharded slots (:class:`ShardedChunks`), and the
+    per-step rows of the sharded slots the chunks did not carry.
+    """
+
+    def __init__(self, layout: SlotLayout, chunks: ShardedChunks) -> None:
+        self.layout = layout
+        self.chunks = chunks
+        #: The sharded slots whose rows the epoch end reduces: those the chunks did not carry.
+        self.unchunked = tuple(slot for slot in layout.sharded if slot not in chunks.slots)
+        n = len(layout.slots)
+        self.length = _summed_length(n) + HOST_FACTS * n + chunks.length + 2 * layout.steps * len(self.unchunked)
+
+    def pack(self, segments: Sequence[Segment] | None, facts: HostFacts | None, device: torch.device) -> torch.Tensor:
+        """This rank's contribution in the agreed layout: the statistics of the slots it measured, the
+        host facts, the last chunk, then the rows of the sharded slots not chunked."""
+        layout = self.layout
+        n = len(layout.slots)
+        vector = torch.zeros(self.length, dtype=torch.float32, device=device)
+        if segments is None or facts is None:
+            return vector
+        index = {slot: i for i, slot in enumerate(layout.slots)}
+        # The slots this rank measured: one that held no gradient here must not dilute the mean.
+        mine = [
+            (i, index[slot])
+            for i, (slot, measured) in enumerate(zip(facts.slots, facts.measured))
+            if measured and slot in index
+        ]
+        if mine:
+            m = len(facts.slots)
+            sums, maxima, counts, tensors = (
+                fold_statistics(segments, facts, device).to(device).split([m, m, m * COLUMNS, tensor_counts_length(m)])
+            )
+            source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=device)
+            target = torch.tensor([j for _, j in mine], dtype=torch.long, device=device)
+            into_sums, into_maxima, into_counts, into_tensors = vector[: _summed_length(n)].split(
+                [n, n, n * COLUMNS, tensor_counts_length(n)]
+            )
+            into_sums[target] = sums[source]
+            into_maxima[target] = maxima[source]
+            into_counts.view(n, COLUMNS)[target] = counts.view(m, COLUMNS)[source]
+            into_tensors.view(TENSOR_COUNTS, n)[:, target] = tensors.view(TENSOR_COUNTS, m)[:, source]
+        # measured, numel, a seed's steps, 1 per listing rank and the gradient tensors: copied to the device once
+        host = [0.0] * (HOST_FACTS * n)
+        for slot, measured, numel, tensor_count in zip(facts.slots, facts.measured, facts.numel, facts.tensors):
+            i = index.get(slot)
+            if i is None:
+                continue
+            host[i] = float(measured)
+            host[n + i] = float(numel) if measured else 0.0
+            host[4 * n + i] = float(tensor_count) if measured else 0.0
+            if slot[1] == TOTAL and slot[0] in facts.seed_steps:
+                host[2 * n + i] = float(facts.seed_steps[slot[0]])
+                host[3 * n + i] = 1.0
+        start = _summed_length(n)
+        vector[start : start + HOST_FACTS * n] = torch.tensor(host, dtype=torch.float32).to(device)
+        start += HOST_FACTS * n
+        vector[start : start + self.chunks.length] = self.chunks.block(segments, device)
+        start += self.chunks.length
+        unchunked = self.unchunked
+        if unchunked:
+            k = len(unchunked)
+            rows = vector[start:].view(layout.steps, 2 * k)
+            unchunked_index = {slot: j for j, slot in enumerate(unchunked)}
+            for segment in segments:
+                known = [i for i, slot in enumerate(segment.sharded_slots) if slot in unchunked_index]
+                if not known:
+                    continue
+                width = len(segment.sharded_slots)
+                picked = torch.tensor(known + [width + i for i in known], dtype=torch.long)
+                columns = [unchunked_index[segment.sharded_slots[i]] for i in known]
+                into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device).unsqueeze(0)
+                for step_indices, segment_rows in segment.rows:
+                    at = torch.tensor(step_indices, dtype=torch.long, device=device).unsqueeze(1)
+                    values = segment_rows.index_select(1, picked.to(segment_rows.device))
+                    rows.index_put_((at, into), values.to(device), accumulate=True)
+        return vector
+
+    def statistics(self, vector: torch.Tensor) -> torch.Tensor:
+        """From the reduced vector, on the device: the statistics (``epoch.statistics_length``) and the
+        tensor counts (``epoch.tensor_counts_length``), then what the host knew, ``[measured | numel |
+        seed steps | holders | gradient tensors]``. A plain gradient is taken to be replicated across the
+        ranks that measured it, so what they added is divided by their number; a sharded slot's statistics
+        come from its summed per-step squares (chunks, or the epoch's rows), and its tensor counts are NaN
+        (not known: a shard's norm is not its tensor's)."""
+        layout = self.layout
+        n = len(layout.slots)
+        index = {slot: i for i, slot in enumerate(layout.slots)}
+        start = _summed_length(n)
+        host = vector[start : start + HOST_FACTS * n]
+        holders = host[:n].clamp(min=1.0)
+        sums, maxima, counts, tensors = vector[:start].split([n, n, n * COLUMNS, tensor_counts_length(n)])
+        sums, maxima = sums / holders, maxima / holders
+        counts = (counts.view(n, COLUMNS) / holders.unsqueeze(1)).round()
+        tensors = (tensors.view(TENSOR_COUNTS, n) / holders).round()
+        if layout.sharded:
+            tensors[:, [index[slot] for slot in layout.sharded if slot in index]] = math.nan
+        start += HOST_FACTS * n
+        chunked = [(j, index[slot]) for j, slot in enumerate(self.chunks.slots) if slot in index]
+        if chunked:
+            k = len(self.chunks.slots)
+            chunk = self.chunks.statistics(vector[start : start + self.chunks.length], self.chunks.tail_steps)
+            source = torch.tensor([j for j, _ in chunked], dtype=torch.long, device=vector.device)
+            target = torch.tensor([i for _, i in chunked], dtype=torch.long, device=vector.device)
+            sums[target] = chunk[:k][source]
+            maxima[target] = chunk[k : 2 * k][source]
+            counts[target] = chunk[2 * k :].view(k, COLUMNS)[source]
+        start += self.chunks.length
+        unchunked = self.unchunked
+        if unchunked and layout.steps:
+            k = len(unchunked)
+            rows = vector[start : start + 2 * layout.steps * k].view(layout.steps, 2 * k)
+            columns = torch.tensor([index[slot] for slot in unchunked], dtype=torch.long, device=vector.device)
+            steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
+            sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
+            counts[columns] = sharded_counts.float()
+        return torch.cat([sums, maxima, counts.flatten(), tensors.flatten(), host])
+
+    def epoch(self, values: Sequence[float], steps: int) -> EpochSums:
+        """The epoch from the reduced vector's statistics and host facts (:meth:`statistics`), copied to the
+        host, and the steps the ranks agree on."""
+        layout = self.layout
+        n = len(layout.slots)
+        length = _summed_length(n)
+        measured, numel, seed_steps, holders, tensors = (
+            values[length + i * n : length + (i + 1) * n] for i in range(HOST_FACTS)
+        )
+        facts = HostFacts(
+            layout.slots,
+            tuple(m > 0 for m in measured),
+            tuple(round(size / max(m, 1.0)) for size, m in zip(numel, measured)),
+            {
+                slot[0]: round(total / count)
+                for slot, total, count in zip(layout.slots, seed_steps, holders)
+                if slot[1] == TOTAL and count
+            },
+            tuple(round(count / max(m, 1.0)) for count, m in zip(tensors, measured)),
+        )
+        return epoch_sums(facts, values[:length], steps)
+
+
 class RankReduction:
     """One rank's side of the epoch reduction. Every rank must call :meth:`reduce` at every epoch end,
     and :meth:`stepped` at every sampled step.
@@ -384,172 +481,35 @@ class RankReduction:
             self._agree(descriptor)
         changed = descriptor != self._contributed
         # A changed rank's contribution in the old layout is discarded: it sends only the flag.
-        values = self._all_reduce(None if changed else segments, facts, steps, home, changed=changed)
+        vector, values = self._all_reduce(None if changed else segments, facts, steps, home, changed=changed)
         if values[-1]:  # some rank's layout changed: agree on the new one and reduce again in it
             self._agree(descriptor)
-            values = self._all_reduce(segments, facts, steps, home, changed=False)
-        assert self._agreed is not None
-        self._chunks = ShardedChunks(self._agreed.sharded)  # the next epoch's chunks carry every sharded slot
-        return self._epoch(values), self._agreed.stages, self._agreed.left
+            vector, values = self._all_reduce(segments, facts, steps, home, changed=False)
+        self._chunks = ShardedChunks(vector.layout.sharded)  # the next epoch's chunks carry every sharded slot
+        tail = self.world_size + 1  # the sampled steps of every rank, then "layout changed"
+        sums = vector.epoch(values[:-tail], self._agreed_steps(values[-tail:-1]))
+        return sums, vector.layout.stages, vector.layout.left
 
     def _all_reduce(
         self, segments: Sequence[Segment] | None, facts: HostFacts | None, steps: int, home: torch.device, changed: bool
-    ) -> list[float]:
+    ) -> tuple[EpochVector, list[float]]:
         """Reduce, and compute the statistics on the device: the epoch's one host copy (steady state)."""
-        layout = self._agreed
-        assert layout is not None
+        assert self._agreed is not None
+        vector = EpochVector(self._agreed, self._chunks)
         device = _collective_device(home)
         tail = [0.0] * (self.world_size + 1)  # the sampled steps of every rank, then "layout changed"
         tail[self.rank] = float(steps)
         tail[-1] = float(changed)
         try:
-            vector = self._local(segments, facts, layout, device)
+            local = vector.pack(segments, facts, device)
         except Exception:  # telemetry must never stop (or hang) training
             _logger.warning(
                 "tolaria_otel: rank %d could not measure its epoch; it contributes nothing", self.rank, exc_info=True
             )
-            vector = torch.zeros(self._length(layout), dtype=torch.float32, device=device)
-        vector = torch.cat([vector, torch.tensor(tail, dtype=torch.float32).to(device)])
-        dist.all_reduce(vector)
-        return torch.cat([self._statistics(vector, layout), vector[-(self.world_size + 1) :]]).tolist()
-
-    def _unchunked(self, layout: SlotLayout) -> tuple[Slot, ...]:
-        """The sharded slots whose rows the epoch end reduces: those the chunks did not carry."""
-        return tuple(slot for slot in layout.sharded if slot not in self._chunks.slots)
-
-    def _length(self, layout: SlotLayout) -> int:
-        """The reduced vector before its tail: ``[statistics | tensor counts | measured | numel | seed steps |
-        holders | gradient tensors | last chunk | unchunked rows]``."""
-        n = len(layout.slots)
-        return (
-            _summed_length(n) + HOST_FACTS * n + self._chunks.length + 2 * layout.steps * len(self._unchunked(layout))
-        )
-
-    def _local(
-        self, segments: Sequence[Segment] | None, facts: HostFacts | None, layout: SlotLayout, device: torch.device
-    ) -> torch.Tensor:
-        """This rank's contribution in the agreed layout: the statistics of the slots it measured, the
-        host facts, the last chunk, then the rows of the sharded slots not chunked."""
-        n = len(layout.slots)
-        vector = torch.zeros(self._length(layout), dtype=torch.float32, device=device)
-        if segments is None or facts is None:
-            return vector
-        index = {slot: i for i, slot in enumerate(layout.slots)}
-        # The slots this rank measured: one that held no gradient here must not dilute the mean.
-        mine = [
-            (i, index[slot])
-            for i, (slot, measured) in enumerate(zip(facts.slots, facts.measured))
-            if measured and slot in index
-        ]
-        if mine:
-            m = len(facts.slots)
-            sums, maxima, counts, tensors = (
-                fold_statistics(segments, facts, device).to(device).split([m, m, m * COLUMNS, tensor_counts_length(m)])
-            )
-            source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=device)
-            target = torch.tensor([j for _, j in mine], dtype=torch.long, device=device)
-            into_sums, into_maxima, into_counts, into_tensors = vector[: _summed_length(n)].split(
-                [n, n, n * COLUMNS, tensor_counts_length(n)]
-            )
-            into_sums[target] = sums[source]
-            into_maxima[target] = maxima[source]
-            into_counts.view(n, COLUMNS)[target] = counts.view(m, COLUMNS)[source]
-            into_tensors.view(TENSOR_COUNTS, n)[:, target] = tensors.view(TENSOR_COUNTS, m)[:, source]
-        # measured, numel, a seed's steps, 1 per listing rank and the gradient tensors: copied to the device once
-        host = [0.0] * (HOST_FACTS * n)
-        for slot, measured, numel, tensor_count in zip(facts.slots, facts.measured, facts.numel, facts.tensors):
-            i = index.get(slot)
-            if i is None:
-                continue
-            host[i] = float(measured)
-            host[n + i] = float(numel) if measured else 0.0
-            host[4 * n + i] = float(tensor_count) if measured else 0.0
-            if slot[1] == TOTAL and slot[0] in facts.seed_steps:
-                host[2 * n + i] = float(facts.seed_steps[slot[0]])
-                host[3 * n + i] = 1.0
-        start = _summed_length(n)
-        vector[start : start + HOST_FACTS * n] = torch.tensor(host, dtype=torch.float32).to(device)
-        start += HOST_FACTS * n
-        vector[start : start + self._chunks.length] = self._chunks.block(segments, device)
-        start += self._chunks.length
-        unchunked = self._unchunked(layout)
-        if unchunked:
-            k = len(unchunked)
-            rows = vector[start:].view(layout.steps, 2 * k)
-            unchunked_index = {slot: j for j, slot in enumerate(unchunked)}
-            for segment in segments:
-                known = [i for i, slot in enumerate(segment.sharded_slots) if slot in unchunked_index]
-                if not known:
-                    continue
-                width = len(segment.sharded_slots)
-                picked = torch.tensor(known + [width + i for i in known], dtype=torch.long)
-                columns = [unchunked_index[segment.sharded_slots[i]] for i in known]
-                into = torch.tensor(columns + [k + j for j in columns], dtype=torch.long, device=device).unsqueeze(0)
-                for step_indices, segment_rows in segment.rows:
-                    at = torch.tensor(step_indices, dtype=torch.long, device=device).unsqueeze(1)
-                    values = segment_rows.index_select(1, picked.to(segment_rows.device))
-                    rows.index_put_((at, into), values.to(device), accumulate=True)
-        return vector
-
-    def _statistics(self, vector: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-        """From the reduced vector, on the device: the statistics (``epoch.statistics_length``) and the
-        tensor counts (``epoch.tensor_counts_length``), then what the host knew, ``[measured | numel |
-        seed steps | holders | gradient tensors]``. A plain gradient is taken to be replicated across the
-        ranks that measured it, so what they added is divided by their number; a sharded slot's statistics
-        come from its summed per-step squares (chunks, or the epoch's rows), and its tensor counts are NaN
-        (not known: a shard's norm is not its tensor's)."""
-        n = len(layout.slots)
-        index = {slot: i for i, slot in enumerate(layout.slots)}
-        start = _summed_length(n)
-        host = vector[start : start + HOST_FACTS * n]
-        holders = host[:n].clamp(min=1.0)
-        sums, maxima, counts, tensors = vector[:start].split([n, n, n * COLUMNS, tensor_counts_length(n)])
-        sums, maxima = sums / holders, maxima / holders
-        counts = (counts.view(n, COLUMNS) / holders.unsqueeze(1)).round()
-        tensors = (tensors.view(TENSOR_COUNTS, n) / holders).round()
-        if layout.sharded:
-            tensors[:, [index[slot] for slot in layout.sharded if slot in index]] = math.nan
-        start += HOST_FACTS * n
-        chunked = [(j, index[slot]) for j, slot in enumerate(self._chunks.slots) if slot in index]
-        if chunked:
-            k = len(self._chunks.slots)
-            chunk = self._chunks.statistics(vector[start : start + self._chunks.length], self._chunks.tail_steps)
-            source = torch.tensor([j for j, _ in chunked], dtype=torch.long, device=vector.device)
-            target = torch.tensor([i for _, i in chunked], dtype=torch.long, device=vector.device)
-            sums[target] = chunk[:k][source]
-            maxima[target] = chunk[k : 2 * k][source]
-            counts[target] = chunk[2 * k :].view(k, COLUMNS)[source]
-        start += self._chunks.length
-        unchunked = self._unchunked(layout)
-        if unchunked and layout.steps:
-            k = len(unchunked)
-            rows = vector[start : start + 2 * layout.steps * k].view(layout.steps, 2 * k)
-            columns = torch.tensor([index[slot] for slot in unchunked], dtype=torch.long, device=vector.device)
-            steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
-            sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
-            counts[columns] = sharded_counts.float()
-        return torch.cat([sums, maxima, counts.flatten(), tensors.flatten(), host])
-
-    def _epoch(self, values: list[float]) -> EpochSums:
-        layout = self._agreed
-        assert layout is not None
-        n = len(layout.slots)
-        length = _summed_length(n)
-        measured, numel, seed_steps, holders, tensors = (
-            values[length + i * n : length + (i + 1) * n] for i in range(HOST_FACTS)
-        )
-        facts = HostFacts(
-            layout.slots,
-            tuple(m > 0 for m in measured),
-            tuple(round(size / max(m, 1.0)) for size, m in zip(numel, measured)),
-            {
-                slot[0]: round(total / count)
-                for slot, total, count in zip(layout.slots, seed_steps, holders)
-                if slot[1] == TOTAL and count
-            },
-            tuple(round(count / max(m, 1.0)) for count, m in zip(tensors, measured)),
-        )
-        return epoch_sums(facts, values[:length], self._agreed_steps(values[-(self.world_size + 1) : -1]))
+            local = torch.zeros(vector.length, dtype=torch.float32, device=device)
+        summed = torch.cat([local, torch.tensor(tail, dtype=torch.float32).to(device)])
+        dist.all_reduce(summed)
+        return vector, torch.cat([vector.statistics(summed), summed[-(self.world_size + 1) :]]).tolist()
 
     def _agree(self, descriptor: Descriptor) -> None:
         """Agree on the slot layout: every rank learns what every other rank holds."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .gradients import local_gradients, shard_weight
 from .norms import TENSOR_COUNTS, StepNorms, index_parameters
 from .seeds import SeedView, discover_layers
 from .settings import TENSOR_EXPLODING_ABOVE, TENSOR_VANISHING_BELOW
@@ -140,8 +141,6 @@ class Segment:
         keep_rows: bool = False,
         tensor_bounds: tuple[float, float] = (TENSOR_VANISHING_BELOW, TENSOR_EXPLODING_ABOVE),
     ) -> None:
-        from .distributed import local_gradients, shard_weight  # DTensor support, loaded only when needed
-
         self.key = key
         self.modules: dict[str, nn.Module] = {seed_id: view.module for seed_id, view in seeds.items()}
         layouts = [(view.seed_id, discover_layers(view).layers) for view in seeds.values()]
