@@ -438,18 +438,3 @@ def test_backend_down_at_start_killed_mid_run_and_back(otel_env, vm, tmp_path, c
     assert ratio < 3.0
     assert growth < 64
     assert shutdown_s < 5.0
-
-
-def test_documented_timeout_variables_are_read_as_documented(otel_env):
-    """Sanity of the documented figure: the variables are read as docs/operations.md says (seconds vs ms)."""
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-    exporter = OTLPMetricExporter()
-    reader = PeriodicExportingMetricReader(exporter)
-    try:
-        assert exporter._client._timeout == 1.0  # OTEL_EXPORTER_OTLP_TIMEOUT=1: seconds in the Python SDK
-        assert reader._export_timeout_millis == 2000  # OTEL_METRIC_EXPORT_TIMEOUT=2000: milliseconds
-        assert reader._export_interval_millis == EXPORT_INTERVAL_MS
-    finally:
-        reader.shutdown()
