@@ -256,4 +256,4 @@ def test_the_counter_counts_no_device_work():
         (tensor + 1).to(torch.float64).to(tensor.device).norm()
         torch.stack([tensor, tensor]).sum(0, keepdim=True)
     assert mode.host_transfers == 0 and mode.ops
-    assert "tolist" not in torch.Tensor.__dict__ and "to" not in torch.Tensor.__dict__  # methods restored
+    assert not any(hasattr(getattr(owner, name), "__wrapped__") for owner, name, _ in _HOST_READS)  # restored
