@@ -237,13 +237,6 @@ def test_every_expression_parses_with_a_real_promql_parser(dashboard: dict[str, 
                 pytest.fail(f"{where}: {promql!r} does not parse: {error}")
 
 
-def test_grafana_interpolation_matches_grafana() -> None:
-    variable = {"multi": True, "includeAll": True, "allValue": ".*"}
-    assert variable_value(variable, ["seed-0", "a.b"]) == r"(seed-0|a\\.b)"
-    assert variable_value(variable, "$__all") == ".*"
-    assert variable_value({"multi": False}, "3") == "3"
-
-
 # -- real runs into real VictoriaMetrics ------------------------------------------------------------
 
 
@@ -737,6 +730,20 @@ def test_spike_and_noisy_alerts_catch_their_seeds_on_the_runs(
         ):
             result = backend.api("/api/v1/query", query=rules[alert], time=f"{run.ended:.3f}")["result"]
             assert {r["metric"]["seed_id"] for r in result} == want, (alert, backend.url, result)
+
+
+def test_choosing_seeds_narrows_every_per_seed_panel_to_them(healthy: Run, dashboard: dict[str, Any]) -> None:
+    """Two seeds chosen in the Seed drop-down (a multi-value selection, as Grafana writes it into the
+    queries): every panel that shows seeds shows those two and no other."""
+    chosen = [SEEDS[0], SEEDS[2]]
+    values = dashboard_values(healthy, dashboard, chosen)
+    for panel, target in targets(dashboard):
+        labels, in_healthy, _ = EXPECTED[(panel["id"], target["refId"])]
+        if "seed_id" not in labels or not in_healthy:
+            continue
+        result = healthy.run_target(target, interpolate(target["expr"], values))
+        where = f"panel {panel['id']} {panel['title']!r} {target['refId']}"
+        assert {r["metric"]["seed_id"] for r in result} == set(chosen), where
 
 
 def test_stage_change_annotation_returns_the_run_stages(healthy: Run, dashboard: dict[str, Any]) -> None:

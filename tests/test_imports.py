@@ -4,11 +4,16 @@ time: `python -m benchmarks.imports` prints the times)."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def loaded_after(code: str) -> set[str]:
@@ -41,10 +46,22 @@ def test_help_does_not_load_torch(command):
     assert "torch" not in loaded_after(code)
 
 
-def test_every_public_name_resolves():
+def test_every_public_name_imports_as_documented():
+    """``from tolaria_otel import *`` binds every public name (each resolved by the lazy lookup), each class and
+    function under its own name, and each metric-name constant is a metric of the README's table."""
     import tolaria_otel
 
-    for name in tolaria_otel.__all__:
-        assert getattr(tolaria_otel, name) is not None
+    namespace: dict[str, object] = {}
+    exec("from tolaria_otel import *", namespace)  # noqa: S102 (the statement users write, run as written)
+    del namespace["__builtins__"]
+    assert sorted(namespace) == sorted(tolaria_otel.__all__)
+    documented = set(re.findall(r"^\| `(tolaria\.grad_agg\.[\w.]+)`", README.read_text(encoding="utf-8"), re.MULTILINE))
+    metric_names = {name: value for name, value in namespace.items() if isinstance(value, str) and name.isupper()}
+    assert metric_names.pop("ROOT_LAYER") == "(root)"  # the layer name of a seed's own parameters
+    for name, value in metric_names.items():
+        assert value in documented, (name, value)
+    for name, value in namespace.items():
+        if isinstance(value, type) or inspect.isfunction(value):
+            assert value.__name__ == name
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         tolaria_otel.nope  # noqa: B018

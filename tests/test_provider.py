@@ -1,5 +1,6 @@
 """configure_meter_provider from the standard OTEL_* variables."""
 
+import logging
 import re
 import urllib.request
 
@@ -173,12 +174,31 @@ def test_headers_the_sdk_accepts_are_accepted_without_a_warning(monkeypatch, cap
     assert "Header format invalid" not in caplog.text
 
 
-def test_values_not_in_force_are_not_checked(monkeypatch):
+def test_values_not_in_force_are_not_checked(monkeypatch, caplog):
+    """Stale variables of an exporter not in use do not stop a run: each is refused where it is in force
+    (otlp, prometheus, a periodic reader), and with no exporter none is read and nothing complains."""
+    bad = {
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "abc",
+        "OTEL_METRIC_EXPORT_INTERVAL": "inf",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": "http",
+    }
+    for variable, value in bad.items():
+        monkeypatch.setenv(variable, value)
+    for exporter, culprit in (
+        ("otlp", "OTEL_EXPORTER_OTLP_TIMEOUT"),
+        ("prometheus", "OTEL_EXPORTER_PROMETHEUS_PORT"),
+        ("console", "OTEL_METRIC_EXPORT_INTERVAL"),
+    ):
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", exporter)
+        with pytest.raises(ConfigurationError, match=rf"^{culprit}="):
+            configure_meter_provider(ON)
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "abc")
-    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "inf")
-    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", "http")
-    configure_meter_provider(ON).shutdown()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        provider = configure_meter_provider(ON)
+        assert _readers(provider) == []  # nothing exports
+        provider.shutdown()
+    assert not caplog.records, caplog.text
 
 
 def test_a_100_kB_value_gives_a_short_message(monkeypatch):

@@ -16,7 +16,6 @@ from tolaria_otel import (
     SeedLayerTelemetry,
 )
 from tolaria_otel.instruments import SEED_NORM_MAX, SEED_STEP_NORM
-from tolaria_otel.seeded_mlp import SeedRegistry
 
 from .helpers import (
     ReferenceNorms,
@@ -253,16 +252,22 @@ def test_close_detaches_and_stops_exporting():
 
 
 def test_registry_with_module_swapped_between_epochs():
+    """A seed whose module Kasmina replaces is measured as the new module from the next step: the old
+    module's gradient is never reported under the seed, and the new one's value is its own."""
     model, registry = seeded_network(1)
-    telemetry, _ = telemetry_for(model, registry, ON)
+    telemetry, reader = telemetry_for(model, registry, ON)
     replacement = torch.nn.Linear(3, 3)
     registry.add("seed-0", replacement, "RESETTING")
-    model.seeds["seed_0"].net[0].weight.grad = torch.ones(32, 64)  # before the swap is read
+    model.seeds["seed_0"].net[0].weight.grad = torch.ones(32, 64)  # the old module's, after the swap
     telemetry.observe_step()
-    telemetry.end_epoch()  # reads the new module; next epoch measures it
+    swapped = telemetry.end_epoch()
+    assert swapped.seeds["seed-0"].stage == "RESETTING"
+    assert swapped.seeds["seed-0"].total_norm is None  # the new module had no gradient: not measured
+    assert LAYER_NORM not in collect(reader)
     replacement(torch.ones(1, 3)).sum().backward()
     telemetry.observe_step()
     summary = telemetry.end_epoch()
-    assert summary.seeds["seed-0"].stage == "RESETTING"
-    assert [layer for layer, _ in summary.seeds["seed-0"].top_layers] == ["(root)"]
-    assert isinstance(registry, SeedRegistry)
+    want = torch.cat([p.grad.double().flatten() for p in replacement.parameters()]).norm().item()
+    assert summary.seeds["seed-0"].top_layers == (("(root)", pytest.approx(want, rel=1e-6)),)
+    assert summary.seeds["seed-0"].total_norm == pytest.approx(want, rel=1e-6)
+    assert layer_points(collect(reader)[LAYER_NORM]) == {("seed-0", "(root)"): pytest.approx(want, rel=1e-6)}
