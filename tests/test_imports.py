@@ -55,6 +55,7 @@ def test_every_public_name_imports_as_documented():
     exec("from tolaria_otel import *", namespace)  # noqa: S102 (the statement users write, run as written)
     del namespace["__builtins__"]
     assert sorted(namespace) == sorted(tolaria_otel.__all__)
+    assert set(tolaria_otel.__all__) == {*tolaria_otel._EXPORTS, "__version__"}  # the literal list, complete
     documented = set(re.findall(r"^\| `(tolaria\.grad_agg\.[\w.]+)`", README.read_text(encoding="utf-8"), re.MULTILINE))
     metric_names = {name: value for name, value in namespace.items() if isinstance(value, str) and name.isupper()}
     assert metric_names.pop("ROOT_LAYER") == "(root)"  # the layer name of a seed's own parameters
