@@ -38,7 +38,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -87,10 +87,9 @@ class ClipListener(Protocol):
 def l2_norms(grads: Sequence[torch.Tensor], foreach: bool | None = None) -> tuple[list[torch.Tensor], list[int]]:
     """Per-tensor L2 norms, grouped as torch's clip groups them (device, dtype): the norms in that group
     order and, per norm, its index in ``grads``. Float16/bfloat16 gradients are normed in float32."""
-    grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)  # type: ignore[list-item]
     norms: list[torch.Tensor] = []
     order: list[int] = []
-    for (device, dtype), ([tensors], indices) in grouped.items():  # type: ignore[misc]
+    for (device, dtype), (tensors, indices) in _by_device_and_dtype(list(grads), with_indices=True).items():
         wide = torch.float32 if dtype in _HALF else None
         if (foreach is None and _has_foreach_support(tensors, device)) or (
             foreach and _device_has_foreach_support(device)
@@ -137,7 +136,7 @@ def clip_and_stage(
             ids.append(id(param))
             grads.append(grad)
     if not grads or float(norm_type) != 2.0 or not _shareable(grads):
-        return _measure_then(
+        return _measure_then(  # type: ignore[return-value]  # torch's clip_grad_norm_ returns its total
             listeners,
             lambda: original(
                 params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
@@ -147,7 +146,7 @@ def clip_and_stage(
         )
     norms, order = l2_norms(grads, foreach)
     first_device = grads[0].device
-    total = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), 2.0)
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), 2.0)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be clipped. "
@@ -157,16 +156,16 @@ def clip_and_stage(
     factor = torch.clamp(float(max_norm) / (total + CLIP_EPSILON), max=1.0)
     by_id = {ids[i]: norm for i, norm in zip(order, norms)}
     for listener in listeners:
-        _safely(listener, "clip", lambda: listener.stage_clip(by_id, factor))
+        _safely(listener, "clip", functools.partial(listener.stage_clip, by_id, factor))
     _scale(grads, factor, foreach)
     for listener in listeners:
-        _safely(listener, "clip", lambda: listener.clip_applied(None, params[0]))
+        _safely(listener, "clip", functools.partial(listener.clip_applied, None, params[0]))
     return total
 
 
 def _scale(grads: list[torch.Tensor], factor: torch.Tensor, foreach: bool | None) -> None:
     """``torch.nn.utils.clip_grads_with_norm_`` from the factor: the gradients are grouped once more, as there."""
-    for (device, _), ([device_grads], _) in _group_tensors_by_device_and_dtype([grads]).items():  # type: ignore[misc]
+    for (device, _), (device_grads, _) in _by_device_and_dtype(grads).items():
         if (foreach is None and _has_foreach_support(device_grads, device)) or (
             foreach and _device_has_foreach_support(device)
         ):
@@ -177,12 +176,22 @@ def _scale(grads: list[torch.Tensor], factor: torch.Tensor, foreach: bool | None
                 grad.mul_(device_factor)
 
 
+def _by_device_and_dtype(
+    tensors: list[torch.Tensor], with_indices: bool = False
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]]:
+    """torch's own grouping (its clip's), typed: torch annotates the groups' items Optional; none is None here."""
+    grouped = _group_tensors_by_device_and_dtype(
+        [cast("list[torch.Tensor | None]", tensors)], with_indices=with_indices
+    )
+    return {key: (cast("list[torch.Tensor]", lists[0]), indices) for key, (lists, indices) in grouped.items()}
+
+
 def _measure_then(
     listeners: Sequence[ClipListener],
     clip: Callable[[], torch.Tensor | None],
     max_norm: float | None,
     params: list[torch.Tensor],
-) -> Any:
+) -> torch.Tensor | None:
     """A clip whose norms cannot be shared: measure before it, run it, then note its factor (norm clips)."""
     for listener in listeners:
         _safely(listener, "clip", listener.measure_before_clip)
@@ -191,7 +200,7 @@ def _measure_then(
     if max_norm is not None and type(total) is torch.Tensor:
         factor = torch.clamp(float(max_norm) / (total.detach() + CLIP_EPSILON), max=1.0)
     for listener in listeners:
-        _safely(listener, "clip", lambda: listener.clip_applied(factor, params[0] if params else None))
+        _safely(listener, "clip", functools.partial(listener.clip_applied, factor, params[0] if params else None))
     return total
 
 
@@ -254,9 +263,10 @@ class _Patch:
             params = _listed(parameters)
             listeners = self.listeners_of(params)
             if not listeners:
-                return norm(
+                total: torch.Tensor = norm(
                     params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
                 )
+                return total
             return clip_and_stage(params, max_norm, norm_type, error_if_nonfinite, foreach, listeners, norm)
 
         @functools.wraps(value)
@@ -264,8 +274,9 @@ class _Patch:
             params = _listed(parameters)
             listeners = self.listeners_of(params)
             if not listeners:
-                return value(params, clip_value, foreach=foreach)
-            return _measure_then(listeners, lambda: value(params, clip_value, foreach=foreach), None, params)
+                value(params, clip_value, foreach=foreach)
+            else:
+                _measure_then(listeners, lambda: value(params, clip_value, foreach=foreach), None, params)
 
         self._wrappers = {"clip_grad_norm_": clip_grad_norm_, "clip_grad_value_": clip_grad_value_}
         for name, wrapper in self._wrappers.items():

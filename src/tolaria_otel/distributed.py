@@ -169,7 +169,7 @@ class ShardedChunks:
             for segment in segments:
                 segment.absorb()
             block = self.block(segments, device)
-        except Exception:  # telemetry must never stop (or hang) training: take part with zeros
+        except Exception:  # noqa: BLE001 - telemetry must never stop (or hang) training: take part with zeros
             self._warn("could not measure a chunk of sharded steps")
             block = torch.zeros(self.length, dtype=torch.float32, device=device)
         self.wait()

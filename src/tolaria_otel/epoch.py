@@ -184,7 +184,7 @@ class Segment:
         modules = self.modules
         if len(mapping) != len(modules):
             return False
-        for seed_id, entry in mapping.items():
+        for seed_id, entry in mapping.items():  # noqa: SIM110 - the step path: a plain loop, no generator frame
             if modules.get(seed_id) is not entry[0]:
                 return False
         return True

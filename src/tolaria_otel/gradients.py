@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class GradientHolder(Protocol):
@@ -37,7 +40,7 @@ def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch older than 2.5 has it under a private name
-        from torch.distributed._tensor import DTensor
+        from torch.distributed._tensor import DTensor  # type: ignore[attr-defined]  # not re-exported
     return DTensor
 
 
@@ -74,5 +77,8 @@ def shard_weight(param: nn.Parameter) -> float | None:
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(param, dtensor):
         return None
-    mesh = param.device_mesh
-    return 1.0 / math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if not placement.is_shard())
+    shard = cast("DTensor", param)
+    replicas: int = math.prod(
+        shard.device_mesh.size(dim) for dim, placement in enumerate(shard.placements) if not placement.is_shard()
+    )
+    return 1.0 / replicas

@@ -82,8 +82,8 @@ class NormGroup:
         if not grads:
             return ()
         if self.float32_norm:
-            return torch._foreach_norm(grads, 2, dtype=torch.float32)  # type: ignore[arg-type]
-        return torch._foreach_norm(grads, 2)  # type: ignore[arg-type]
+            return torch._foreach_norm(grads, 2, dtype=torch.float32)
+        return torch._foreach_norm(grads, 2)
 
     def _split_sparse(self) -> bool:
         """Move the parameters whose gradient is sparse to the one-by-one path; False if none is."""
@@ -121,4 +121,7 @@ def _wide(param: GradientHolder) -> torch.dtype:
 def _sparse_norm(grad: torch.Tensor) -> torch.Tensor:
     """L2 norm of a sparse gradient: duplicate indices sum, so coalesce first."""
     values = grad.coalesce().values()
-    return torch.linalg.vector_norm(values, dtype=torch.float32 if values.dtype in _FLOAT32_NORMABLE else None)
+    norm: torch.Tensor = torch.linalg.vector_norm(
+        values, dtype=torch.float32 if values.dtype in _FLOAT32_NORMABLE else None
+    )
+    return norm

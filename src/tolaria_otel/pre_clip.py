@@ -123,7 +123,7 @@ class PreClipListener:
         ]
         if not missing:
             return norms
-        measured, order = l2_norms([grad for _, grad in missing])  # type: ignore[misc]
+        measured, order = l2_norms([grad for _, grad in missing])
         return {**norms, **{missing[i][0]: norm for i, norm in zip(order, measured)}}
 
     def with_clip_facts(self, summary: EpochSummary) -> EpochSummary:

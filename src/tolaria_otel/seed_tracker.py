@@ -10,6 +10,7 @@ replaced in place (their values are partial).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -162,10 +163,8 @@ class SeedTracker:
         for seed_id in self.current.modules.keys() - views.keys():
             entry = previous.get(seed_id)
             if isinstance(entry, tuple) and len(entry) == 2:
-                try:
+                with contextlib.suppress(TypeError):  # an unnamed stage: keep the stage seen before
                     self.epoch_stages[seed_id] = stage_name(seed_id, entry[1], self._stage_names)
-                except TypeError:
-                    pass  # keep the stage seen before
 
     def _segment_for(self, seeds: Mapping[str, SeedView]) -> Segment:
         for seed_id, view in seeds.items():

@@ -14,6 +14,7 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from opentelemetry import metrics
@@ -33,6 +34,9 @@ from .settings import SeedLayerSettings
 from .step_path import Sampling, StepPath
 from .summarise import summarise
 from .summary import EpochSummary
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 class SeedLayerTelemetry:
@@ -217,7 +221,7 @@ class SeedLayerTelemetry:
         if self._enabled:
             self._pre_clip.measure_before_clip()
 
-    def __enter__(self) -> SeedLayerTelemetry:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
