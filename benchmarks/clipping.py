@@ -93,13 +93,13 @@ def report(workload: Workload, rounds: int, epochs: int) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     base_cpu = statistics.median(results[0].cpu)
-    for result in results:
-        lines.append(
-            f"| {result.variant.name} | {statistics.median(result.paired):.3f} | "
-            f"{statistics.median(result.cpu) / base_cpu:.3f} | "
-            f"{1000 * statistics.median(result.times):.1f} | {result.reads_per_step:g} | "
-            f"{result.ops_per_step:g} |"
-        )
+    lines.extend(
+        f"| {result.variant.name} | {statistics.median(result.paired):.3f} | "
+        f"{statistics.median(result.cpu) / base_cpu:.3f} | "
+        f"{1000 * statistics.median(result.times):.1f} | {result.reads_per_step:g} | "
+        f"{result.ops_per_step:g} |"
+        for result in results
+    )
     return "\n".join(lines)
 
 

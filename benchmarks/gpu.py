@@ -170,11 +170,15 @@ def device_move_check(device: str) -> str:
         for _ in range(3):
             model(torch.randn(8, 32, device=where)).sum().backward()
             for seed_id, module in registry.modules.items():
-                totals[seed_id] += sum(float(p.grad.double().pow(2).sum()) for p in module.parameters())
+                totals[seed_id] += sum((float(p.grad.double().pow(2).sum()) for p in module.parameters()), 0.0)
             telemetry.observe_step()
             model.zero_grad()
     summary = telemetry.end_epoch()
-    errors = [abs(summary.seeds[s].total_norm / math.sqrt(totals[s] / 9) - 1) for s in totals]
+    errors = []
+    for s, total in totals.items():
+        norm = summary.seeds[s].total_norm
+        assert norm is not None  # every seed had gradients at every step
+        errors.append(abs(norm / math.sqrt(total / 9) - 1))
     ok = summary.sampled_steps == 9 and telemetry.failures == 0 and max(errors) < 1e-5
     return (
         f"device move {device} -> cpu -> {device} mid-epoch: {summary.sampled_steps}/9 steps, "

@@ -44,7 +44,7 @@ import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
@@ -291,7 +291,7 @@ class Floor(Variant):
         self.params = [p for seed in run.seeds.values() for p in seed.parameters() if p.requires_grad]
 
     def step(self, last: bool) -> None:
-        torch._foreach_norm([p.grad for p in self.params])
+        torch._foreach_norm(cast(list[torch.Tensor], [p.grad for p in self.params]))  # all set by backward
 
 
 class ItemLoop(Variant):
@@ -507,10 +507,10 @@ def measure(
     results = [Result(v) for v in variants]
     runs: list[Run | None] = []
     for variant in variants:
-        run = make_run(workload, template)
+        built = make_run(workload, template)
         if not variant.unavailable:
-            variant.setup(run)
-        runs.append(None if variant.unavailable else run)
+            variant.setup(built)
+        runs.append(None if variant.unavailable else built)
     live = [i for i, run in enumerate(runs) if run is not None]
     started = time.perf_counter()
     for r in range(-warmup, rounds):
@@ -520,6 +520,7 @@ def measure(
         epoch_cpu: dict[int, list[float]] = {}
         for i in order:
             run, variant = runs[i], variants[i]
+            assert run is not None  # i is live
             gc.collect()
             times, cpu = [], []
             for _ in range(epochs):
@@ -537,10 +538,12 @@ def measure(
         if r >= 0 and (r + 1) % max(1, rounds // 4) == 0:
             log(f"  [{workload.name}] round {r + 1}/{rounds} ({time.perf_counter() - started:.0f} s)")
     for i in live:
-        count_syncs(runs[i], variants[i], results[i])
-        if isinstance(variants[i], Telemetry):
-            results[i].check = variants[i].check()
-        variants[i].close()
+        run, variant = runs[i], variants[i]
+        assert run is not None  # i is live
+        count_syncs(run, variant, results[i])
+        if isinstance(variant, Telemetry):
+            results[i].check = variant.check()
+        variant.close()
     return results
 
 
@@ -764,13 +767,13 @@ def growth_table(per_depth: Sequence[tuple[Workload, Sequence[Result]]]) -> str:
         base = statistics.median(results[0].times)
         cells = []
         for name in names:
-            r = next((r for r in results if r.variant.name == name and r.times), None)
-            if r is None:
+            found = next((r for r in results if r.variant.name == name and r.times), None)
+            if found is None:
                 cells.append("")
                 continue
-            extra = (statistics.median(r.times) - base) / workload.steps_per_epoch * 1e6
+            extra = (statistics.median(found.times) - base) / workload.steps_per_epoch * 1e6
             slopes[name].append((workload.seed_layers, extra))
-            cells.append(f"{extra:+.0f} µs ({statistics.median(r.times) / base:.2f}x)")
+            cells.append(f"{extra:+.0f} µs ({statistics.median(found.times) / base:.2f}x)")
         lines.append(f"| {workload.seed_layers} | " + " | ".join(cells) + " |")
     fit = []
     for name in names:
@@ -963,7 +966,7 @@ def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: 
     base = statistics.median(times[LIGHTNING_VARIANTS[0]])
     steps = len(workload.batches)
     lines = [
-        f"### Workload (d): {workload.description}, trained by Lightning {pl.__version__} `Trainer.fit` "
+        f"### Workload (d): {workload.description}, trained by Lightning {pl.__version__} `Trainer.fit` "  # type: ignore[attr-defined]  # set, not re-exported
         f"(CPU, fp32); {rounds} rounds of {epochs} timed epochs\n",
         "| variant | epoch median ms | ratio | paired ratio [IQR] | extra µs/step |",
         "| --- | ---: | ---: | --- | ---: |",

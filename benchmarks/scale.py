@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import cast
 
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
@@ -110,7 +111,7 @@ def measure(seeds: int, layers: int, epochs: int, steps: int) -> dict[str, float
                 if piece:
                     telemetry.observe_step()
                 else:
-                    torch._foreach_norm([p.grad for p in grads])
+                    torch._foreach_norm(cast(list[torch.Tensor], [p.grad for p in grads]))  # all set by backward
                 (step_times if piece else floor_times).append(time.perf_counter() - start)
             if epoch == 0:
                 held = max(held, _rss() - start_rss)
@@ -163,7 +164,7 @@ def main() -> None:
         "| step path held (MiB, RSS) "
         "| points per collection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
-    grid = QUICK_GRID if args.quick else GRID
+    grid: tuple[tuple[int, ...], ...] = QUICK_GRID if args.quick else GRID
     if args.sizes:
         grid = tuple(tuple(int(n) for n in size.split("x")) for size in args.sizes.split(","))
     for seeds, layers in grid:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 SEEDS = 8
 LAYERS = 12
@@ -60,7 +60,7 @@ def _rank(rank: int, world: int, port: int, src: str, kind: str, epochs: list[in
                 module._parameters[name] = nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(0)]))
         for param in model.parameters():
             param.grad = DTensor.from_local(
-                torch.randn(param.to_local().shape),
+                torch.randn(cast(DTensor, param).to_local().shape),  # distribute_tensor made it a DTensor
                 mesh,
                 [Shard(0)],
                 run_check=False,

@@ -151,8 +151,8 @@ def endpoint_ok(value: str, base: bool = False) -> bool:
 
 
 def headers_ok(value: str) -> bool:
-    for entry in value.split(","):
-        entry = entry.strip(" \t")
+    for raw in value.split(","):
+        entry = raw.strip(" \t")
         if entry and not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+[ \t]*=[ \t]*[ !#-+\--:<-\[\]-~]*", entry):
             return False
         if entry and not entry.partition("=")[2].strip(" \t="):  # a value split at a comma ('Basic X,Y==')
@@ -315,8 +315,8 @@ def picked(variable: str, busy_port: int, certificate: str) -> list[str]:
         "OTEL_EXPORTER_OTLP_METRICS_HEADERS": headers,
         "OTEL_EXPORTER_OTLP_TIMEOUT": numbers,
         "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT": numbers,
-        "OTEL_METRIC_EXPORT_INTERVAL": numbers + ["15000", "60000"],
-        "OTEL_METRIC_EXPORT_TIMEOUT": numbers + ["5000"],
+        "OTEL_METRIC_EXPORT_INTERVAL": [*numbers, "15000", "60000"],
+        "OTEL_METRIC_EXPORT_TIMEOUT": [*numbers, "5000"],
         "OTEL_EXPORTER_OTLP_COMPRESSION": ["gzip", "deflate", "none", "GZIP", "zstd", "brotli"],
         "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": ["gzip", "zstd"],
         "OTEL_EXPORTER_OTLP_CERTIFICATE": [certificate, "/no/such/ca.pem", tempfile.gettempdir()],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -73,7 +73,8 @@ class PreClipGradients:
 
     Each parameter's gradient is copied by a post-accumulate-grad hook, so the copy of the last backward
     before a step is the accumulated gradient; the optimizer's step post-hook (after any clip, and after a
-    closure's backward: Lightning runs the last one inside ``step``) reads the copies, never ``.grad``. Per step it also keeps the clip factor torch's clip would apply,
+    closure's backward: Lightning runs the last one inside ``step``) reads the copies, never ``.grad``. Per step
+    it also keeps the clip factor torch's clip would apply,
     ``min(max_norm / (total + 1e-6), 1)`` over all the optimizer's parameters. Gradients must be float32
     or wider with no loss scaling (an unscale would come after the copy).
     """
@@ -103,7 +104,7 @@ class PreClipGradients:
         self.steps: dict[str, int] = defaultdict(int)
         self.epoch_factors: list[float] = []
 
-    def _square(self, params: object) -> float:
+    def _square(self, params: Iterable[torch.Tensor]) -> float:
         return sum(float(self._grads[id(p)].square().sum()) for p in params if id(p) in self._grads)
 
     def _post(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 import torch
@@ -21,10 +22,11 @@ def metered(settings: SeedLayerSettings) -> tuple[MeterProvider, InMemoryMetricR
     return MeterProvider(metric_readers=[reader], views=seed_layer_views(settings)), reader
 
 
-def collect(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict, float, str]]]:
+def collect(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict, Any, str | None]]]:
     """One collection: metric name -> [(attributes, value, unit)]; a histogram's value is its
-    ``HistogramDataPoint``."""
-    out: dict[str, list[tuple[dict, float, str]]] = defaultdict(list)
+    ``HistogramDataPoint``. The value is ``Any`` because a metric's name tells which kind it is: callers read a
+    gauge's number or a histogram's fields without narrowing each point."""
+    out: dict[str, list[tuple[dict, Any, str | None]]] = defaultdict(list)
     data = reader.get_metrics_data()
     if data is None:
         return out
@@ -126,7 +128,7 @@ def telemetry_for(
     return SeedLayerTelemetry(model, seeds, settings=settings, meter_provider=provider), reader  # type: ignore[arg-type]
 
 
-def layer_points(points: Iterable[tuple[dict, float, str]]) -> dict[tuple[str, str], float]:
+def layer_points(points: Iterable[tuple[dict, Any, str | None]]) -> dict[tuple[str, str], float]:
     return {(attrs["seed_id"], attrs["layer"]): value for attrs, value, _ in points}
 
 
@@ -136,11 +138,13 @@ def sdk_attribute_sets(telemetry: SeedLayerTelemetry, per_stream: bool = False):
 
     Reads SDK internals on purpose: that state is what grows without bound when it is not released.
     """
-    counts = []
-    for instrument in telemetry._instruments.streams:  # type: ignore[union-attr]
-        for storage in instrument._measurement_consumer._reader_storages.values():  # type: ignore[attr-defined]
-            for match in storage._instrument_view_instrument_matches.get(instrument, ()):
-                counts.append(len(match._attributes_aggregation))
+    counts: list[int] = []
+    for instrument in telemetry._instruments.streams:
+        for storage in instrument._measurement_consumer._reader_storages.values():
+            counts.extend(
+                len(match._attributes_aggregation)
+                for match in storage._instrument_view_instrument_matches.get(instrument, ())
+            )
     return counts if per_stream else sum(counts)
 
 

@@ -21,7 +21,8 @@ from .helpers import seeded_network, train_epoch
 CURRENT_TOP_K = (
     "tolaria_grad_agg_seed_layer_norm{sel} and (timestamp(tolaria_grad_agg_seed_layer_norm{sel}) "
     ">= ignoring(seed_id, stage, layer, otel_scope_tolaria_otel_stream) group_left() "
-    "max without(seed_id, stage, layer, otel_scope_tolaria_otel_stream) (timestamp(tolaria_grad_agg_seed_layer_norm{sel})))"
+    "max without(seed_id, stage, layer, otel_scope_tolaria_otel_stream) "
+    "(timestamp(tolaria_grad_agg_seed_layer_norm{sel})))"
 )
 #: The trainers' OTEL_METRIC_EXPORT_INTERVAL in these tests.
 EXPORT_INTERVAL_MS = 300

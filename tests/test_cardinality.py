@@ -7,7 +7,15 @@ import random
 import pytest
 import torch
 
-from tolaria_otel import LAYER_NONFINITE, LAYER_NORM, SEED_NORM, SERIES_BUDGET, SeedLayerSettings, instruments
+from tolaria_otel import (
+    LAYER_NONFINITE,
+    LAYER_NORM,
+    SEED_NORM,
+    SERIES_BUDGET,
+    SeedLayerSettings,
+    SeedLayerTelemetry,
+    instruments,
+)
 from tolaria_otel.instruments import LAYER_NORM_MAX, SEED_STEP_NORM
 from tolaria_otel.settings import ENV_MAX_SEEDS, ENV_TOP_K, SettingsError
 
@@ -18,7 +26,7 @@ STAGES = ["GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY", "FO
 
 def _long_run(
     epochs: int, layers_per_seed: int, top_k: int, *, churn_every: int = 5, max_seeds: int = 1000
-) -> tuple[list[int], object]:
+) -> tuple[list[int], SeedLayerTelemetry]:
     """Kasmina's churn: a stage moves every epoch, a seed is culled and a new one germinates every
     ``churn_every`` epochs. Returns the SDK's attribute-set count after each epoch's collection."""
     rng = random.Random(0)
@@ -34,7 +42,8 @@ def _long_run(
     for epoch in range(epochs):
         for module, _ in active.values():
             for layer in module:
-                layer.weight.grad = torch.full_like(layer.weight, rng.random())
+                weight = layer.get_parameter("weight")
+                weight.grad = torch.full_like(weight, rng.random())
         telemetry.observe_step()
         summary = telemetry.end_epoch()
         exported = collect(reader)
@@ -91,7 +100,8 @@ def _many_seeds(seeds: int, layers: int, settings: SeedLayerSettings, epochs: in
     }
     for i, module in enumerate(modules.values()):
         for j, layer in enumerate(module):
-            layer.weight.grad = torch.full_like(layer.weight, 1.0 + i + j / layers)
+            weight = layer.get_parameter("weight")
+            weight.grad = torch.full_like(weight, 1.0 + i + j / layers)
     telemetry, reader = telemetry_for(torch.nn.Module(), {s: (m, "TRAINING") for s, m in modules.items()}, settings)
     for _ in range(epochs):
         telemetry.observe_step()
@@ -144,7 +154,7 @@ def test_top_k_above_100_is_accepted_as_esper_accepts_it():
     """On main TOLARIA_SEED_LAYER_TOPK=150 failed the trainer's start; a seed of 120 layers exports all 120."""
     settings = SeedLayerSettings.from_env({"TOLARIA_SEED_LAYER_SUMMARIES_ENABLED": "true", ENV_TOP_K: "150"})
     assert settings.top_k == 150
-    exported, summary = _many_seeds(2, 120, settings)
+    exported, _ = _many_seeds(2, 120, settings)
     assert len(exported[LAYER_NORM]) == 240 and exported[SERIES_BUDGET] == [({}, 240, "")]
     with pytest.raises(SettingsError, match=ENV_MAX_SEEDS):
         SeedLayerSettings.from_env({ENV_MAX_SEEDS: "0"})

@@ -88,7 +88,7 @@ SECRET_ENVIRONMENTS = {
 
 
 @pytest.mark.parametrize("case", SECRET_ENVIRONMENTS, ids=str)
-def test_no_secret_in_any_output_of_the_installed_script(case: str, closed_port: int, tmp_path: Path) -> None:
+def test_no_secret_in_any_output_of_the_installed_script(case: str, closed_port: int, tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
     env = {name: value.format(SECRET=SECRET, port=closed_port) for name, value in SECRET_ENVIRONMENTS[case].items()}
     env.update(TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true", OTEL_METRICS_EXPORTER="otlp")
     doctor_result = run("doctor", "--timeout", "1", env=clean_env(**env))
@@ -100,7 +100,7 @@ def test_no_secret_in_any_output_of_the_installed_script(case: str, closed_port:
         assert SECRET not in result.stdout + result.stderr, result.stdout + result.stderr
 
 
-def test_the_demo_option_never_prints_a_secret(capsys: Capsys, tmp_path: Path, closed_port: int) -> None:
+def test_the_demo_option_never_prints_a_secret(capsys: Capsys, tmp_path: Path, closed_port: int) -> None:  # noqa: F811 - the fixture imported above
     for url in (
         f"http://{SECRET}@127.0.0.1:{closed_port}",
         f"http://u:{SECRET}@[::1",
@@ -121,7 +121,9 @@ def test_a_header_problem_names_the_entry_not_its_value(capsys: Capsys) -> None:
 
 
 def test_user_info_is_sent_as_basic_auth_and_never_shown(
-    receiver: OtlpReceiver, capsys: Capsys, tmp_path: Path
+    receiver: OtlpReceiver,  # noqa: F811 - the fixture imported above
+    capsys: Capsys,
+    tmp_path: Path,
 ) -> None:
     endpoint = receiver.url.replace("http://", f"http://trainer:{SECRET}@")
     code, out, problems = doctor(
@@ -236,8 +238,8 @@ def test_feature_off_on_a_fresh_machine_is_all_well(capsys: Capsys) -> None:
     ), out
 
 
-def test_feature_on_with_nothing_listening_is_a_problem(capsys: Capsys, closed_port: int) -> None:
-    code, out, problems = doctor(
+def test_feature_on_with_nothing_listening_is_a_problem(capsys: Capsys, closed_port: int) -> None:  # noqa: F811 - the fixture imported above
+    code, _, problems = doctor(
         capsys,
         OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{closed_port}",
         TOLARIA_SEED_LAYER_SUMMARIES_ENABLED="true",
@@ -402,7 +404,7 @@ def test_a_100_kB_value_gives_short_lines(capsys: Capsys, tmp_path: Path) -> Non
         ],
         ["OTEL_METRICS_EXPORTER", "OTEL_RESOURCE_ATTRIBUTES"],
     ):
-        code, out, problems = doctor(capsys, **{name: huge for name in variables})
+        code, out, problems = doctor(capsys, **dict.fromkeys(variables, huge))
         assert code == 1 and len(problems) == len(variables), problems
         assert all(len(line) < 300 for line in problems), problems
         assert all("(100000 characters)" in line for line in problems if "RESOURCE" not in line), problems

@@ -7,12 +7,15 @@ The reference is the gradients backprop produced, copied in float64 before any c
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 import torch
 from torch import nn
 
-from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
+from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry
+from tolaria_otel.seeded_mlp import Seed, SeededMLP, SeedRegistry
 
 from .framework_reference import PreClipGradients
 from .helpers import metered, seeded_network
@@ -25,11 +28,11 @@ STEPS = 6
 ACCUMULATE = 2
 
 
-def exploding_network() -> tuple[nn.Module, object]:
+def exploding_network() -> tuple[SeededMLP, SeedRegistry]:
     """Three seeds; the last one's branch scaled by 1000 (the last, so that its blow-up is not the others'
     input): its gradient before clipping is about 1e3 to 2e3, the others' about 10 to 150."""
     model, registry = seeded_network(3)
-    model.seeds["seed_2"].alpha = EXPLODING
+    cast(Seed, model.seeds["seed_2"]).alpha = EXPLODING  # a ModuleDict item is typed as any Module
     return model, registry
 
 
@@ -43,7 +46,12 @@ def batches(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(
-    model: nn.Module, optimizer: torch.optim.Optimizer, clip: object, *, steps: int = STEPS, commit: object = None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clip: Callable[[Iterator[nn.Parameter], float], object],
+    *,
+    steps: int = STEPS,
+    commit: Callable[[], object] | None = None,
 ) -> None:
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -57,7 +65,8 @@ def train(
         optimizer.zero_grad()
 
 
-def check_against(summary: object, reference: PreClipGradients) -> None:
+def check_against(summary: EpochSummary | None, reference: PreClipGradients) -> None:
+    assert summary is not None
     layers, totals, steps, factors = reference.epoch()
     assert summary.sampled_steps == len(factors)
     for seed_id, seed in summary.seeds.items():
@@ -87,7 +96,8 @@ def test_plain_loop_measures_before_clipping(how: str) -> None:
         train(model, optimizer, telemetry.clip_grad_norm_, commit=telemetry.observe_step)
     else:
         telemetry.attach(optimizer)
-        train(model, optimizer, lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm))
+        # Looked up at each call, as a user's loop does: the function attach() patched is the one that runs.
+        train(model, optimizer, lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm))  # noqa: PLW0108
     check_against(telemetry.end_epoch(), reference)
     telemetry.close()
     assert torch.nn.utils.clip_grad_norm_ is before  # restored at close
@@ -107,7 +117,7 @@ def test_attach_without_optimizer_and_a_value_clip_measure_before_clipping() -> 
         summary = telemetry.end_epoch()
     finally:
         telemetry.close()
-    layers, totals, steps, _ = reference.epoch()
+    _, totals, _, _ = reference.epoch()
     for seed_id, seed in summary.seeds.items():
         assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)
     assert summary.seeds["seed-2"].health == "exploding"
@@ -133,7 +143,9 @@ def test_measure_and_clip_returns_and_clips_as_torch(dtype: torch.dtype, max_nor
     ours = telemetry.clip_grad_norm_(model.parameters(), max_norm, foreach=foreach)
     theirs = torch.nn.utils.clip_grad.clip_grad_norm_(twin, max_norm, foreach=foreach)
     assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin) if q.grad is not None)
+    for p, q in zip(model.parameters(), twin):
+        if q.grad is not None:
+            assert p.grad is not None and torch.equal(p.grad, q.grad)
     telemetry.observe_step()
     assert telemetry.end_epoch().clip_steps == 1
 
@@ -172,7 +184,9 @@ def test_a_step_the_grad_scaler_skips_is_not_counted() -> None:
             x, y = batches(generator)
             scaler.scale(loss_of(model(x), y)).backward()
             if step == 1:
-                model.seeds["seed_0"].net[0].weight.grad[0, 0] = float("inf")
+                grad = model.get_parameter("seeds.seed_0.net.0.weight").grad
+                assert grad is not None
+                grad[0, 0] = float("inf")
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
             scaler.step(optimizer)
@@ -181,7 +195,7 @@ def test_a_step_the_grad_scaler_skips_is_not_counted() -> None:
         summary = telemetry.end_epoch()
     finally:
         telemetry.close()
-    _, totals, steps, factors = reference.epoch()
+    _, totals, steps, _ = reference.epoch()
     assert summary.sampled_steps == steps["seed-0"] == 3 and summary.clip_steps == 3
     assert summary.seeds["seed-0"].nonfinite_steps == 0
     for seed_id, seed in summary.seeds.items():
@@ -211,7 +225,7 @@ def test_two_trainers_in_one_process_each_take_their_own_clips() -> None:
     summary = telemetries[1].end_epoch()
     telemetries[1].close()
     assert torch.nn.utils.clip_grad_norm_ is before
-    _, totals, steps, factors = references[1].epoch()
+    _, totals, _, factors = references[1].epoch()
     assert summary.sampled_steps == 3 and summary.clip_steps == 3
     assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)
     for seed_id, seed in summary.seeds.items():

@@ -305,7 +305,7 @@ def listeners(name: str) -> dict[str, dict]:
     return found
 
 
-def required_env(value: str) -> str:
+def required_env(value: object) -> str:
     """`${env:VAR}` (no default: the Collector refuses to start without it) -> VAR."""
     match = re.fullmatch(r"\$\{env:(\w+)\}", str(value))
     assert match, f"{value!r}: expected ${{env:VAR}} without a default"
@@ -355,7 +355,7 @@ def test_the_ports_table_has_every_listener_with_its_default_address() -> None:
             address = default_address(settings["endpoint"])
             file_name = name.rsplit("/", 1)[-1].removesuffix(".yaml")
             assert any(
-                address in row and (file_name in row or "Collector" in row and "/" not in name) for row in rows
+                address in row and (file_name in row or ("Collector" in row and "/" not in name)) for row in rows
             ), f"{name}: {what} {address} not in docs/operations.md's ports table"
             if not address.startswith(LOOPBACK):
                 assert any(address in row and "mutual TLS" in row for row in rows), f"{address}: TLS not said"

@@ -27,6 +27,7 @@ from devtools.stack import (
     victoria_metrics,
     wait_until,
 )
+
 from .pipeline_run import Run, as_layers, current_top_k, expected_layers, export_to, run_env
 
 PROTOCOLS = ("http/protobuf", "grpc")

@@ -9,7 +9,7 @@ minutes of CI on two cores.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -48,12 +48,12 @@ def no_process_wide_hooks() -> Iterator[None]:
 @pytest.fixture
 def recompiles() -> Iterator[Recompiles]:
     handler = Recompiles()
-    torch._logging.set_logs(recompiles=True)
+    torch._logging.set_logs(recompiles=True)  # type: ignore[attr-defined]  # public, re-exported without __all__
     logger = logging.getLogger("torch._dynamo")
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)
-    torch._logging.set_logs()
+    torch._logging.set_logs()  # type: ignore[attr-defined]  # public, re-exported without __all__
 
 
 def train(compiled: str, attach: str | None, settings: SeedLayerSettings, recompiles: Recompiles):
@@ -68,11 +68,15 @@ def train(compiled: str, attach: str | None, settings: SeedLayerSettings, recomp
         telemetry, _ = telemetry_for(model, registry, settings)
         telemetry.attach(optimizer if attach == "optimizer" else None)
     forward = torch.compile(model, backend="aot_eager") if compiled == "model" else model
-    step = optimizer.step
+    step: Callable[[], object] = optimizer.step
     if compiled == "step":
         step = torch.compile(optimizer.step, backend="aot_eager")
     elif compiled == "step in a function":  # PyTorch's recipe for compiling the optimizer
-        step = torch.compile(lambda: optimizer.step(), backend="aot_eager")
+
+        def optimizer_step() -> None:
+            optimizer.step()
+
+        step = torch.compile(optimizer_step, backend="aot_eager")
 
     def training_step(x: torch.Tensor, y: torch.Tensor) -> None:
         nn.functional.mse_loss(forward(x), y).backward()

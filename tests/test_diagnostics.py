@@ -37,7 +37,7 @@ class StepReference:
     def step(self) -> None:
         in_seeds = set()
         for seed_id, module in self.registry.modules.items():
-            params = {}
+            params: dict[int, nn.Parameter] = {}
             for name, sub in module.named_modules():
                 own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
                 if own:
@@ -47,10 +47,10 @@ class StepReference:
                 params.update((id(p), p) for p in own)
             in_seeds |= set(params)
             with_grad = [p for p in params.values() if p.grad is not None]
-            self.totals[seed_id].append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in with_grad)))
+            self.totals[seed_id].append(math.sqrt(sum((float(p.grad.double().pow(2).sum()) for p in with_grad), 0.0)))
             self.numel[seed_id] = sum(p.numel() for p in with_grad)
         host = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_seeds and p.grad is not None]
-        self.host.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in host)))
+        self.host.append(math.sqrt(sum((float(p.grad.double().pow(2).sum()) for p in host), 0.0)))
         self.host_numel = sum(p.numel() for p in host)
 
 

@@ -9,16 +9,17 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
-from tolaria_otel import LAYER_NORM, SeedLayerSettings, SeedLayerTelemetry
+from tolaria_otel import LAYER_NORM, EpochSummary, SeedLayerSettings, SeedLayerTelemetry
 from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
 
 from .framework_reference import AppliedGradients, PreClipGradients
 from .helpers import collect, expected_top_k, layer_points, metered
 
-pl = pytest.importorskip("lightning.pytorch")
-from lightning.pytorch.core.optimizer import LightningOptimizer  # noqa: E402
+pytest.importorskip("lightning.pytorch")
+import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from tolaria_otel.lightning import SeedLayerCallback  # noqa: E402
+from tolaria_otel.lightning import SeedLayerCallback
 
 ON = SeedLayerSettings(enabled=True, top_k=2)
 ACCUMULATE = 4
@@ -35,11 +36,13 @@ class Regression(pl.LightningModule):
         self.pre_clip: PreClipGradients | None = None
         self.pre_clip_norms: list[float] = []
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    # Optional: a subclass under manual optimization steps inside training_step and returns no loss.
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
         return nn.functional.mse_loss(self.model(x), y)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    # A list where a subclass steps several optimizers.
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
     def on_fit_start(self) -> None:  # the optimizer exists now; Lightning steps a wrapper of it
@@ -106,7 +109,7 @@ def test_fit_measures_the_gradients_before_clipping_once_per_optimizer_step() ->
     model, registry = network()
     module = Regression(model, registry)
     provider, reader = metered(ON)
-    summaries = []
+    summaries: list[EpochSummary] = []
     callback = SeedLayerCallback(registry, settings=ON, meter_provider=provider, on_summary=summaries.append)
     expected = []
 
@@ -153,7 +156,7 @@ def test_fit_measures_the_gradients_before_clipping_once_per_optimizer_step() ->
 
 def test_step_based_fit_summarises_every_n_steps_and_the_rest_at_the_end() -> None:
     model, registry = network()
-    summaries = []
+    summaries: list[EpochSummary] = []
     callback = SeedLayerCallback(
         registry, settings=ON, meter_provider=metered(ON)[0], every_n_steps=2, on_summary=summaries.append
     )
@@ -165,11 +168,11 @@ def test_step_based_fit_summarises_every_n_steps_and_the_rest_at_the_end() -> No
 def test_a_failing_fit_closes_the_telemetry_and_the_next_fit_starts_afresh() -> None:
     model, registry = network()
     provider, _ = metered(ON)
-    summaries = []
+    summaries: list[EpochSummary] = []
     callback = SeedLayerCallback(registry, settings=ON, meter_provider=provider, on_summary=summaries.append)
 
     class Failing(Regression):
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
             if self.trainer.global_step == 2:
                 raise RuntimeError("boom")
             return super().training_step(batch, batch_idx)
@@ -209,7 +212,7 @@ def test_bad_options_fail_at_construction() -> None:
 
 def test_attach_to_the_lightning_optimizer_gives_what_the_callback_gives() -> None:
     model, registry = network()
-    summaries = []
+    summaries: list[EpochSummary] = []
     callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
     attached = SeedLayerTelemetry(model, registry, settings=ON, meter_provider=metered(ON)[0])
     by_hand = []
@@ -238,12 +241,12 @@ def test_the_lightning_benchmark_runs_every_variant() -> None:
 
 def test_several_optimizers_stepping_on_the_same_gradients_count_once_per_batch() -> None:
     model, registry = network()
-    summaries = []
+    summaries: list[EpochSummary] = []
     callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
 
     class HostAndSeeds(Regression):  # manual optimization: one optimizer for the host, one for the seeds
-        def __init__(self, *args: object) -> None:
-            super().__init__(*args)
+        def __init__(self, model: SeededMLP, registry: SeedRegistry) -> None:
+            super().__init__(model, registry)
             self.automatic_optimization = False
 
         def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -257,8 +260,12 @@ def test_several_optimizers_stepping_on_the_same_gradients_count_once_per_batch(
             pass
 
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-            host, seeds = self.optimizers()
-            self.manual_backward(super().training_step(batch, batch_idx))
+            optimizers = self.optimizers()
+            assert isinstance(optimizers, list)  # two optimizers come as a list
+            host, seeds = optimizers
+            loss = super().training_step(batch, batch_idx)
+            assert loss is not None  # Regression's step returns its loss
+            self.manual_backward(loss)
             host.step()
             seeds.step()
             host.zero_grad()
@@ -272,7 +279,8 @@ def test_several_optimizers_stepping_on_the_same_gradients_count_once_per_batch(
 
 def test_an_exploding_seed_under_gradient_clip_val_is_reported_exploding_and_the_others_healthy() -> None:
     """Issue 17: ``gradient_clip_val=1.0``, ``accumulate_grad_batches=2``, one seed's branch scaled by 1000."""
-    from .test_clipping import CLIP as ONE, exploding_network, loss_of
+    from .test_clipping import CLIP as ONE
+    from .test_clipping import exploding_network, loss_of
 
     model, registry = exploding_network()
 
@@ -288,7 +296,7 @@ def test_an_exploding_seed_under_gradient_clip_val_is_reported_exploding_and_the
             pass
 
     module = Exploding(model, registry)
-    summaries = []
+    summaries: list[EpochSummary] = []
     expected = []
 
     class Reference(pl.Callback):
@@ -299,7 +307,7 @@ def test_an_exploding_seed_under_gradient_clip_val_is_reported_exploding_and_the
     trainer(
         callback, Reference(), max_epochs=1, precision="32-true", gradient_clip_val=ONE, accumulate_grad_batches=2
     ).fit(module, loader())
-    (summary,), ((layers, totals, steps, factors),) = summaries, expected
+    (summary,), ((layers, totals, _, factors),) = summaries, expected
     assert summary.sampled_steps == len(factors) == BATCHES // 2
     for seed_id, seed in summary.seeds.items():
         assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)

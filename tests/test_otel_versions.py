@@ -11,10 +11,10 @@ the declared minimum, so that run is on the oldest supported versions too.
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
+import tomllib  # type: ignore[import-not-found]  # 3.11+; mypy checks at 3.10, the test extra needs 3.11
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -46,11 +46,11 @@ def _requirements() -> list[Requirement]:
 
 
 def _pins() -> dict[str, str]:
-    pins = {}
+    pins: dict[str, str] = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, pinned = line.partition("==")
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            name, _, pinned = requirement.partition("==")
             pins[canonicalize_name(name)] = pinned
     return pins
 

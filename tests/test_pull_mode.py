@@ -60,7 +60,7 @@ def test_one_scrape_shows_exactly_the_latest_epoch_after_a_flush_per_epoch(pull_
 
             def observe(loud: str = loud) -> None:
                 for module in registry.modules.values():
-                    module.get_submodule(loud).weight.grad.mul_(1000.0)
+                    module.get_parameter(f"{loud}.weight").grad.mul_(1000.0)
                 telemetry.observe_step()
 
             train_epoch(model, optimizer, steps=2, generator=generator, before_step=observe)

@@ -107,7 +107,8 @@ CASES: dict[str, tuple[dict[str, str], str]] = {
     ),
     "user info and query together": (
         {
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://{USER}:{q(PASSWORD, safe='')}@127.0.0.1:{{port}}/v1/metrics?token={TOKEN}"
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://{USER}:{q(PASSWORD, safe='')}@127.0.0.1:{{port}}"
+            f"/v1/metrics?token={TOKEN}"
         },
         "exported",
     ),
@@ -179,7 +180,7 @@ CASES: dict[str, tuple[dict[str, str], str]] = {
 class Unavailable(QuietHandler):
     """A receiver that is down for maintenance: 503 to every export (retryable, so the exporter logs it)."""
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(503)
         self.end_headers()
@@ -224,9 +225,9 @@ def test_no_secret_in_any_output(
 
     # Doctor: a refused value or an endpoint that does not answer is a problem (gRPC is probed with a TCP
     # connection, which the 503 server takes). Demo: refused before training, or trained and exported.
-    code, _, _ = main_in_process(["doctor", "--timeout", "0.5"], capfd)  # type: ignore[arg-type]
+    code, _, _ = main_in_process(["doctor", "--timeout", "0.5"], capfd)
     assert code in (0, 1) if "grpc" in case else code == 1
-    code, _, _ = main_in_process(["demo", "--quiet", "--epochs", "1", "--output", str(tmp_path / "d.jsonl")], capfd)  # type: ignore[arg-type]
+    code, _, _ = main_in_process(["demo", "--quiet", "--epochs", "1", "--output", str(tmp_path / "d.jsonl")], capfd)
     assert code in (0, 2) if "grpc" in case else code == 2
 
     outcome = "exported"

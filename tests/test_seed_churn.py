@@ -6,14 +6,23 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import re
 import threading
 from collections import defaultdict
+from typing import cast
 
 import pytest
 import torch
 from torch import nn
 
-from tolaria_otel import LAYER_NORM, SEED_NORM, SEED_NOT_MEASURED, SeedLayerSettings, SeedLayerTelemetry
+from tolaria_otel import (
+    LAYER_NORM,
+    SEED_NORM,
+    SEED_NOT_MEASURED,
+    EpochSummary,
+    SeedLayerSettings,
+    SeedLayerTelemetry,
+)
 from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
 
 from .helpers import collect, expected_top_k, metered, telemetry_for
@@ -217,7 +226,7 @@ def test_optimizer_replaced_mid_run_is_followed_by_attach_without_an_optimizer()
     telemetry.attach()
     reference = PresenceReference(registry)
     generator = torch.Generator().manual_seed(2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     _train(model, optimizer, 3, generator, reference=reference)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # the optimizer manager swaps it
     _train(model, optimizer, 4, generator, reference=reference)
@@ -271,7 +280,7 @@ def test_closure_optimizer_is_measured_after_the_closure():
 
     for _ in range(2):
         optimizer.step(closure)
-        final.append(sum(float(p.grad.double().pow(2).sum()) for p in seed.parameters()))
+        final.append(sum((float(p.grad.double().pow(2).sum()) for p in seed.parameters()), 0.0))
     summary = telemetry.end_epoch()
     assert summary.sampled_steps == 2
     assert summary.seeds["s"].total_norm == pytest.approx(math.sqrt(sum(final) / 2), rel=1e-5)
@@ -280,7 +289,7 @@ def test_closure_optimizer_is_measured_after_the_closure():
 def test_attach_refuses_what_is_not_an_optimizer():
     seed = nn.Linear(2, 2)
     telemetry, _ = telemetry_for(seed, {"s": (seed, "TRAINING")}, ON)
-    with pytest.raises(TypeError, match="attach\\(\\) got dict: expected a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=re.escape("attach() got dict: expected a torch.optim.Optimizer")):
         telemetry.attach({"lr": 0.1})
 
     class Wrapper:  # accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer: an inner .optimizer
@@ -324,7 +333,7 @@ def test_int_stage_without_names_is_refused_at_construction():
 def test_stage_names_giving_no_string_is_refused(names):
     seed = nn.Linear(2, 2)
     provider, _ = metered(ON)
-    with pytest.raises(TypeError, match="stage_names gave .* for stage 3: expected a non-empty str"):
+    with pytest.raises(TypeError, match=r"stage_names gave .* for stage 3: expected a non-empty str"):
         SeedLayerTelemetry(seed, {"s": (seed, 3)}, settings=ON, meter_provider=provider, stage_names=names)
 
 
@@ -411,7 +420,7 @@ def test_trainer_identity_collisions_are_refused_at_construction():
     with pytest.raises(ValueError, match="'seed_id' is one of the package's own attributes"):
         SeedLayerTelemetry(seed, {}, settings=ON, meter_provider=provider, attributes={"seed_id": "x"})
     with pytest.raises(TypeError, match="attributes\\['env_id'\\] = 3: expected non-empty str keys and str values"):
-        SeedLayerTelemetry(seed, {}, settings=ON, meter_provider=provider, attributes={"env_id": 3})
+        SeedLayerTelemetry(seed, {}, settings=ON, meter_provider=provider, attributes={"env_id": 3})  # type: ignore[dict-item]
     closed = SeedLayerTelemetry(seed, {}, settings=ON, meter_provider=provider, attributes={"env_id": "1"})
     closed.close()  # frees its identity for a trainer that takes over, which exports from then on
     collect(reader)  # the closed trainer's last collection
@@ -463,7 +472,7 @@ def test_a_sparse_gradient_is_measured_exactly():
         references.append(
             {
                 "embedding": float(embedding.weight.grad.to_dense().pow(2).sum()),
-                "dense": sum(float(p.grad.pow(2).sum()) for p in dense.parameters()),
+                "dense": sum((float(p.grad.pow(2).sum()) for p in dense.parameters()), 0.0),
             }
         )
         telemetry.observe_step()
@@ -481,7 +490,8 @@ def test_observe_step_and_end_epoch_from_two_threads_lose_nothing():
     seed = nn.Linear(64, 64, bias=False)
     telemetry, _ = telemetry_for(seed, {"s": (seed, "TRAINING")}, ON)
     seed.weight.grad = torch.full((64, 64), 1.0)  # norm 64 at every step
-    steps, summaries = 3000, []
+    steps = 3000
+    summaries: list[EpochSummary | None] = []
     stop = threading.Event()
 
     def ender():
@@ -495,7 +505,8 @@ def test_observe_step_and_end_epoch_from_two_threads_lose_nothing():
     stop.set()
     thread.join()
     summaries.append(telemetry.end_epoch())
-    assert sum(summary.sampled_steps for summary in summaries) == steps
+    sampled = [summary.sampled_steps for summary in summaries]
+    assert sum(sampled) == steps
     for summary in summaries:
         if summary.sampled_steps:
             assert summary.seeds["s"].total_norm == pytest.approx(64.0)
@@ -562,7 +573,7 @@ def test_a_parameter_replaced_inside_a_seed_is_followed_at_the_next_check_and_th
     for seed_id in ("seed-0", "seed-1"):
         registry.add(seed_id, model.graft(seed_id.replace("-", "_")), "SEED_STAGE_TRAINING")
     telemetry, _ = telemetry_for(model, registry, ON.replace(top_k=5))
-    layer = registry.modules["seed-0"].net[0]
+    layer = cast(nn.Linear, registry.modules["seed-0"].get_submodule("net.0"))
     replaced_at, steps = 3, PARAMETER_CHECK_EVERY + 6
     weight: list[float] = []  # seed-0's net.0 per step, float64, on the parameters the module holds
     bias: list[float] = []
@@ -589,14 +600,15 @@ def test_a_parameter_replaced_inside_a_seed_is_followed_at_the_next_check_and_th
         return math.sqrt((sum(measured) + sum(bias)) / steps)
 
     candidates = [partial_value(step) for step in range(replaced_at + 1, replaced_at + PARAMETER_CHECK_EVERY + 1)]
-    assert any(seed.layer_norms["net.0"] == pytest.approx(value, rel=1e-5) for value in candidates)
-    assert seed.layer_norms["net.0"] < 0.9 * math.sqrt((sum(weight) + sum(bias)) / steps)
+    net_0 = seed.layer_norms["net.0"]
+    assert any(net_0 == pytest.approx(value, rel=1e-5) for value in candidates)
+    assert net_0 is not None and net_0 < 0.9 * math.sqrt((sum(weight) + sum(bias)) / steps)
     # The next epoch measures the new parameter at every step, and is not partial.
     squares = []
     for _ in range(3):
         x, y = torch.randn(16, 32, generator=generator), torch.randn(16, 10, generator=generator)
         nn.functional.mse_loss(model(x), y).backward()
-        squares.append(sum(float(p.grad.double().pow(2).sum()) for p in layer.parameters(recurse=False)))
+        squares.append(sum((float(p.grad.double().pow(2).sum()) for p in layer.parameters(recurse=False)), 0.0))
         telemetry.observe_step()
         model.zero_grad(set_to_none=True)
     seed = telemetry.end_epoch().seeds["seed-0"]

@@ -147,7 +147,7 @@ def test_a_100_kB_value_gives_a_short_message_with_its_length(name):
 
 def test_a_long_field_value_in_code_is_cut_too():
     with pytest.raises(SettingsError, match=r"^top_k=\[0, 0, .*\.\.\. \(30000 characters of repr\) is not valid"):
-        SeedLayerSettings(top_k=[0] * 10_000)
+        SeedLayerSettings(top_k=[0] * 10_000)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

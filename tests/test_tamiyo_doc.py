@@ -1,9 +1,11 @@
-"""The controller code of docs/tamiyo.md ("A lifecycle gate", "Esper's gradient fields"), run as written against real training."""
+"""The controller code of docs/tamiyo.md ("A lifecycle gate", "Esper's gradient fields"), run as written against real
+training."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,7 +38,7 @@ def test_the_documented_gate_holds_an_erratic_seed_and_one_off_the_ratio_band(ca
         optimizer.step()
         optimizer.zero_grad()
     namespace = {"telemetry": telemetry}
-    exec(compile(gate_code(), str(DOC), "exec"), namespace)  # noqa: S102 - the documented code itself
+    exec(compile(gate_code(), str(DOC), "exec"), namespace)  # the documented code itself
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
     assert lines[0].startswith("seed-0 [TRAINING]: advance: steady")
@@ -71,8 +73,8 @@ def test_the_documented_esper_fields_equal_esper_s_formula_on_float64_counts(cap
                 counts[seed_id][2] += not norm <= 10.0
         telemetry.observe_step()
         optimizer.zero_grad()
-    namespace = {"telemetry": telemetry}
-    exec(compile(esper_code(), str(DOC), "exec"), namespace)  # noqa: S102 - the documented code itself
+    namespace: dict[str, Any] = {"telemetry": telemetry}  # and what the documented code defines
+    exec(compile(esper_code(), str(DOC), "exec"), namespace)  # the documented code itself
     assert len(capsys.readouterr().out.splitlines()) == 4
     summary = namespace["summary"]
     for seed_id, (tensor_steps, below, above) in counts.items():

@@ -5,13 +5,15 @@ epoch's sampled steps, against a float64 reference computed from each gradient t
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
+from collections.abc import Mapping
 
 import pytest
 import torch
 from torch import nn
 
-from tolaria_otel import SeedLayerSettings
+from tolaria_otel import SeedLayerSettings, SeedSummary
 from tolaria_otel.norms import FLUSH_EVERY, LIST_TENSORS_MAX
 from tolaria_otel.settings import SettingsError
 
@@ -26,7 +28,7 @@ class TensorReference:
     """Per seed, from the gradients themselves in float64: tensors that had a gradient, tensor-steps below
     ``lower`` and above ``upper`` (or non-finite), and every norm seen (to keep clear of the thresholds)."""
 
-    def __init__(self, seeds: dict[str, nn.Module], lower: float, upper: float) -> None:
+    def __init__(self, seeds: Mapping[str, nn.Module], lower: float, upper: float) -> None:
         self.seeds, self.lower, self.upper = seeds, lower, upper
         self.below: Counter[str] = Counter()
         self.above: Counter[str] = Counter()
@@ -45,7 +47,9 @@ class TensorReference:
                 self.above[seed_id] += not norm <= self.upper  # NaN and Inf count, as in Esper
 
 
-def _run(seed_layers: int, settings: SeedLayerSettings, steps: int) -> tuple[dict, TensorReference]:
+def _run(
+    seed_layers: int, settings: SeedLayerSettings, steps: int
+) -> tuple[Mapping[str, SeedSummary], TensorReference]:
     torch.manual_seed(0)
     seeds = {seed_id: nn.Sequential(*(nn.Linear(6, 6) for _ in range(seed_layers))) for seed_id in SCALES}
     model = nn.ModuleDict(seeds)
@@ -62,7 +66,9 @@ def _run(seed_layers: int, settings: SeedLayerSettings, steps: int) -> tuple[dic
             seeds["vanishing"][0].bias.grad = None
             seeds["calm"][-1].weight.grad = None
         if step == 3:  # a non-finite gradient counts as exploding
-            seeds["mixed"][0].weight.grad[0, 0] = float("nan")
+            grad = seeds["mixed"].get_parameter("0.weight").grad
+            assert grad is not None
+            grad[0, 0] = float("nan")
         reference.step()
         telemetry.observe_step()
         model.zero_grad()
@@ -89,8 +95,9 @@ def test_tensor_steps_below_and_above_the_thresholds_equal_a_float64_count(seed_
         ), seed_id
     if bounds == (1e-7, 10.0):  # the defaults: the fixture gives each case something to count
         assert seeds["exploding"].exploding_tensor_steps == steps * 2 * seed_layers
-        assert seeds["vanishing"].vanishing_tensor_steps > 0 and seeds["calm"].vanishing_tensor_steps == 0
-        assert 0 < seeds["mixed"].exploding_tensor_steps < steps * 2 * seed_layers
+        vanishing, mixed = seeds["vanishing"].vanishing_tensor_steps, seeds["mixed"].exploding_tensor_steps
+        assert vanishing is not None and vanishing > 0 and seeds["calm"].vanishing_tensor_steps == 0
+        assert mixed is not None and 0 < mixed < steps * 2 * seed_layers
 
 
 def test_the_summary_dict_carries_the_counts():
@@ -115,10 +122,14 @@ def test_thresholds_from_the_environment_and_their_errors():
             SeedLayerSettings.from_env({name: value})
     with pytest.raises(
         SettingsError,
-        match="TOLARIA_SEED_TENSOR_VANISHING_BELOW=20.0 is not below TOLARIA_SEED_TENSOR_EXPLODING_ABOVE=10.0",
+        match=re.escape(
+            "TOLARIA_SEED_TENSOR_VANISHING_BELOW=20.0 is not below TOLARIA_SEED_TENSOR_EXPLODING_ABOVE=10.0"
+        ),
     ):
         SeedLayerSettings.from_env({"TOLARIA_SEED_TENSOR_VANISHING_BELOW": "20"})
-    with pytest.raises(SettingsError, match="tensor_vanishing_below=1.0 is not below tensor_exploding_above=1.0"):
+    with pytest.raises(
+        SettingsError, match=re.escape("tensor_vanishing_below=1.0 is not below tensor_exploding_above=1.0")
+    ):
         SeedLayerSettings(tensor_vanishing_below=1.0, tensor_exploding_above=1.0)
     with pytest.raises(SettingsError, match="tensor_exploding_above='10' is not valid"):
         SeedLayerSettings(tensor_exploding_above="10")  # type: ignore[arg-type]

@@ -130,9 +130,9 @@ def test_a_client_without_a_certificate_is_refused(pki, gateway) -> None:
     target = f"127.0.0.1:{gateway.grpc_port}"
     grpc_export(target, pki, (pki.client_cert, pki.client_key))  # accepted: no error
     for client in (None, (pki.stranger_cert, pki.stranger_key)):
-        with pytest.raises(grpc.RpcError) as refused:
+        with pytest.raises(grpc.RpcError) as rpc_refused:
             grpc_export(target, pki, client)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert rpc_refused.value.code() == grpc.StatusCode.UNAVAILABLE, rpc_refused.value
 
 
 def test_doctor_checks_the_endpoint_with_the_client_certificate(monkeypatch, capsys, pki, gateway) -> None:
@@ -205,6 +205,6 @@ def test_client_certificate_rules(pki: Pki) -> None:
             r"^OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY='/no/such/key.pem' is not valid: not a readable",
         ),
     }
-    for case, (env, protocol, message) in refused.items():
+    for env, protocol, message in refused.values():  # the keys name the cases for the reader
         with pytest.raises(ConfigurationError, match=message):
             otlp_client_certificate(env, protocol)

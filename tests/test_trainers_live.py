@@ -13,14 +13,15 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 import yaml
 
 from devtools.stack import victoria_metrics
-from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
+from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, SeedSummary, configure_meter_provider
+from tolaria_otel.seeded_mlp import Seed
 
 from .helpers import export_each_flush, seeded_network, train_epoch
 from .test_dashboards import (
@@ -78,7 +79,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             for epoch in range(EPOCHS):
                 if epoch == EPOCHS - 1:
                     (kasmina_of_unmeasured,) = [k for e, _, k, *_ in loops if e == UNMEASURED[0]]
-                    kasmina_of_unmeasured.modules[UNMEASURED[1]].in_graph = False
+                    culled = cast(Seed, kasmina_of_unmeasured.modules[UNMEASURED[1]])  # the registry holds Seeds
+                    culled.in_graph = False
                 for _ in range(STEPS):  # the trainers' steps interleaved, as environments of one process
                     for _, model, _, optimizer, _, generator in loops:
                         train_epoch(model, optimizer, steps=1, generator=generator)
@@ -194,6 +196,12 @@ def test_trainer_variable_lists_the_four_env_ids(fleet: Fleet, dashboard: dict[s
     assert fleet.backend.label_values(label, interpolate(seed_selector, missing)) == []
 
 
+def spike_ratio(seed: SeedSummary) -> float:
+    """A measured seed's max over RMS step norm, what the spikes panel plots."""
+    assert seed.max_norm is not None and seed.total_norm is not None
+    return seed.max_norm / seed.total_norm
+
+
 def test_per_step_panels_keep_the_trainers_apart_and_the_ratio_says_the_host_is_not_measured(
     fleet: Fleet, dashboard: dict[str, Any]
 ) -> None:
@@ -217,7 +225,7 @@ def test_per_step_panels_keep_the_trainers_apart_and_the_ratio_says_the_host_is_
     }
     assert at_end == pytest.approx(
         {
-            (env_id, seed.seed_id): seed.max_norm / seed.total_norm
+            (env_id, seed.seed_id): spike_ratio(seed)
             for env_id in ENV_IDS
             for seed in fleet.last[env_id].seeds.values()
             if seed.measured

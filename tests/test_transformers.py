@@ -10,14 +10,16 @@ import pytest
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks
 
-from tolaria_otel import SeedLayerSettings
+from tolaria_otel import EpochSummary, SeedLayerSettings
 
 from .framework_reference import AppliedGradients, PreClipGradients
 from .helpers import expected_top_k, metered
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # read when transformers is imported: nothing may be fetched
-transformers = pytest.importorskip("transformers")
-from tolaria_otel.transformers import SeedLayerCallback  # noqa: E402
+pytest.importorskip("transformers")
+import transformers
+
+from tolaria_otel.transformers import SeedLayerCallback
 
 ON = SeedLayerSettings(enabled=True, top_k=3)
 ACCUMULATE = 4
@@ -40,7 +42,8 @@ class Sentences(torch.utils.data.Dataset):
 
 def tiny_bert() -> transformers.BertForSequenceClassification:
     torch.manual_seed(0)
-    config = transformers.BertConfig(
+    # dataclass_transform hides that the config passes other keywords (num_labels) on to __post_init__.
+    config = transformers.BertConfig(  # type: ignore[call-arg]
         vocab_size=64,
         hidden_size=16,
         num_hidden_layers=2,
@@ -81,19 +84,20 @@ def test_train_measures_the_gradients_before_clipping_once_per_optimizer_step(tm
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     reference = AppliedGradients(optimizer, lambda: dict(seeds))
     pre_clip = PreClipGradients(model, optimizer, lambda: dict(seeds), CLIP)
-    summaries = []
+    summaries: list[EpochSummary] = []
     expected = []
 
     class Lifecycle(transformers.TrainerCallback):
         def on_step_end(self, args: object, state: transformers.TrainerState, control: object, **kw: object) -> None:
             if state.global_step == 2:  # the pooler germinates mid-epoch
+                assert model.bert.pooler is not None  # a classifier's BERT has its pooler
                 seeds["pooler"] = (model.bert.pooler, "GERMINATED")
 
         def on_epoch_end(self, *args: object, **kw: object) -> None:
             reference.epoch()
             expected.append(pre_clip.epoch())
 
-    provider, reader = metered(ON)
+    provider, _ = metered(ON)
     callback = SeedLayerCallback(lambda: seeds, settings=ON, meter_provider=provider, on_summary=summaries.append)
     trainer = transformers.Trainer(
         model=model,
@@ -130,7 +134,7 @@ def test_train_measures_the_gradients_before_clipping_once_per_optimizer_step(tm
 
 def test_max_steps_training_summarises_every_n_steps(tmp_path: object) -> None:
     model = tiny_bert()
-    summaries = []
+    summaries: list[EpochSummary] = []
     callback = SeedLayerCallback(
         {"layer-0": (model.bert.encoder.layer[0], "TRAINING")},
         settings=ON,
@@ -143,7 +147,8 @@ def test_max_steps_training_summarises_every_n_steps(tmp_path: object) -> None:
     )
     trainer.train()  # accelerate's AcceleratedOptimizer around the Trainer's own AdamW
     assert [s.sampled_steps for s in summaries] == [2, 2, 1]
-    assert all(s.seeds["layer-0"].total_norm > 0 for s in summaries)
+    norms = [s.seeds["layer-0"].total_norm for s in summaries]
+    assert all(norm is not None and norm > 0 for norm in norms)
 
 
 class Regression(torch.nn.Module):
@@ -180,7 +185,7 @@ def test_an_exploding_seed_under_the_default_max_grad_norm_is_reported_exploding
     model = Regression(network)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
     pre_clip = PreClipGradients(model, optimizer, registry, 1.0)
-    summaries = []
+    summaries: list[EpochSummary] = []
     callback = SeedLayerCallback(registry, settings=ON, meter_provider=metered(ON)[0], on_summary=summaries.append)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -201,7 +206,7 @@ def test_an_exploding_seed_under_the_default_max_grad_norm_is_reported_exploding
     )
     trainer.train()
     (summary,) = summaries
-    layers, totals, steps, factors = pre_clip.epoch()
+    layers, totals, _, factors = pre_clip.epoch()
     assert summary.sampled_steps == len(factors) == 4
     for seed_id, seed in summary.seeds.items():
         assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)
