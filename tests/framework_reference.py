@@ -14,8 +14,11 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 
+import pytest
 import torch
 from torch import nn
+
+from tolaria_otel import EpochSummary
 
 
 class AppliedGradients:
@@ -131,3 +134,25 @@ class PreClipGradients:
         factors = list(self.epoch_factors)
         self.reset()
         return layers, totals, steps, factors
+
+
+def assert_exploding_seed_epoch(
+    summary: EpochSummary, layers: Mapping[str, Mapping[str, float]], totals: Mapping[str, float], factors: list[float]
+) -> None:
+    """An epoch of the exploding-seed runs (seed-2 scaled by 1000, a global clip at 1.0 at every step) against
+    its float64 pre-clip reference: every seed within 1e-5, the exploding seed ``exploding`` and the others
+    ``healthy`` (one exploding seed does not make them look vanishing), and the clip facts as torch's clip
+    gave them: every step clipped, the smallest factor."""
+    assert summary.sampled_steps == len(factors)
+    for seed_id, seed in summary.seeds.items():
+        assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)
+        for layer, value in seed.layer_norms.items():
+            assert value == pytest.approx(layers[seed_id][layer], rel=1e-5)
+    assert {seed_id: seed.health for seed_id, seed in summary.seeds.items()} == {
+        "seed-0": "healthy",
+        "seed-1": "healthy",
+        "seed-2": "exploding",
+    }
+    assert all(factor < 1 for factor in factors)
+    assert summary.clip_steps == summary.clipped_steps == len(factors)
+    assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)
