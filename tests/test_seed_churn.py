@@ -168,13 +168,19 @@ def test_seeds_germinated_after_end_epoch_and_mid_epoch_are_measured_at_once(att
     telemetry.close()  # attach() without an optimizer hooks every optimizer of the process until then
 
 
-def test_culled_seed_stops_being_measured_at_the_first_step_it_is_gone():
+def _two_germinated_seeds() -> tuple[SeededMLP, SeedRegistry, torch.optim.SGD, Controller]:
+    """A host with seed-0 and seed-1 germinated, the SGD that trains them, and the controller that did it."""
     torch.manual_seed(0)
     model, registry = SeededMLP(), SeedRegistry()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     controller = Controller(model, registry, optimizer)
     for seed_id in ("seed-0", "seed-1"):
         controller.germinate(seed_id)
+    return model, registry, optimizer, controller
+
+
+def test_culled_seed_stops_being_measured_at_the_first_step_it_is_gone():
+    model, registry, optimizer, _ = _two_germinated_seeds()
     culled_module = registry.modules["seed-1"]
     telemetry, _ = telemetry_for(model, registry, ON)
     telemetry.attach(optimizer)
@@ -531,12 +537,7 @@ def test_a_parameter_that_left_its_device_is_detected_before_any_work():
 
 def test_a_seed_culled_mid_epoch_keeps_that_epoch_in_the_summary_and_the_export_then_is_released():
     """Kasmina drops a culled seed from its registry at once: listed at steps 0 to 4, gone at step 5 of 8."""
-    torch.manual_seed(0)
-    model, registry = SeededMLP(), SeedRegistry()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    controller = Controller(model, registry, optimizer)
-    for seed_id in ("seed-0", "seed-1"):
-        controller.germinate(seed_id)
+    model, registry, optimizer, controller = _two_germinated_seeds()
     telemetry, reader = telemetry_for(model, registry, ON)
     telemetry.attach(optimizer)
     reference = PresenceReference(registry)
