@@ -19,10 +19,12 @@ import random
 import resource
 import sys
 import tracemalloc
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import DataPointT, InMemoryMetricReader
+from opentelemetry.util.types import AnyValue
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
 from tolaria_otel.instruments import SEED_STEP_NORM
@@ -41,9 +43,11 @@ class _Count(logging.Handler):
 
 def sdk_attribute_sets(telemetry: SeedLayerTelemetry) -> int:
     """The SDK's aggregations for the package's instruments (its internals, on purpose: that is what grew)."""
+    instruments = telemetry._instruments
+    assert instruments is not None, "the soak's trainer is enabled and has a meter provider"
     total = 0
-    for gauge in telemetry._instruments.streams:  # type: ignore[union-attr]
-        for storage in gauge._measurement_consumer._reader_storages.values():  # type: ignore[attr-defined]
+    for gauge in instruments.streams:
+        for storage in gauge._measurement_consumer._reader_storages.values():
             total += sum(
                 len(m._attributes_aggregation) for m in storage._instrument_view_instrument_matches.get(gauge, ())
             )
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader], views=seed_layer_views(settings))
 
-    def new_seed() -> torch.nn.Module:
+    def new_seed() -> torch.nn.ModuleList:
         return torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(args.layers))
 
     active = {f"seed-{i}": (new_seed(), STAGES[0]) for i in range(args.seeds)}
@@ -92,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     for epoch in range(1, args.epochs + 1):
         for module, _ in active.values():
             for layer in module:
-                layer.weight.grad = torch.full_like(layer.weight, rng.random())
+                weight = layer.get_parameter("weight")  # typed, where layer.weight is Tensor | Module
+                weight.grad = torch.full_like(weight, rng.random())
         telemetry.observe_step()
         summary = telemetry.end_epoch()
+        assert summary is not None, "an enabled trainer summarises every epoch"
         data = reader.get_metrics_data()
         metrics = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics] if data else []
         points = sum(len(m.data.data_points) for m in metrics)
@@ -105,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         # The histogram is cumulative: the series of a seed's stage it left is still exported (its counts must
         # reach the collector) until the next change of the exported sets releases it.
         histograms = {
-            (p.attributes["seed_id"], p.attributes["stage"])
+            (attributes["seed_id"], attributes["stage"])
             for m in metrics
             if m.name == SEED_STEP_NORM
-            for p in m.data.data_points
+            for attributes in point_attributes(m.data.data_points)
         }
         now = {(s.seed_id, s.stage) for s in summary.seeds.values()}
         if now != latest:
@@ -147,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{(end - half) // args.churn}"
         )
     return 0
+
+
+def point_attributes(points: Sequence[DataPointT]) -> Iterator[Mapping[str, AnyValue]]:
+    """Each point's attribute set: the SDK gives every point of a collection one (``None`` only in its type)."""
+    for point in points:
+        assert point.attributes is not None, f"a collected point without attributes: {point}"
+        yield point.attributes
 
 
 def kept_heap() -> int:

@@ -12,6 +12,7 @@ still show them. Several trainers in one process are tests/test_trainers_live.py
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import re
@@ -34,9 +35,10 @@ from matplotlib.image import imread
 from dashboards import generate, seed_layers
 from devtools.stack import VictoriaMetrics, backend_binaries, prometheus, victoria_metrics, wait_until
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider, health
+from tolaria_otel.instruments import STEP_NORM_BOUNDARIES
 from tolaria_otel.plot import load_summaries, render
 from tolaria_otel.plot import main as plot_main
-from tolaria_otel.instruments import STEP_NORM_BOUNDARIES
+from tolaria_otel.seeded_mlp import Seed
 from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
 
 from .helpers import export_each_flush, seeded_network, train_epoch
@@ -184,7 +186,7 @@ def test_dashboard_is_valid_grafana_json(dashboard: dict[str, Any]) -> None:
     bound = {"type": "prometheus", "uid": "${datasource}"}
     for panel in panels(dashboard):
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
         if panel["type"] == "row":
             assert panel["collapsed"] is False and panel["panels"] == []
             continue
@@ -219,7 +221,7 @@ def test_every_expression_parses_with_a_real_promql_parser(dashboard: dict[str, 
     with pytest.raises(ValueError):
         promql_parser.parse("max by (seed_id) (")  # the parser is real: it rejects what Prometheus rejects
     vars_ = variables(dashboard)
-    selections = [  # the ways Grafana fills the variables in
+    selections: list[dict[str, str | list[str]]] = [  # the ways Grafana fills the variables in
         {"env_id": "$__all", "seed_id": "$__all", "stage": "$__all"},
         {"env_id": ["0", "3"], "seed_id": ["seed-0", "seed-2"], "stage": ["SEED_STAGE_TRAINING", "BLENDING"]},
         {"env_id": "2", "seed_id": "seed-1", "stage": "$__all"},  # a repeated panel's own seed
@@ -315,7 +317,7 @@ def exported_series(summaries: list[EpochSummary]) -> set[tuple[str, str, str, s
     def finite(value: float | None) -> bool:
         return value is not None and math.isfinite(value)
 
-    series = set()
+    series: set[tuple[str, str, str, str | None]] = set()  # (metric, seed, stage, layer or bucket)
     for summary in summaries:
         for seed in summary.seeds.values():
             if seed.total_norm is None:
@@ -373,20 +375,26 @@ def train_into(vm: VictoriaMetrics, faulty: bool) -> Run:
             for parameter in kasmina.modules[seed_id].parameters():
                 parameter.grad.mul_(factor)
         if step == last_step:  # the NaN reaches the parameters only after the last forward pass
-            kasmina.modules[NONFINITE].net[2].weight.grad[0, 0] = float("nan")
+            grad = kasmina.modules[NONFINITE].get_parameter("net.2.weight").grad  # typed, unlike .net[2].weight
+            assert grad is not None  # every seed is in the graph until the last epoch: backward filled it
+            grad[0, 0] = float("nan")
 
-    summaries = []
+    summaries: list[EpochSummary] = []
     try:
         for epoch in range(EPOCHS):
             if epoch == STAGE_CHANGE[1]:
                 kasmina.stages[STAGE_CHANGE[0]] = STAGE_PREFIX[faulty] + STAGE_CHANGE[2]
             if faulty and epoch == EPOCHS - 1:
-                kasmina.modules[NOT_MEASURED].in_graph = False
+                culled = kasmina.modules[NOT_MEASURED]
+                assert isinstance(culled, Seed)  # the registry holds nn.Module; seeded_network grafts Seeds
+                culled.in_graph = False
             steps = LAST_EPOCH_STEPS if epoch == EPOCHS - 1 else STEPS
             train_epoch(
                 model, optimizer, steps=steps, generator=generator, before_step=inject_faults if faulty else None
             )
-            summaries.append(telemetry.end_epoch())
+            summary = telemetry.end_epoch()
+            assert summary is not None  # the telemetry is on (from_env with the exporter set)
+            summaries.append(summary)
             assert provider.force_flush(10_000)
     finally:
         telemetry.close()
@@ -584,11 +592,8 @@ def quantile_bucket(steps: list[float], quantile: float) -> tuple[float, float]:
     for value in steps:
         counts[bisect.bisect_left(BOUNDARIES, value)] += 1
     rank = quantile * sum(counts)
-    cumulative = 0
-    for index, count in enumerate(counts):
-        cumulative += count
-        if cumulative >= rank:
-            break
+    cumulative = itertools.accumulate(counts)
+    index = next((i for i, total in enumerate(cumulative) if total >= rank), len(counts) - 1)
     if index == len(BOUNDARIES):
         return BOUNDARIES[-1], BOUNDARIES[-1]
     return (BOUNDARIES[index - 1] if index else 0.0), BOUNDARIES[index]
@@ -632,9 +637,13 @@ def check_step_diagnostics(run: Run, dashboard: dict[str, Any]) -> None:
 
     _, target = panel_target(dashboard, 12)
     spikes = at_end(run, run.run_target(target, interpolate(target["expr"], values)))
-    finite = [s for s in last.values() if s.measured and math.isfinite(s.total_norm)]
-    assert spikes == pytest.approx({s.seed_id: s.max_norm / s.total_norm for s in finite}, rel=1e-9)
-    assert {s for s, ratio in spikes.items() if ratio > seed_layers.SPIKE_ABOVE} == ({SPIKE} if run.faulty else set())
+    finite = [s for s in last.values() if s.total_norm is not None and math.isfinite(s.total_norm)]  # measured
+    largest_over_rms = {}
+    for s in finite:
+        assert s.max_norm is not None and s.total_norm is not None  # a measured seed has both
+        largest_over_rms[s.seed_id] = s.max_norm / s.total_norm
+    assert spikes == pytest.approx(largest_over_rms, rel=1e-9)
+    assert {s for s, ratio in spikes.items() if ratio > health.SPIKE_ABOVE} == ({SPIKE} if run.faulty else set())
 
     _, target = panel_target(dashboard, 13)
     ratios = at_end(run, run.run_target(target, interpolate(target["expr"], values)))
@@ -809,7 +818,7 @@ def test_thresholds_agree_with_the_alert_rules() -> None:
     assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in not_measured
     assert durations["TolariaSeedNotMeasured"] == seed_layers.NOT_MEASURED_FOR
     numbers = numbers_and_ranges(rules["TolariaSeedGradientSpike"])[0]
-    assert {seed_layers.SPIKE_ABOVE, seed_layers.EXPLODING_RELATIVE_FLOOR} <= numbers
+    assert {health.SPIKE_ABOVE, seed_layers.EXPLODING_RELATIVE_FLOOR} <= numbers
     assert seed_layers.SEED_NORM_MAX in rules["TolariaSeedGradientSpike"]
     assert durations["TolariaSeedGradientSpike"] == seed_layers.SPIKE_FOR
     numbers, ranges = numbers_and_ranges(rules["TolariaSeedGradientNoisy"])
@@ -825,7 +834,8 @@ def test_thresholds_agree_with_the_in_process_health_states() -> None:
     """Tamiyo's health classification (tolaria_otel.health) and the dashboard's thresholds are the same numbers."""
     assert seed_layers.EXPLODING_ABSOLUTE == health.EXPLODING_ABOVE
     assert seed_layers.VANISHING_BELOW == health.VANISHING_BELOW
-    assert seed_layers.SPIKE_ABOVE == health.SPIKE_ABOVE
+    # The dashboard module's own binding: it imports health's without re-exporting it (no __all__).
+    assert vars(seed_layers)["SPIKE_ABOVE"] == health.SPIKE_ABOVE
 
 
 # -- the PNG ----------------------------------------------------------------------------------------
@@ -849,7 +859,8 @@ def test_plot_renders_a_json_lines_file(healthy: Run, faulty: Run, tmp_path: Pat
     run_file.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in faulty.summaries))
     loaded = load_summaries(run_file)
     assert [s.to_dict() for s in loaded] == [s.to_dict() for s in faulty.summaries]
-    assert math.isnan(loaded[-1].seeds[NONFINITE].total_norm)
+    nonfinite = loaded[-1].seeds[NONFINITE].total_norm
+    assert nonfinite is not None and math.isnan(nonfinite)
     assert plot_main([str(run_file), "-o", str(tmp_path / "out.png")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out.png")
     assert_not_blank(tmp_path / "out.png")

@@ -52,7 +52,7 @@ def test_every_public_name_imports_as_documented():
     import tolaria_otel
 
     namespace: dict[str, object] = {}
-    exec("from tolaria_otel import *", namespace)  # noqa: S102 (the statement users write, run as written)
+    exec("from tolaria_otel import *", namespace)  # the statement users write, run as written
     del namespace["__builtins__"]
     assert sorted(namespace) == sorted(tolaria_otel.__all__)
     assert set(tolaria_otel.__all__) == {*tolaria_otel._EXPORTS, "__version__"}  # the literal list, complete
@@ -61,8 +61,8 @@ def test_every_public_name_imports_as_documented():
     assert metric_names.pop("ROOT_LAYER") == "(root)"  # the layer name of a seed's own parameters
     for name, value in metric_names.items():
         assert value in documented, (name, value)
-    for name, value in namespace.items():
-        if isinstance(value, type) or inspect.isfunction(value):
-            assert value.__name__ == name
+    for name, bound in namespace.items():
+        if isinstance(bound, type) or inspect.isfunction(bound):
+            assert bound.__name__ == name
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         tolaria_otel.nope  # noqa: B018
