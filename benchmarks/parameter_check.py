@@ -1,8 +1,10 @@
 """What following parameters replaced inside a seed module costs on the step path: each seed's parameters
 are walked once every ``PARAMETER_CHECK_EVERY`` sampled steps, a share of the seeds at each step
 (``SeedTracker.follow_replaced_parameters``). Times that call alone at every step of two rounds,
-median and slowest, next to the walk over every seed at once. ``python -m benchmarks.parameter_check``."""
+median and slowest, next to the walk over every seed at once. ``python -m benchmarks.parameter_check``
+(``--quick``: the two small sizes, for tests/test_benchmarks.py)."""
 
+import argparse
 import time
 
 from torch import nn
@@ -16,8 +18,11 @@ def _median(times: list[float]) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="only 4x3 and 64x20")
+    sizes = [(4, 3), (64, 20)] if parser.parse_args().quick else [(4, 3), (64, 20), (256, 20), (2000, 1)]
     print(f"parameter check, one seed share per sampled step (PARAMETER_CHECK_EVERY={PARAMETER_CHECK_EVERY})")
-    for seeds, layers in [(4, 3), (64, 20), (256, 20), (2000, 1)]:
+    for seeds, layers in sizes:
         model = nn.ModuleDict({f"s{i}": nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)]) for i in range(seeds)})
         registry = {f"s{i}": (model[f"s{i}"], "TRAINING") for i in range(seeds)}
         telemetry = SeedLayerTelemetry(

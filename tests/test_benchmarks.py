@@ -171,3 +171,14 @@ def test_scale_script_prints_every_size() -> None:
         float(cells[2]), float(cells[3]), float(cells[4]), float(cells[5]), float(cells[8])
         assert re.fullmatch(r"[\d.]+, [\d.]+ \([\d.]+\)", cells[7]), cells[7]  # end_epoch: median, mean (GC)
         assert int(cells[9]) > 0  # the reader collected points
+
+
+def test_parameter_check_prints_each_size() -> None:
+    stdout = _run("benchmarks.parameter_check")  # --quick: 4x3 and 64x20
+    rows = re.findall(
+        r"^  (\d+)x(\d+) \((\d+) tensors\): per step median [\d.]+ us, slowest [\d.]+ us; "
+        r"every seed at once \d+ us$",
+        stdout,
+        re.MULTILINE,
+    )
+    assert [(int(seeds), int(layers), int(tensors)) for seeds, layers, tensors in rows] == [(4, 3, 24), (64, 20, 2560)]
