@@ -252,7 +252,7 @@ def test_no_secret_in_any_output(
 def test_a_comma_inside_a_value_is_refused_because_the_exporter_splits_there() -> None:
     from opentelemetry.util.re import parse_env_headers
 
-    from tolaria_otel.provider import otlp_headers
+    from tolaria_otel.otel_env import otlp_headers
 
     raw = f"authorization=Basic {HEADER_TOKEN}"
     sent = dict(parse_env_headers(raw, liberal=True))  # what the OTLP exporters would send: the SDK itself

@@ -47,7 +47,7 @@ _EXPORTS = {
     "SERIES_BUDGET": "instruments",
     "SETTINGS_INFO": "instruments",
     "seed_layer_views": "instruments",
-    "ConfigurationError": "provider",
+    "ConfigurationError": "otel_env",
     "configure_meter_provider": "provider",
     "ROOT_LAYER": "seeds",
     "SeedMapping": "seeds",
@@ -93,7 +93,8 @@ if TYPE_CHECKING:
         SETTINGS_INFO,
         seed_layer_views,
     )
-    from .provider import ConfigurationError, configure_meter_provider
+    from .otel_env import ConfigurationError
+    from .provider import configure_meter_provider
     from .seeds import ROOT_LAYER, SeedMapping, SeedSource, StageNames
     from .settings import SeedLayerSettings, SettingsError
     from .summary import EpochSummary, SeedSummary

@@ -14,7 +14,7 @@ would break deployments that work. Instead :func:`install_log_redaction` (called
 libraries under them; it replaces every secret of the environment (in the forms a line may carry it: as
 written, percent-decoded, and each longer run of letters and digits in it) and, whatever the environment,
 any URL's user info and query string, by ``***``. What cannot be sent at all is refused at start instead
-(``provider.environment_problems``): user info or a query string on a gRPC endpoint, a fragment anywhere.
+(``otel_env.environment_problems``): user info or a query string on a gRPC endpoint, a fragment anywhere.
 """
 
 from __future__ import annotations

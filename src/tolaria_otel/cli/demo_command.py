@@ -12,7 +12,8 @@ import os
 import sys
 import urllib.parse
 
-from .. import provider as otel
+from .. import otel_env as otel
+from ..provider import configure_meter_provider, metrics_urls
 from ..redaction import redacted_url
 from ..settings import ENV_ENABLED, ENV_HOST_NORM, SeedLayerSettings, echoed
 from .common import ENDPOINT_VARIABLES, PROG, CommandError, checked, env_value
@@ -55,7 +56,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from .. import demo  # only the command that trains loads the training code
 
     options = demo.DemoOptions(epochs=args.epochs, seeds=args.seeds, seed=args.seed, device=device)
-    provider = checked(lambda: otel.configure_meter_provider(settings))
+    provider = checked(lambda: configure_meter_provider(settings))
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         out = args.output.open("w", encoding="utf-8")
@@ -68,7 +69,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
                 f"{args.seeds} seeds, {args.epochs} epochs x {options.steps} steps on {device}, seed {args.seed}; "
                 f"top {settings.top_k} layers per seed; exporters: {', '.join(exporters) or 'none'}"
             )
-            for url in otel.metrics_urls(provider):
+            for url in metrics_urls(provider):
                 print(f"serving {url} while it trains")
             print(f"summaries: {args.output}")
         if not settings.enabled:

@@ -6,8 +6,9 @@ import importlib.util
 import os
 from collections.abc import Mapping
 
-from .. import provider as otel
-from ..provider import ConfigurationError
+from .. import otel_env as otel
+from ..otel_env import ConfigurationError
+from ..provider import prometheus_reader
 from ..redaction import redacted_url
 from ..settings import ENV_ENABLED, ENV_MAX_SEEDS, SeedLayerSettings, echoed
 from ..volume import trainer_series
@@ -63,7 +64,7 @@ def check_pull_mode(env: Mapping[str, str], in_force: InForce) -> list[str]:
     if importlib.util.find_spec("opentelemetry.exporter.prometheus") is None:
         return []  # reported with the other problems of the environment
     try:
-        reader = otel.prometheus_reader(env)
+        reader = prometheus_reader(env)
     except ConfigurationError as error:
         return [str(error)]
     reader.shutdown()

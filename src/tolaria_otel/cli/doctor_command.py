@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .. import provider as otel
+from .. import otel_env as otel
 from .._version import __version__
 from ..redaction import HEADER_VARIABLES, MASK, redact, redacted_url, secrets_in
 from ..settings import SeedLayerSettings, SettingsError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from .. import provider as otel
+from .. import otel_env as otel
 from ..settings import (
     ENV_COMPACT,
     ENV_ENABLED,

@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
-from .. import provider as otel
+from .. import otel_env as otel
 from ..redaction import redacted_url
 
 #: Seconds to wait for an endpoint's answer: the demo's, and ``doctor --timeout``'s default.
