@@ -734,40 +734,38 @@ def variables() -> list[db.QueryVariable | db.DatasourceVariable]:
             .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
         )
 
+    def any_of(variable: db.QueryVariable, sort: model.VariableSort) -> db.QueryVariable:
+        """A variable that selects several values, All (``.*``) by default."""
+        return (
+            variable.multi(True)
+            .include_all(True)
+            .all_value(ALL)
+            .sort(sort)
+            .current(model.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        )
+
     # An absent env_id (a single trainer that sets none) matches All (.*) too: a regex matcher
     # tests the empty value of a missing label.
-    trainer = (
+    trainer = any_of(
         label_values(TRAINER, TRAINER, f"{{{SEED_FAMILY}}}")
         .label("Trainer")
         .description(
             "Trainers (the env_id attribute of SeedLayerTelemetry) with tolaria series in the "
             "time range; empty for runs that set none, which All still shows."
-        )
-        .multi(True)
-        .include_all(True)
-        .all_value(ALL)
-        .sort(model.VariableSort.NUMERICAL_ASC)
-        .current(model.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        ),
+        model.VariableSort.NUMERICAL_ASC,
     )
-    seed_id = (
+    seed_id = any_of(
         label_values("seed_id", "seed_id", f"{{{SEED_FAMILY}, {TRAINERS}}}")
         .label("Seed")
-        .description("Seeds of the selected trainers with tolaria series in the time range.")
-        .multi(True)
-        .include_all(True)
-        .all_value(ALL)
-        .sort(model.VariableSort.ALPHABETICAL_ASC)
-        .current(model.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        .description("Seeds of the selected trainers with tolaria series in the time range."),
+        model.VariableSort.ALPHABETICAL_ASC,
     )
-    stage = (
+    stage = any_of(
         label_values("stage", "stage", f"{{{SEED_FAMILY}, {SEEDS}}}")
         .label("Stage")
-        .description("Lifecycle stages of the selected seeds in the time range.")
-        .multi(True)
-        .include_all(True)
-        .all_value(ALL)
-        .sort(model.VariableSort.ALPHABETICAL_ASC)
-        .current(model.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        .description("Lifecycle stages of the selected seeds in the time range."),
+        model.VariableSort.ALPHABETICAL_ASC,
     )
     top_k = (
         label_values("top_k", "top_k", f'{SETTINGS_INFO}{{enabled="true", {TRAINERS}}}')

@@ -86,7 +86,12 @@ def test_a_trainer_exports_over_mutual_tls(monkeypatch, pki, store, gateway, pro
     instance = f"mtls-{protocol.split('/')[0]}-{uuid.uuid4().hex[:8]}"
     export_to(env, https(gateway.otlp_endpoints[protocol]), instance, protocol)
     client_tls(env, pki)
-    run = Run(instance, settings=SeedLayerSettings(enabled=True, top_k=2))
+    two_epochs_reach(store, instance, top_k=2)
+
+
+def two_epochs_reach(store: VictoriaMetrics, instance: str, top_k: int) -> None:
+    """A trainer exporting as the environment says: each of two epochs' top-K layers reach the store."""
+    run = Run(instance, settings=SeedLayerSettings(enabled=True, top_k=top_k))
     try:
         for _ in range(2):
             in_store(store, instance, expected_layers(run.epoch()))
@@ -165,12 +170,7 @@ def test_the_agent_forwards_to_the_gateway_over_mutual_tls(monkeypatch, pki, sto
         env = run_env(monkeypatch)
         instance = f"multi-node-{uuid.uuid4().hex[:8]}"
         export_to(env, agent.otlp_endpoints["http/protobuf"], instance)
-        run = Run(instance, settings=SeedLayerSettings(enabled=True, top_k=3))
-        try:
-            for _ in range(2):
-                in_store(store, instance, expected_layers(run.epoch()))
-        finally:
-            run.close()
+        two_epochs_reach(store, instance, top_k=3)
 
 
 # ------------------------------------------------------------------ the variables as each exporter reads them
