@@ -286,3 +286,50 @@ def test_the_clip_benchmark_runs_every_variant() -> None:
     table = report(seeded_mlp_workload(samples=64), rounds=1, epochs=1)
     rows = [line.split("|")[1].strip() for line in table.splitlines()[3:]]
     assert rows == [variant.name for variant in variants()]  # timings are printed, never asserted
+
+
+@pytest.mark.parametrize("kind", ["norm", "value"])
+@pytest.mark.parametrize("where", ["before", "between", "after"])
+def test_a_clip_of_parameters_without_gradient_leaves_the_step_as_measured(where: str, kind: str) -> None:
+    """Esper clips the host and then each slot on its own, a GERMINATED seed (outside the graph, no gradient)
+    included: that clip scales nothing, and the step keeps the norms the others took before they scaled
+    (by value too: each group's clip measures before it, and a gradient keeps the norm measured first)."""
+    model, registry = exploding_network()
+    germinated = model.graft("seed_3")
+    germinated.in_graph = False
+    registry.add("seed-3", germinated, "GERMINATED")
+    host = [param for name, param in model.named_parameters() if not name.startswith("seeds.")]
+    groups = [host] + [list(model.seeds[f"seed_{i}"].parameters()) for i in range(3)]
+    groups.insert({"before": 0, "between": 2, "after": len(groups)}[where], list(germinated.parameters()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
+    reference = PreClipGradients(model, optimizer, registry, CLIP)
+    host_module = nn.ModuleList([model.stem, model.head])  # the host's parameters, for the reference
+    host_reference = PreClipGradients(model, optimizer, lambda: {"host": (host_module, "")}, CLIP)
+    settings = SeedLayerSettings(enabled=True, top_k=3, host_norm=True)
+    telemetry = SeedLayerTelemetry(model, registry, settings=settings, meter_provider=metered(settings)[0])
+    telemetry.attach(optimizer)
+
+    def clip_each_group(params: object, max_norm: float) -> None:
+        for group in groups:
+            if kind == "norm" or group[0].grad is None:  # torch's value clip refuses a group without gradient
+                torch.nn.utils.clip_grad_norm_(group, max_norm)
+            else:
+                torch.nn.utils.clip_grad_value_(group, 1e-3)
+
+    try:
+        train(model, optimizer, clip_each_group)
+        summary = telemetry.end_epoch()
+    finally:
+        telemetry.close()
+    assert summary is not None
+    layers, totals, _, _ = reference.epoch()
+    for seed_id in ("seed-0", "seed-1", "seed-2"):
+        seed = summary.seeds[seed_id]
+        assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5)
+        for layer, value in seed.layer_norms.items():
+            assert value == pytest.approx(layers[seed_id][layer], rel=1e-5)
+    assert summary.seeds["seed-2"].health == "exploding"
+    assert summary.seeds["seed-3"].total_norm is None  # no gradient: not measured, never 0.0
+    assert summary.host_norm == pytest.approx(host_reference.epoch()[1]["host"], rel=1e-5)
+    if kind == "norm":  # the groups with a gradient were scaled (a value clip has no factor)
+        assert summary.clip_steps == summary.clipped_steps == STEPS

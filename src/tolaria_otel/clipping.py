@@ -76,7 +76,7 @@ class ClipListener(Protocol):
         ...
 
     def clip_applied(self, factor: torch.Tensor | None, parameter: torch.Tensor | None) -> None:
-        """The clip scaled (by ``factor`` when known); ``parameter`` is the first it clipped."""
+        """The clip scaled (by ``factor`` when known); ``parameter`` is the first it clipped that has a gradient."""
         ...
 
     def failed(self, where: str) -> None:
@@ -135,15 +135,13 @@ def clip_and_stage(
         if grad is not None:
             ids.append(id(param))
             grads.append(grad)
-    if not grads or float(norm_type) != 2.0 or not _shareable(grads):
-        return _measure_then(  # type: ignore[return-value]  # torch's clip_grad_norm_ returns its total
-            listeners,
-            lambda: original(
-                params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
-            ),
-            max_norm,
-            params,
-        )
+    clip = functools.partial(
+        original, params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
+    )
+    if not grads:  # nothing to scale (Esper clips a GERMINATED seed, outside the graph): the step stays as staged
+        return clip()  # type: ignore[no-any-return]  # torch's clip_grad_norm_ returns its total
+    if float(norm_type) != 2.0 or not _shareable(grads):
+        return _measure_then(listeners, clip, max_norm, params)  # type: ignore[return-value]
     norms, order = l2_norms(grads, foreach)
     first_device = grads[0].device
     total: torch.Tensor = torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in norms]), 2.0)
@@ -158,8 +156,9 @@ def clip_and_stage(
     for listener in listeners:
         _safely(listener, "clip", functools.partial(listener.stage_clip, by_id, factor))
     _scale(grads, factor, foreach)
+    first = next(param for param in params if param.grad is not None)
     for listener in listeners:
-        _safely(listener, "clip", functools.partial(listener.clip_applied, None, params[0]))
+        _safely(listener, "clip", functools.partial(listener.clip_applied, None, first))
     return total
 
 
@@ -192,7 +191,12 @@ def _measure_then(
     max_norm: float | None,
     params: list[torch.Tensor],
 ) -> torch.Tensor | None:
-    """A clip whose norms cannot be shared: measure before it, run it, then note its factor (norm clips)."""
+    """A clip whose norms cannot be shared: measure before it, run it, then note its factor (norm clips).
+
+    A clip of parameters none of which has a gradient scales nothing: it is only run."""
+    first = next((param for param in params if param.grad is not None), None)
+    if first is None:
+        return clip()
     for listener in listeners:
         _safely(listener, "clip", listener.measure_before_clip)
     total = clip()
@@ -200,7 +204,7 @@ def _measure_then(
     if max_norm is not None and type(total) is torch.Tensor:
         factor = torch.clamp(float(max_norm) / (total.detach() + CLIP_EPSILON), max=1.0)
     for listener in listeners:
-        _safely(listener, "clip", functools.partial(listener.clip_applied, factor, params[0] if params else None))
+        _safely(listener, "clip", functools.partial(listener.clip_applied, factor, first))
     return total
 
 

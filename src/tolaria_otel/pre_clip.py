@@ -169,10 +169,11 @@ class PreClipStep:
         if self.waiting and not self.fresh():
             self.clear()
         if norms:
-            if self.norms is None:
-                self.norms = norms  # the caller's fresh dict: no copy on the step path
-            else:
-                self.norms.update(norms)
+            if self.norms is not None:
+                # A gradient keeps the norm first staged for it: a later measurement of the same step (a value
+                # clip's, after another group's clip scaled) may be after a clip.
+                norms.update(self.norms)
+            self.norms = norms  # the caller's fresh dict: no copy on the step path
         if factor is not None:
             self.factors.append(factor)
 
