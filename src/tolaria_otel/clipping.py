@@ -139,7 +139,7 @@ def clip_and_stage(
         original, params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
     )
     if not grads:  # nothing to scale (Esper clips a GERMINATED seed, outside the graph): the step stays as staged
-        return clip()  # type: ignore[no-any-return]  # torch's clip_grad_norm_ returns its total
+        return clip()  # torch's clip_grad_norm_ returns its total
     if float(norm_type) != 2.0 or not _shareable(grads):
         return _measure_then(listeners, clip, max_norm, params)  # type: ignore[return-value]
     norms, order = l2_norms(grads, foreach)
