@@ -1,6 +1,6 @@
 """The build step pyproject.toml cannot declare: copy the files around the package into the wheel.
 
-``tolaria_otel.assets.SOURCES`` (collector configs, alert rules, dashboards, docs) live at the
+``tolaria_otel.cli.assets.SOURCES`` (collector configs, alert rules, dashboards, docs) live at the
 repository root, where the tests, the stack and the README use them; the wheel carries a copy under
 ``tolaria_otel/_assets`` for ``tolaria-otel assets DIR``. MANIFEST.in puts them in the sdist, so a
 wheel built from the sdist has them too. Everything else is in pyproject.toml.
@@ -14,7 +14,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("_tolaria_assets", ROOT / "src" / "tolaria_otel" / "assets.py")
+_spec = importlib.util.spec_from_file_location("_tolaria_assets", ROOT / "src" / "tolaria_otel" / "cli" / "assets.py")
 assets = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(assets)
 

@@ -14,8 +14,8 @@ import argparse
 from dataclasses import dataclass
 
 from tolaria_otel import SeedLayerSettings
-from tolaria_otel.settings import STEP_NORM_HISTOGRAMS
-from tolaria_otel.volume import trainer_series
+from tolaria_otel.config.histogram import STEP_NORM_HISTOGRAMS
+from tolaria_otel.export.volume import trainer_series
 
 #: OTEL_METRIC_EXPORT_INTERVAL: the SDK's default (60 s) and the runbook's recommendation (15 s).
 INTERVALS_S = (60, 15)

@@ -26,7 +26,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from benchmarks.overhead import Run, Telemetry, Variant, Workload, deep_workload, measure, seeded_mlp_workload
 from tolaria_otel import SeedLayerTelemetry, seed_layer_views
-from tolaria_otel.seeded_mlp import SeedRegistry
+from tolaria_otel.demo.seeded_mlp import SeedRegistry
 
 CLIP = 1.0
 

@@ -155,7 +155,7 @@ def device_move_check(device: str) -> str:
     import torch
 
     from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
-    from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+    from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 
     torch.manual_seed(0)
     model, registry = SeededMLP(), SeedRegistry()

@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
-from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -893,7 +893,7 @@ def lightning_report(samples: int, batch: int, seeds: int, rounds: int, epochs: 
         import lightning.pytorch as pl
         from lightning.pytorch.utilities import grad_norm
 
-        from tolaria_otel.lightning import SeedLayerCallback
+        from tolaria_otel.integrations.lightning import SeedLayerCallback
     except Exception as error:  # noqa: BLE001 - reported instead of the table
         return f"### Workload (d), a Lightning fit: not run: {type(error).__name__}: {error} ({PEER_INSTALL})\n"
     import logging

@@ -10,7 +10,7 @@ import time
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
-from tolaria_otel.seed_tracker import PARAMETER_CHECK_EVERY, seeds_with_new_parameters
+from tolaria_otel.measure.seed_tracker import PARAMETER_CHECK_EVERY, seeds_with_new_parameters
 
 
 def _median(times: list[float]) -> float:

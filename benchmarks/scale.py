@@ -34,7 +34,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
-from tolaria_otel.norms import FLUSH_EVERY
+from tolaria_otel.measure.step_norms import FLUSH_EVERY
 
 SETTINGS = SeedLayerSettings(enabled=True)
 #: (seeds, layers per seed): the work-package's size up to 10,240 gradient tensors, and one-layer seeds.

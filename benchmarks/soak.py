@@ -27,7 +27,7 @@ from opentelemetry.sdk.metrics.export import DataPointT, InMemoryMetricReader
 from opentelemetry.util.types import AnyValue
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
-from tolaria_otel.instruments import SEED_STEP_NORM
+from tolaria_otel.export.instruments import SEED_STEP_NORM
 
 STAGES = ["SEED_STAGE_GERMINATED", "SEED_STAGE_TRAINING", "SEED_STAGE_BLENDING", "SEED_STAGE_FOSSILIZED"]
 

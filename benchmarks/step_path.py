@@ -21,8 +21,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
-from tolaria_otel.optimizer_hooks import _StepHook
-from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+from tolaria_otel.capture.optimizer_hooks import _StepHook
+from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 
 SETTINGS = SeedLayerSettings(enabled=True)
 

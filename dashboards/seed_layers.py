@@ -21,7 +21,7 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from tolaria_otel.health import SPIKE_ABOVE
+from tolaria_otel.summary.health import SPIKE_ABOVE
 
 # The SDK needs Python 3.11: its enums are StrEnum. mypy checks at the package's 3.10, where StrEnum is unknown and the
 # members read as plain str, so each enum argument below carries an ignore; unused ignores are errors, so the check
@@ -45,7 +45,7 @@ DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 #       VANISHING_EXEMPT_STAGES (with or without the SEED_STAGE_ prefix)
 #   TolariaSeedNotMeasured:            tolaria_grad_agg_seed_not_measured == 1 for NOT_MEASURED_FOR, outside the
 #       same stages
-#   TolariaSeedGradientSpike:          a seed's norm_max / norm > SPIKE_ABOVE (tolaria_otel.health's, the in-process
+#   TolariaSeedGradientSpike:          a seed's norm_max / norm > SPIKE_ABOVE (summary.health's, the in-process
 #       health state "exploding"), the step > EXPLODING_RELATIVE_FLOOR, for SPIKE_FOR
 #   TolariaSeedGradientNoisy:          p99 of a seed's per-step norm over NOISY_WINDOW at least NOISY_DECADES decade
 #       buckets above p50 (so above NOISY_FACTOR x p50), with at least NOISY_MIN_STEPS steps in the window and

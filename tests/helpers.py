@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
-from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 
 
 def metered(settings: SeedLayerSettings) -> tuple[MeterProvider, InMemoryMetricReader]:

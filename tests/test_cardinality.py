@@ -7,17 +7,10 @@ import random
 import pytest
 import torch
 
-from tolaria_otel import (
-    LAYER_NONFINITE,
-    LAYER_NORM,
-    SEED_NORM,
-    SERIES_BUDGET,
-    SeedLayerSettings,
-    SeedLayerTelemetry,
-    instruments,
-)
-from tolaria_otel.instruments import LAYER_NORM_MAX, SEED_STEP_NORM
-from tolaria_otel.settings import ENV_MAX_SEEDS, ENV_TOP_K, SettingsError
+from tolaria_otel import LAYER_NONFINITE, LAYER_NORM, SEED_NORM, SERIES_BUDGET, SeedLayerSettings, SeedLayerTelemetry
+from tolaria_otel.config.settings import ENV_MAX_SEEDS, ENV_TOP_K, SettingsError
+from tolaria_otel.export import instruments
+from tolaria_otel.export.instruments import LAYER_NORM_MAX, SEED_STEP_NORM
 
 from .helpers import collect, layer_points, sdk_attribute_sets, telemetry_for
 

@@ -31,10 +31,11 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from devtools.stack import QuietHandler, http_server
-from tolaria_otel import LAYER_NORM, SEED_NORM, SeedLayerSettings, SettingsError, settings
+from tolaria_otel import LAYER_NORM, SEED_NORM, SeedLayerSettings, SettingsError
 from tolaria_otel.cli import main
 from tolaria_otel.cli.doctor_variables import TOLARIA_FIELDS
-from tolaria_otel.volume import trainer_series
+from tolaria_otel.config import settings
+from tolaria_otel.export.volume import trainer_series
 
 SCRIPT = Path(sys.executable).with_name("tolaria-otel")
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry
-from tolaria_otel.seeded_mlp import Seed, SeededMLP, SeedRegistry
+from tolaria_otel.demo.seeded_mlp import Seed, SeededMLP, SeedRegistry
 
 from .framework_reference import PreClipGradients, assert_exploding_seed_epoch
 from .helpers import metered, seeded_network
@@ -243,7 +243,7 @@ def test_an_unreachable_clip_is_named_once(caplog: pytest.LogCaptureFixture) -> 
     model, registry = seeded_network(1)
     settings = ON
     with caplog.at_level(logging.WARNING, logger="tolaria_otel"):
-        from tolaria_otel.clipping import _warned
+        from tolaria_otel.capture.torch_clip import _warned
 
         _warned.clear()
         for _ in range(2):
@@ -255,7 +255,7 @@ def test_an_unreachable_clip_is_named_once(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_clip_facts_are_exported_as_the_trainers_gauges() -> None:
-    from tolaria_otel.instruments import CLIP_STEPS, CLIPPED_STEPS, MIN_CLIP_FACTOR
+    from tolaria_otel.export.instruments import CLIP_STEPS, CLIPPED_STEPS, MIN_CLIP_FACTOR
 
     from .helpers import collect
 

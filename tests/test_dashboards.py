@@ -34,12 +34,12 @@ from matplotlib.image import imread
 
 from dashboards import generate, seed_layers
 from devtools.stack import VictoriaMetrics, backend_binaries, prometheus, victoria_metrics, wait_until
-from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider, health
-from tolaria_otel.instruments import STEP_NORM_BOUNDARIES
-from tolaria_otel.plot import load_summaries, render
-from tolaria_otel.plot import main as plot_main
-from tolaria_otel.seeded_mlp import Seed
-from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
+from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
+from tolaria_otel.cli.plot import load_summaries, render
+from tolaria_otel.cli.plot import main as plot_main
+from tolaria_otel.config.histogram import HISTOGRAM_BOUNDARIES, STEP_NORM_BOUNDARIES
+from tolaria_otel.demo.seeded_mlp import Seed
+from tolaria_otel.summary import health
 
 from .helpers import export_each_flush, seeded_network, train_epoch
 
@@ -831,7 +831,7 @@ def test_thresholds_agree_with_the_alert_rules() -> None:
 
 
 def test_thresholds_agree_with_the_in_process_health_states() -> None:
-    """Tamiyo's health classification (tolaria_otel.health) and the dashboard's thresholds are the same numbers."""
+    """Tamiyo's health classification (summary.health) and the dashboard's thresholds are the same numbers."""
     assert seed_layers.EXPLODING_ABSOLUTE == health.EXPLODING_ABOVE
     assert seed_layers.VANISHING_BELOW == health.VANISHING_BELOW
     # The dashboard module's own binding: it imports health's without re-exporting it (no __all__).

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from tolaria_otel import LAYER_NORM, SeedLayerSettings
-from tolaria_otel.health import EXPLODING_ABOVE, VANISHING_BELOW
-from tolaria_otel.instruments import HOST_NORM, LAYER_NORM_MAX, SEED_HOST_RATIO, SEED_NORM_MAX, SEED_STEP_NORM
-from tolaria_otel.norms import FLUSH_EVERY
-from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
-from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
+from tolaria_otel.config.histogram import HISTOGRAM_BOUNDARIES
+from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
+from tolaria_otel.export.instruments import HOST_NORM, LAYER_NORM_MAX, SEED_HOST_RATIO, SEED_NORM_MAX, SEED_STEP_NORM
+from tolaria_otel.measure.step_norms import FLUSH_EVERY
+from tolaria_otel.summary.health import EXPLODING_ABOVE, VANISHING_BELOW
 
 from .helpers import collect, telemetry_for
 
@@ -175,7 +175,7 @@ def test_recording_counts_equals_recording_each_value_in_every_reader(monkeypatc
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from tolaria_otel import sdk_state
+    from tolaria_otel.export import sdk_state
 
     if not fast:  # an SDK whose internals are not the known ones: one record() per value
         monkeypatch.setattr(sdk_state, "_add_to_buckets", lambda *args: False)

@@ -28,15 +28,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tolaria_otel import LAYER_NORM, SeedLayerSettings, SeedLayerTelemetry, SettingsError, configure_meter_provider
-from tolaria_otel.distributed import (
-    RANK_ATTRIBUTE,
-    WORLD_SIZE_ATTRIBUTE,
-    SlotLayout,
-    distributed_resource,
-    process_group,
-)
-from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
-from tolaria_otel.settings import ENV_EXPORT_RANK
+from tolaria_otel.config.settings import ENV_EXPORT_RANK
+from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
+from tolaria_otel.export.resource import RANK_ATTRIBUTE, WORLD_SIZE_ATTRIBUTE, distributed_resource, process_group
+from tolaria_otel.reduce.ranks import SlotLayout
 
 from .helpers import ReferenceNorms, collect, seeded_network, telemetry_for
 
@@ -603,7 +598,7 @@ def _scale_rank(rank: int, world: int, kinds: list[str]) -> dict[str, Any]:
 
 def assert_equals_reference(summary: dict, squares: dict[str, dict[str, list[float]]]) -> None:
     """The epoch's summary against float64 per-step squares of the global gradients."""
-    from tolaria_otel.summary import HISTOGRAM_BOUNDARIES
+    from tolaria_otel.config.histogram import HISTOGRAM_BOUNDARIES
 
     for seed in summary["seeds"]:
         layers = squares[seed["seed_id"]]

@@ -1,4 +1,4 @@
-"""tolaria_otel.lightning against a real Lightning fit: gradient accumulation, bf16-mixed, clipping,
+"""tolaria_otel.integrations.lightning against a real Lightning fit: gradient accumulation, bf16-mixed, clipping,
 seeds that come and go, checked against the gradients backprop produced before the clip (float64 copies)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
 from tolaria_otel import LAYER_NORM, EpochSummary, SeedLayerSettings, SeedLayerTelemetry
-from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 
 from .framework_reference import AppliedGradients, PreClipGradients, assert_exploding_seed_epoch
 from .helpers import collect, expected_top_k, layer_points, metered
@@ -19,7 +19,7 @@ pytest.importorskip("lightning.pytorch")
 import lightning.pytorch as pl
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from tolaria_otel.lightning import SeedLayerCallback
+from tolaria_otel.integrations.lightning import SeedLayerCallback
 
 ON = SeedLayerSettings(enabled=True, top_k=2)
 ACCUMULATE = 4

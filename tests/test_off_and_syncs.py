@@ -10,7 +10,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
-from tolaria_otel.norms import FLUSH_EVERY
+from tolaria_otel.measure.step_norms import FLUSH_EVERY
 
 from .helpers import collect, metered, seeded_network, train_epoch
 

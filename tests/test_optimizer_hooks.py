@@ -183,7 +183,7 @@ def test_grad_scaler_steps_are_measured_unscaled_and_skipped_steps_not_at_all() 
 
 
 def test_a_framework_optimizer_with_no_torch_optimizer_inside_is_measured_by_the_process_wide_hook() -> None:
-    from tolaria_otel.framework_run import FrameworkRun, RunOptions
+    from tolaria_otel.integrations.framework_run import FrameworkRun, RunOptions
 
     model, registry = seeded_network(1)
     summaries: list[EpochSummary] = []

@@ -10,8 +10,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExpor
 from prometheus_client.parser import text_string_to_metric_families
 
 from tolaria_otel import ConfigurationError, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
-from tolaria_otel.otel_env import exporter_names, otlp_protocol
-from tolaria_otel.prometheus import ServingPrometheusReader
+from tolaria_otel.config.otel_env import exporter_names, otlp_protocol
+from tolaria_otel.export.prometheus_reader import ServingPrometheusReader
 
 ON = SeedLayerSettings(enabled=True)
 

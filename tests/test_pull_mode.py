@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import seeded_network, train_epoch
 from tolaria_otel import ConfigurationError, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
-from tolaria_otel.provider import metrics_urls
+from tolaria_otel.export.provider import metrics_urls
 
 TOP_K = 2
 SEEDS = 4

@@ -252,7 +252,7 @@ def test_no_secret_in_any_output(
 def test_a_comma_inside_a_value_is_refused_because_the_exporter_splits_there() -> None:
     from opentelemetry.util.re import parse_env_headers
 
-    from tolaria_otel.otel_env import otlp_headers
+    from tolaria_otel.config.otel_env import otlp_headers
 
     raw = f"authorization=Basic {HEADER_TOKEN}"
     sent = dict(parse_env_headers(raw, liberal=True))  # what the OTLP exporters would send: the SDK itself
@@ -280,7 +280,7 @@ def test_a_comma_inside_a_value_is_refused_because_the_exporter_splits_there() -
     ],
 )
 def test_a_url_is_shown_without_user_info_query_or_fragment(url: str) -> None:
-    from tolaria_otel.redaction import redacted_url
+    from tolaria_otel.config.redaction import redacted_url
 
     shown = redacted_url(url)
     assert not leaks(shown), shown
@@ -289,7 +289,7 @@ def test_a_url_is_shown_without_user_info_query_or_fragment(url: str) -> None:
 
 def test_a_traceback_logged_by_the_sdk_is_masked_too(caplog: pytest.LogCaptureFixture) -> None:
     """The periodic reader logs an exporter's exception with its traceback, whose text may hold the URL."""
-    from tolaria_otel.redaction import install_log_redaction
+    from tolaria_otel.config.redaction import install_log_redaction
 
     install_log_redaction({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://h:1/v1/metrics?api_key={TOKEN}"})
     logger = logging.getLogger("opentelemetry.sdk.metrics._internal.export")

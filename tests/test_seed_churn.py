@@ -23,7 +23,7 @@ from tolaria_otel import (
     SeedLayerSettings,
     SeedLayerTelemetry,
 )
-from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
+from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 
 from .helpers import collect, expected_top_k, metered, telemetry_for
 
@@ -522,9 +522,9 @@ def test_a_parameter_that_left_its_device_is_detected_before_any_work():
     """The CPU side of following a model to another device (benchmarks/gpu.py checks the CUDA round trip):
     the step path notices the move before touching the old accumulators, and the new layout is keyed
     by device, so the next sampled step measures where the gradients now are."""
-    from tolaria_otel.epoch import segment_key
-    from tolaria_otel.norms import DeviceMoved, StepNorms
-    from tolaria_otel.seeds import read_seeds
+    from tolaria_otel.measure.seeds import read_seeds
+    from tolaria_otel.measure.segment import segment_key
+    from tolaria_otel.measure.step_norms import DeviceMoved, StepNorms
 
     seed = nn.Linear(2, 2)
     squares = StepNorms(list(seed.parameters()), [(0, 0, None), (1, 0, None)], 1, torch.device("cpu"))
@@ -567,7 +567,7 @@ def test_a_seed_culled_mid_epoch_keeps_that_epoch_in_the_summary_and_the_export_
 
 
 def test_a_parameter_replaced_inside_a_seed_is_followed_at_the_next_check_and_the_epoch_flagged_partial():
-    from tolaria_otel.seed_tracker import PARAMETER_CHECK_EVERY
+    from tolaria_otel.measure.seed_tracker import PARAMETER_CHECK_EVERY
 
     torch.manual_seed(0)
     model, registry = SeededMLP(), SeedRegistry()

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from tolaria_otel import SeedLayerSettings, SettingsError
-from tolaria_otel.settings import (
+from tolaria_otel.config.settings import (
     ENV_COMPACT,
     ENV_ENABLED,
     ENV_EXPORT_RANK,

@@ -5,7 +5,7 @@ import math
 import torch
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
-from tolaria_otel.norms import FLUSH_EVERY, LIST_TENSORS_MAX, StepNorms
+from tolaria_otel.measure.step_norms import FLUSH_EVERY, LIST_TENSORS_MAX, StepNorms
 
 from .helpers import ReferenceNorms, seeded_network, train_epoch
 

@@ -15,7 +15,7 @@ from tolaria_otel import (
     SeedLayerSettings,
     SeedLayerTelemetry,
 )
-from tolaria_otel.instruments import SEED_NORM_MAX, SEED_STEP_NORM
+from tolaria_otel.export.instruments import SEED_NORM_MAX, SEED_STEP_NORM
 
 from .helpers import (
     ReferenceNorms,

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedSummary
-from tolaria_otel.norms import FLUSH_EVERY, LIST_TENSORS_MAX
-from tolaria_otel.settings import SettingsError
+from tolaria_otel.config.settings import SettingsError
+from tolaria_otel.measure.step_norms import FLUSH_EVERY, LIST_TENSORS_MAX
 
 from .helpers import telemetry_for
 
@@ -101,7 +101,7 @@ def test_tensor_steps_below_and_above_the_thresholds_equal_a_float64_count(seed_
 
 
 def test_the_summary_dict_carries_the_counts():
-    from tolaria_otel.summary import EpochSummary
+    from tolaria_otel.summary.epoch_summary import EpochSummary
 
     seeds, _ = _run(2, SeedLayerSettings(enabled=True), 3)
     record = EpochSummary(0, 3, 3, seeds).to_dict()["seeds"]

@@ -175,7 +175,7 @@ def test_the_agent_forwards_to_the_gateway_over_mutual_tls(monkeypatch, pki, sto
 
 # ------------------------------------------------------------------ the variables as each exporter reads them
 def test_client_certificate_rules(pki: Pki) -> None:
-    from tolaria_otel.otel_env import ConfigurationError, otlp_client_certificate
+    from tolaria_otel.config.otel_env import ConfigurationError, otlp_client_certificate
 
     pair = {
         "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(pki.client_cert),

@@ -21,7 +21,7 @@ import yaml
 
 from devtools.stack import victoria_metrics
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, SeedSummary, configure_meter_provider
-from tolaria_otel.seeded_mlp import Seed
+from tolaria_otel.demo.seeded_mlp import Seed
 
 from .helpers import export_each_flush, seeded_network, train_epoch
 from .test_dashboards import (

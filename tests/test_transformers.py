@@ -1,4 +1,4 @@
-"""tolaria_otel.transformers against a real Trainer.train(): a tiny randomly initialised BERT (built from
+"""tolaria_otel.integrations.hf_trainer against a real Trainer.train(): a tiny randomly initialised BERT (built from
 its config, nothing downloaded), gradient accumulation, bf16 on the CPU, clipping, a seed arriving
 mid-run; checked against the gradients backprop produced before the Trainer's clip (float64 copies)."""
 
@@ -19,7 +19,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # read when transformers is imported: nothin
 pytest.importorskip("transformers")
 import transformers
 
-from tolaria_otel.transformers import SeedLayerCallback
+from tolaria_otel.integrations.hf_trainer import SeedLayerCallback
 
 ON = SeedLayerSettings(enabled=True, top_k=3)
 ACCUMULATE = 4

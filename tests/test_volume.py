@@ -30,7 +30,7 @@ from devtools.stack import (
     wait_until,
 )
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
-from tolaria_otel.volume import per_seed, trainer_series
+from tolaria_otel.export.volume import per_seed, trainer_series
 
 from .helpers import export_each_flush
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import tomllib  # type: ignore[import-not-found]  # 3.11+; mypy checks at 3.10, the test extra needs 3.11
 
-from tolaria_otel.assets import PACKAGE_FOLDER, asset_files
+from tolaria_otel.cli.assets import PACKAGE_FOLDER, asset_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -286,7 +286,12 @@ def test_oldest_declared_python_installs_and_runs_the_package(dist: tuple[Path, 
     assert _ok(_run([cli, "--version"], tmp_path)).startswith("tolaria-otel ")
     assert _ok(_run([cli, "doctor"], tmp_path)).rstrip().endswith("all is well")
     _ok(_run([cli, "assets", "out"], tmp_path))
-    _ok(_run([str(python), "-c", "import tolaria_otel, tolaria_otel.provider, tolaria_otel.settings"], tmp_path))
+    _ok(
+        _run(
+            [str(python), "-c", "import tolaria_otel, tolaria_otel.export.provider, tolaria_otel.config.settings"],
+            tmp_path,
+        )
+    )
 
 
 def test_demo_needs_no_prometheus_exporter(tmp_path: Path) -> None:

@@ -40,23 +40,23 @@ from ._version import __version__
 
 #: Public name -> the module that defines it, imported on first use (PEP 562).
 _EXPORTS = {
-    "LAYER_NONFINITE": "instruments",
-    "LAYER_NORM": "instruments",
-    "SEED_NORM": "instruments",
-    "SEED_NOT_MEASURED": "instruments",
-    "SERIES_BUDGET": "instruments",
-    "SETTINGS_INFO": "instruments",
-    "seed_layer_views": "instruments",
-    "ConfigurationError": "otel_env",
-    "configure_meter_provider": "provider",
-    "ROOT_LAYER": "seeds",
-    "SeedMapping": "seeds",
-    "SeedSource": "seeds",
-    "StageNames": "seeds",
-    "SeedLayerSettings": "settings",
-    "SettingsError": "settings",
-    "EpochSummary": "summary",
-    "SeedSummary": "summary",
+    "LAYER_NONFINITE": "export.instruments",
+    "LAYER_NORM": "export.instruments",
+    "SEED_NORM": "export.instruments",
+    "SEED_NOT_MEASURED": "export.instruments",
+    "SERIES_BUDGET": "export.instruments",
+    "SETTINGS_INFO": "export.instruments",
+    "seed_layer_views": "export.instruments",
+    "ConfigurationError": "config.otel_env",
+    "configure_meter_provider": "export.provider",
+    "ROOT_LAYER": "measure.seeds",
+    "SeedMapping": "measure.seeds",
+    "SeedSource": "measure.seeds",
+    "StageNames": "measure.seeds",
+    "SeedLayerSettings": "config.settings",
+    "SettingsError": "config.settings",
+    "EpochSummary": "summary.epoch_summary",
+    "SeedSummary": "summary.epoch_summary",
     "SeedLayerTelemetry": "telemetry",
 }
 
@@ -84,7 +84,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .instruments import (
+    from .config.otel_env import ConfigurationError
+    from .config.settings import SeedLayerSettings, SettingsError
+    from .export.instruments import (
         LAYER_NONFINITE,
         LAYER_NORM,
         SEED_NORM,
@@ -93,11 +95,9 @@ if TYPE_CHECKING:
         SETTINGS_INFO,
         seed_layer_views,
     )
-    from .otel_env import ConfigurationError
-    from .provider import configure_meter_provider
-    from .seeds import ROOT_LAYER, SeedMapping, SeedSource, StageNames
-    from .settings import SeedLayerSettings, SettingsError
-    from .summary import EpochSummary, SeedSummary
+    from .export.provider import configure_meter_provider
+    from .measure.seeds import ROOT_LAYER, SeedMapping, SeedSource, StageNames
+    from .summary.epoch_summary import EpochSummary, SeedSummary
     from .telemetry import SeedLayerTelemetry
 
 

@@ -1,45 +1,8 @@
-"""Lightning integration: ``Trainer(callbacks=[SeedLayerCallback(seeds)])``.
+"""The import path of the Lightning callback (``from tolaria_otel.lightning import SeedLayerCallback``).
 
-Needs ``lightning`` (extra ``tolaria-otel[lightning]``). The callback makes a
-:class:`~tolaria_otel.SeedLayerTelemetry` for the ``LightningModule`` at the start of each ``fit``,
-measures every optimizer step, summarises at each training epoch end (or every ``every_n_steps``
-optimizer steps) and closes at the end of ``fit``, or when it fails.
-
-What is measured, and when: the gradient before clipping, as ``lightning.pytorch.utilities.grad_norm``
-sees it. Lightning runs the last micro-batch's backward inside ``optimizer.step(closure)``, unscales
-(``16-mixed``), calls ``on_before_optimizer_step``, then clips (``gradient_clip_val``, by norm or by
-value) and updates. The callback takes the step's norms in ``on_before_optimizer_step``, with
-``accumulate_grad_batches`` micro-batches summed, and the optimizer's step post-hook commits them:
-a step that ``16-mixed`` skips for inf or NaN never reaches the optimizer and is not counted. A clip
-by norm is reported on its own (``EpochSummary.clipped_steps``, ``min_clip_factor``). Under
-DeepSpeed, which clips inside its engine, the values are after clipping, and a warning says so.
+The code is in ``tolaria_otel.integrations.lightning``.
 """
 
-from __future__ import annotations
+from .integrations.lightning import SeedLayerCallback
 
-import lightning.pytorch as pl
-
-from .framework_run import FrameworkCallback
-
-
-class SeedLayerCallback(FrameworkCallback, pl.Callback):
-    """Per-seed, per-layer gradient summaries of a Lightning ``fit``.
-
-    ``seeds`` and the keywords: see :class:`~tolaria_otel.framework_run.FrameworkCallback`.
-    """
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        deepspeed = type(trainer.strategy).__name__.startswith("DeepSpeed")
-        self._start_run(pl_module, trainer.optimizers, deepspeed=deepspeed)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: object) -> None:
-        self._before_clip()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._end_epoch()
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_run()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close_run()
+__all__ = ["SeedLayerCallback"]

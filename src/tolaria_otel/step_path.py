@@ -17,40 +17,19 @@ from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
-from .distributed import RankReduction
-from .epoch import EpochSums, fold
+from .capture.sampling import Sampling
+from .capture.staged_step import PreClipListener
 from .failures import FailureLog
-from .norms import FLUSH_EVERY, DeviceMoved
-from .pre_clip import PreClipListener
-from .seed_tracker import SeedTracker
+from .measure.seed_tracker import SeedTracker
+from .measure.step_norms import FLUSH_EVERY, DeviceMoved
+from .reduce.fold import EpochSums, fold
+from .reduce.ranks import RankReduction
 
 _logger = logging.getLogger("tolaria_otel.telemetry")  # the telemetry's warnings, under the name users filter on
 
 #: The epoch as the summary reads it: its sums, every seed listed at some sampled step with its last
 #: stage, and the seeds gone before its end.
 FoldedEpoch = tuple[EpochSums, Mapping[str, str], Collection[str]]
-
-
-class Sampling:
-    """Which optimizer steps are measured: one in every ``sample_every``, the first one included.
-
-    Apart from the step path because the clip asks too: only a clip before a sampled step is taken.
-    """
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-        self._countdown = 1  # steps until the next sampled one
-
-    def next_is_sampled(self) -> bool:
-        return self._countdown == 1
-
-    def count(self) -> bool:
-        """Count an optimizer step; True when it is a sampled one."""
-        self._countdown -= 1
-        if self._countdown:
-            return False
-        self._countdown = self.every
-        return True
 
 
 class StepPath:

@@ -22,18 +22,19 @@ from opentelemetry.metrics import MeterProvider
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .clipping import clip_and_stage
-from .distributed import RankReduction
+from .capture.optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
+from .capture.sampling import Sampling
+from .capture.staged_step import PreClipListener
+from .capture.torch_clip import clip_and_stage
+from .config.settings import SeedLayerSettings
+from .export.instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .failures import FailureLog
-from .instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
-from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
-from .pre_clip import PreClipListener
-from .seed_tracker import SeedTracker
-from .seeds import SeedSource, StageNames
-from .settings import SeedLayerSettings
-from .step_path import Sampling, StepPath
-from .summarise import summarise
-from .summary import EpochSummary
+from .measure.seed_tracker import SeedTracker
+from .measure.seeds import SeedSource, StageNames
+from .reduce.ranks import RankReduction
+from .step_path import StepPath
+from .summary.epoch_summary import EpochSummary
+from .summary.from_sums import summarise
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from .._version import __version__
-from ..redaction import redact, secrets_in
-from ..settings import ENV_ENABLED, ENV_HOST_NORM, ENV_TOP_K, MAX_SEEDS_MAX, TOP_K_MAX, echoed
+from ..config.redaction import redact, secrets_in
+from ..config.settings import ENV_ENABLED, ENV_HOST_NORM, ENV_TOP_K, MAX_SEEDS_MAX, TOP_K_MAX, echoed
 from .assets_command import run_assets_command
 from .common import PROG, CommandError
 from .demo_command import run_demo_command

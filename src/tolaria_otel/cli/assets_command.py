@@ -8,7 +8,7 @@ from .common import CommandError
 
 
 def run_assets_command(args: argparse.Namespace) -> int:
-    from ..assets import AssetsError, write_assets
+    from .assets import AssetsError, write_assets
 
     try:
         written = write_assets(args.folder, force=args.force)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from .. import otel_env as otel
-from ..otel_env import ConfigurationError
+from ..config import otel_env as otel
+from ..config.otel_env import ConfigurationError
 
 T = TypeVar("T")
 

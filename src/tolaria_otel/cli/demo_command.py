@@ -12,10 +12,10 @@ import os
 import sys
 import urllib.parse
 
-from .. import otel_env as otel
-from ..provider import configure_meter_provider, metrics_urls
-from ..redaction import redacted_url
-from ..settings import ENV_ENABLED, ENV_HOST_NORM, SeedLayerSettings, echoed
+from ..config import otel_env as otel
+from ..config.redaction import redacted_url
+from ..config.settings import ENV_ENABLED, ENV_HOST_NORM, SeedLayerSettings, echoed
+from ..export.provider import configure_meter_provider, metrics_urls
 from .common import ENDPOINT_VARIABLES, PROG, CommandError, checked, env_value
 from .otlp_probe import PROBE_TIMEOUT_S, probe_otlp
 
@@ -53,7 +53,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
             "the demo's progress display needs rich: pip install 'tolaria-otel[demo]' (or run with --quiet)"
         )
 
-    from .. import demo  # only the command that trains loads the training code
+    from ..demo import run as demo  # only the command that trains loads the training code
 
     options = demo.DemoOptions(epochs=args.epochs, seeds=args.seeds, seed=args.seed, device=device)
     provider = checked(lambda: configure_meter_provider(settings))

@@ -6,12 +6,12 @@ import importlib.util
 import os
 from collections.abc import Mapping
 
-from .. import otel_env as otel
-from ..otel_env import ConfigurationError
-from ..provider import prometheus_reader
-from ..redaction import redacted_url
-from ..settings import ENV_ENABLED, ENV_MAX_SEEDS, SeedLayerSettings, echoed
-from ..volume import trainer_series
+from ..config import otel_env as otel
+from ..config.otel_env import ConfigurationError
+from ..config.redaction import redacted_url
+from ..config.settings import ENV_ENABLED, ENV_MAX_SEEDS, SeedLayerSettings, echoed
+from ..export.provider import prometheus_reader
+from ..export.volume import trainer_series
 from .common import env_value, or_none
 from .doctor_variables import CLIENT_TLS_VARIABLES, InForce
 from .otlp_probe import probe_otlp

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from .. import otel_env as otel
-from ..settings import (
+from ..config import otel_env as otel
+from ..config.settings import (
     ENV_COMPACT,
     ENV_ENABLED,
     ENV_EXPORT_RANK,

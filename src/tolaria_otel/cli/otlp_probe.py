@@ -13,8 +13,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
-from .. import otel_env as otel
-from ..redaction import redacted_url
+from ..config import otel_env as otel
+from ..config.redaction import redacted_url
 
 #: Seconds to wait for an endpoint's answer: the demo's, and ``doctor --timeout``'s default.
 PROBE_TIMEOUT_S = 2.0

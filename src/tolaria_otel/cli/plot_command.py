@@ -9,7 +9,7 @@ from .common import CommandError
 
 def run_plot_command(args: argparse.Namespace) -> int:
     try:
-        from ..plot import render
+        from .plot import render
 
         print(render(args.summaries, args.output or args.summaries.with_suffix(".png")))
     except (OSError, ValueError, ImportError) as error:

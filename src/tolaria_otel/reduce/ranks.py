@@ -30,35 +30,25 @@ import logging
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .epoch import (
+from ..config.settings import ENV_EXPORT_RANK, SettingsError
+from ..measure.segment import (
     COLUMNS,
     TOTAL,
-    EpochSums,
-    HostFacts,
     Segment,
     Slot,
     bucket_bounds,
-    epoch_sums,
-    fold_statistics,
-    host_facts,
     slot_statistics,
     statistics_length,
     tensor_counts_length,
 )
-from .norms import TENSOR_COUNTS
-from .settings import ENV_EXPORT_RANK, SettingsError
+from ..measure.step_norms import TENSOR_COUNTS
+from .fold import EpochSums, HostFacts, epoch_sums, fold_statistics, host_facts
 
-if TYPE_CHECKING:
-    from opentelemetry.sdk.resources import Resource
-
-#: Resource attributes (no semantic convention names the rank; these follow ``torch.distributed``'s own API).
-RANK_ATTRIBUTE = "torch.distributed.rank"
-WORLD_SIZE_ATTRIBUTE = "torch.distributed.world_size"
 #: What one rank holds: the slots it measured this epoch, the stages of the seeds listed in it (and
 #: whether each is still listed at its end),
 #: its slots holding a DTensor shard, and its sampled steps when it has one (the rows reduced for them).
@@ -75,19 +65,6 @@ def process_group() -> tuple[int, int] | None:
     if not (dist.is_available() and dist.is_initialized()):
         return None
     return dist.get_rank(), dist.get_world_size()
-
-
-def distributed_resource() -> Resource:
-    """The rank and world size as resource attributes; empty when ``torch.distributed`` is not in use.
-
-    Resource, not point, attributes: the points of one run must not multiply by the world size.
-    """
-    from opentelemetry.sdk.resources import Resource  # the SDK, only where a provider is configured
-
-    group = process_group()
-    if group is None:
-        return Resource.get_empty()
-    return Resource({RANK_ATTRIBUTE: group[0], WORLD_SIZE_ATTRIBUTE: group[1]})
 
 
 @dataclass(frozen=True)

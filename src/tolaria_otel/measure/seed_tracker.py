@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
-from .epoch import Segment, SegmentKey, module_parameters, segment_key
-from .failures import FailureLog
+from ..config.settings import SeedLayerSettings
+from ..failures import FailureLog
 from .seeds import SeedSource, SeedView, StageNames, read_seeds, stage_name, validate_seeds
-from .settings import SeedLayerSettings
+from .segment import Segment, SegmentKey, module_parameters, segment_key
 
 _logger = logging.getLogger("tolaria_otel.telemetry")  # the telemetry's warnings, under the name users filter on
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .gradients import GradientHolder
-from .norm_groups import NormGroup, norm_groups
-from .settings import TENSOR_EXPLODING_ABOVE, TENSOR_VANISHING_BELOW
+from ..config.settings import TENSOR_EXPLODING_ABOVE, TENSOR_VANISHING_BELOW
+from .foreach_norms import NormGroup, norm_groups
+from .local_gradients import GradientHolder
 
 #: Sampled steps whose norms wait on the device before they are batched into slot rows: the step
 #: path then costs one foreach op per step (two above LIST_TENSORS_MAX) plus 1/64 of the batch.

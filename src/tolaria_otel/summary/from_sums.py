@@ -9,9 +9,10 @@ import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from .epoch import HOST, TOTAL, EpochSums
+from ..measure.segment import HOST, TOTAL
+from ..reduce.fold import EpochSums
+from .epoch_summary import EpochSummary, SeedSummary
 from .health import classify
-from .summary import EpochSummary, SeedSummary
 from .topk import top_k
 
 

@@ -17,11 +17,11 @@ from opentelemetry.metrics import MeterProvider
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
-from .seeds import SeedSource, StageNames
-from .settings import SeedLayerSettings
-from .summary import EpochSummary
-from .telemetry import SeedLayerTelemetry
+from ..capture.optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_optimizer
+from ..config.settings import SeedLayerSettings
+from ..measure.seeds import SeedSource, StageNames
+from ..summary.epoch_summary import EpochSummary
+from ..telemetry import SeedLayerTelemetry
 
 
 @dataclass(frozen=True)

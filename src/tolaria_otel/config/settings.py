@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .histogram import STEP_NORM_HISTOGRAMS
+
 #: Switches the feature on. Off (the default) means no hooks, buffers, instruments or points.
 ENV_ENABLED = "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED"
 #: How many layers per seed are kept each epoch (largest gradient norm first).
@@ -45,8 +47,6 @@ _BOOL_ACCEPTED = "one of 1/true/t/yes/y/on or 0/false/f/no/n/off (any case)"
 #: has, and the streams are sized from top_k and TOLARIA_SEED_LAYER_MAX_SEEDS, so nothing is cut for it.
 TOP_K_MAX = 1_000_000
 MAX_SEEDS_MAX = 1_000_000
-#: The histogram resolutions (summary.HISTOGRAM_BOUNDARIES is "fine"; instruments.py has the boundaries).
-STEP_NORM_HISTOGRAMS = ("coarse", "fine", "off")
 SAMPLE_EVERY_MAX = 1_000_000
 #: Checked against the real world size when the telemetry starts under torch.distributed.
 EXPORT_RANK_MAX = 1_000_000

@@ -24,8 +24,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
-from .instruments import seed_layer_views
-from .otel_env import (
+from ..config.otel_env import (
     DEFAULT_SERVICE_NAME,
     ENV_EXPORTER,
     ENV_PROMETHEUS_HOST,
@@ -38,8 +37,10 @@ from .otel_env import (
     prometheus_address,
     sdk_disabled,
 )
-from .redaction import install_log_redaction
-from .settings import SeedLayerSettings, echoed
+from ..config.redaction import install_log_redaction
+from ..config.settings import SeedLayerSettings, echoed
+from .instruments import seed_layer_views
+from .resource import distributed_resource, process_group
 
 if TYPE_CHECKING:
     import requests
@@ -65,7 +66,7 @@ def configure_meter_provider(
     tests, say). The caller owns the result: call ``shutdown()`` on it at the end of training, so
     the last epoch is exported. Without ``resource``, the resource is the SDK's (``OTEL_SERVICE_NAME``,
     ``OTEL_RESOURCE_ATTRIBUTES``) plus, once ``torch.distributed`` is initialised, the rank and world
-    size (:func:`tolaria_otel.distributed.distributed_resource`): build the provider after
+    size (:func:`tolaria_otel.export.resource.distributed_resource`): build the provider after
     ``init_process_group``. Raises :class:`ConfigurationError` for the first problem
     :func:`environment_problems` finds.
     """
@@ -82,7 +83,7 @@ def configure_meter_provider(
         resource = Resource.create()
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-        resource = resource.merge(_distributed_resource())  # rank and world size under torch.distributed
+        resource = resource.merge(distributed_resource())  # rank and world size under torch.distributed
     all_readers = [*_readers_from_env(settings), *readers]
     provider = MeterProvider(metric_readers=all_readers, resource=resource, views=views)
     _readers_made[provider] = all_readers
@@ -95,7 +96,7 @@ def metrics_urls(provider: MeterProvider) -> list[str]:
 
     Without the optional Prometheus exporter installed there is no pull-mode reader, and this imports nothing.
     """
-    pull_mode = sys.modules.get(f"{__package__}.prometheus")  # loaded by any pull-mode reader ever made
+    pull_mode = sys.modules.get(f"{__package__}.prometheus_reader")  # loaded by any pull-mode reader ever made
     if pull_mode is None:
         return []
     return [
@@ -109,7 +110,7 @@ def prometheus_reader(environ: Environ | None = None) -> MetricReader:
     """A serving pull-mode reader at :func:`prometheus_address`; the caller shuts it down."""
     host, port = prometheus_address(environ)
     try:
-        from .prometheus import ServingPrometheusReader
+        from .prometheus_reader import ServingPrometheusReader
     except ImportError as error:
         raise ConfigurationError(
             f"{ENV_EXPORTER}=prometheus needs the exporter package: pip install 'tolaria-otel[prometheus]' ({error})"
@@ -162,25 +163,6 @@ def _check_arguments(settings: object, resource: object, readers: object) -> Non
             )
 
 
-def _process_group() -> tuple[int, int] | None:
-    """``(rank, world_size)`` under torch.distributed. A process group needs torch.distributed imported
-    by the application first, so without it there is none, and this module never imports torch (the
-    command line stays fast)."""
-    if "torch.distributed" not in sys.modules:
-        return None
-    from .distributed import process_group
-
-    return process_group()
-
-
-def _distributed_resource() -> Resource:
-    if _process_group() is None:
-        return Resource.get_empty()
-    from .distributed import distributed_resource
-
-    return distributed_resource()
-
-
 def _readers_from_env(settings: SeedLayerSettings) -> list[MetricReader]:
     builders: dict[str, Callable[[], MetricReader]] = {
         "otlp": lambda: PeriodicExportingMetricReader(_otlp_exporter()),
@@ -188,7 +170,7 @@ def _readers_from_env(settings: SeedLayerSettings) -> list[MetricReader]:
         "prometheus": prometheus_reader,
     }
     names = exporter_names()
-    group = _process_group()
+    group = process_group()
     if group is not None and group[0] != settings.export_rank and "prometheus" in names:
         # Only the export rank has points to serve, and the ranks of a node would all bind one port.
         names.remove("prometheus")

@@ -7,11 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Upper bounds of the per-step seed norm histogram's buckets: four per decade from 1e-8 to 1e4, plus
-#: one bucket above. Log-spaced because gradient norms span orders of magnitude; fixed so that every
-#: trainer's buckets line up in Prometheus and a quantile can aggregate across them.
-HISTOGRAM_BOUNDARIES: tuple[float, ...] = tuple(10.0 ** (k / 4) for k in range(-32, 17))
-
 
 @dataclass(frozen=True)
 class SeedSummary:

@@ -28,10 +28,10 @@ import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from torch import nn
 
+from ..config.settings import SeedLayerSettings
+from ..summary.epoch_summary import EpochSummary
+from ..telemetry import SeedLayerTelemetry
 from .seeded_mlp import ScriptedLifecycle, Seed, SeededMLP, SeedRegistry
-from .settings import SeedLayerSettings
-from .summary import EpochSummary
-from .telemetry import SeedLayerTelemetry
 
 IN_FEATURES = 32
 CLASSES = 10

@@ -17,12 +17,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .clipping import attach_clip_patch, l2_norms, warn_unreachable_clip
-from .epoch import Segment
-from .failures import FailureLog
-from .norms import FLUSH_EVERY
-from .seed_tracker import SeedTracker
-from .summary import EpochSummary
+from ..failures import FailureLog
+from ..measure.seed_tracker import SeedTracker
+from ..measure.segment import Segment
+from ..measure.step_norms import FLUSH_EVERY
+from ..summary.epoch_summary import EpochSummary
+from .torch_clip import attach_clip_patch, l2_norms, warn_unreachable_clip
 
 
 class PreClipListener:

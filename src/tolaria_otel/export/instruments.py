@@ -20,7 +20,7 @@ Volume is bounded by the settings: a trainer exports at most ``TOLARIA_SEED_LAYE
 (the first by seed id; it warns once when it leaves some out), and the views size every stream's
 cardinality limit for that many seeds at ``top_k`` layers, current and previous snapshot together, so
 the SDK never folds a point into its overflow series. The per-step seed norm histogram is counted on
-the device in the fine buckets of ``summary.HISTOGRAM_BOUNDARIES`` and exported in the buckets
+the device in the fine buckets of ``config.histogram.HISTOGRAM_BOUNDARIES`` and exported in the buckets
 ``TOLARIA_SEED_STEP_NORM_HISTOGRAM`` chooses (a subset of the fine bounds, so every exported bucket
 count is exact). ``volume.trainer_series`` counts what all this costs in a store.
 """
@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import Asynchronous, CallbackOptions, Histogram, MeterProvider, ObservableGauge, Observation
 
-from ._version import __version__
+from .._version import __version__
+from ..config.histogram import BUCKET_VALUES, STEP_NORM_BOUNDARIES
+from ..config.settings import ENV_MAX_SEEDS, SeedLayerSettings
+from ..summary.epoch_summary import EpochSummary
 from .sdk_state import record_counts, release_idle_attribute_sets
-from .settings import ENV_MAX_SEEDS, SeedLayerSettings
-from .summary import HISTOGRAM_BOUNDARIES, EpochSummary
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.view import View
@@ -69,14 +70,6 @@ SEED_ATTRIBUTES = frozenset({"seed_id", "stage"})
 SETTINGS_ATTRIBUTES = frozenset({"enabled", "top_k", "compact", "sample_every"})
 #: Attribute keys a trainer identity may not use: they are the points' own.
 RESERVED_ATTRIBUTES = LAYER_ATTRIBUTES | SETTINGS_ATTRIBUTES
-
-#: The exported histogram's bucket bounds per TOLARIA_SEED_STEP_NORM_HISTOGRAM: a subset of the fine bounds the
-#: device counts in (each fine count is recorded at its upper bound, so a coarse bucket's count is exact).
-#: coarse: one bucket per decade, 1e-8 to 1e4 (13 bounds, 14 buckets); fine: four per decade (49 bounds).
-STEP_NORM_BOUNDARIES: dict[str, tuple[float, ...]] = {
-    "coarse": HISTOGRAM_BOUNDARIES[::4],
-    "fine": HISTOGRAM_BOUNDARIES,
-}
 
 _logger = logging.getLogger(__name__)
 _LAYER_INSTRUMENTS = (LAYER_NORM, LAYER_NORM_MAX, LAYER_NONFINITE)
@@ -386,11 +379,13 @@ class SeedLayerInstruments:
     def _record_distribution(self, summary: EpochSummary) -> None:
         """The epoch's per-step seed norms, from the device's bucket counts: each step recorded at its
         bucket's upper bound, so the exported buckets are exact and the sum is an upper bound."""
-        bounds = (*HISTOGRAM_BOUNDARIES, HISTOGRAM_BOUNDARIES[-1] * 10**0.25)  # the last: any value above
         record_counts(
             self._step_norm,
             [
-                ({**self._identity, "seed_id": seed.seed_id, "stage": seed.stage}, zip(bounds, seed.step_norm_counts))
+                (
+                    {**self._identity, "seed_id": seed.seed_id, "stage": seed.stage},
+                    zip(BUCKET_VALUES, seed.step_norm_counts),
+                )
                 for seed in summary.seeds.values()
             ],
         )

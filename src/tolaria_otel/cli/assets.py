@@ -32,17 +32,21 @@ class AssetsError(Exception):
     """The assets cannot be written: the message says where and why."""
 
 
+#: The installed package's folder (this module is ``tolaria_otel/cli/assets.py``).
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
 def source_root() -> Path:
     """The folder holding :data:`SOURCES`: the wheel's copy, or else the repository of a source checkout."""
-    shipped = Path(__file__).resolve().parent / PACKAGE_FOLDER  # pip installs wheels unzipped
+    shipped = _PACKAGE / PACKAGE_FOLDER  # pip installs wheels unzipped
     if shipped.is_dir():
         return shipped
-    checkout = Path(__file__).resolve().parents[2]
+    checkout = _PACKAGE.parents[1]  # src/tolaria_otel -> the repository
     if all((checkout / source).exists() for source in SOURCES):
         return checkout
     raise AssetsError(
         f"this installation has no assets: neither {shipped} nor a source checkout around "
-        f"{Path(__file__).parent} holds them; reinstall the package from its wheel"
+        f"{_PACKAGE} holds them; reinstall the package from its wheel"
     )
 
 

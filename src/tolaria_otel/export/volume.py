@@ -14,17 +14,15 @@ VictoriaMetrics and in Prometheus; ``tolaria-otel doctor`` prints it.
 
 from __future__ import annotations
 
-from .settings import SeedLayerSettings
+from ..config.histogram import exported_buckets
+from ..config.settings import SeedLayerSettings
 
 PREFIX = "tolaria_grad_agg_"
 
 
 def step_norm_buckets(settings: SeedLayerSettings) -> int:
     """Exported buckets of the per-step seed norm histogram (the one above the last bound included)."""
-    from .instruments import STEP_NORM_BOUNDARIES  # instruments imports the API; keep this module light
-
-    boundaries = STEP_NORM_BOUNDARIES.get(settings.step_norm_histogram)
-    return 0 if boundaries is None else len(boundaries) + 1
+    return exported_buckets(settings.step_norm_histogram)
 
 
 def trainer_series(settings: SeedLayerSettings, seeds: int, layers: int) -> dict[str, int]:

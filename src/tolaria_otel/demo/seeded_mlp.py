@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .seeds import SeedMapping
+from ..measure.seeds import SeedMapping
 
 
 class Seed(nn.Module):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gradients import GradientHolder
+from .local_gradients import GradientHolder
 
 #: Gradient dtypes ``torch._foreach_norm(..., dtype=torch.float32)`` accepts; others (float64,
 #: complex) are normed in their own precision, then converted to float32 with the batch.

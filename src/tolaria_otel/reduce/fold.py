@@ -1,0 +1,149 @@
+"""A single process's epoch end: the segments' statistics in one vector, copied to the host once.
+
+Also the host's side of every epoch end (``ranks`` under torch.distributed): what the host knows of the
+slots without reading the device (:class:`HostFacts`), and the vector read back into :class:`EpochSums`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..measure.segment import (
+    BUCKETS,
+    COLUMNS,
+    TOTAL,
+    Segment,
+    Slot,
+    statistics_length,
+    tensor_counts_length,
+)
+from ..measure.step_norms import TENSOR_COUNTS
+
+
+@dataclass(frozen=True)
+class EpochSums:
+    """The epoch as the summary needs it, per slot (in ``slots`` order)."""
+
+    slots: tuple[Slot, ...]
+    sums: Sequence[float]  # sum over the steps of the squared norm
+    maxima: Sequence[float]  # the largest per-step squared norm
+    nonfinite: Sequence[int]  # steps whose norm was NaN or Inf
+    measured: Sequence[bool]  # some parameter of it had a gradient at some step
+    numel: Sequence[int]  # elements of the parameters that had a gradient
+    counts: Mapping[str, tuple[int, ...]]  # per seed: its per-step norms per histogram bucket
+    seed_steps: Mapping[str, int]  # per seed: the sampled steps at which it was listed
+    steps: int
+    tensors: Sequence[int] = ()  # gradient tensors that had a gradient (empty: not known)
+    #: Tensor-steps below the lower health bound (None: not counted; a slot's None: not known for it, a
+    #: sharded gradient's under torch.distributed).
+    vanishing: Sequence[int | None] | None = None
+    exploding: Sequence[int | None] | None = None  # tensor-steps above the upper one, or non-finite
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the host knows of an epoch's slots without reading the device: presence and sizes."""
+
+    slots: tuple[Slot, ...]
+    measured: tuple[bool, ...]
+    numel: tuple[int, ...]
+    seed_steps: Mapping[str, int]
+    tensors: tuple[int, ...] = ()  # parameters that had a gradient (empty: not known)
+
+
+def host_facts(segments: Sequence[Segment]) -> HostFacts:
+    active = [segment for segment in segments if segment.steps]
+    if len(active) == 1 and active[0].norms.steps_all_present:  # the usual epoch: every parameter had a gradient
+        segment = active[0]
+        return HostFacts(
+            tuple(segment.slots),
+            tuple(bool(params) for params in segment.slot_params),
+            tuple(segment.slot_numel),
+            dict.fromkeys(sorted(segment.seed_ids), segment.steps),
+            tuple(len(params) for params in segment.slot_params),
+        )
+    seed_steps: dict[str, int] = {}
+    measured: dict[Slot, bool] = {}
+    numel: dict[Slot, int] = {}
+    tensors: dict[Slot, int] = {}
+    for segment in active:
+        for seed_id in segment.seed_ids:
+            seed_steps[seed_id] = seed_steps.get(seed_id, 0) + segment.steps
+        had = segment.norms.had_gradient()
+        for slot, params in zip(segment.slots, segment.slot_params):
+            measured[slot] = measured.get(slot, False) or any(had[i] for i in params)
+            numel[slot] = max(numel.get(slot, 0), sum(segment.numel[i] for i in params if had[i]))
+            tensors[slot] = max(tensors.get(slot, 0), sum(had[i] for i in params))
+    slots = tuple(sorted(measured))
+    return HostFacts(
+        slots,
+        tuple(measured[s] for s in slots),
+        tuple(numel[s] for s in slots),
+        seed_steps,
+        tuple(tensors[s] for s in slots),
+    )
+
+
+def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int) -> EpochSums:
+    """The epoch from its statistics vector (``statistics_length``, in ``facts.slots`` order), copied to the
+    host; the health counts when the vector goes on with them (``tensor_counts_length``)."""
+    n = len(facts.slots)
+    length = statistics_length(n)
+    counts = values[2 * n : length]
+    tensors = values[length : length + tensor_counts_length(n)]
+    counted = len(tensors) == tensor_counts_length(n)
+    return EpochSums(
+        facts.slots,
+        values[:n],
+        values[n : 2 * n],
+        [int(counts[i * COLUMNS + BUCKETS]) for i in range(n)],
+        facts.measured,
+        facts.numel,
+        {
+            seed: tuple(int(c) for c in counts[i * COLUMNS : i * COLUMNS + BUCKETS])
+            for i, (seed, layer) in enumerate(facts.slots)
+            if layer == TOTAL
+        },
+        facts.seed_steps,
+        steps,
+        facts.tensors,
+        _counts(tensors[:n]) if counted else None,
+        _counts(tensors[n:]) if counted else None,
+    )
+
+
+def _counts(values: Sequence[float]) -> list[int | None]:
+    """Counts as integers; NaN marks a count not known (``distributed``: a sharded gradient's)."""
+    return [None if math.isnan(value) else int(value) for value in values]
+
+
+@torch.no_grad()
+def fold(segments: Sequence[Segment], home: torch.device, steps: int) -> EpochSums:
+    """A single process's epoch: the segments' statistics in one vector, copied to the host once."""
+    for segment in segments:
+        segment.absorb()
+    facts = host_facts(segments)
+    return epoch_sums(facts, fold_statistics(segments, facts, home).tolist(), steps)  # the epoch's one host sync
+
+
+def fold_statistics(segments: Sequence[Segment], facts: HostFacts, home: torch.device) -> torch.Tensor:
+    """The absorbed segments' statistics in one vector (``statistics_length``, in ``facts.slots`` order)."""
+    active = [segment for segment in segments if segment.steps]
+    if len(active) == 1 and tuple(active[0].slots) == facts.slots:  # one segment: its vector as it is
+        return active[0].stats.values
+    n = len(facts.slots)
+    index = {slot: i for i, slot in enumerate(facts.slots)}
+    vector = torch.zeros(statistics_length(n) + tensor_counts_length(n), dtype=torch.float32, device=home)
+    sums, maxima, counts, tensors = vector.split([n, n, n * COLUMNS, tensor_counts_length(n)])
+    for segment in active:
+        stats = segment.stats
+        target = torch.tensor([index[slot] for slot in segment.slots], dtype=torch.long, device=home)
+        sums.index_add_(0, target, stats.sums.to(home))
+        maxima.scatter_reduce_(0, target, stats.maxima.to(home), reduce="amax")
+        counts.view(n, COLUMNS).index_add_(0, target, stats.counts.to(home))
+        tensors.view(TENSOR_COUNTS, n).index_add_(1, target, stats.tensors.to(home))
+    return vector
