@@ -122,3 +122,68 @@ def test_no_import_circle_in_the_package():
     found = circles(import_graph(PACKAGE))
     named = [" -> ".join(".".join(filter(None, [PACKAGE.name, module])) for module in circle) for circle in found]
     assert not found, "import circles: " + "; ".join(named)
+
+
+#: The package's layers, bottom first, in the order a step's value flows through them: a module imports only
+#: modules of its own layer or of the layers below it (docs/architecture.md). Each entry is a folder or a
+#: top-level module; ``""`` is the package's ``__init__``.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("_version", "failures"),
+    ("config",),
+    ("capture",),
+    ("measure",),
+    ("reduce",),
+    ("summary",),
+    ("export",),
+    ("step_path", "telemetry"),
+    ("integrations",),
+    ("demo",),
+    ("cli",),
+    ("", "lightning", "transformers", "plot"),  # the public face: the import paths the docs name
+)
+
+
+def layer_of(module: str, layers: tuple[tuple[str, ...], ...] = LAYERS) -> int:
+    top = module.split(".")[0]
+    for index, names in enumerate(layers):
+        if top in names:
+            return index
+    raise AssertionError(f"{module!r} is in no layer of tests/test_architecture.py's LAYERS: place it there")
+
+
+def upward_imports(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...] = LAYERS) -> list[str]:
+    """Every import of a module of a higher layer, as ``importer -> imported``."""
+    return sorted(
+        f"{module or '__init__'} -> {target or '__init__'}"
+        for module, targets in graph.items()
+        for target in targets
+        if layer_of(target, layers) > layer_of(module, layers)
+    )
+
+
+def test_an_import_against_the_layers_is_found_and_named(tmp_path):
+    package = tmp_path / "pkg"
+    for folder in ("low", "high"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "high" / "user.py").write_text("from ..low.base import value\n")
+    (package / "low" / "base.py").write_text("value = 1\n\ndef later():\n    from ..high import user\n")
+    layers = (("low",), ("high",), ("",))
+    assert upward_imports(import_graph(package), layers) == ["low.base -> high", "low.base -> high.user"]
+    (package / "low" / "base.py").write_text("value = 1\n")
+    assert upward_imports(import_graph(package), layers) == []
+
+
+def test_every_module_imports_only_its_own_layer_and_those_below():
+    found = upward_imports(import_graph(PACKAGE))
+    assert not found, "imports against the layers (LAYERS, bottom first): " + "; ".join(found)
+
+
+def test_every_internal_folder_says_so():
+    """A folder whose names are not public API says it is internal in its first docstring line."""
+    public = {"summary", "integrations", "demo", "cli"}
+    for folder in sorted(path.parent for path in PACKAGE.glob("*/__init__.py")):
+        docstring = ast.get_docstring(ast.parse((folder / "__init__.py").read_text(encoding="utf-8"))) or ""
+        first = docstring.split("\n")[0]
+        assert first.startswith("Internal:") == (folder.name not in public), f"{folder.name}/__init__.py: {first!r}"

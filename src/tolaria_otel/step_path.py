@@ -18,8 +18,8 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 
 from .capture.sampling import Sampling
-from .capture.staged_step import PreClipListener
 from .failures import FailureLog
+from .measure.clip_facts import ClipFacts
 from .measure.seed_tracker import SeedTracker
 from .measure.step_norms import FLUSH_EVERY, DeviceMoved
 from .reduce.fold import EpochSums, fold
@@ -42,14 +42,14 @@ class StepPath:
         self,
         sampling: Sampling,
         seeds: SeedTracker,
-        pre_clip: PreClipListener,
         ranks: RankReduction | None,
         lock: threading.Lock,
         failures: FailureLog,
     ) -> None:
         self._sampling = sampling
         self._seeds = seeds
-        self._pre_clip = pre_clip
+        #: The epoch's clip facts: the committed steps' factors.
+        self.clip_facts = ClipFacts(FLUSH_EVERY)
         self._ranks = ranks
         self._lock = lock
         self._failures = failures
@@ -58,10 +58,8 @@ class StepPath:
         if ranks is not None:  # on every rank: which slots the sharded steps' chunks carry
             ranks.begin(seeds.current)
 
-    def observe(
-        self, precomputed: Mapping[int, torch.Tensor] | None, clip_factors: Sequence[torch.Tensor] = ()
-    ) -> None:
-        """A step, measured here or from the norms a caller computed already (``StepNorms.add_step``)."""
+    def observe(self, staged: Mapping[int, torch.Tensor] | None, clip_factors: Sequence[torch.Tensor] = ()) -> None:
+        """A step, measured here or from the norms a clip took before it scaled (``Segment.add_step``)."""
         if not self._sampling.count():
             return
         seeds = self._seeds
@@ -69,16 +67,14 @@ class StepPath:
             try:
                 segment = seeds.segment_now()
                 try:
-                    segment.add_step(self.sampled_steps, self._pre_clip.completed(segment, precomputed))
+                    segment.add_step(self.sampled_steps, staged)
                 except DeviceMoved:  # the model moved: measure this step on its new device
                     segment.absorb()  # what it measured so far, while its device is there
                     segment = seeds.reread()
-                    segment.add_step(self.sampled_steps, self._pre_clip.completed(segment, precomputed))
+                    segment.add_step(self.sampled_steps, staged)
                 if clip_factors:
-                    self._pre_clip.facts.add(clip_factors)
+                    self.clip_facts.add(clip_factors)
                 self.sampled_steps += 1
-                if segment.norms.waiting >= FLUSH_EVERY:
-                    segment.absorb()
                 seeds.follow_replaced_parameters(self.sampled_steps)
             except Exception:  # noqa: BLE001 - telemetry must never stop training
                 self._failures("observe_step")
@@ -96,11 +92,12 @@ class StepPath:
         home = seeds.current.home
         sums: EpochSums | None = None
         left: Collection[str] = stages.keys() - seeds.stages.keys()
+        clips = self.clip_facts.take()
         if self._ranks is not None:
-            sums, stages, left = self._ranks.reduce(segments, steps, stages, seeds.stages.keys(), home)
+            sums, stages, left = self._ranks.reduce(segments, steps, stages, seeds.stages.keys(), home, clips)
             steps = sums.steps
         elif steps:
-            sums = fold(segments, home, steps)
+            sums = fold(segments, home, steps, clips)
         if not steps and stages:
             _logger.log(
                 logging.DEBUG if self._warned_unsampled else logging.WARNING,
@@ -115,3 +112,4 @@ class StepPath:
 
     def start_epoch(self) -> None:
         self.sampled_steps = 0
+        self.clip_facts.reset()

@@ -91,8 +91,10 @@ class SeedLayerTelemetry:
             attached=functools.partial(_any_active, self._hooks),
         )
         self._sampling = Sampling(self.settings.sample_every)
-        self._pre_clip = PreClipListener(model, self._seeds, self._sampling.next_is_sampled, self._lock, self._failures)
-        self._steps = StepPath(self._sampling, self._seeds, self._pre_clip, self._ranks, self._lock, self._failures)
+        self._pre_clip = PreClipListener(
+            model, self._seeds.measured_parameters, self._sampling.next_is_sampled, self._lock, self._failures
+        )
+        self._steps = StepPath(self._sampling, self._seeds, self._ranks, self._lock, self._failures)
         self._instruments: SeedLayerInstruments | None = None
         if self._ranks is None or self._ranks.rank == self.settings.export_rank:
             provider = metrics.get_meter_provider() if meter_provider is None else meter_provider
@@ -188,7 +190,6 @@ class SeedLayerTelemetry:
                     summary = EpochSummary(self.epoch, 0, self.settings.top_k, {})
                 else:
                     summary = summarise(self.epoch, self.settings.top_k, *folded, self._seeds.partial)
-                summary = self._pre_clip.with_clip_facts(summary)
                 if self._instruments is not None:
                     self._instruments.publish(summary)
             except Exception:  # noqa: BLE001

@@ -1,57 +1,59 @@
-"""The telemetry's side of measuring before the clip (``clipping``): a step's norms wait for its commit.
+"""The telemetry's side of measuring before the clip (``torch_clip``): a step's norms wait for its commit.
 
 A clip that runs before the optimizer step hands its per-gradient norms over (or the telemetry
 measures just before it), and the step that commits them (the optimizer's step post-hook, or
 ``observe_step()``) queues them as that step's values; a step ``GradScaler`` skips never commits, and
-its norms are dropped. The clip's factors are the epoch's clip facts, reported on their own
-(``EpochSummary.clipped_steps``, ``min_clip_factor``).
+its norms are dropped. The norms and the clip's factors go on to the step path as they are
+(``measure.segment``, ``measure.clip_facts``).
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ..failures import FailureLog
-from ..measure.seed_tracker import SeedTracker
-from ..measure.segment import Segment
-from ..measure.step_norms import FLUSH_EVERY
-from ..summary.epoch_summary import EpochSummary
 from .torch_clip import attach_clip_patch, l2_norms, warn_unreachable_clip
 
 
+class HasGradient(Protocol):
+    """A measured parameter (or the stand-in of a DTensor's local shard, ``measure.local_gradients``)."""
+
+    @property
+    def grad(self) -> torch.Tensor | None: ...
+
+
 class PreClipListener:
-    """One telemetry's :class:`~tolaria_otel.clipping.ClipListener`: takes the clips of its model's
+    """One telemetry's :class:`~tolaria_otel.capture.torch_clip.ClipListener`: takes the clips of its model's
     parameters before a sampled step, while attached (:meth:`attach` until :meth:`detach`).
 
     ``next_is_sampled`` says whether the coming optimizer step is measured: the clips of the others
-    are left alone. ``lock`` is the telemetry's: a clip may run on another thread than the step.
+    are left alone. ``measured`` gives the parameters a step measures (those of the seeds listed now),
+    for a clip whose norms cannot be shared. ``lock`` is the telemetry's: a clip may run on another
+    thread than the step.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        seeds: SeedTracker,
+        measured: Callable[[], Sequence[HasGradient]],
         next_is_sampled: Callable[[], bool],
         lock: threading.Lock,
         failures: FailureLog,
     ) -> None:
         self._model = model
-        self._seeds = seeds
+        self._measured = measured
         self._next_is_sampled = next_is_sampled
         self._lock = lock
         self._failures = failures
         self._staged = PreClipStep()
-        #: The epoch's clip facts: the committed steps' factors.
-        self.facts = ClipFacts(FLUSH_EVERY)
         self._remove_patch: Callable[[], None] | None = None  # set while attached
         self._model_ids: frozenset[int] | None = None
-        self._ids_of: tuple[Segment, list[int]] | None = None
 
     def attach(self, *, deepspeed: bool = False) -> None:
         """Take the clips of the model's parameters until :meth:`detach` (once, however often attached)."""
@@ -95,9 +97,8 @@ class PreClipListener:
             return
         with self._lock:
             try:
-                holders = self._seeds.current.norms.params
-                present = [(id(holder), holder) for holder in holders if holder.grad is not None]
-                norms, order = l2_norms([holder.grad for _, holder in present])  # type: ignore[misc]
+                present = [(id(holder), holder) for holder in self._measured() if holder.grad is not None]
+                norms, order = l2_norms([holder.grad for _, holder in present])  # type: ignore[misc]  # not None
                 self._staged.stage({present[i][0]: norm for i, norm in zip(order, norms)}, None)
                 self._staged.mark(present[0][1] if present else None)  # type: ignore[arg-type]
             except Exception:  # noqa: BLE001
@@ -106,35 +107,7 @@ class PreClipListener:
     def failed(self, where: str) -> None:
         self._failures(where)
 
-    def completed(
-        self, segment: Segment, norms: Mapping[int, torch.Tensor] | None
-    ) -> Mapping[int, torch.Tensor] | None:
-        """Norms taken before the clip, plus those of the segment's parameters no clip covered (still unclipped now)."""
-        if norms is None:
-            return None
-        holders = segment.norms.params
-        if self._ids_of is None or self._ids_of[0] is not segment:
-            self._ids_of = (segment, [id(holder) for holder in holders])
-        ids = self._ids_of[1]
-        if all(map(norms.__contains__, ids)):
-            return norms
-        missing = [
-            (key, holder.grad) for key, holder in zip(ids, holders) if key not in norms and holder.grad is not None
-        ]
-        if not missing:
-            return norms
-        measured, order = l2_norms([grad for _, grad in missing])
-        return {**norms, **{missing[i][0]: norm for i, norm in zip(order, measured)}}
-
-    def with_clip_facts(self, summary: EpochSummary) -> EpochSummary:
-        if not self.facts.steps:
-            return summary
-        clip_steps = self.facts.steps
-        clipped, smallest = self.facts.take()  # a second small host copy, only in epochs that clipped
-        return replace(summary, clip_steps=clip_steps, clipped_steps=clipped, min_clip_factor=smallest)
-
     def start_epoch(self) -> None:
-        self.facts.reset()
         self._model_ids = None  # parameters grafted in this epoch take part in the next one's clips
 
 
@@ -195,58 +168,3 @@ class PreClipStep:
         self.norms = None
         self.factors = []
         self._mark = None
-
-
-class ClipFacts:
-    """Per epoch, on the device: how many sampled steps the clip scaled down, and its smallest factor.
-
-    A step's factor is the clip's ``min(max_norm / (total + 1e-6), 1)`` (the smallest of its clips when
-    it clipped several groups). Factors wait as 0-d tensors and are folded every ``FLUSH_EVERY`` steps in
-    one batch of ops: nothing on the step path but an append. :meth:`take` is a host copy of two floats,
-    made only in epochs in which a clip was seen (the epoch's statistics copy is another module's).
-    """
-
-    def __init__(self, flush_every: int) -> None:
-        self.steps = 0  # sampled steps at which a clip was seen
-        self._flush_every = flush_every
-        self._waiting: list[torch.Tensor] = []
-        self._totals: torch.Tensor | None = None  # [clipped steps, smallest factor]
-
-    def add(self, factors: Sequence[torch.Tensor]) -> None:
-        factor = (
-            factors[0]
-            if len(factors) == 1
-            else torch.stack([f.to(factors[0].device, torch.float32) for f in factors]).amin()
-        )
-        self._waiting.append(factor)
-        self.steps += 1
-        if len(self._waiting) >= self._flush_every:
-            self._fold()
-
-    @torch.no_grad()
-    def _fold(self) -> None:
-        if not self._waiting:
-            return
-        device = self._waiting[0].device if self._totals is None else self._totals.device
-        factors = torch.stack([f.to(device, torch.float32) for f in self._waiting])
-        self._waiting = []
-        batch = torch.stack([(factors < 1).sum(dtype=torch.float32), factors.amin()])
-        if self._totals is None:
-            self._totals = batch
-        else:
-            self._totals = torch.stack([self._totals[0] + batch[0], torch.minimum(self._totals[1], batch[1])])
-
-    def take(self) -> tuple[int, float | None]:
-        """(clipped sampled steps, smallest factor or None when no clip was seen); then starts over."""
-        if not self.steps:
-            return 0, None
-        self._fold()
-        assert self._totals is not None
-        clipped, smallest = self._totals.tolist()  # the one host copy of the clip facts, per epoch that clipped
-        self.reset()
-        return int(clipped), smallest
-
-    def reset(self) -> None:
-        self.steps = 0
-        self._waiting = []
-        self._totals = None

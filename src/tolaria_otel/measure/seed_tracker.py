@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
 from ..config.settings import SeedLayerSettings
 from ..failures import FailureLog
+from .local_gradients import GradientHolder
 from .seeds import SeedSource, SeedView, StageNames, read_seeds, stage_name, validate_seeds
 from .segment import Segment, SegmentKey, module_parameters, segment_key
 
@@ -84,6 +85,10 @@ class SeedTracker:
         self._note_gone(previous, views)
         self.current = self._segment_for(views)
         return self.current
+
+    def measured_parameters(self) -> Sequence[GradientHolder]:
+        """The parameters a step measures now (those of the current segment's seeds)."""
+        return self.current.norms.params
 
     def reread(self) -> Segment:
         """A new segment for the seeds listed now, their parameters walked again (the model moved)."""

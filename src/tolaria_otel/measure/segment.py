@@ -22,11 +22,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..capture.torch_clip import l2_norms
 from ..config.histogram import HISTOGRAM_BOUNDARIES
 from ..config.settings import TENSOR_EXPLODING_ABOVE, TENSOR_VANISHING_BELOW
 from .local_gradients import local_gradients, shard_weight
 from .seeds import SeedView, discover_layers
-from .step_norms import TENSOR_COUNTS, StepNorms, index_parameters
+from .step_norms import FLUSH_EVERY, TENSOR_COUNTS, StepNorms, index_parameters
 
 #: The layer name of a seed's total; no layer has it (the root is ``(root)``).
 TOTAL = ""
@@ -161,6 +162,7 @@ class Segment:
         self.measured_parameters = {id(param) for param in params}
         self.home = params[0].device if params else torch.device("cpu")
         self.norms = StepNorms(local_gradients(params), entries, len(self.slots), self.home, tensor_bounds)
+        self._parameter_ids = [id(holder) for holder in self.norms.params]
         self.steps = 0
         # Each batch of rows is folded into running statistics (memory independent of the epoch's
         # length): the local steps of a plain gradient are its global ones (one process, or replicated
@@ -187,11 +189,29 @@ class Segment:
                 return False
         return True
 
-    def add_step(self, epoch_step: int, precomputed: Mapping[int, torch.Tensor] | None = None) -> None:
-        self.norms.add_step(precomputed)
+    def add_step(self, epoch_step: int, staged: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Queue a sampled step: measured here, or from the norms a clip took before it scaled (``staged``, by
+        parameter id), completed for the parameters it did not cover (still unclipped now). Every
+        ``FLUSH_EVERY`` steps the waiting norms are folded into the running statistics."""
+        self.norms.add_step(None if staged is None else self._completed(staged))
         self.steps += 1
         if self.keep_rows:
             self._row_steps.append(epoch_step)
+        if self.norms.waiting >= FLUSH_EVERY:
+            self.absorb()
+
+    def _completed(self, staged: Mapping[int, torch.Tensor]) -> Mapping[int, torch.Tensor]:
+        if all(map(staged.__contains__, self._parameter_ids)):
+            return staged
+        missing = [
+            (key, holder.grad)
+            for key, holder in zip(self._parameter_ids, self.norms.params)
+            if key not in staged and holder.grad is not None
+        ]
+        if not missing:
+            return staged
+        measured, order = l2_norms([grad for _, grad in missing])
+        return {**staged, **{missing[i][0]: norm for i, norm in zip(order, measured)}}
 
     def absorb(self) -> None:
         """Turn the waiting steps into rows and fold their plain squares in; keep the sharded slots' rows."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..measure.clip_facts import ClipTotals
 from ..measure.segment import (
     BUCKETS,
     COLUMNS,
@@ -42,6 +43,9 @@ class EpochSums:
     #: sharded gradient's under torch.distributed).
     vanishing: Sequence[int | None] | None = None
     exploding: Sequence[int | None] | None = None  # tensor-steps above the upper one, or non-finite
+    clips: ClipTotals = field(
+        default_factory=ClipTotals
+    )  # the trainer's clip facts (each rank's own: every rank clips alike)
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def host_facts(segments: Sequence[Segment]) -> HostFacts:
     )
 
 
-def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int) -> EpochSums:
+def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int, clips: ClipTotals) -> EpochSums:
     """The epoch from its statistics vector (``statistics_length``, in ``facts.slots`` order), copied to the
     host; the health counts when the vector goes on with them (``tensor_counts_length``)."""
     n = len(facts.slots)
@@ -113,6 +117,7 @@ def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int) -> EpochSu
         facts.tensors,
         _counts(tensors[:n]) if counted else None,
         _counts(tensors[n:]) if counted else None,
+        clips,
     )
 
 
@@ -122,12 +127,12 @@ def _counts(values: Sequence[float]) -> list[int | None]:
 
 
 @torch.no_grad()
-def fold(segments: Sequence[Segment], home: torch.device, steps: int) -> EpochSums:
+def fold(segments: Sequence[Segment], home: torch.device, steps: int, clips: ClipTotals) -> EpochSums:
     """A single process's epoch: the segments' statistics in one vector, copied to the host once."""
     for segment in segments:
         segment.absorb()
     facts = host_facts(segments)
-    return epoch_sums(facts, fold_statistics(segments, facts, home).tolist(), steps)  # the epoch's one host sync
+    return epoch_sums(facts, fold_statistics(segments, facts, home).tolist(), steps, clips)  # the one host sync
 
 
 def fold_statistics(segments: Sequence[Segment], facts: HostFacts, home: torch.device) -> torch.Tensor:

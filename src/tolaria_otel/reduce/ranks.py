@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.settings import ENV_EXPORT_RANK, SettingsError
+from ..measure.clip_facts import ClipTotals
 from ..measure.segment import (
     COLUMNS,
     TOTAL,
@@ -351,7 +352,7 @@ class EpochVector:
             counts[columns] = sharded_counts.float()
         return torch.cat([sums, maxima, counts.flatten(), tensors.flatten(), host])
 
-    def epoch(self, values: Sequence[float], steps: int) -> EpochSums:
+    def epoch(self, values: Sequence[float], steps: int, clips: ClipTotals) -> EpochSums:
         """The epoch from the reduced vector's statistics and host facts (:meth:`statistics`), copied to the
         host, and the steps the ranks agree on."""
         layout = self.layout
@@ -371,7 +372,7 @@ class EpochVector:
             },
             tuple(round(count / max(m, 1.0)) for count, m in zip(tensors, measured)),
         )
-        return epoch_sums(facts, values[:length], steps)
+        return epoch_sums(facts, values[:length], steps, clips)
 
 
 class RankReduction:
@@ -427,6 +428,7 @@ class RankReduction:
         stages: Mapping[str, str],
         listed: Collection[str],
         home: torch.device,
+        clips: ClipTotals,
     ) -> tuple[EpochSums, Mapping[str, str], frozenset[str]]:
         """All-reduce the epoch: one collective while no rank's slots or stages changed; when some did,
         a layout exchange and a second all-reduce in the agreed new layout.
@@ -464,7 +466,7 @@ class RankReduction:
             vector, values = self._all_reduce(segments, facts, steps, home, changed=False)
         self._chunks = ShardedChunks(vector.layout.sharded)  # the next epoch's chunks carry every sharded slot
         tail = self.world_size + 1  # the sampled steps of every rank, then "layout changed"
-        sums = vector.epoch(values[:-tail], self._agreed_steps(values[-tail:-1]))
+        sums = vector.epoch(values[:-tail], self._agreed_steps(values[-tail:-1]), clips)
         return sums, vector.layout.stages, vector.layout.left
 
     def _all_reduce(

@@ -36,7 +36,17 @@ def summarise(
         seeds[seed_id] = _seed_summary(
             seed_id, stage, by_seed.get(seed_id, {}), sums, host, top, seed_id in left, seed_id in partial
         )
-    return EpochSummary(epoch, sums.steps, top, seeds, host.rms if host is not None else None)
+    clips = sums.clips
+    return EpochSummary(
+        epoch,
+        sums.steps,
+        top,
+        seeds,
+        host.rms if host is not None else None,
+        clip_steps=clips.steps,
+        clipped_steps=clips.clipped,
+        min_clip_factor=clips.smallest,
+    )
 
 
 @dataclass(frozen=True)
