@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test install backends clean stack
+.PHONY: demo test test-fast install backends clean stack
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: install backends
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# The quick loop: every test that needs no backend, no spawned ranks and no wheel build (tests/conftest.py).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not backend and not distributed and not packaging"
 
 # Grafana dashboards: regenerate dashboards/json/ from dashboards/*.py (commit the result).
 .PHONY: dashboards

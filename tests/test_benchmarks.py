@@ -140,6 +140,7 @@ def test_soak_runs_and_every_collection_holds_the_latest_snapshot_and_memory_sta
     assert int(growth) < int(seed_bytes), stdout
 
 
+@pytest.mark.distributed
 def test_scale_distributed_runs_and_the_epoch_end_all_reduce_does_not_grow_with_the_steps():
     stdout = _run("benchmarks.scale_distributed")  # --quick: 2 ranks, epochs of 20 and 300 sampled steps
     rows = re.findall(

@@ -19,6 +19,8 @@ from devtools.stack import REPO_ROOT, Collector, backend_binaries, collector_bin
 from tolaria_otel import LAYER_NONFINITE, LAYER_NORM, SEED_NORM, SEED_NOT_MEASURED, SERIES_BUDGET, SETTINGS_INFO
 from tolaria_otel.export.instruments import CLIPPED_STEPS, MIN_CLIP_FACTOR, SEED_NORM_MAX, SEED_STEP_NORM
 
+pytestmark = pytest.mark.backend
+
 COLLECTOR = yaml.safe_load((REPO_ROOT / "collector" / "otel-collector.yaml").read_text())
 DEBUG_OVERLAY = yaml.safe_load((REPO_ROOT / "collector" / "otel-collector.debug.yaml").read_text())
 PROMETHEUS = yaml.safe_load((REPO_ROOT / "collector" / "prometheus.yml").read_text())

@@ -33,6 +33,8 @@ from tolaria_otel import EpochSummary
 
 from .pipeline_run import Run, as_layers, current_top_k, expected_layers, export_to, run_env
 
+pytestmark = pytest.mark.backend
+
 PROTOCOLS = ("http/protobuf", "grpc")
 OTLP_TIMEOUT_S = 2  # run_env's OTEL_EXPORTER_OTLP_TIMEOUT
 #: "Within a few seconds": an export in flight and the final one, each bounded by the OTLP timeout, and a margin

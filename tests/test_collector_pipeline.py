@@ -30,6 +30,8 @@ from devtools.stack import (
 
 from .pipeline_run import Run, as_layers, current_top_k, expected_layers, export_to, run_env
 
+pytestmark = pytest.mark.backend
+
 PROTOCOLS = ("http/protobuf", "grpc")
 #: Generous bounds for a loaded 2-core machine; the pipeline normally takes a fraction of them (the delays
 #: are documented in docs/operations.md, "The current top-K, and its delay").

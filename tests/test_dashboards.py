@@ -43,6 +43,8 @@ from tolaria_otel.summary import health
 
 from .helpers import export_each_flush, seeded_network, train_epoch
 
+pytestmark = pytest.mark.backend
+
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_FILE = REPO / "dashboards" / "json" / "tolaria-seed-layers.json"
 DATASOURCE_PROVISIONING = REPO / "dashboards" / "provisioning" / "datasources" / "tolaria.yml"

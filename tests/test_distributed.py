@@ -35,6 +35,8 @@ from tolaria_otel.reduce.ranks import SlotLayout
 
 from .helpers import ReferenceNorms, collect, seeded_network, telemetry_for
 
+pytestmark = pytest.mark.distributed
+
 WORLD = 2
 DEADLINE_S = 90.0  # a rank that fails leaves its peer in a collective until gloo's 30 s timeout
 LOCAL_BATCH = 8

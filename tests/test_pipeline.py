@@ -38,6 +38,8 @@ from tolaria_otel import SeedLayerSettings
 
 from .pipeline_run import EXPORT_INTERVAL_MS, Run, as_layers, current_top_k, expected_layers, run_env
 
+pytestmark = pytest.mark.backend
+
 PROMETHEUS_CONFIG = REPO_ROOT / "collector" / "prometheus.yml"
 RULES_DIR = REPO_ROOT / "collector" / "rules"
 #: Bound on the delay from end_epoch() to the current-top-K query returning the new layers, push to

@@ -11,9 +11,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from devtools.stack import REPO_ROOT, _api, backend_binaries, prometheus
+
+pytestmark = pytest.mark.backend
 
 RULES_DIR = REPO_ROOT / "collector" / "rules"
 RULE_FILE = RULES_DIR / "tolaria-seed-layers.rules.yml"

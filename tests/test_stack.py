@@ -36,6 +36,8 @@ from devtools.stack import (
     wait_until,
 )
 
+pytestmark = pytest.mark.backend
+
 RESOURCE = Resource.create({"service.name": "tolaria-test", "service.instance.id": "run-1"})
 
 

@@ -34,6 +34,8 @@ from .pipeline_run import Run, expected_layers, export_to, run_env
 from .test_collector_pipeline import in_store
 from .tls_certs import Pki, make_pki
 
+pytestmark = pytest.mark.backend
+
 AGENT_GATEWAY = COLLECTOR_DIR / "agent-gateway"
 
 

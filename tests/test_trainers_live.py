@@ -40,6 +40,8 @@ from .test_dashboards import (
     variables,
 )
 
+pytestmark = pytest.mark.backend
+
 ENV_IDS = ("0", "1", "2", "3")
 SEEDS = ("seed-0", "seed-1", "seed-2")  # the same ids in every trainer
 TOP_K = 2  # each seed has 3 layers: the top-K selects

@@ -34,6 +34,8 @@ from tolaria_otel.export.volume import per_seed, trainer_series
 
 from .helpers import export_each_flush
 
+pytestmark = pytest.mark.backend
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2  # a steady second epoch adds no series
 

@@ -36,6 +36,8 @@ import tomllib  # type: ignore[import-not-found]  # 3.11+; mypy checks at 3.10, 
 
 from tolaria_otel.cli.assets import PACKAGE_FOLDER, asset_files
 
+pytestmark = pytest.mark.packaging
+
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
 LAYERED_EXTRAS = ("demo", "prometheus", "grpc", "plot", "lightning", "transformers")

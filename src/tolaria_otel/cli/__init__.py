@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from .._version import __version__
+from ..config.environment import echoed, integer, number
 from ..config.redaction import redact, secrets_in
-from ..config.settings import ENV_ENABLED, ENV_HOST_NORM, ENV_TOP_K, MAX_SEEDS_MAX, TOP_K_MAX, echoed
+from ..config.settings import ENV_ENABLED, ENV_HOST_NORM, ENV_TOP_K, MAX_SEEDS_MAX, TOP_K_MAX
 from .assets_command import run_assets_command
 from .common import PROG, CommandError
 from .demo_command import run_demo_command
@@ -140,23 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        text = raw.strip()
-        if (
-            not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= len(str(high)))
-            or not low <= int(text) <= high
-        ):
+        parsed = integer(raw, low, high)
+        if parsed is None:
             raise argparse.ArgumentTypeError(f"{echoed(raw)} is not valid: expected an integer from {low} to {high}")
-        return int(text)
+        return parsed
 
     return parse
 
 
 def _float_in(low: float, high: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = float("nan")
+        value = number(raw)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{echoed(raw)} is not valid: expected a number from {low:g} to {high:g}")
         return value

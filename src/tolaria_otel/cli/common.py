@@ -6,17 +6,14 @@ line on stderr and exits with status 2.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TypeVar
 
-from ..config import otel_env as otel
 from ..config.otel_env import ConfigurationError
 
 T = TypeVar("T")
 
 PROG = "tolaria-otel"
-#: The variables that set the OTLP endpoint: URLs, shown with their secrets masked.
-ENDPOINT_VARIABLES = (otel.ENV_ENDPOINT, otel.ENV_METRICS_ENDPOINT)
 
 
 class CommandError(Exception):
@@ -37,9 +34,3 @@ def or_none(read: Callable[[], T]) -> T | None:
         return read()
     except ConfigurationError:
         return None
-
-
-def env_value(env: Mapping[str, str], name: str) -> str | None:
-    """The variable's value; empty or blank counts as unset, as the OpenTelemetry specification says."""
-    raw = env.get(name)
-    return raw if raw is not None and raw.strip() else None

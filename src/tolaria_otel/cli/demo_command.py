@@ -13,10 +13,12 @@ import sys
 import urllib.parse
 
 from ..config import otel_env as otel
+from ..config.environment import ENDPOINT_VARIABLES, echoed
+from ..config.environment import value as env_value
 from ..config.redaction import redacted_url
-from ..config.settings import ENV_ENABLED, ENV_HOST_NORM, SeedLayerSettings, echoed
+from ..config.settings import ENV_ENABLED, ENV_HOST_NORM, SeedLayerSettings
 from ..export.provider import configure_meter_provider, metrics_urls
-from .common import ENDPOINT_VARIABLES, PROG, CommandError, checked, env_value
+from .common import PROG, CommandError, checked
 from .otlp_probe import PROBE_TIMEOUT_S, probe_otlp
 
 

@@ -7,12 +7,14 @@ import os
 from collections.abc import Mapping
 
 from ..config import otel_env as otel
+from ..config.environment import echoed
+from ..config.environment import value as env_value
 from ..config.otel_env import ConfigurationError
 from ..config.redaction import redacted_url
-from ..config.settings import ENV_ENABLED, ENV_MAX_SEEDS, SeedLayerSettings, echoed
+from ..config.settings import ENV_ENABLED, ENV_MAX_SEEDS, SeedLayerSettings
 from ..export.provider import prometheus_reader
 from ..export.volume import trainer_series
-from .common import env_value, or_none
+from .common import or_none
 from .doctor_variables import CLIENT_TLS_VARIABLES, InForce
 from .otlp_probe import probe_otlp
 

@@ -12,9 +12,11 @@ import sys
 
 from .._version import __version__
 from ..config import otel_env as otel
+from ..config.environment import ENDPOINT_VARIABLES
+from ..config.environment import value as env_value
 from ..config.redaction import HEADER_VARIABLES, MASK, redact, redacted_url, secrets_in
 from ..config.settings import SeedLayerSettings, SettingsError
-from .common import ENDPOINT_VARIABLES, PROG, env_value, or_none
+from .common import PROG, or_none
 from .doctor_checks import check_otlp, check_pull_mode, volume_estimate, volume_problems
 from .doctor_variables import OTEL_DEFAULTS, TOLARIA_FIELDS, InForce
 

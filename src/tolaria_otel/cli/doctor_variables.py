@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 
 from ..config import otel_env as otel
+from ..config.environment import value as env_value
 from ..config.settings import (
     ENV_COMPACT,
     ENV_ENABLED,
@@ -19,7 +20,7 @@ from ..config.settings import (
     ENV_TOP_K,
     SeedLayerSettings,
 )
-from .common import env_value, or_none
+from .common import or_none
 
 #: The settings field each TOLARIA_* variable sets (for the defaults ``doctor`` shows).
 TOLARIA_FIELDS = {

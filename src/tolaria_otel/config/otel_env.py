@@ -25,12 +25,14 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from opentelemetry.util.re import parse_env_headers
 
+from .environment import HEADER_DELIMITER, Environ, echoed
+from .environment import number as _number
+from .environment import value as _value
 from .redaction import redacted_url
-from .settings import echoed
 
 ENV_SDK_DISABLED = "OTEL_SDK_DISABLED"
 ENV_EXPORTER = "OTEL_METRICS_EXPORTER"
@@ -71,7 +73,6 @@ DEFAULT_PROMETHEUS_PORT = 9464
 
 # The liberal header syntax of opentelemetry.util.re, which the OTLP exporters parse with: an entry
 # that does not match it is logged, value included, and dropped.
-_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
 _HEADER_ENTRY = re.compile(
     r"[ \t]*[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+[ \t]*=[ \t]*"
     r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*"
@@ -79,8 +80,6 @@ _HEADER_ENTRY = re.compile(
 
 #: Letters, digits, hyphens (and the underscores some internal names have) in dot-separated labels.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
-
-Environ = Mapping[str, str]
 
 
 class ConfigurationError(ValueError):
@@ -217,7 +216,7 @@ def otlp_headers(environ: Environ | None = None) -> dict[str, str]:
     variable, raw = found
     # Split, matched and decoded as the exporters do (opentelemetry.util.re.parse_env_headers, liberal: an
     # entry that is not percent-encoded is taken as written), so that what is checked is what is sent.
-    entries = [entry for entry in _HEADER_DELIMITER.split(raw) if entry]
+    entries = [entry for entry in HEADER_DELIMITER.split(raw) if entry]
     for number, entry in enumerate(entries, 1):
         problem = None
         if not _HEADER_ENTRY.fullmatch(entry.strip()):
@@ -425,13 +424,6 @@ def _milliseconds(env: Environ, variable: str, default: float) -> float:
     return value
 
 
-def _number(raw: str) -> float:
-    try:
-        return float(raw.strip())
-    except ValueError:
-        return math.nan
-
-
 def _in_force(env: Environ, specific: str, general: str) -> tuple[str, str] | None:
     """(variable, value) of the metrics-specific variable, or else the general one, or None."""
     for variable in (specific, general):
@@ -439,12 +431,6 @@ def _in_force(env: Environ, specific: str, general: str) -> tuple[str, str] | No
         if raw is not None:
             return variable, raw
     return None
-
-
-def _value(env: Environ, name: str) -> str | None:
-    """The variable's value; empty or blank counts as unset, as the OpenTelemetry specification says."""
-    raw = env.get(name)
-    return raw if raw is not None and raw.strip() else None
 
 
 def _environ(environ: Environ | None) -> Environ:

@@ -25,10 +25,11 @@ import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
 
+from .environment import ENDPOINT_VARIABLES, HEADER_DELIMITER
+
 MASK = "***"
 #: The variables that may hold a secret: their values are never printed.
 HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS")
-ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
 #: The loggers that may print what the exporters send (a logger's filters see only its own records, not
 #: its children's, so each is named): the OTLP exporters and their HTTP client, the header parser, the
 #: periodic reader (which logs an export's exception with its traceback), requests and urllib3 below them.
@@ -55,7 +56,6 @@ SECRET_MIN = 4
 _URL_USER_INFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*@")
 _QUERY = re.compile(r"(\S)\?[^\s'\"<>)]+")
 _FRAGMENT_RUN = re.compile(rf"[A-Za-z0-9]{{{FRAGMENT_MIN},}}")
-_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
 
 
 def redacted_url(url: str) -> str:
@@ -89,7 +89,7 @@ def secrets_in(environ: Mapping[str, str], fragments: bool = True) -> set[str]:
     for variable in HEADER_VARIABLES:
         raw = environ.get(variable, "")
         found.update({raw.strip(), urllib.parse.unquote(raw.strip())})  # whole, so no name is left between masks
-        for entry in _HEADER_DELIMITER.split(raw):
+        for entry in HEADER_DELIMITER.split(raw):
             _, equals, value = entry.partition("=")
             add(value.strip() if equals else entry.strip())
     for variable in ENDPOINT_VARIABLES:

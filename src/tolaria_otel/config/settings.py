@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .environment import echoed, integer, number
+from .environment import value as _raw
 from .histogram import STEP_NORM_HISTOGRAMS
 
 #: Switches the feature on. Off (the default) means no hooks, buffers, instruments or points.
@@ -55,23 +57,8 @@ TENSOR_VANISHING_BELOW = 1e-7
 TENSOR_EXPLODING_ABOVE = 10.0
 
 
-#: Characters of a bad value that an error message echoes; a longer value is cut and its length given.
-ECHO_MAX = 40
-
-
 class SettingsError(ValueError):
     """A ``TOLARIA_*`` value (or a settings field) is not one the contract accepts."""
-
-
-def echoed(value: object) -> str:
-    """``repr(value)`` for an error message, cut to :data:`ECHO_MAX` characters of the value.
-
-    A variable can hold anything (a pasted file, a 100 kB token): the message stays one short line.
-    """
-    if not isinstance(value, str):
-        text = repr(value)
-        return text if len(text) <= ECHO_MAX else f"{text[:ECHO_MAX]}... ({len(text)} characters of repr)"
-    return repr(value) if len(value) <= ECHO_MAX else f"{value[:ECHO_MAX]!r}... ({len(value)} characters)"
 
 
 @dataclass(frozen=True)
@@ -133,13 +120,6 @@ class SeedLayerSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _raw(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name)
-    if value is None or not value.strip():
-        return None
-    return value
-
-
 def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = _raw(env, name)
     if raw is None:
@@ -166,16 +146,10 @@ def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, mi
     raw = _raw(env, name)
     if raw is None:
         return default
-    text = raw.strip()
-    accepted = f"an integer from {minimum} to {maximum}"
-    # int() would also take "1_000" and " +3"; the contract is plain decimal digits.
-    # Digits beyond the maximum's are out of range, and int() refuses more than 4300 of them.
-    if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > len(str(maximum)):
-        raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {accepted}")
-    value = int(text)
-    if not minimum <= value <= maximum:
-        raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {accepted}")
-    return value
+    parsed = integer(raw, minimum, maximum)
+    if parsed is None:
+        raise SettingsError(f"{name}={echoed(raw)} is not valid: expected an integer from {minimum} to {maximum}")
+    return parsed
 
 
 def _check_int(name: str, value: object, maximum: int, minimum: int = 1) -> None:
@@ -190,10 +164,7 @@ def _parse_positive(env: Mapping[str, str], name: str, default: float) -> float:
     raw = _raw(env, name)
     if raw is None:
         return default
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = float("nan")
+    value = number(raw)
     if not (math.isfinite(value) and value > 0):
         raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {_POSITIVE}")
     return value

@@ -24,13 +24,13 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
+from ..config.environment import Environ, echoed
 from ..config.otel_env import (
     DEFAULT_SERVICE_NAME,
     ENV_EXPORTER,
     ENV_PROMETHEUS_HOST,
     ENV_PROMETHEUS_PORT,
     ConfigurationError,
-    Environ,
     environment_problems,
     exporter_names,
     otlp_protocol,
@@ -38,7 +38,7 @@ from ..config.otel_env import (
     sdk_disabled,
 )
 from ..config.redaction import install_log_redaction
-from ..config.settings import SeedLayerSettings, echoed
+from ..config.settings import SeedLayerSettings
 from .instruments import seed_layer_views
 from .resource import distributed_resource, process_group
 

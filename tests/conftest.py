@@ -1,0 +1,21 @@
+"""The suite's markers, so a quick loop can leave out what needs more than this process.
+
+``make test`` runs everything (the README's test command and CI's); ``make test-fast`` runs what needs no
+backend, no spawned ranks and no wheel build. A test module that needs one of them says so with
+``pytestmark``; ``tests/test_architecture.py`` is not the place: this file is.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+MARKERS = {
+    "backend": "starts a real backend built by `make backends` (Collector, Prometheus, VictoriaMetrics, promtool)",
+    "distributed": "spawns torch.distributed ranks (gloo)",
+    "packaging": "builds the sdist and wheel and installs them into fresh virtual environments",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
