@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 from devtools.stack import QuietHandler, http_server
 from tolaria_otel.cli import main
-from tolaria_otel.cli.doctor_variables import OTEL_DEFAULTS, TOLARIA_FIELDS
+from tolaria_otel.cli.doctor_variables import OTEL_DEFAULTS
+from tolaria_otel.config.settings import VARIABLE_FIELDS
 
 SECRET = "S3CR3T-MARKER"
 HUGE = "7" * 100_000
@@ -374,7 +375,7 @@ def demo_option_cases() -> Iterator[Case]:
 
 def cases(rng: random.Random, count: int, busy_port: int, certificate: str, receiver: str) -> Iterator[Case]:
     context = contexts(certificate, receiver)
-    for variable in [*TOLARIA_FIELDS, *OTEL_DEFAULTS]:
+    for variable in [*VARIABLE_FIELDS, *OTEL_DEFAULTS]:
         for value in picked(variable, busy_port, certificate) + random_values(rng, count):
             expected = verdict(variable, value)
             env = {**context.get(variable, {}), variable: value}

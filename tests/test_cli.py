@@ -8,6 +8,7 @@ is the console script's entry point, to keep the suite fast (each subprocess pay
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -33,8 +34,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from devtools.stack import QuietHandler, http_server
 from tolaria_otel import LAYER_NORM, SEED_NORM, SeedLayerSettings, SettingsError
 from tolaria_otel.cli import main
-from tolaria_otel.cli.doctor_variables import TOLARIA_FIELDS
 from tolaria_otel.config import settings
+from tolaria_otel.config.settings import VARIABLE_FIELDS
 from tolaria_otel.export.volume import trainer_series
 
 SCRIPT = Path(sys.executable).with_name("tolaria-otel")
@@ -513,7 +514,7 @@ def test_env_example_readme_and_settings_agree() -> None:
     names = {value for key, value in vars(settings).items() if key.startswith("ENV_")}
     example = env_example()
     readme, readme_otel = readme_configuration()
-    assert set(TOLARIA_FIELDS) == names  # doctor shows every variable
+    assert set(VARIABLE_FIELDS) == names  # doctor shows every variable
     assert set(readme) == names
     assert {name for name in example if name.startswith("TOLARIA_")} == names
     defaults = SeedLayerSettings()
@@ -524,3 +525,27 @@ def test_env_example_readme_and_settings_agree() -> None:
         with pytest.raises(SettingsError, match=name):  # and the variable is really read
             SeedLayerSettings.from_env({name: "not-a-value"})
     assert readme_otel <= set(example), readme_otel - set(example)
+
+
+#: A valid value other than the default for each field: reading it must change that field and no other.
+OTHER_VALUES = {
+    "enabled": "true",
+    "top_k": "5",
+    "compact": "yes",
+    "sample_every": "2",
+    "export_rank": "1",
+    "host_norm": "on",
+    "max_seeds": "7",
+    "step_norm_histogram": "fine",
+    "tensor_vanishing_below": "1e-6",
+    "tensor_exploding_above": "20",
+}
+
+
+def test_each_variable_of_the_table_sets_its_field_and_only_it() -> None:
+    defaults = SeedLayerSettings()
+    assert set(VARIABLE_FIELDS.values()) == {field.name for field in dataclasses.fields(SeedLayerSettings)}
+    for name, field in VARIABLE_FIELDS.items():
+        read = SeedLayerSettings.from_env({name: OTHER_VALUES[field]})
+        changed = {f.name for f in dataclasses.fields(read) if getattr(read, f.name) != getattr(defaults, f.name)}
+        assert changed == {field}, name

@@ -15,10 +15,10 @@ from ..config import otel_env as otel
 from ..config.environment import ENDPOINT_VARIABLES
 from ..config.environment import value as env_value
 from ..config.redaction import HEADER_VARIABLES, MASK, redact, redacted_url, secrets_in
-from ..config.settings import SeedLayerSettings, SettingsError
+from ..config.settings import VARIABLE_FIELDS, SeedLayerSettings, SettingsError
 from .common import PROG, or_none
 from .doctor_checks import check_otlp, check_pull_mode, volume_estimate, volume_problems
-from .doctor_variables import OTEL_DEFAULTS, TOLARIA_FIELDS, InForce
+from .doctor_variables import OTEL_DEFAULTS, InForce
 
 #: Characters of a value ``doctor`` shows; a longer one is cut.
 SHOWN_MAX = 60
@@ -28,7 +28,7 @@ def run_doctor_command(args: argparse.Namespace) -> int:
     env = os.environ
     problems: list[str] = []
     good = {}
-    for name in TOLARIA_FIELDS:  # one variable at a time, so that each bad one is reported
+    for name in VARIABLE_FIELDS:  # one variable at a time, so that each bad one is reported
         try:
             SeedLayerSettings.from_env({name: env.get(name, "")})
             good[name] = env.get(name, "")
@@ -40,7 +40,7 @@ def run_doctor_command(args: argparse.Namespace) -> int:
 
     print(f"{PROG} {__version__}")
     defaults = SeedLayerSettings()
-    rows = [(name, _format(getattr(defaults, field))) for name, field in TOLARIA_FIELDS.items()]
+    rows = [(name, _format(getattr(defaults, field))) for name, field in VARIABLE_FIELDS.items()]
     for name, default in [*rows, *OTEL_DEFAULTS.items()]:
         raw = env_value(env, name)
         where = "(default)" if raw is None else f"(env; default: {default})"

@@ -7,34 +7,8 @@ from collections.abc import Mapping
 
 from ..config import otel_env as otel
 from ..config.environment import value as env_value
-from ..config.settings import (
-    ENV_COMPACT,
-    ENV_ENABLED,
-    ENV_EXPORT_RANK,
-    ENV_HOST_NORM,
-    ENV_MAX_SEEDS,
-    ENV_SAMPLE_EVERY,
-    ENV_STEP_NORM_HISTOGRAM,
-    ENV_TENSOR_EXPLODING_ABOVE,
-    ENV_TENSOR_VANISHING_BELOW,
-    ENV_TOP_K,
-    SeedLayerSettings,
-)
+from ..config.settings import ENV_ENABLED, VARIABLE_FIELDS, SeedLayerSettings
 from .common import or_none
-
-#: The settings field each TOLARIA_* variable sets (for the defaults ``doctor`` shows).
-TOLARIA_FIELDS = {
-    ENV_ENABLED: "enabled",
-    ENV_TOP_K: "top_k",
-    ENV_COMPACT: "compact",
-    ENV_SAMPLE_EVERY: "sample_every",
-    ENV_EXPORT_RANK: "export_rank",
-    ENV_HOST_NORM: "host_norm",
-    ENV_MAX_SEEDS: "max_seeds",
-    ENV_STEP_NORM_HISTOGRAM: "step_norm_histogram",
-    ENV_TENSOR_VANISHING_BELOW: "tensor_vanishing_below",
-    ENV_TENSOR_EXPLODING_ABOVE: "tensor_exploding_above",
-}
 
 #: The OTEL_* variables that shape this package's export, with the default each falls back to.
 OTEL_DEFAULTS = {
@@ -103,7 +77,7 @@ class InForce:
     def unused(self, name: str, settings: SeedLayerSettings) -> str | None:
         """Why the settings in force do not read ``name``, or None when they do."""
         env = os.environ
-        if name in TOLARIA_FIELDS:
+        if name in VARIABLE_FIELDS:
             return None if settings.enabled or name == ENV_ENABLED else f"{ENV_ENABLED} is off"
         if name == otel.ENV_SDK_DISABLED:
             return None

@@ -39,6 +39,21 @@ ENV_TENSOR_VANISHING_BELOW = "TOLARIA_SEED_TENSOR_VANISHING_BELOW"
 #: ...and above this (or NaN or Inf) as exploding (Esper: 10 x its default clip norm of 1.0).
 ENV_TENSOR_EXPLODING_ABOVE = "TOLARIA_SEED_TENSOR_EXPLODING_ABOVE"
 
+#: The one table of the TOLARIA_* variables: the settings field each sets (``from_env`` reads each, ``doctor``
+#: shows each with its default, ``.env.example`` and the README list each: tests/test_cli.py holds them equal).
+VARIABLE_FIELDS = {
+    ENV_ENABLED: "enabled",
+    ENV_TOP_K: "top_k",
+    ENV_COMPACT: "compact",
+    ENV_SAMPLE_EVERY: "sample_every",
+    ENV_EXPORT_RANK: "export_rank",
+    ENV_HOST_NORM: "host_norm",
+    ENV_MAX_SEEDS: "max_seeds",
+    ENV_STEP_NORM_HISTOGRAM: "step_norm_histogram",
+    ENV_TENSOR_VANISHING_BELOW: "tensor_vanishing_below",
+    ENV_TENSOR_EXPLODING_ABOVE: "tensor_exploding_above",
+}
+
 # Esper's settings read the same two flags with pydantic's boolean grammar: the same words here, so a
 # deployment Esper accepts starts the trainer too.
 _TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
