@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..summary.epoch_summary import EpochSummary, SeedSummary
+from ..summary.epoch_summary import EpochSummary
 
 SummariesOrPath = Iterable[EpochSummary] | str | os.PathLike[str]
 
@@ -79,54 +79,10 @@ def load_summaries(path: str | os.PathLike[str]) -> list[EpochSummary]:
             if not line.strip():
                 continue
             try:
-                summaries.append(summary_from_dict(json.loads(line)))
+                summaries.append(EpochSummary.from_dict(json.loads(line)))
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"{path}:{number}: not an EpochSummary.to_dict() line: {error}") from None
     return sorted(summaries, key=lambda s: s.epoch)
-
-
-def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
-    """The inverse of ``EpochSummary.to_dict()`` ("NaN" and "Infinity" strings become floats)."""
-    seeds = {}
-    for seed in data["seeds"]:
-        seeds[seed["seed_id"]] = SeedSummary(
-            seed_id=seed["seed_id"],
-            stage=seed["stage"],
-            total_norm=_number(seed["total_norm"]),
-            top_layers=tuple((layer["layer"], float(layer["value"])) for layer in seed["top_layers"]),
-            layer_count=int(seed["layer_count"]),
-            sampled_steps=int(seed.get("sampled_steps", data["sampled_steps"])),  # files from 0.1 have none
-            max_norm=_number(seed.get("max_norm")),
-            layer_norms={layer: _number(value) for layer, value in seed.get("layers", {}).items()},
-            layer_max={layer["layer"]: _number(layer["max"]) for layer in seed["top_layers"] if "max" in layer},
-            nonfinite_steps=int(seed.get("nonfinite_steps", 0)),
-            step_norm_counts=tuple(int(c) for c in seed.get("step_norm_counts", ())),
-            host_ratio=_number(seed.get("host_ratio")),
-            health=str(seed.get("health", "")),
-            left=bool(seed.get("left", False)),
-            partial=bool(seed.get("partial", False)),
-            gradient_tensors=_count(seed.get("gradient_tensors")),
-            vanishing_tensor_steps=_count(seed.get("vanishing_tensor_steps")),
-            exploding_tensor_steps=_count(seed.get("exploding_tensor_steps")),
-        )
-    return EpochSummary(
-        epoch=int(data["epoch"]),
-        sampled_steps=int(data["sampled_steps"]),
-        top_k=int(data["top_k"]),
-        seeds=seeds,
-        host_norm=_number(data.get("host_norm")),
-        clip_steps=int(data.get("clip_steps", 0)),
-        clipped_steps=int(data.get("clipped_steps", 0)),
-        min_clip_factor=_number(data.get("min_clip_factor")),
-    )
-
-
-def _number(value: float | str | None) -> float | None:
-    return None if value is None else float(value)
-
-
-def _count(value: int | None) -> int | None:
-    return None if value is None else int(value)
 
 
 def _seed_panel(ax: Any, seed_id: str, summaries: Sequence[EpochSummary]) -> None:

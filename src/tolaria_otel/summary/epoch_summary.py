@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,42 +87,21 @@ class EpochSummary:
     min_clip_factor: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; non-finite values become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``,
-        a value not measured is ``null``."""
-        return {
-            "epoch": self.epoch,
-            "sampled_steps": self.sampled_steps,
-            "top_k": self.top_k,
-            "host_norm": json_number(self.host_norm),
-            "seeds": [
-                {
-                    "seed_id": seed.seed_id,
-                    "stage": seed.stage,
-                    "sampled_steps": seed.sampled_steps,
-                    "total_norm": json_number(seed.total_norm),
-                    "max_norm": json_number(seed.max_norm),
-                    "layer_count": seed.layer_count,
-                    "top_layers": [
-                        {"layer": layer, "value": json_number(value), "max": json_number(seed.layer_max.get(layer))}
-                        for layer, value in seed.top_layers
-                    ],
-                    "layers": {layer: json_number(value) for layer, value in seed.layer_norms.items()},
-                    "nonfinite_steps": seed.nonfinite_steps,
-                    "step_norm_counts": list(seed.step_norm_counts),
-                    "host_ratio": json_number(seed.host_ratio),
-                    "health": seed.health,
-                    "left": seed.left,
-                    "partial": seed.partial,
-                    "gradient_tensors": seed.gradient_tensors,
-                    "vanishing_tensor_steps": seed.vanishing_tensor_steps,
-                    "exploding_tensor_steps": seed.exploding_tensor_steps,
-                }
-                for seed in self.seeds.values()
-            ],
-            "clip_steps": self.clip_steps,
-            "clipped_steps": self.clipped_steps,
-            "min_clip_factor": json_number(self.min_clip_factor),
-        }
+        """JSON-ready form, every field under its name (``layer_norms`` as ``layers``, ``top_layers`` as
+        ``{"layer", "value", "max"}`` entries); non-finite values become the strings ``"NaN"``,
+        ``"Infinity"``, ``"-Infinity"``, a value not measured is ``null``. :meth:`from_dict` reads it back."""
+        out = {name: _encoded(getattr(self, name)) for name in _field_names(EpochSummary) if name != "seeds"}
+        out["seeds"] = [_seed_dict(seed) for seed in self.seeds.values()]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EpochSummary:
+        """The inverse of :meth:`to_dict` (of this version or an earlier one: a missing key is the default)."""
+        seeds = [_decoded_fields(SeedSummary, _seed_fields(seed, data)) for seed in data["seeds"]]
+        fields = {name: value for name, value in data.items() if name != "seeds"}
+        return cls(
+            **_decoded_fields(EpochSummary, fields), seeds={seed["seed_id"]: SeedSummary(**seed) for seed in seeds}
+        )
 
     def __str__(self) -> str:
         clip = (
@@ -132,6 +115,68 @@ class EpochSummary:
             total = "not measured" if seed.total_norm is None else f"{seed.total_norm:.4g}"
             lines.append(f"  {seed.seed_id} [{seed.stage}] {seed.health} total={total}: {layers}")
         return "\n".join(lines)
+
+
+#: JSON names that are not the field's own (kept from the first version of the format).
+_SEED_KEYS = {"layer_norms": "layers"}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _encoded(value: object) -> object:
+    if isinstance(value, float):
+        return json_number(value)
+    if isinstance(value, Mapping):
+        return {key: _encoded(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_encoded(item) for item in value]
+    return value
+
+
+def _seed_dict(seed: SeedSummary) -> dict[str, Any]:
+    out = {_SEED_KEYS.get(name, name): _encoded(getattr(seed, name)) for name in _field_names(SeedSummary)}
+    out["top_layers"] = [
+        {"layer": layer, "value": json_number(value), "max": json_number(seed.layer_max.get(layer))}
+        for layer, value in seed.top_layers
+    ]
+    return out
+
+
+def _seed_fields(seed: Mapping[str, Any], epoch: Mapping[str, Any]) -> dict[str, Any]:
+    """A seed's JSON entry by field name; an entry of an earlier version lacks some (their defaults apply)."""
+    fields = {name: seed[key] for name in _field_names(SeedSummary) if (key := _SEED_KEYS.get(name, name)) in seed}
+    fields["top_layers"] = [(entry["layer"], entry["value"]) for entry in seed["top_layers"]]
+    fields.setdefault("sampled_steps", epoch["sampled_steps"])  # version 0.1 had it per epoch only
+    if "layer_max" not in seed:  # before 0.3: the maxima of the top-K layers only
+        fields["layer_max"] = {entry["layer"]: entry["max"] for entry in seed["top_layers"] if "max" in entry}
+    return fields
+
+
+def _decoded_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON values as the fields' types: the type hints say how (so a new field needs no code here)."""
+    hints = typing.get_type_hints(cls)
+    return {name: _decoded(hints[name], data[name]) for name in _field_names(cls) if name in data}
+
+
+def _decoded(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        return _decoded(arguments[0], value)
+    if origin is tuple:
+        item = arguments[0] if arguments[-1] is Ellipsis else None
+        return tuple(_decoded(item or arguments[i], v) for i, v in enumerate(value))
+    if origin in (Mapping, dict, collections.abc.Mapping):
+        return {key: _decoded(arguments[1], item) for key, item in value.items()}
+    if hint is float:
+        return float(value)  # "NaN" and "Infinity" too
+    if hint in (int, bool, str):
+        return hint(value)
+    return value
 
 
 def json_number(value: float | None) -> float | str | None:
