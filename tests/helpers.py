@@ -52,7 +52,7 @@ def seeded_network(seed_count: int, *, seed: int = 0) -> tuple[SeededMLP, SeedRe
 
 
 class ReferenceNorms:
-    """The contract of DESIGN.md computed the plain way, in float64, from a pre-step hook.
+    """The contract of docs/contracts.md computed the plain way, in float64, from a pre-step hook.
 
     Registered on the optimizer before the telemetry, it sees exactly the gradients it sees.
     """

@@ -23,7 +23,8 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "tolaria_otel"
 TABLE = ROOT / "docs" / "otel-internals.md"
-#: Private names of other libraries the package uses (not OpenTelemetry's, so not in the table).
+#: Private names of other libraries the package uses (not OpenTelemetry's, so not in the table; torch's are
+#: listed in docs/torch-internals.md and checked by tests/test_torch_internals.py).
 NOT_OPENTELEMETRY = {
     "_foreach_norm": "torch's fused norm, the step path's one op",
     "_foreach_mul_": "torch's fused scale, the clip's (clipping.py, as torch's clip_grad_norm_ does)",

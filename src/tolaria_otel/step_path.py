@@ -2,7 +2,7 @@
 
 At a sampled step the seeds listed now are measured (``SeedTracker.segment_now``) with the norms a
 clip took before it scaled, completed for the parameters it did not cover (``pre_clip``), or with
-one foreach norm: device work only, no host sync (DESIGN.md). Every ``FLUSH_EVERY`` steps the
+one foreach norm: device work only, no host sync (docs/contracts.md). Every ``FLUSH_EVERY`` steps the
 waiting norms are folded into the segment's running statistics. At the epoch end the segments are
 folded into the epoch's sums: one device-to-host copy, or under torch.distributed the ranks'
 all-reduce (``distributed.RankReduction``), in which every rank takes part at every sampled step

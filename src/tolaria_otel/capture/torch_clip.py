@@ -1,4 +1,4 @@
-"""Measuring before the clip: a step's gradient is the one before clipping (DESIGN.md).
+"""Measuring before the clip: a step's gradient is the one before clipping (docs/contracts.md).
 
 Global clipping rescales every gradient by one factor chosen by the largest: measured after it, one
 exploding seed looks calm and makes every other seed look vanishing. So a step is measured where the

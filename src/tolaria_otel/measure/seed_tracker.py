@@ -1,6 +1,6 @@
 """Which seeds are measured: the seed source read at each sampled step, and the segments it gives.
 
-Seeds come and go at any optimizer step (DESIGN.md). The source is read at every sampled step (one
+Seeds come and go at any optimizer step (docs/contracts.md). The source is read at every sampled step (one
 call, then an identity check of the seed modules); a seed that came, went or was swapped starts a
 new segment (``epoch.Segment``). Over an epoch the tracker keeps what the summary needs about the
 seeds besides their values: every seed listed at some sampled step with its last stage (a seed

@@ -11,7 +11,7 @@ norms into per-slot squared norms per step (``take_rows``): a stack (or a view o
 square, and a sum of each slot's parameters; the same batch counts, per slot, the tensor-steps whose
 norm was below or above the health thresholds (Esper's gradient health). No host sync, no Python
 loop over layers. Squared norms add across steps, and across ranks when gradients are sharded, which
-is why the epoch statistic is the root-mean-square (DESIGN.md); keeping them per step gives the
+is why the epoch statistic is the root-mean-square (docs/contracts.md); keeping them per step gives the
 largest step and the distribution too.
 
 :class:`StepNorms` composes three parts, one per seam: a group of parameters and its step's norms
