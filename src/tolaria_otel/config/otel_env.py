@@ -31,7 +31,7 @@ from opentelemetry.util.re import parse_env_headers
 
 from .environment import HEADER_DELIMITER, Environ, echoed
 from .environment import number as _number
-from .environment import value as _value
+from .environment import value as env_value
 from .redaction import redacted_url
 
 ENV_SDK_DISABLED = "OTEL_SDK_DISABLED"
@@ -138,7 +138,7 @@ def environment_problems(environ: Environ | None = None) -> list[ConfigurationEr
 def sdk_disabled(environ: Environ | None = None) -> bool:
     """``OTEL_SDK_DISABLED``: true or false. The SDK reads any other word as false, so ``1`` would
     leave the SDK on; it is refused here instead."""
-    raw = _value(_environ(environ), ENV_SDK_DISABLED)
+    raw = env_value(_environ(environ), ENV_SDK_DISABLED)
     if raw is None:
         return False
     word = raw.strip().lower()
@@ -182,8 +182,8 @@ def otlp_metrics_endpoint(environ: Environ | None = None, protocol: str | None =
     """The URL the OTLP metric exporter sends to, resolved as the exporter resolves it, and checked."""
     env = _environ(environ)
     protocol = otlp_protocol(env) if protocol is None else protocol
-    specific = _value(env, ENV_METRICS_ENDPOINT)
-    base = _value(env, ENV_ENDPOINT)
+    specific = env_value(env, ENV_METRICS_ENDPOINT)
+    base = env_value(env, ENV_ENDPOINT)
     if specific is not None:
         variable, raw, url = ENV_METRICS_ENDPOINT, specific, specific.strip()
     elif protocol == "grpc":
@@ -285,26 +285,26 @@ def otlp_client_certificate(environ: Environ | None = None, protocol: str | None
     general = (ENV_CERTIFICATE, ENV_CLIENT_CERTIFICATE, ENV_CLIENT_KEY)
     specific = (ENV_METRICS_CERTIFICATE, ENV_METRICS_CLIENT_CERTIFICATE, ENV_METRICS_CLIENT_KEY)
     if protocol == "grpc":
-        used, ignored = (specific, general) if _value(env, ENV_METRICS_CERTIFICATE) else (general, specific)
+        used, ignored = (specific, general) if env_value(env, ENV_METRICS_CERTIFICATE) else (general, specific)
         for variable in ignored[1:]:
-            if _value(env, variable) is not None:
+            if env_value(env, variable) is not None:
                 raise ConfigurationError(
                     f"{variable} is not used: over grpc the exporter reads {used[1]} and {used[2]} (because "
                     f"{ENV_METRICS_CERTIFICATE} is {'set' if used is specific else 'not set'}); set those"
                 )
         ca, cert_variable, key_variable = used
-        given = [variable for variable in (cert_variable, key_variable) if _value(env, variable) is not None]
-        if given and _value(env, ca) is None:
+        given = [variable for variable in (cert_variable, key_variable) if env_value(env, variable) is not None]
+        if given and env_value(env, ca) is None:
             raise ConfigurationError(
                 f"{given[0]} is not used: over grpc the exporter sends a client certificate only when {ca} "
                 "names the CA file to trust; set it (the system's CAs: /etc/ssl/certs/ca-certificates.crt)"
             )
     else:
         cert_variable = (
-            ENV_METRICS_CLIENT_CERTIFICATE if _value(env, ENV_METRICS_CLIENT_CERTIFICATE) else ENV_CLIENT_CERTIFICATE
+            ENV_METRICS_CLIENT_CERTIFICATE if env_value(env, ENV_METRICS_CLIENT_CERTIFICATE) else ENV_CLIENT_CERTIFICATE
         )
-        key_variable = ENV_METRICS_CLIENT_KEY if _value(env, ENV_METRICS_CLIENT_KEY) else ENV_CLIENT_KEY
-    cert, key = _value(env, cert_variable), _value(env, key_variable)
+        key_variable = ENV_METRICS_CLIENT_KEY if env_value(env, ENV_METRICS_CLIENT_KEY) else ENV_CLIENT_KEY
+    cert, key = env_value(env, cert_variable), env_value(env, key_variable)
     if cert is None and key is None:
         return None
     if cert is None or key is None:
@@ -337,7 +337,7 @@ def export_timeout_ms(environ: Environ | None = None) -> float:
 
 def resource_attributes(environ: Environ | None = None) -> None:
     """``OTEL_RESOURCE_ATTRIBUTES``: the SDK logs (value included) and drops an entry without ``=``."""
-    raw = _value(_environ(environ), ENV_RESOURCE_ATTRIBUTES)
+    raw = env_value(_environ(environ), ENV_RESOURCE_ATTRIBUTES)
     if raw is None:
         return
     entries = raw.split(",")
@@ -354,8 +354,8 @@ def resource_attributes(environ: Environ | None = None) -> None:
 def prometheus_address(environ: Environ | None = None) -> tuple[str, int]:
     """Where pull mode serves ``/metrics``: (host, port). Whether it can listen there shows at start."""
     env = _environ(environ)
-    host = (_value(env, ENV_PROMETHEUS_HOST) or DEFAULT_PROMETHEUS_HOST).strip()
-    raw_port = _value(env, ENV_PROMETHEUS_PORT)
+    host = (env_value(env, ENV_PROMETHEUS_HOST) or DEFAULT_PROMETHEUS_HOST).strip()
+    raw_port = env_value(env, ENV_PROMETHEUS_PORT)
     if raw_port is None:
         return host, DEFAULT_PROMETHEUS_PORT
     text = raw_port.strip()
@@ -415,7 +415,7 @@ def _unsent_part(url: str, protocol: str) -> str | None:
 
 
 def _milliseconds(env: Environ, variable: str, default: float) -> float:
-    raw = _value(env, variable)
+    raw = env_value(env, variable)
     if raw is None:
         return default
     value = _number(raw)
@@ -427,7 +427,7 @@ def _milliseconds(env: Environ, variable: str, default: float) -> float:
 def _in_force(env: Environ, specific: str, general: str) -> tuple[str, str] | None:
     """(variable, value) of the metrics-specific variable, or else the general one, or None."""
     for variable in (specific, general):
-        raw = _value(env, variable)
+        raw = env_value(env, variable)
         if raw is not None:
             return variable, raw
     return None

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .environment import echoed, integer, number
-from .environment import value as _raw
+from .environment import value as env_value
 from .histogram import STEP_NORM_HISTOGRAMS
 
 #: Switches the feature on. Off (the default) means no hooks, buffers, instruments or points.
@@ -136,7 +136,7 @@ class SeedLayerSettings:
 
 
 def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = _raw(env, name)
+    raw = env_value(env, name)
     if raw is None:
         return default
     word = raw.strip().lower()
@@ -148,7 +148,7 @@ def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def _parse_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    raw = _raw(env, name)
+    raw = env_value(env, name)
     if raw is None:
         return default
     word = raw.strip().lower()
@@ -158,7 +158,7 @@ def _parse_choice(env: Mapping[str, str], name: str, default: str, choices: tupl
 
 
 def _parse_int(env: Mapping[str, str], name: str, default: int, maximum: int, minimum: int = 1) -> int:
-    raw = _raw(env, name)
+    raw = env_value(env, name)
     if raw is None:
         return default
     parsed = integer(raw, minimum, maximum)
@@ -176,7 +176,7 @@ _POSITIVE = "a finite number above 0, such as 1e-7"
 
 
 def _parse_positive(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = _raw(env, name)
+    raw = env_value(env, name)
     if raw is None:
         return default
     value = number(raw)
