@@ -139,7 +139,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("integrations",),
     ("demo",),
     ("cli",),
-    ("", "lightning", "transformers", "plot"),  # the public face: the import paths the docs name
+    ("", "lightning", "transformers", "plot", "redaction", "distributed"),  # the import paths the docs name
 )
 
 
