@@ -16,7 +16,6 @@ where a line or summary has it; nothing needs it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,7 +24,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from ..plot import summary_from_dict
+from ..plot import load_lines
 from ..summary import EpochSummary, SeedSummary
 from .report_chart import CSS, Band, Point, Series, line_chart, style
 
@@ -93,17 +92,7 @@ def write_report(summaries_or_path: SummariesOrPath, out_html: str | os.PathLike
 
 def load_epochs(path: str | os.PathLike[str]) -> list[_Epoch]:
     """The epochs of a JSON Lines file of ``EpochSummary.to_dict()`` lines, in epoch order, each with its line."""
-    epochs = []
-    with open(path, encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-                epochs.append(_Epoch(summary_from_dict(line), line))
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: not an EpochSummary.to_dict() line: {error}") from None
-    return sorted(epochs, key=lambda e: e.number)
+    return [_Epoch(summary, line) for summary, line in load_lines(path)]
 
 
 # -- what the lines hold beyond EpochSummary ----------------------------------------------------------
@@ -151,9 +140,9 @@ def _run_facts(run: Sequence[_Epoch], seed_ids: Sequence[str]) -> str:
     steps = sorted({e.summary.sampled_steps for e in run})
     clips = [e.summary for e in run if e.summary.min_clip_factor is not None]
     facts = [
-        f"{len(run)} epochs ({run[0].number} to {run[-1].number})",
-        f"{len(seed_ids)} seeds",
-        f"top {max(e.summary.top_k for e in run)} layers kept per seed",
+        _count(len(run), "epoch") + f" ({run[0].number} to {run[-1].number})",
+        _count(len(seed_ids), "seed"),
+        f"top {_count(max(e.summary.top_k for e in run), 'layer')} kept per seed",
         f"{steps[0]}" + (f" to {steps[-1]}" if len(steps) > 1 else "") + " sampled steps per epoch",
         "values: RMS over the sampled steps of the gradient L2 norm, and its largest step",
         "host measured" if any(e.summary.host_norm is not None for e in run) else "host not measured",
@@ -200,7 +189,12 @@ def _run_section(run: Sequence[_Epoch], seed_ids: Sequence[str]) -> str:
     if any(e.summary.min_clip_factor is not None for e in run):
         clip = Series("smallest clip factor", [Point(e.summary.min_clip_factor, _clip_facts(e)) for e in run], "#555")
         chart = line_chart(
-            "Clip factor: smallest per epoch (1: never scaled)", epochs, [clip], y_label="clip factor", log=False
+            "Clip factor: smallest per epoch (1: never scaled)",
+            epochs,
+            [clip],
+            y_label="clip factor",
+            log=False,
+            include_zero=True,
         )
         charts.append(_figure(chart, ""))
     return f'<section class="run"><h2>Run</h2><div class="charts">{"".join(charts)}</div></section>'
@@ -267,7 +261,7 @@ def _seed_section(run: Sequence[_Epoch], seed_id: str, index: int) -> str:
     legend = _legend([(s.name, s.color, s.dash, "") for s in rms])
     stages = " → ".join(dict.fromkeys(seed.stage.removeprefix("SEED_STAGE_") for _, _, seed in present))
     facts = (
-        f"epochs {present[0][1].number} to {present[-1][1].number}; {len(layers)} layers; stages {stages}"
+        f"epochs {present[0][1].number} to {present[-1][1].number}; {_count(len(layers), 'layer')}; stages {stages}"
         if present
         else "never present"
     )
@@ -370,6 +364,10 @@ def _legend(entries: Sequence[tuple[str, str, str, str]]) -> str:
         label = f'<a href="#{target}">{escape(name)}</a>' if target else escape(name)
         items.append(f"<li>{swatch}{label}</li>")
     return f'<ul class="legend">{"".join(items)}</ul>'
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}" + ("" if number == 1 else "s")
 
 
 def _anchor(index: int) -> str:

@@ -59,17 +59,19 @@ def line_chart(
     *,
     y_label: str,
     log: bool = True,
+    include_zero: bool = False,
     bands: Sequence[Band] = (),
     notes: Sequence[tuple[int, str]] = (),
     empty_text: str = "no values",
 ) -> str:
     """The chart as an ``<svg>`` element (sized by its container: ``viewBox`` only); ``notes`` are short texts
-    at the bottom of the plot area at an epoch (by index), such as "not measured"."""
+    at the bottom of the plot area at an epoch (by index), such as "not measured". A linear axis spans the values
+    (a loss's changes show), from 0 with ``include_zero`` (a factor's scale)."""
     top = _TOP + (_BAND + 4 if bands else 0)
     area = _Area(_LEFT, top, WIDTH - _RIGHT, HEIGHT - _BOTTOM)
     x = _x_scale(epochs, area)
     values = [p.value for s in series for p in s.points if p.value is not None and math.isfinite(p.value)]
-    y = _y_scale(values, area, log)
+    y = _y_scale(values, area, log, include_zero)
     parts = [
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
         f'<text class="chart-title" x="{_LEFT}" y="18">{escape(title)}</text>',
@@ -128,17 +130,17 @@ def _x_scale(epochs: Sequence[int], area: _Area) -> list[float]:
     return [area.left + pad + (e - epochs[0]) / span * (area.width - 2 * pad) for e in epochs]
 
 
-def _y_scale(values: Sequence[float], area: _Area, log: bool) -> _Scale | None:
+def _y_scale(values: Sequence[float], area: _Area, log: bool, include_zero: bool) -> _Scale | None:
     drawn = [v for v in values if v > 0] if log else list(values)
     if not drawn:
         return None
     low, high = min(drawn), max(drawn)
     if log:
         low, high = math.log10(low), math.log10(high)
-    else:
+    elif include_zero:
         low = min(low, 0.0)
     pad = (high - low) * 0.06 or (0.5 if log else abs(high) * 0.1 or 1.0)
-    return _Scale(low - pad * (log or low < 0), high + pad, area, log)
+    return _Scale(low if include_zero and low == 0 else low - pad, high + pad, area, log)
 
 
 def _x_axis(epochs: Sequence[int], x: Sequence[float], area: _Area) -> list[str]:
@@ -180,10 +182,17 @@ def _y_ticks(y: _Scale) -> list[float]:
         decades = range(math.ceil(y.low), math.floor(y.high) + 1)
         multiples = (1.0,) if len(decades) >= 2 else (1.0, 2.0, 5.0)
         ticks = [m * 10.0**d for d in range(math.floor(y.low), math.ceil(y.high) + 1) for m in multiples]
-        return [t for t in ticks if y.low <= math.log10(t) <= y.high]
-    step = _nice_step((y.high - y.low) / 5)
-    first = math.ceil(y.low / step)
-    return [k * step for k in range(first, first + 12) if k * step <= y.high]
+        ticks = [t for t in ticks if y.low <= math.log10(t) <= y.high]
+        if len(ticks) >= 2:
+            return ticks
+        return _linear_ticks(10.0**y.low, 10.0**y.high)  # a narrow range, inside one decade: evenly spaced values
+    return _linear_ticks(y.low, y.high)
+
+
+def _linear_ticks(low: float, high: float) -> list[float]:
+    step = _nice_step((high - low) / 5)
+    first = math.ceil(low / step)
+    return [k * step for k in range(first, first + 12) if k * step <= high]
 
 
 def _nice_step(rough: float) -> float:
