@@ -170,8 +170,14 @@ def _count(value: int | None) -> int | None:
 
 
 def _loss(line: dict[str, Any]) -> float | None:
-    value = line.get("loss")  # the demo's mean training loss of the epoch; not part of EpochSummary
-    return float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    """The demo's mean training loss of the epoch (not part of EpochSummary); None where a line has no number."""
+    value = line.get("loss")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)  # "NaN" and "Infinity" as JSON spells them included
+    except ValueError:
+        return None
 
 
 def _finite(value: float | None) -> float:

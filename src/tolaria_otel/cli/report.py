@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,12 @@ class _Epoch:
     @property
     def number(self) -> int:
         return self.summary.epoch
+
+    @cached_property
+    def seed_lines(self) -> Mapping[str, Mapping[str, Any]]:
+        """The line's seed objects by seed id (read once: a page looks each seed up once per layer)."""
+        seeds = self.line.get("seeds", ())
+        return {s["seed_id"]: s for s in seeds if isinstance(s, dict) and isinstance(s.get("seed_id"), str)}
 
 
 def build_report(summaries_or_path: SummariesOrPath, *, title: str | None = None) -> str:
@@ -99,21 +106,25 @@ def load_epochs(path: str | os.PathLike[str]) -> list[_Epoch]:
 
 
 def _loss(epoch: _Epoch) -> float | None:
-    value = epoch.line.get("loss")
-    return float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    return _optional_number(epoch.line.get("loss"))
 
 
-def _seed_line(epoch: _Epoch, seed_id: str) -> Mapping[str, Any]:
-    seeds = epoch.line.get("seeds", ())
-    return next((s for s in seeds if isinstance(s, dict) and s.get("seed_id") == seed_id), {})
+def _optional_number(value: object) -> float | None:
+    """A number of the line, "NaN" and "Infinity" as JSON spells them included; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _max_step(epoch: _Epoch, seed: SeedSummary) -> int | None:
-    return _step(_seed_line(epoch, seed.seed_id).get("max_step", getattr(seed, "max_step", None)))
+    return _step(epoch.seed_lines.get(seed.seed_id, {}).get("max_step", getattr(seed, "max_step", None)))
 
 
 def _layer_max_steps(epoch: _Epoch, seed: SeedSummary) -> dict[str, int | None]:
-    line = _seed_line(epoch, seed.seed_id)
+    line = epoch.seed_lines.get(seed.seed_id, {})
     steps = {str(k): _step(v) for k, v in dict(getattr(seed, "layer_max_step", None) or {}).items()}
     mapping = line.get("layer_max_step")
     if isinstance(mapping, dict):
@@ -228,19 +239,30 @@ def _seed_section(run: Sequence[_Epoch], seed_id: str, index: int) -> str:
     epochs = [e.number for e in run]
     rms: list[Series] = []
     largest: list[Series] = []
+    # What each epoch says of the seed, worked out once for all its layers (None: the seed is not in the epoch).
+    per_epoch = [
+        (
+            seed,
+            _seed_facts(epoch, seed),
+            {name: r for r, (name, _) in enumerate(seed.top_layers, 1)},
+            _layer_max_steps(epoch, seed),
+        )
+        if (seed := epoch.summary.seeds.get(seed_id)) is not None
+        else None
+        for epoch in run
+    ]
     for number, layer in enumerate(layers):
         color, dash = style(number)
         rms_points, max_points = [], []
-        for epoch in run:
-            seed = epoch.summary.seeds.get(seed_id)
-            if seed is None:
+        for known in per_epoch:
+            if known is None:
                 rms_points.append(Point(None))
                 max_points.append(Point(None))
                 continue
-            top = [name for name, _ in seed.top_layers]
-            rank = f"top-K #{top.index(layer) + 1}" if layer in top else "not in the top-K"
-            rms_points.append(Point(_layer_values(seed).get(layer), f"{rank}; {_seed_facts(epoch, seed)}"))
-            at = _layer_max_steps(epoch, seed).get(layer)
+            seed, facts, ranks, steps = known
+            rank = f"top-K #{ranks[layer]}" if layer in ranks else "not in the top-K"
+            rms_points.append(Point(_layer_values(seed).get(layer), f"{rank}; {facts}"))
+            at = steps.get(layer)
             max_points.append(Point(seed.layer_max.get(layer), f"step {at}" if at is not None else ""))
         rms.append(Series(layer, rms_points, color, dash))
         largest.append(Series(layer, max_points, color, dash))
