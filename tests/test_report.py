@@ -93,7 +93,8 @@ def odd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     registry.add(ODD_SEED, seed, "SEED_STAGE_TRAINING")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     settings = SeedLayerSettings(enabled=True, top_k=1)
-    telemetry = SeedLayerTelemetry(model, registry, settings=settings, meter_provider=MeterProvider())
+    provider = MeterProvider()
+    telemetry = SeedLayerTelemetry(model, registry, settings=settings, meter_provider=provider)
     telemetry.attach(optimizer)
     data = torch.Generator().manual_seed(0)
     path = tmp_path_factory.mktemp("odd") / "run.jsonl"
@@ -122,6 +123,7 @@ def odd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 out.write(json.dumps({**summary.to_dict(), "loss": loss_sum / STEPS}) + "\n")
     finally:
         telemetry.close()
+        provider.shutdown()
     lines = read_lines(path)
     # What the run is for, read from the lines themselves.
     tops = [[layer["layer"] for layer in line["seeds"][0]["top_layers"]] for line in lines]
