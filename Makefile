@@ -21,10 +21,12 @@ demo: install
 
 # Real Prometheus, promtool and VictoriaMetrics from Debian 13 packages, into .cache/backends, and an
 # OpenTelemetry Collector built from Debian's Go packages, into .cache/otelcol (both git-ignored; the
-# Collector is rebuilt only when the packages it was built from change).
+# Collector is rebuilt only when the packages it was built from change). Headless Chromium, which opens
+# the HTML report in tests/test_report.py: Debian's chromium package, installed with apt-get when missing.
 backends:
 	bash devtools/fetch_backends.sh
 	bash devtools/otelcol/build.sh
+	bash devtools/fetch_chromium.sh
 
 # The whole chain on loopback until Ctrl-C: Collector -> VictoriaMetrics -> Prometheus with Nissa's rules.
 stack: install backends

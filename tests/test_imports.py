@@ -36,7 +36,9 @@ def test_public_api_does_not_load_torch_distributed_tensor():
     assert not {m for m in modules if m.startswith("torch.distributed.tensor")}
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["doctor"], ["plot"]], ids=lambda c: " ".join(c) or "top")
+@pytest.mark.parametrize(
+    "command", [[], ["demo"], ["doctor"], ["plot"], ["report"]], ids=lambda c: " ".join(c) or "top"
+)
 def test_help_does_not_load_torch(command):
     code = (
         "import contextlib, io\nfrom tolaria_otel.cli import main\n"

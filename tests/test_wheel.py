@@ -2,7 +2,7 @@
 
 ``python -m build`` makes the sdist and, from it, the wheel (so the sdist is checked to build it). The
 wheel goes into a fresh venv with the core dependencies only (torch==2.13.0 from constraints.txt, the
-CPU wheel on these disks), where the demo (``--quiet``: no rich), ``doctor`` and ``assets`` run and the
+CPU wheel on these disks), where the demo (``--quiet``: no rich), ``report``, ``doctor`` and ``assets`` run and the
 missing extras are named. Each documented extra then goes into a venv of its own that layers on that
 core (a ``.pth`` line makes the core venv's packages visible, so torch is installed once): what the
 extra adds is installed there, and nothing else is, so each venv holds the core and that one extra.
@@ -188,6 +188,7 @@ def test_core_install_runs_the_demo_doctor_and_assets_and_names_each_missing_ext
     demo = _run([cli, "demo", "--quiet", "--epochs", "1", "--output", "run.jsonl"], tmp_path)
     assert _ok(demo).strip() == "run.jsonl"
     assert (tmp_path / "run.jsonl").read_text().count("\n") == 1
+    assert _ok(_run([cli, "report", "run.jsonl"], tmp_path)).strip() == "run.html"  # the core needs no extra
 
     _ok(_run([cli, "assets", "out"], tmp_path))
     written = {

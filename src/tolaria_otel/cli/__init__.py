@@ -3,13 +3,15 @@
 ``tolaria-otel demo`` trains a small seeded network with the feature on (``tolaria_otel.demo``);
 ``tolaria-otel doctor`` shows and checks the configuration a training run would use;
 ``tolaria-otel plot`` renders a run's summaries to a PNG (``tolaria_otel.plot``);
+``tolaria-otel report`` writes them as one self-contained HTML page (``report``, drawn by ``report_chart``);
 ``tolaria-otel assets DIR`` writes the collector configs, rules, dashboards and docs (``tolaria_otel.assets``).
 They check their input before any work and report bad input as one line on stderr with a non-zero status:
 2 for bad input, 1 for problems ``doctor`` found, 130 for a run stopped by Ctrl-C.
 
 The parser and the dispatch live here; each command is a module of its own (``demo_command``,
-``doctor_command`` with ``doctor_checks`` and ``doctor_variables``, ``plot_command``, ``assets_command``),
-and what two commands share is in ``common`` and ``otlp_probe``: commands never import one another.
+``doctor_command`` with ``doctor_checks`` and ``doctor_variables``, ``plot_command``, ``report_command``
+with ``report`` and ``report_chart``, ``assets_command``), and what two commands share is in ``common`` and
+``otlp_probe``: commands never import one another.
 
 argparse rather than click or typer: it is in the standard library, so the command line adds
 nothing to the core install, and it is the convention of ``python -m`` tools.
@@ -34,6 +36,7 @@ from .demo_command import run_demo_command
 from .doctor_command import run_doctor_command
 from .otlp_probe import PROBE_TIMEOUT_S
 from .plot_command import run_plot_command
+from .report_command import run_report_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("summaries", type=Path, help="JSON Lines file, one EpochSummary.to_dict() per line")
     plot.add_argument("-o", "--output", type=Path, help="PNG to write (default: the input with .png)")
     plot.set_defaults(handler=run_plot_command)
+
+    report = commands.add_parser(
+        "report",
+        help="write a run's summaries as one self-contained HTML page",
+        description="Write one HTML file from a JSON Lines file of epoch summaries (the demo's --output): every "
+        "seed's total norm (RMS and largest step), the loss and the clip factor when the lines have them, and per "
+        "seed every layer over the epochs (RMS and largest step; an epoch without the layer is a gap), its stages "
+        "and a table of its epochs; values show on hover. Inline SVG and CSS only: it opens without a network "
+        "and needs no extra.",
+    )
+    report.add_argument("summaries", type=Path, help="JSON Lines file, one EpochSummary.to_dict() per line")
+    report.add_argument("-o", "--output", type=Path, help="HTML file to write (default: the input with .html)")
+    report.set_defaults(handler=run_report_command)
 
     assets = commands.add_parser(
         "assets",
