@@ -32,7 +32,6 @@ import pytest
 import torch
 from matplotlib.image import imread
 from opentelemetry.sdk.metrics import MeterProvider
-from tolaria_otel.seeded_mlp import SeedRegistry
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry
@@ -40,6 +39,7 @@ from tolaria_otel.cli import main
 from tolaria_otel.cli.plot import draw, render
 from tolaria_otel.cli.report import build_report
 from tolaria_otel.demo import run as demo
+from tolaria_otel.demo.seeded_mlp import SeedRegistry
 
 ODD_SEED = 'seed <b>"0"</b> & co'
 ODD_LAYER = "<script>alert('x')</script> & \"$x^$\""  # also mathtext to matplotlib, were it not escaped
@@ -342,16 +342,17 @@ def test_a_layer_out_of_the_top_k_keeps_its_line_and_a_gap_stays_a_gap(
     out.write_text(build_report(odd_run), encoding="utf-8")
     page = Page(browser.dom(out))
     rms = "Every layer: RMS per epoch"
-    largest = "Largest step per layer (kept while in the top-K)"
+    largest = "Largest step per layer"
     # Out of the top-K at epoch 1: drawn there all the same, one run of three points.
     assert page.series[(ODD_SEED, rms, ODD_LAYER)]["epochs"] == [0, 1, 2]
     assert runs_of(page.series[(ODD_SEED, rms, ODD_LAYER)]["d"]) == [3]
     # Without a gradient at epoch 1: two single points, not joined across it.
     assert page.series[(ODD_SEED, rms, QUIET)]["epochs"] == [0, 2]
     assert runs_of(page.series[(ODD_SEED, rms, QUIET)]["d"]) == [1, 1]
-    # A layer's largest step is kept while it is in the top-K only.
-    assert page.series[(ODD_SEED, largest, ODD_LAYER)]["epochs"] == [0, 2]
-    assert page.series[(ODD_SEED, largest, STEADY)]["epochs"] == [1]
+    # Every layer's largest step is in the lines (layer_max), in the top-K or not; a gap stays a gap.
+    assert page.series[(ODD_SEED, largest, ODD_LAYER)]["epochs"] == [0, 1, 2]
+    assert page.series[(ODD_SEED, largest, QUIET)]["epochs"] == [0, 2]
+    assert runs_of(page.series[(ODD_SEED, largest, QUIET)]["d"]) == [1, 1]
     # The clip factor and the loss: one point per epoch.
     clip = ("Run", "Clip factor: smallest per epoch (1: never scaled)", "smallest clip factor")
     assert page.series[clip]["epochs"] == [0, 1, 2]
@@ -440,7 +441,7 @@ def test_the_png_draws_every_layer_with_gaps_as_gaps(odd_run: Path, tmp_path: Pa
         assert same(values, [seed["layers"][layer] for seed in seed_lines]), layer
     assert math.isnan(drawn.rms[QUIET][1])  # no gradient at epoch 1: a NaN, which breaks the line
     for layer, values in drawn.largest.items():
-        expected = [next((t["max"] for t in seed["top_layers"] if t["layer"] == layer), None) for seed in seed_lines]
+        expected = [seed["layer_max"][layer] for seed in seed_lines]
         assert same(values, expected), layer
     totals = panel_lines(figure, "Seed totals")
     assert same(totals.rms[ODD_SEED], [seed["total_norm"] for seed in seed_lines])

@@ -2,7 +2,7 @@
 
 One panel per seed with every layer over epochs (``layer_norms``, not only the top-K: a layer that leaves
 the top-K and comes back keeps its line; an epoch without the layer is a gap, never a line drawn across)
-as the RMS per epoch (solid) and the largest step (dashed; kept for the top-K layers only); NaN or Inf
+as the RMS per epoch (solid) and the largest step (dashed); NaN or Inf
 layers as red crosses at the top edge, stage changes as dotted lines, an epoch the seed was present for
 only some steps marked with their number, an epoch it was not measured marked "not measured". One panel
 with every seed's total norm (``seed.norm``, RMS and largest step; not measured: a hollow marker at the

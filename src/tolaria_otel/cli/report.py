@@ -272,7 +272,7 @@ def _seed_section(run: Sequence[_Epoch], seed_id: str, index: int) -> str:
         "Every layer: RMS per epoch", epochs, rms, y_label="gradient norm (RMS)", bands=bands, notes=notes
     )
     max_chart = line_chart(
-        "Largest step per layer (kept while in the top-K)",
+        "Largest step per layer",
         epochs,
         largest,
         y_label="gradient norm (largest step)",
