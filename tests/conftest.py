@@ -2,7 +2,7 @@
 
 ``make test`` runs everything (the README's test command and CI's); ``make test-fast`` runs what needs no
 backend, no spawned ranks and no wheel build. A test module that needs one of them says so with
-``pytestmark``; ``tests/test_architecture.py`` is not the place: this file is.
+``pytestmark = pytest.mark.backend`` (or ``distributed``, ``packaging``); a single test, with the decorator.
 """
 
 from __future__ import annotations

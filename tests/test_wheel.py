@@ -36,15 +36,16 @@ import tomllib  # type: ignore[import-not-found]  # 3.11+; mypy checks at 3.10, 
 
 from tolaria_otel.cli.assets import PACKAGE_FOLDER, asset_files
 
-pytestmark = pytest.mark.packaging
-
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
 LAYERED_EXTRAS = ("demo", "prometheus", "grpc", "plot", "lightning", "transformers")
 CLI = "import sys; from tolaria_otel.cli import main; sys.exit(main(sys.argv[1:]))"
 INSTALL_TIMEOUT_S = 600
 
-pytestmark = pytest.mark.timeout(1200)  # the builds and installs of the module's fixtures count in the first test
+pytestmark = [
+    pytest.mark.packaging,
+    pytest.mark.timeout(1200),
+]  # the builds and installs of the module's fixtures count in the first test
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
