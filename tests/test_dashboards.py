@@ -35,8 +35,8 @@ from matplotlib.image import imread
 from dashboards import generate, seed_layers
 from devtools.stack import VictoriaMetrics, backend_binaries, prometheus, victoria_metrics, wait_until
 from tolaria_otel import EpochSummary, SeedLayerSettings, SeedLayerTelemetry, configure_meter_provider
+from tolaria_otel.cli import main as cli_main
 from tolaria_otel.cli.plot import load_summaries, render
-from tolaria_otel.cli.plot import main as plot_main
 from tolaria_otel.config.histogram import HISTOGRAM_BOUNDARIES, STEP_NORM_BOUNDARIES
 from tolaria_otel.demo.seeded_mlp import Seed
 from tolaria_otel.summary import health
@@ -863,9 +863,9 @@ def test_plot_renders_a_json_lines_file(healthy: Run, faulty: Run, tmp_path: Pat
     assert [s.to_dict() for s in loaded] == [s.to_dict() for s in faulty.summaries]
     nonfinite = loaded[-1].seeds[NONFINITE].total_norm
     assert nonfinite is not None and math.isnan(nonfinite)
-    assert plot_main([str(run_file), "-o", str(tmp_path / "out.png")]) == 0
+    assert cli_main(["plot", str(run_file), "-o", str(tmp_path / "out.png")]) == 0  # python -m tolaria_otel.plot
     assert capsys.readouterr().out.strip() == str(tmp_path / "out.png")
     assert_not_blank(tmp_path / "out.png")
     (tmp_path / "bad.jsonl").write_text('{"epoch": 0}\n')
-    assert plot_main([str(tmp_path / "bad.jsonl")]) == 2
+    assert cli_main(["plot", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:1: not an EpochSummary" in capsys.readouterr().err

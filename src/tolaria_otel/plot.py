@@ -1,11 +1,16 @@
-"""The import path of the PNG plot (``tolaria_otel.plot.render``, ``python -m tolaria_otel.plot``).
+"""The import path of the PNG plot (``tolaria_otel.plot.render``, ``draw``); ``python -m tolaria_otel.plot RUN.jsonl``
+is ``tolaria-otel plot RUN.jsonl``.
 
 The code is in ``tolaria_otel.cli.plot``.
 """
 
-from .cli.plot import main, render
+import sys
 
-__all__ = ["main", "render"]
+from .cli.plot import draw, render
+
+__all__ = ["draw", "render"]
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import main
+
+    sys.exit(main(["plot", *sys.argv[1:]]))

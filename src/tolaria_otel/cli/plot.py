@@ -19,11 +19,9 @@ page with every value on hover, see ``tolaria-otel report`` (``tolaria_otel.cli.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -338,23 +336,3 @@ def _epoch_axis(ax: Any, epochs: Sequence[int]) -> None:
     margin = max(0.5, (epochs[-1] - epochs[0]) * 0.03)
     ax.set_xlim(epochs[0] - margin, epochs[-1] + margin)
     ax.set_xlabel("epoch")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tolaria_otel.plot", description="Render a run's epoch summaries (JSON Lines) to a PNG."
-    )
-    parser.add_argument("summaries", type=Path, help="JSON Lines file of EpochSummary.to_dict() lines")
-    parser.add_argument("-o", "--output", type=Path, help="PNG to write (default: the input with .png)")
-    args = parser.parse_args(argv)
-    try:
-        out = render(args.summaries, args.output or args.summaries.with_suffix(".png"))
-    except (OSError, ValueError, ImportError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
