@@ -97,6 +97,8 @@ def summary_from_dict(data: dict[str, Any]) -> EpochSummary:
             layer_count=int(seed["layer_count"]),
             sampled_steps=int(seed.get("sampled_steps", data["sampled_steps"])),  # files from 0.1 have none
             max_norm=_number(seed.get("max_norm")),
+            max_step=_count(seed.get("max_step")),
+            layer_max_step={layer: _count(step) for layer, step in seed.get("layer_max_step", {}).items()},
             layer_norms={layer: _number(value) for layer, value in seed.get("layers", {}).items()},
             layer_max={layer["layer"]: _number(layer["max"]) for layer in seed["top_layers"] if "max" in layer},
             nonfinite_steps=int(seed.get("nonfinite_steps", 0)),

@@ -83,9 +83,10 @@ class SlotStats:
         self.bounds = bucket_bounds(device)
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor) -> None:
-        """Add ``[steps, slots]`` squared norms (eleven ops for the whole batch of steps)."""
-        self.layout.add(self.parts, slot_statistics(rows, self.bounds))
+    def update(self, rows: torch.Tensor, first: int) -> None:
+        """Add ``[steps, slots]`` squared norms of the consecutive sampled steps from index ``first`` (a
+        batch of ops for the whole batch of steps)."""
+        self.layout.add(self.parts, slot_statistics(rows, self.bounds, first))
 
 
 class Segment:
@@ -137,6 +138,9 @@ class Segment:
         #: (epoch step indices, ``[steps, 2 x sharded slots]``: their plain squares, then their shards')
         self.rows: list[tuple[list[int], torch.Tensor]] = []
         self._row_steps: list[int] = []
+        #: The epoch step index of the first waiting step, and the one a step continuing their run has.
+        self._first_waiting = 0
+        self._next_step = 0
         self.stats = SlotStats(len(self.slots), self.home)
 
     def lists_same_modules(self, mapping: Mapping[str, tuple[nn.Module, object]]) -> bool:
@@ -152,8 +156,15 @@ class Segment:
     def add_step(self, epoch_step: int, staged: Mapping[int, torch.Tensor] | None = None) -> None:
         """Queue a sampled step: measured here, or from the norms a clip took before it scaled (``staged``, by
         parameter id), completed for the parameters it did not cover (still unclipped now). Every
-        ``FLUSH_EVERY`` steps the waiting norms are folded into the running statistics."""
+        ``FLUSH_EVERY`` steps the waiting norms are folded into the running statistics, and before a step
+        that does not follow them (the segment was not current in between): a batch's largest step is
+        its index in the batch plus its first step's, so the waiting steps are one run of indices."""
+        if self.norms.waiting and epoch_step != self._next_step:
+            self.absorb()
         self.norms.add_step(None if staged is None else self._completed(staged))
+        if self.norms.waiting == 1:
+            self._first_waiting = epoch_step
+        self._next_step = epoch_step + 1
         self.steps += 1
         if self.keep_rows:
             self._row_steps.append(epoch_step)
@@ -179,7 +190,7 @@ class Segment:
         if rows is None:
             return
         n = len(self.slots)
-        self.stats.update(rows[:, :n].contiguous() if self.norms.sharded else rows)
+        self.stats.update(rows[:, :n].contiguous() if self.norms.sharded else rows, self._first_waiting)
         if self._sharded_columns is not None:
             columns = self._sharded_columns
             self.rows.append(

@@ -10,6 +10,7 @@ A new per-slot statistic is one entry of ``PARTS`` and its computation in :func:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,8 +24,14 @@ BUCKETS = len(HISTOGRAM_BOUNDARIES) + 1
 #: Per slot, one count per histogram bucket and a last one for the non-finite steps.
 COLUMNS = BUCKETS + 1
 
-#: How two segments' values of a slot combine: added, or the larger kept.
-Combine = Literal["sum", "max"]
+#: How two segments' values of a slot combine: added, the larger kept, or the step index of the larger
+#: ``maxima`` kept (the earlier one on ties; a non-finite square ranks above every finite one).
+Combine = Literal["sum", "max", "first_at_max"]
+#: What each combine starts from in a fold: a value that any segment's replaces or adds nothing to.
+IDENTITY: Mapping[Combine, float] = {"sum": 0.0, "max": 0.0, "first_at_max": math.inf}
+#: The batch's largest keyed square (:func:`max_keys`) that :func:`slot_statistics` hands to
+#: :meth:`StatisticsLayout.add` alongside the parts, so the combine does not key the batch's maxima again.
+MAX_KEYS = "max_keys"
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ PARTS: tuple[Part, ...] = (
     Part("maxima", 1, 0, "max", from_rows=True, count=False),  # the largest per-step squared norm
     Part("counts", COLUMNS, 0, "sum", from_rows=True, count=True),  # histogram buckets, then non-finite steps
     Part("tensors", TENSOR_COUNTS, 1, "sum", from_rows=False, count=True),  # tensor-steps: vanishing, exploding
+    # The epoch's sampled index of the largest square (float32: exact below 2**24 sampled steps per epoch).
+    # Replicated across ranks that sample in lockstep, so the holders' rounded mean is it.
+    Part("max_steps", 1, 0, "first_at_max", from_rows=True, count=True),
 )
 #: The parts computed from per-step squares: what a sharded slot's reduced rows give (``ranks.ShardedChunks``).
 ROW_PARTS = tuple(part for part in PARTS if part.from_rows)
@@ -72,6 +82,18 @@ class StatisticsLayout:
     def zeros(self, device: torch.device) -> torch.Tensor:
         return torch.zeros(self.length, dtype=torch.float32, device=device)
 
+    def blank(self, device: torch.device) -> torch.Tensor:
+        """A vector to :meth:`gather` segments into: each part at its combine's identity."""
+        vector = self.zeros(device)
+        for part, piece in zip(self.parts, vector.split(self.lengths)):
+            if IDENTITY[part.segments]:
+                piece.fill_(IDENTITY[part.segments])
+        return vector
+
+    def _ordered(self) -> list[Part]:
+        # An index kept at the larger maximum reads the maxima before they are combined.
+        return sorted(self.parts, key=lambda part: part.segments != "first_at_max")
+
     def host(self, values: Sequence[float]) -> dict[str, Sequence[float]]:
         """Each part's values as copied to the host, flat (in the part's shape's row-major order)."""
         out: dict[str, Sequence[float]] = {}
@@ -83,26 +105,36 @@ class StatisticsLayout:
 
     def add(self, running: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> None:
         """Fold a later batch of steps' statistics of the same slots into running ones, in place."""
-        for part in self.parts:
+        for part in self._ordered():
             if part.name not in batch:
                 continue
             into, value = running[part.name], batch[part.name]
             if part.segments == "sum":
                 into += value
-            else:
+            elif part.segments == "max":
                 torch.maximum(into, value, out=into)
+            else:  # the running steps are earlier: a later batch's index only where its maximum is larger
+                later = batch[MAX_KEYS] if MAX_KEYS in batch else max_keys(batch["maxima"])
+                torch.where(later > max_keys(running["maxima"]), value, into, out=into)
 
     def gather(
         self, into: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], target: torch.Tensor
     ) -> None:
-        """Fold one segment's statistics (its slots, in order) into ``into``'s slots ``target``."""
-        for part in self.parts:
+        """Fold one segment's statistics (its slots, in order) into ``into``'s slots ``target`` (``blank``
+        at first); segments come in any order, so an index is kept by its maximum, then the earlier."""
+        for part in self._ordered():
             axis = part.slot_axis
             value = source[part.name].to(into[part.name].device)
             if part.segments == "sum":
                 into[part.name].index_add_(axis, target, value)
-            else:
+            elif part.segments == "max":
                 into[part.name].scatter_reduce_(axis, target, value, reduce="amax")
+            else:
+                mine = max_keys(source["maxima"].to(value.device))
+                theirs = max_keys(into["maxima"].index_select(axis, target))
+                steps = into[part.name].index_select(axis, target)
+                take = (mine > theirs) | ((mine == theirs) & (value < steps))
+                into[part.name].index_copy_(axis, target, torch.where(take, value, steps))
 
     def place(
         self,
@@ -141,12 +173,21 @@ def bucket_bounds(device: torch.device) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.float32, device=device)
 
 
-def slot_statistics(rows: torch.Tensor, bounds: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``[steps, slots]`` squared norms -> the ``ROW_PARTS`` of their statistics: per slot the sum, the
-    largest step, and ``[slots, COLUMNS]`` counts (histogram buckets, then non-finite steps): eight ops
-    (two of them views) for any number of steps."""
+def max_keys(squares: torch.Tensor) -> torch.Tensor:
+    """Squares as they rank for the largest step: NaN and Inf alike above every finite one (so the first
+    non-finite step is the one kept), whereas ``amax`` puts NaN above Inf."""
+    return squares.nan_to_num(nan=math.inf, posinf=math.inf)
+
+
+def slot_statistics(rows: torch.Tensor, bounds: torch.Tensor, first: int = 0) -> dict[str, torch.Tensor]:
+    """``[steps, slots]`` squared norms of the consecutive sampled steps from index ``first`` -> the
+    ``ROW_PARTS`` of their statistics: per slot the sum, the largest step and its index (the first on
+    ties), and ``[slots, COLUMNS]`` counts (histogram buckets, then non-finite steps); with ``MAX_KEYS``.
+    A dozen ops for any number of steps; ``first`` is a Python number added on the device (no copy)."""
     slots = rows.shape[1]
     columns = torch.bucketize(rows, bounds)  # (b[i-1], b[i]]: OpenTelemetry's explicit buckets
     columns += torch.arange(0, slots * COLUMNS, COLUMNS, device=rows.device)
     counts = torch.bincount(columns.flatten(), minlength=slots * COLUMNS).view(slots, COLUMNS)
-    return {"sums": rows.sum(0), "maxima": rows.amax(0), "counts": counts}
+    keys, at = max_keys(rows).max(0)  # the first of equal maxima, as torch documents
+    steps = at.float() + first
+    return {"sums": rows.sum(0), "maxima": rows.amax(0), "counts": counts, "max_steps": steps, MAX_KEYS: keys}

@@ -38,6 +38,8 @@ class EpochSums:
     clips: ClipTotals = field(
         default_factory=ClipTotals
     )  # the trainer's clip facts (each rank's own: every rank clips alike)
+    #: The epoch's sampled index of the largest per-step square (the first on ties, non-finite first).
+    max_steps: Sequence[float] = ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int, clips: Cli
         _counts(tensors[:n]) if counted else None,
         _counts(tensors[n:]) if counted else None,
         clips,
+        parts["max_steps"],
     )
 
 
@@ -136,7 +139,7 @@ def fold_statistics(segments: Sequence[Segment], facts: HostFacts, home: torch.d
         return active[0].stats.values
     layout = StatisticsLayout(len(facts.slots))
     index = {slot: i for i, slot in enumerate(facts.slots)}
-    vector = layout.zeros(home)
+    vector = layout.blank(home)
     parts = layout.views(vector)
     for segment in active:
         target = torch.tensor([index[slot] for slot in segment.slots], dtype=torch.long, device=home)

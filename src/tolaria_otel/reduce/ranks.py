@@ -118,7 +118,7 @@ class ShardedChunks:
         self._index = {slot: j for j, slot in enumerate(slots)}
         self.layout = StatisticsLayout(len(slots), ROW_PARTS)
         self._stats: torch.Tensor | None = None  # the ROW_PARTS of the chunks reduced so far
-        self._in_flight: tuple[dist.Work, torch.Tensor] | None = None
+        self._in_flight: tuple[dist.Work, torch.Tensor, int] | None = None  # with its first epoch step index
         self._first = 0  # epoch step index of the current chunk's first row
         self._stepped = 0  # sampled steps this epoch, measured or not
         self._warned = False
@@ -144,7 +144,7 @@ class ShardedChunks:
             block = torch.zeros(self.length, dtype=torch.float32, device=device)
         self.wait()
         try:
-            self._in_flight = dist.all_reduce(block, async_op=True), block
+            self._in_flight = dist.all_reduce(block, async_op=True), block, self._first
         except Exception:  # noqa: BLE001
             self._warn("could not all-reduce a chunk of sharded steps")
         self._first = epoch_steps
@@ -186,23 +186,29 @@ class ShardedChunks:
         """Wait on the chunk in flight (on the device's stream: no host sync) and fold it in."""
         if self._in_flight is None:
             return
-        work, block = self._in_flight
+        work, block, first = self._in_flight
         self._in_flight = None
         try:
             work.wait()
-            self._stats = self.statistics(block, CHUNK_STEPS)
+            self._stats = self.statistics(block, CHUNK_STEPS, first)
         except Exception:  # noqa: BLE001
             self._warn("could not fold a chunk of sharded steps")
 
-    def statistics(self, block: torch.Tensor, steps: int) -> torch.Tensor:
-        """The running ``ROW_PARTS`` statistics with a reduced chunk's first ``steps`` rows folded in."""
+    @property
+    def first(self) -> int:
+        """The epoch step index of the chunk being filled's first row (its largest step's offset)."""
+        return self._first
+
+    def statistics(self, block: torch.Tensor, steps: int, first: int) -> torch.Tensor:
+        """The running ``ROW_PARTS`` statistics with a reduced chunk's first ``steps`` rows, from epoch step
+        index ``first``, folded in."""
         k = len(self.slots)
         layout = self.layout
         if not steps:  # an epoch of whole chunks: its last one is empty
             return layout.zeros(block.device) if self._stats is None else self._stats
         rows = block[: 2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)[:steps]
         holders = block[2 * CHUNK_STEPS * k :].clamp(min=1.0)
-        chunk = slot_statistics(rows[:, :k] / holders + rows[:, k:], bucket_bounds(block.device))
+        chunk = slot_statistics(rows[:, :k] / holders + rows[:, k:], bucket_bounds(block.device), first)
         if self._stats is None:
             return layout.flat(chunk)
         total = self._stats.to(block.device).clone()
@@ -319,7 +325,8 @@ class EpochVector:
         start += HOST_FACTS * n
         chunked = [(j, index[slot]) for j, slot in enumerate(self.chunks.slots) if slot in index]
         if chunked:
-            chunk = self.chunks.statistics(vector[start : start + self.chunks.length], self.chunks.tail_steps)
+            tail = vector[start : start + self.chunks.length]
+            chunk = self.chunks.statistics(tail, self.chunks.tail_steps, self.chunks.first)
             source = torch.tensor([j for j, _ in chunked], dtype=torch.long, device=vector.device)
             target = torch.tensor([i for _, i in chunked], dtype=torch.long, device=vector.device)
             statistics.place(parts, self.chunks.layout.views(chunk), source, target, ROW_PARTS)
@@ -330,7 +337,7 @@ class EpochVector:
             rows = vector[start : start + 2 * layout.steps * k].view(layout.steps, 2 * k)
             columns = torch.tensor([index[slot] for slot in unchunked], dtype=torch.long, device=vector.device)
             steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
-            reduced = slot_statistics(steps, bucket_bounds(vector.device))
+            reduced = slot_statistics(steps, bucket_bounds(vector.device))  # rows by epoch step index: first 0
             every = torch.arange(k, device=vector.device)
             statistics.place(parts, reduced, every, columns, ROW_PARTS)
         return torch.cat([statistics.flat(parts), host])
