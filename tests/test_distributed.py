@@ -622,7 +622,7 @@ def assert_equals_reference(summary: dict, squares: dict[str, dict[str, list[flo
 @pytest.mark.parametrize(("world", "kinds"), [(2, ["replicated", "sharded"]), (4, ["sharded"])])
 def test_epochs_of_100_and_10000_steps_reduce_the_same_bytes_exactly(tmp_path, world, kinds):
     """Issue 18.3: memory and all-reduce size independent of the epoch's length, values exact. The
-    epoch end's all-reduce is ``60 x slots + 129 x sharded slots + world + 1`` float32 values
+    epoch end's all-reduce is ``61 x slots + 129 x sharded slots + world + 1`` float32 values
     (docs/distributed.md); a replicated gradient needs nothing per step, a sharded one one all-reduce
     of 129 x its slots per 64 sampled steps. Four ranks run the sharded kind only, with empty shards
     (a replicated gradient's reduction does not depend on the world size), to keep the suite short."""
@@ -634,7 +634,7 @@ def test_epochs_of_100_and_10000_steps_reduce_the_same_bytes_exactly(tmp_path, w
         for result in results:
             assert result["failures"] == 0
             assert result["summaries"] == results[0]["summaries"]  # every rank the same global summary
-            end = [4 * (60 * slots + 129 * sharded + world + 1)]
+            end = [4 * (61 * slots + 129 * sharded + world + 1)]
             assert result["end_bytes"] == [end] * 3  # 100 steps and 10,000 steps: the same all-reduce
             assert result["step_bytes"] == [
                 [4 * 129 * sharded] * (steps // 64 if sharded else 0) for steps in SCALE_STEPS

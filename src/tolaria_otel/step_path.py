@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -28,8 +28,38 @@ from .reduce.ranks import RankReduction
 _logger = logging.getLogger("tolaria_otel.telemetry")  # the telemetry's warnings, under the name users filter on
 
 #: The epoch as the summary reads it: its sums, every seed listed at some sampled step with its last
-#: stage, and the seeds gone before its end.
-FoldedEpoch = tuple[EpochSums, Mapping[str, str], Collection[str]]
+#: stage, the seeds gone before its end, and the optimizer step number of a sampled step's index.
+FoldedEpoch = tuple[EpochSums, Mapping[str, str], Collection[str], Callable[[int], int | None]]
+
+
+class StepNumbers:
+    """The optimizer step number of each sampled step of the epoch, by its sampled index: a rule while
+    the numbers go up by ``sample_every`` (no list per step), a list once a caller's numbering departs
+    from it (``observe_step(step=N)``)."""
+
+    def __init__(self, every: int) -> None:
+        self._every = every
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        self._first: int | None = None
+        self._count = 0
+        self._listed: list[int] | None = None
+
+    def add(self, number: int) -> None:
+        if self._listed is not None:
+            self._listed.append(number)
+        elif self._first is None:
+            self._first = number
+        elif number != self._first + self._count * self._every:
+            self._listed = [self._first + i * self._every for i in range(self._count)] + [number]
+        self._count += 1
+
+    def __call__(self, index: int) -> int | None:
+        """The step number of the ``index``-th sampled step, or None when there is none."""
+        if self._first is None or not 0 <= index < self._count:
+            return None
+        return self._listed[index] if self._listed is not None else self._first + index * self._every
 
 
 class StepPath:
@@ -54,12 +84,23 @@ class StepPath:
         self._lock = lock
         self._failures = failures
         self.sampled_steps = 0  # of this epoch
+        #: The next optimizer step's number: every observed step counts, sampled or not, from 0 at the first.
+        self._next_number = 0
+        self._numbers = StepNumbers(sampling.every)
         self._warned_unsampled = False
         if ranks is not None:  # on every rank: which slots the sharded steps' chunks carry
             ranks.begin(seeds.current)
 
-    def observe(self, staged: Mapping[int, torch.Tensor] | None, clip_factors: Sequence[torch.Tensor] = ()) -> None:
-        """A step, measured here or from the norms a clip took before it scaled (``Segment.add_step``)."""
+    def observe(
+        self,
+        staged: Mapping[int, torch.Tensor] | None,
+        clip_factors: Sequence[torch.Tensor] = (),
+        step: int | None = None,
+    ) -> None:
+        """A step, measured here or from the norms a clip took before it scaled (``Segment.add_step``);
+        ``step``: its number, when the caller counts them (else the one after the last)."""
+        number = self._next_number if step is None else step
+        self._next_number = number + 1
         if not self._sampling.count():
             return
         seeds = self._seeds
@@ -74,6 +115,7 @@ class StepPath:
                     segment.add_step(self.sampled_steps, staged)
                 if clip_factors:
                     self.clip_facts.add(clip_factors)
+                self._numbers.add(number)  # a host list at most: the index is mapped at the epoch end
                 self.sampled_steps += 1
                 seeds.follow_replaced_parameters(self.sampled_steps)
             except Exception:  # noqa: BLE001 - telemetry must never stop training
@@ -108,8 +150,9 @@ class StepPath:
             self._warned_unsampled = True
         if sums is None or not steps:
             return None
-        return sums, stages, left
+        return sums, stages, left, self._numbers
 
     def start_epoch(self) -> None:
         self.sampled_steps = 0
+        self._numbers.start_epoch()
         self.clip_facts.reset()

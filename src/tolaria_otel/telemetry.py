@@ -114,16 +114,25 @@ class SeedLayerTelemetry:
         """How many times telemetry trouble was logged instead of raised (the first of each kind as a warning)."""
         return self._failures.count
 
-    def observe_step(self) -> None:
+    def observe_step(self, *, step: int | None = None) -> None:
         """Queue this optimizer step's gradient norms on the device. No host sync.
 
         Call it after the optimizer step (or before it, when nothing clips). Norms a clip took
         before it scaled (:meth:`clip_grad_norm_`, or ``torch.nn.utils.clip_grad_norm_`` while
         attached) are this step's values: the gradients are measured before clipping.
+        ``step`` (an int >= 0) is this optimizer step's number in your own count, reported as
+        ``SeedSummary.max_step``; without it steps are counted from 0 at the first observed one. A bad
+        value is logged (``failures``) and the count goes on.
         """
         if not self._enabled:
             return
-        self._steps.observe(*self._pre_clip.take())
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            try:
+                raise ValueError(f"observe_step(step={step!r}): expected an int >= 0")
+            except ValueError:  # telemetry must never stop training: logged, and the step counted instead
+                self._failures("observe_step(step=...)")
+            step = None
+        self._steps.observe(*self._pre_clip.take(), step=step)
 
     def clip_grad_norm_(
         self,

@@ -184,14 +184,19 @@ class RichDisplay:
         table = Table(
             title=f"epoch {record['epoch']}  loss {record['loss']:.4f}", title_justify="left", box=None, padding=(0, 1)
         )
-        for column in ("seed", "stage", "total norm"):
-            table.add_column(column, justify="right" if column == "total norm" else "left", no_wrap=True)
+        for column in ("seed", "stage", "total norm", "max @step"):
+            table.add_column(column, justify="left" if column in ("seed", "stage") else "right", no_wrap=True)
         table.add_column(f"top {record.get('top_k', '-')} layers", no_wrap=True)
         for seed in record["seeds"]:
             layers = "  ".join(f"{layer['layer']}={_number(layer['value'])}" for layer in seed["top_layers"])
             # Kasmina's prefix left out here only, to fit a terminal; the file and the metrics keep it.
+            largest = "-" if seed["max_norm"] is None else f"{_number(seed['max_norm'])} @{seed['max_step']}"
             table.add_row(
-                seed["seed_id"], seed["stage"].removeprefix("SEED_STAGE_"), _number(seed["total_norm"]), layers
+                seed["seed_id"],
+                seed["stage"].removeprefix("SEED_STAGE_"),
+                _number(seed["total_norm"]),
+                largest,
+                layers,
             )
         self.progress.console.print(table)
         self.progress.advance(self._epochs)

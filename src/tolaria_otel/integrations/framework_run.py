@@ -53,9 +53,18 @@ class FrameworkRun:
     """The telemetry of one run of a framework's training loop, from its start to its end."""
 
     def __init__(
-        self, model: nn.Module, optimizers: Sequence[object], options: RunOptions, *, deepspeed: bool = False
+        self,
+        model: nn.Module,
+        optimizers: Sequence[object],
+        options: RunOptions,
+        *,
+        deepspeed: bool = False,
+        global_step: Callable[[], int] | None = None,
     ) -> None:
         self.options = options
+        #: The framework's global step read in the optimizer's step hook: the 0-based index of the step
+        #: being measured (the framework counts it once the step is done).
+        self._global_step = global_step
         self.telemetry = SeedLayerTelemetry(
             model,
             options.seeds,
@@ -103,7 +112,7 @@ class FrameworkRun:
             self.telemetry.close()
 
     def _after_optimizer_step(self) -> None:
-        self.telemetry.observe_step()
+        self.telemetry.observe_step(step=None if self._global_step is None else self._global_step())
         self._steps_unsummarised += 1
         if self._steps_unsummarised == self.options.every_n_steps:
             self._summarise()
@@ -152,9 +161,16 @@ class FrameworkCallback:
         """The running run's telemetry, or None between runs."""
         return None if self._run is None else self._run.telemetry
 
-    def _start_run(self, model: nn.Module, optimizers: Sequence[object], *, deepspeed: bool = False) -> None:
+    def _start_run(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[object],
+        *,
+        deepspeed: bool = False,
+        global_step: Callable[[], int] | None = None,
+    ) -> None:
         self._close_run()  # a run that failed before the framework could tell us
-        self._run = FrameworkRun(model, optimizers, self.options, deepspeed=deepspeed)
+        self._run = FrameworkRun(model, optimizers, self.options, deepspeed=deepspeed, global_step=global_step)
 
     def _before_clip(self) -> None:
         if self._run is not None:

@@ -52,7 +52,14 @@ class SeedLayerCallback(FrameworkCallback, transformers.TrainerCallback):
                 "to on_train_begin: expected a torch.nn.Module and its optimizer"
             )
         # closes a train() that raised
-        self._start_run(model, [optimizer], deepspeed=bool(getattr(args, "deepspeed", None)))
+        # The Trainer adds 1 to state.global_step after optimizer.step(): inside it, the 0-based index of
+        # the step (logged under global_step + 1).
+        self._start_run(
+            model,
+            [optimizer],
+            deepspeed=bool(getattr(args, "deepspeed", None)),
+            global_step=lambda: int(state.global_step),
+        )
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._end_epoch()

@@ -30,7 +30,10 @@ class SeedLayerCallback(FrameworkCallback, pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         deepspeed = type(trainer.strategy).__name__.startswith("DeepSpeed")
-        self._start_run(pl_module, trainer.optimizers, deepspeed=deepspeed)
+        # Inside optimizer.step Lightning has not counted the step yet: global_step is its 0-based index.
+        self._start_run(
+            pl_module, trainer.optimizers, deepspeed=deepspeed, global_step=lambda: int(trainer.global_step)
+        )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: object) -> None:
         self._before_clip()

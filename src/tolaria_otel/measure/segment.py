@@ -11,8 +11,9 @@ A *slot* is ``(seed_id, layer)`` or ``(seed_id, TOTAL)`` (``(HOST, TOTAL)`` for 
 measured). Per slot, over the epoch's sampled steps, the statistics are: the sum of the per-step
 squared norms (the RMS), the largest per-step squared norm (the spike), and how many steps were
 non-finite; per seed total, the per-step norms' histogram over ``config.histogram.HISTOGRAM_BOUNDARIES``; per
-slot, the tensor-steps below and above the health thresholds (``norms.TENSOR_COUNTS``). They are
-computed on the device from the per-step norms (``norms.StepNorms``) and copied to the host once.
+slot, the tensor-steps below and above the health thresholds (``step_norms.TENSOR_COUNTS``); laid out by
+``statistics.StatisticsLayout``. They are computed on the device from the per-step norms
+(``step_norms.StepNorms``) and copied to the host once.
 """
 
 from __future__ import annotations
@@ -23,18 +24,16 @@ import torch
 from torch import nn
 
 from ..capture.torch_clip import l2_norms
-from ..config.histogram import HISTOGRAM_BOUNDARIES
 from ..config.settings import TENSOR_EXPLODING_ABOVE, TENSOR_VANISHING_BELOW
 from .local_gradients import local_gradients, shard_weight
 from .seeds import SeedView, discover_layers
-from .step_norms import FLUSH_EVERY, TENSOR_COUNTS, StepNorms, index_parameters
+from .statistics import StatisticsLayout, bucket_bounds, slot_statistics
+from .step_norms import FLUSH_EVERY, StepNorms, index_parameters
 
 #: The layer name of a seed's total; no layer has it (the root is ``(root)``).
 TOTAL = ""
 #: The seed id of the host (every trainable parameter of the model that belongs to no seed); no seed has it.
 HOST = ""
-
-BUCKETS = len(HISTOGRAM_BOUNDARIES) + 1
 
 Slot = tuple[str, str]
 SegmentKey = tuple[object, ...]
@@ -50,34 +49,6 @@ def segment_key(seeds: Mapping[str, SeedView], host: Sequence[nn.Parameter] = ()
         for seed_id, view in seeds.items()
     )
     return (*key, (HOST, tuple((id(p), p.device) for p in host))) if host else key
-
-
-#: Per slot, one count per histogram bucket and a last one for the non-finite steps.
-COLUMNS = BUCKETS + 1
-
-
-def statistics_length(slot_count: int) -> int:
-    """Length of the flat statistics vector: ``[sums | maxima | counts]``, ``counts`` being
-    ``[slots, COLUMNS]``."""
-    return slot_count * (2 + COLUMNS)
-
-
-def bucket_bounds(device: torch.device) -> torch.Tensor:
-    """The histogram's bounds, squared (the rows hold squared norms: no sqrt per step), and a last bound
-    at float32's largest value, so a finite square above the top bound falls in the top bucket and only
-    NaN and Inf fall past it, in the non-finite column."""
-    bounds = [b * b for b in HISTOGRAM_BOUNDARIES] + [torch.finfo(torch.float32).max]
-    return torch.tensor(bounds, dtype=torch.float32, device=device)
-
-
-def slot_statistics(rows: torch.Tensor, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[steps, slots]`` squared norms -> per slot the sum, the largest step, and ``[slots, COLUMNS]``
-    counts (histogram buckets, then non-finite steps): eight ops (two of them views) for any number of steps."""
-    slots = rows.shape[1]
-    columns = torch.bucketize(rows, bounds)  # (b[i-1], b[i]]: OpenTelemetry's explicit buckets
-    columns += torch.arange(0, slots * COLUMNS, COLUMNS, device=rows.device)
-    counts = torch.bincount(columns.flatten(), minlength=slots * COLUMNS).view(slots, COLUMNS)
-    return rows.sum(0), rows.amax(0), counts
 
 
 def module_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -98,34 +69,24 @@ def module_parameters(module: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def tensor_counts_length(slot_count: int) -> int:
-    """Length of the health counts after the statistics: ``[below | above]``, ``slot_count`` each."""
-    return slot_count * TENSOR_COUNTS
-
-
 class SlotStats:
     """Running per-slot statistics of a single process's steps, on the device, in one flat vector
-    (``statistics_length``, then the health counts, ``tensor_counts_length``) so the epoch end copies it
-    to the host as it is. The health counts are float32: exact up to 2**24 tensor-steps per slot."""
+    (``statistics.StatisticsLayout``) so the epoch end copies it to the host as it is. The health counts
+    are float32: exact up to 2**24 tensor-steps per slot."""
 
     def __init__(self, slot_count: int, device: torch.device) -> None:
-        length = statistics_length(slot_count)
-        self.values = torch.zeros(length + tensor_counts_length(slot_count), dtype=torch.float32, device=device)
-        self.sums, self.maxima, counts, tensors = self.values.split(
-            [slot_count, slot_count, slot_count * COLUMNS, tensor_counts_length(slot_count)]
-        )
-        self.counts = counts.view(slot_count, COLUMNS)
-        #: ``[TENSOR_COUNTS, slots]``: added at every batch, single process or not (norms.StepNorms.take_rows).
-        self.tensors = tensors.view(TENSOR_COUNTS, slot_count)
+        self.layout = StatisticsLayout(slot_count)
+        self.values = self.layout.zeros(device)
+        self.parts = self.layout.views(self.values)
+        #: ``[TENSOR_COUNTS, slots]``: added at every batch, single process or not (``StepNorms.take_rows``).
+        self.tensors = self.parts["tensors"]
         self.bounds = bucket_bounds(device)
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor) -> None:
-        """Add ``[steps, slots]`` squared norms (eleven ops for the whole batch of steps)."""
-        sums, maxima, counts = slot_statistics(rows, self.bounds)
-        self.sums += sums
-        torch.maximum(self.maxima, maxima, out=self.maxima)
-        self.counts += counts
+    def update(self, rows: torch.Tensor, first: int) -> None:
+        """Add ``[steps, slots]`` squared norms of the consecutive sampled steps from index ``first`` (a
+        batch of ops for the whole batch of steps)."""
+        self.layout.add(self.parts, slot_statistics(rows, self.bounds, first))
 
 
 class Segment:
@@ -177,6 +138,9 @@ class Segment:
         #: (epoch step indices, ``[steps, 2 x sharded slots]``: their plain squares, then their shards')
         self.rows: list[tuple[list[int], torch.Tensor]] = []
         self._row_steps: list[int] = []
+        #: The epoch step index of the first waiting step, and the one a step continuing their run has.
+        self._first_waiting = 0
+        self._next_step = 0
         self.stats = SlotStats(len(self.slots), self.home)
 
     def lists_same_modules(self, mapping: Mapping[str, tuple[nn.Module, object]]) -> bool:
@@ -192,8 +156,15 @@ class Segment:
     def add_step(self, epoch_step: int, staged: Mapping[int, torch.Tensor] | None = None) -> None:
         """Queue a sampled step: measured here, or from the norms a clip took before it scaled (``staged``, by
         parameter id), completed for the parameters it did not cover (still unclipped now). Every
-        ``FLUSH_EVERY`` steps the waiting norms are folded into the running statistics."""
+        ``FLUSH_EVERY`` steps the waiting norms are folded into the running statistics, and before a step
+        that does not follow them (the segment was not current in between): a batch's largest step is
+        its index in the batch plus its first step's, so the waiting steps are one run of indices."""
+        if self.norms.waiting and epoch_step != self._next_step:
+            self.absorb()
         self.norms.add_step(None if staged is None else self._completed(staged))
+        if self.norms.waiting == 1:
+            self._first_waiting = epoch_step
+        self._next_step = epoch_step + 1
         self.steps += 1
         if self.keep_rows:
             self._row_steps.append(epoch_step)
@@ -219,7 +190,7 @@ class Segment:
         if rows is None:
             return
         n = len(self.slots)
-        self.stats.update(rows[:, :n].contiguous() if self.norms.sharded else rows)
+        self.stats.update(rows[:, :n].contiguous() if self.norms.sharded else rows, self._first_waiting)
         if self._sharded_columns is not None:
             columns = self._sharded_columns
             self.rows.append(

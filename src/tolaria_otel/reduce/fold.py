@@ -13,16 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..measure.clip_facts import ClipTotals
-from ..measure.segment import (
-    BUCKETS,
-    COLUMNS,
-    TOTAL,
-    Segment,
-    Slot,
-    statistics_length,
-    tensor_counts_length,
-)
-from ..measure.step_norms import TENSOR_COUNTS
+from ..measure.segment import TOTAL, Segment, Slot
+from ..measure.statistics import BUCKETS, COLUMNS, StatisticsLayout
 
 
 @dataclass(frozen=True)
@@ -46,6 +38,8 @@ class EpochSums:
     clips: ClipTotals = field(
         default_factory=ClipTotals
     )  # the trainer's clip facts (each rank's own: every rank clips alike)
+    #: The epoch's sampled index of the largest per-step square (the first on ties, non-finite first).
+    max_steps: Sequence[float] = ()
 
 
 @dataclass(frozen=True)
@@ -93,17 +87,18 @@ def host_facts(segments: Sequence[Segment]) -> HostFacts:
 
 
 def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int, clips: ClipTotals) -> EpochSums:
-    """The epoch from its statistics vector (``statistics_length``, in ``facts.slots`` order), copied to the
-    host; the health counts when the vector goes on with them (``tensor_counts_length``)."""
+    """The epoch from its statistics vector (``StatisticsLayout``, in ``facts.slots`` order), copied to the
+    host; the health counts are None when the vector stops before them (a NaN count: not known)."""
     n = len(facts.slots)
-    length = statistics_length(n)
-    counts = values[2 * n : length]
-    tensors = values[length : length + tensor_counts_length(n)]
-    counted = len(tensors) == tensor_counts_length(n)
+    layout = StatisticsLayout(n)
+    parts = layout.host(values)
+    counts = parts["counts"]
+    tensors = parts["tensors"]
+    counted = len(values) >= layout.length
     return EpochSums(
         facts.slots,
-        values[:n],
-        values[n : 2 * n],
+        parts["sums"],
+        parts["maxima"],
         [int(counts[i * COLUMNS + BUCKETS]) for i in range(n)],
         facts.measured,
         facts.numel,
@@ -118,6 +113,7 @@ def epoch_sums(facts: HostFacts, values: Sequence[float], steps: int, clips: Cli
         _counts(tensors[:n]) if counted else None,
         _counts(tensors[n:]) if counted else None,
         clips,
+        parts["max_steps"],
     )
 
 
@@ -136,19 +132,16 @@ def fold(segments: Sequence[Segment], home: torch.device, steps: int, clips: Cli
 
 
 def fold_statistics(segments: Sequence[Segment], facts: HostFacts, home: torch.device) -> torch.Tensor:
-    """The absorbed segments' statistics in one vector (``statistics_length``, in ``facts.slots`` order)."""
+    """The absorbed segments' statistics in one vector (``StatisticsLayout``, in ``facts.slots`` order),
+    each part combined across segments by its own rule."""
     active = [segment for segment in segments if segment.steps]
     if len(active) == 1 and tuple(active[0].slots) == facts.slots:  # one segment: its vector as it is
         return active[0].stats.values
-    n = len(facts.slots)
+    layout = StatisticsLayout(len(facts.slots))
     index = {slot: i for i, slot in enumerate(facts.slots)}
-    vector = torch.zeros(statistics_length(n) + tensor_counts_length(n), dtype=torch.float32, device=home)
-    sums, maxima, counts, tensors = vector.split([n, n, n * COLUMNS, tensor_counts_length(n)])
+    vector = layout.blank(home)
+    parts = layout.views(vector)
     for segment in active:
-        stats = segment.stats
         target = torch.tensor([index[slot] for slot in segment.slots], dtype=torch.long, device=home)
-        sums.index_add_(0, target, stats.sums.to(home))
-        maxima.scatter_reduce_(0, target, stats.maxima.to(home), reduce="amax")
-        counts.view(n, COLUMNS).index_add_(0, target, stats.counts.to(home))
-        tensors.view(TENSOR_COUNTS, n).index_add_(1, target, stats.tensors.to(home))
+        layout.gather(parts, segment.stats.parts, target)
     return vector

@@ -37,17 +37,8 @@ import torch.distributed as dist
 
 from ..config.settings import ENV_EXPORT_RANK, SettingsError
 from ..measure.clip_facts import ClipTotals
-from ..measure.segment import (
-    COLUMNS,
-    TOTAL,
-    Segment,
-    Slot,
-    bucket_bounds,
-    slot_statistics,
-    statistics_length,
-    tensor_counts_length,
-)
-from ..measure.step_norms import TENSOR_COUNTS
+from ..measure.segment import TOTAL, Segment, Slot
+from ..measure.statistics import PARTS, ROW_PARTS, StatisticsLayout, bucket_bounds, slot_statistics
 from .fold import EpochSums, HostFacts, epoch_sums, fold_statistics, host_facts
 
 #: What one rank holds: the slots it measured this epoch, the stages of the seeds listed in it (and
@@ -125,8 +116,9 @@ class ShardedChunks:
         self.slots = slots
         self.length = (2 * CHUNK_STEPS + 1) * len(slots)
         self._index = {slot: j for j, slot in enumerate(slots)}
-        self._stats: torch.Tensor | None = None  # [sums | maxima | counts] of the chunks reduced so far
-        self._in_flight: tuple[dist.Work, torch.Tensor] | None = None
+        self.layout = StatisticsLayout(len(slots), ROW_PARTS)
+        self._stats: torch.Tensor | None = None  # the ROW_PARTS of the chunks reduced so far
+        self._in_flight: tuple[dist.Work, torch.Tensor, int] | None = None  # with its first epoch step index
         self._first = 0  # epoch step index of the current chunk's first row
         self._stepped = 0  # sampled steps this epoch, measured or not
         self._warned = False
@@ -152,7 +144,7 @@ class ShardedChunks:
             block = torch.zeros(self.length, dtype=torch.float32, device=device)
         self.wait()
         try:
-            self._in_flight = dist.all_reduce(block, async_op=True), block
+            self._in_flight = dist.all_reduce(block, async_op=True), block, self._first
         except Exception:  # noqa: BLE001
             self._warn("could not all-reduce a chunk of sharded steps")
         self._first = epoch_steps
@@ -194,29 +186,33 @@ class ShardedChunks:
         """Wait on the chunk in flight (on the device's stream: no host sync) and fold it in."""
         if self._in_flight is None:
             return
-        work, block = self._in_flight
+        work, block, first = self._in_flight
         self._in_flight = None
         try:
             work.wait()
-            self._stats = self.statistics(block, CHUNK_STEPS)
+            self._stats = self.statistics(block, CHUNK_STEPS, first)
         except Exception:  # noqa: BLE001
             self._warn("could not fold a chunk of sharded steps")
 
-    def statistics(self, block: torch.Tensor, steps: int) -> torch.Tensor:
-        """The running ``[sums | maxima | counts]`` with a reduced chunk's first ``steps`` rows folded in."""
+    @property
+    def first(self) -> int:
+        """The epoch step index of the chunk being filled's first row (its largest step's offset)."""
+        return self._first
+
+    def statistics(self, block: torch.Tensor, steps: int, first: int) -> torch.Tensor:
+        """The running ``ROW_PARTS`` statistics with a reduced chunk's first ``steps`` rows, from epoch step
+        index ``first``, folded in."""
         k = len(self.slots)
+        layout = self.layout
         if not steps:  # an epoch of whole chunks: its last one is empty
-            return torch.zeros(statistics_length(k), device=block.device) if self._stats is None else self._stats
+            return layout.zeros(block.device) if self._stats is None else self._stats
         rows = block[: 2 * CHUNK_STEPS * k].view(CHUNK_STEPS, 2 * k)[:steps]
         holders = block[2 * CHUNK_STEPS * k :].clamp(min=1.0)
-        sums, maxima, counts = slot_statistics(rows[:, :k] / holders + rows[:, k:], bucket_bounds(block.device))
-        chunk = torch.cat([sums, maxima, counts.flatten().float()])
+        chunk = slot_statistics(rows[:, :k] / holders + rows[:, k:], bucket_bounds(block.device), first)
         if self._stats is None:
-            return chunk
+            return layout.flat(chunk)
         total = self._stats.to(block.device).clone()
-        total[:k] += sums
-        torch.maximum(total[k : 2 * k], maxima, out=total[k : 2 * k])
-        total[2 * k :] += chunk[2 * k :]
+        layout.add(layout.views(total), chunk)
         return total
 
     def _warn(self, what: str) -> None:
@@ -234,7 +230,7 @@ class EpochVector:
     (:meth:`pack`), and what their sum says (:meth:`statistics`, then :meth:`epoch` on the host).
 
     ``[statistics | tensor counts | measured | numel | seed steps | holders | gradient tensors | last chunk |
-    unchunked rows]``: the per-slot values the ranks add (``_summed_length``), the facts only the host knows
+    unchunked rows]``: the per-slot values the ranks add (``StatisticsLayout``), the facts only the host knows
     (``HOST_FACTS`` per slot), the last, partial chunk of the sharded slots (:class:`ShardedChunks`), and the
     per-step rows of the sharded slots the chunks did not carry.
     """
@@ -245,7 +241,8 @@ class EpochVector:
         #: The sharded slots whose rows the epoch end reduces: those the chunks did not carry.
         self.unchunked = tuple(slot for slot in layout.sharded if slot not in chunks.slots)
         n = len(layout.slots)
-        self.length = _summed_length(n) + HOST_FACTS * n + chunks.length + 2 * layout.steps * len(self.unchunked)
+        rows = 2 * layout.steps * len(self.unchunked)
+        self.length = StatisticsLayout(n).length + HOST_FACTS * n + chunks.length + rows
 
     def pack(self, segments: Sequence[Segment] | None, facts: HostFacts | None, device: torch.device) -> torch.Tensor:
         """This rank's contribution in the agreed layout: the statistics of the slots it measured, the
@@ -263,19 +260,11 @@ class EpochVector:
             if measured and slot in index
         ]
         if mine:
-            m = len(facts.slots)
-            sums, maxima, counts, tensors = (
-                fold_statistics(segments, facts, device).to(device).split([m, m, m * COLUMNS, tensor_counts_length(m)])
-            )
+            own = StatisticsLayout(len(facts.slots)).views(fold_statistics(segments, facts, device).to(device))
             source = torch.tensor([i for i, _ in mine], dtype=torch.long, device=device)
             target = torch.tensor([j for _, j in mine], dtype=torch.long, device=device)
-            into_sums, into_maxima, into_counts, into_tensors = vector[: _summed_length(n)].split(
-                [n, n, n * COLUMNS, tensor_counts_length(n)]
-            )
-            into_sums[target] = sums[source]
-            into_maxima[target] = maxima[source]
-            into_counts.view(n, COLUMNS)[target] = counts.view(m, COLUMNS)[source]
-            into_tensors.view(TENSOR_COUNTS, n)[:, target] = tensors.view(TENSOR_COUNTS, m)[:, source]
+            statistics = StatisticsLayout(n)
+            statistics.place(statistics.views(vector), own, source, target)
         # measured, numel, a seed's steps, 1 per listing rank and the gradient tensors: copied to the device once
         host = [0.0] * (HOST_FACTS * n)
         for slot, measured, numel, tensor_count in zip(facts.slots, facts.measured, facts.numel, facts.tensors):
@@ -288,7 +277,7 @@ class EpochVector:
             if slot[1] == TOTAL and slot[0] in facts.seed_steps:
                 host[2 * n + i] = float(facts.seed_steps[slot[0]])
                 host[3 * n + i] = 1.0
-        start = _summed_length(n)
+        start = StatisticsLayout(n).length
         vector[start : start + HOST_FACTS * n] = torch.tensor(host, dtype=torch.float32).to(device)
         start += HOST_FACTS * n
         vector[start : start + self.chunks.length] = self.chunks.block(segments, device)
@@ -313,34 +302,34 @@ class EpochVector:
         return vector
 
     def statistics(self, vector: torch.Tensor) -> torch.Tensor:
-        """From the reduced vector, on the device: the statistics (``epoch.statistics_length``) and the
-        tensor counts (``epoch.tensor_counts_length``), then what the host knew, ``[measured | numel |
+        """From the reduced vector, on the device: the statistics (``StatisticsLayout``, tensor
+        counts included), then what the host knew, ``[measured | numel |
         seed steps | holders | gradient tensors]``. A plain gradient is taken to be replicated across the
         ranks that measured it, so what they added is divided by their number; a sharded slot's statistics
         come from its summed per-step squares (chunks, or the epoch's rows), and its tensor counts are NaN
         (not known: a shard's norm is not its tensor's)."""
         layout = self.layout
         n = len(layout.slots)
+        statistics = StatisticsLayout(n)
         index = {slot: i for i, slot in enumerate(layout.slots)}
-        start = _summed_length(n)
+        start = statistics.length
         host = vector[start : start + HOST_FACTS * n]
         holders = host[:n].clamp(min=1.0)
-        sums, maxima, counts, tensors = vector[:start].split([n, n, n * COLUMNS, tensor_counts_length(n)])
-        sums, maxima = sums / holders, maxima / holders
-        counts = (counts.view(n, COLUMNS) / holders.unsqueeze(1)).round()
-        tensors = (tensors.view(TENSOR_COUNTS, n) / holders).round()
-        if layout.sharded:
-            tensors[:, [index[slot] for slot in layout.sharded if slot in index]] = math.nan
+        parts = statistics.holders_mean(statistics.views(vector), holders)
+        sharded = [index[slot] for slot in layout.sharded if slot in index]
+        if sharded:  # counted per gradient tensor: a shard's norm is not its tensor's
+            columns = torch.tensor(sharded, dtype=torch.long, device=vector.device)
+            for part in PARTS:
+                if not part.from_rows:
+                    parts[part.name].index_fill_(part.slot_axis, columns, math.nan)
         start += HOST_FACTS * n
         chunked = [(j, index[slot]) for j, slot in enumerate(self.chunks.slots) if slot in index]
         if chunked:
-            k = len(self.chunks.slots)
-            chunk = self.chunks.statistics(vector[start : start + self.chunks.length], self.chunks.tail_steps)
+            tail = vector[start : start + self.chunks.length]
+            chunk = self.chunks.statistics(tail, self.chunks.tail_steps, self.chunks.first)
             source = torch.tensor([j for j, _ in chunked], dtype=torch.long, device=vector.device)
             target = torch.tensor([i for _, i in chunked], dtype=torch.long, device=vector.device)
-            sums[target] = chunk[:k][source]
-            maxima[target] = chunk[k : 2 * k][source]
-            counts[target] = chunk[2 * k :].view(k, COLUMNS)[source]
+            statistics.place(parts, self.chunks.layout.views(chunk), source, target, ROW_PARTS)
         start += self.chunks.length
         unchunked = self.unchunked
         if unchunked and layout.steps:
@@ -348,16 +337,17 @@ class EpochVector:
             rows = vector[start : start + 2 * layout.steps * k].view(layout.steps, 2 * k)
             columns = torch.tensor([index[slot] for slot in unchunked], dtype=torch.long, device=vector.device)
             steps = rows[:, :k] / holders[columns] + rows[:, k:]  # plain squares, then the shards'
-            sums[columns], maxima[columns], sharded_counts = slot_statistics(steps, bucket_bounds(vector.device))
-            counts[columns] = sharded_counts.float()
-        return torch.cat([sums, maxima, counts.flatten(), tensors.flatten(), host])
+            reduced = slot_statistics(steps, bucket_bounds(vector.device))  # rows by epoch step index: first 0
+            every = torch.arange(k, device=vector.device)
+            statistics.place(parts, reduced, every, columns, ROW_PARTS)
+        return torch.cat([statistics.flat(parts), host])
 
     def epoch(self, values: Sequence[float], steps: int, clips: ClipTotals) -> EpochSums:
         """The epoch from the reduced vector's statistics and host facts (:meth:`statistics`), copied to the
         host, and the steps the ranks agree on."""
         layout = self.layout
         n = len(layout.slots)
-        length = _summed_length(n)
+        length = StatisticsLayout(n).length
         measured, numel, seed_steps, holders, tensors = (
             values[length + i * n : length + (i + 1) * n] for i in range(HOST_FACTS)
         )
@@ -506,11 +496,6 @@ class RankReduction:
                 ", ".join(str(int(c)) for c in counts),
             )
         return int(max(counts))
-
-
-def _summed_length(slot_count: int) -> int:
-    """The per-slot values the ranks add: the statistics, then the gradient tensors' health counts."""
-    return statistics_length(slot_count) + tensor_counts_length(slot_count)
 
 
 def _sharded_slots(segments: Sequence[Segment]) -> tuple[Slot, ...]:

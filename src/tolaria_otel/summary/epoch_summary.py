@@ -19,9 +19,13 @@ class SeedSummary:
     Values are over the epoch's sampled optimizer steps at which the seed source listed the seed
     (``sampled_steps``): the RMS of the per-step gradient L2 norm (``total_norm``, ``top_layers``,
     ``layer_norms``) and its largest step (``max_norm``, ``layer_max``); NaN or Inf when a gradient
-    was non-finite at any of them. ``total_norm`` is None when no parameter of the seed had a
-    gradient at any of them: *not measured*, which is not a zero gradient; ``top_layers`` is then
-    empty, and a layer without a gradient is None in ``layer_norms`` and left out of the top-K.
+    was non-finite at any of them. ``max_step`` and ``layer_max_step`` are the optimizer steps at which
+    those largest steps were (the first on ties; a non-finite step counts as the largest), numbered by
+    the telemetry from 0 at the first optimizer step it observed, by ``observe_step(step=N)``, or by the
+    framework's global step (docs/tamiyo.md); None when not measured. ``total_norm`` is None when no
+    parameter of the seed had a gradient at any of them: *not measured*, which is not a zero gradient;
+    ``top_layers`` is then empty, and a layer without a gradient is None in ``layer_norms`` and left out
+    of the top-K.
     ``step_norm_counts`` counts the per-step seed norms per bucket of :data:`HISTOGRAM_BOUNDARIES`
     (the last bucket: above the last bound; non-finite steps are counted in ``nonfinite_steps``
     instead). ``host_ratio`` is Esper's gate, ``(seed / host) * sqrt(host params / seed params)``,
@@ -43,6 +47,8 @@ class SeedSummary:
     max_norm: float | None = None
     layer_norms: Mapping[str, float | None] = field(default_factory=dict)
     layer_max: Mapping[str, float | None] = field(default_factory=dict)
+    max_step: int | None = None
+    layer_max_step: Mapping[str, int | None] = field(default_factory=dict)
     nonfinite_steps: int = 0
     step_norm_counts: tuple[int, ...] = ()
     host_ratio: float | None = None
@@ -88,7 +94,7 @@ class EpochSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, every field under its name (``layer_norms`` as ``layers``, ``top_layers`` as
-        ``{"layer", "value", "max"}`` entries); non-finite values become the strings ``"NaN"``,
+        ``{"layer", "value", "max", "max_step"}`` entries); non-finite values become the strings ``"NaN"``,
         ``"Infinity"``, ``"-Infinity"``, a value not measured is ``null``. :meth:`from_dict` reads it back."""
         out = {name: _encoded(getattr(self, name)) for name in _field_names(EpochSummary) if name != "seeds"}
         out["seeds"] = [_seed_dict(seed) for seed in self.seeds.values()]
@@ -138,7 +144,12 @@ def _encoded(value: object) -> object:
 def _seed_dict(seed: SeedSummary) -> dict[str, Any]:
     out = {_SEED_KEYS.get(name, name): _encoded(getattr(seed, name)) for name in _field_names(SeedSummary)}
     out["top_layers"] = [
-        {"layer": layer, "value": json_number(value), "max": json_number(seed.layer_max.get(layer))}
+        {
+            "layer": layer,
+            "value": json_number(value),
+            "max": json_number(seed.layer_max.get(layer)),
+            "max_step": seed.layer_max_step.get(layer),
+        }
         for layer, value in seed.top_layers
     ]
     return out

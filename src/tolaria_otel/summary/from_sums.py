@@ -6,7 +6,7 @@ Pure host arithmetic on what the fold copied out (``epoch.EpochSums``): no tenso
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from ..measure.segment import HOST, TOTAL
@@ -22,12 +22,13 @@ def summarise(
     sums: EpochSums,
     stages: Mapping[str, str],
     left: Collection[str],
+    step_of: Callable[[int], int | None],
     partial: Collection[str],
 ) -> EpochSummary:
     """The summary of an epoch with sampled steps: every seed of ``stages`` (listed at some sampled step,
-    with its last stage), ``left`` the ones gone before its end, ``partial`` those whose parameters were
-    replaced in place; ``top`` layers per seed."""
-    by_seed = _slot_values(sums)
+    with its last stage), ``left`` the ones gone before its end, ``step_of`` the optimizer step number of a
+    sampled step's index, ``partial`` those whose parameters were replaced in place; ``top`` layers per seed."""
+    by_seed = _slot_values(sums, step_of)
     host = by_seed.get(HOST, {}).get(TOTAL)
     seeds = {}
     for seed_id, stage in stages.items():
@@ -53,6 +54,7 @@ def summarise(
 class _SlotValues:
     rms: float | None  # None: not measured
     max: float | None
+    max_step: int | None  # the optimizer step of ``max``
     nonfinite: int
     numel: int
     tensors: int | None  # None: not known (the reduction did not carry it)
@@ -60,7 +62,7 @@ class _SlotValues:
     exploding: int | None
 
 
-def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
+def _slot_values(sums: EpochSums, step_of: Callable[[int], int | None]) -> dict[str, dict[str, _SlotValues]]:
     """Per seed, its slots by layer (``TOTAL`` for the seed's total): RMS and largest step over its steps."""
     out: dict[str, dict[str, _SlotValues]] = {}
     for i, (seed, layer) in enumerate(sums.slots):
@@ -69,6 +71,7 @@ def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
         out.setdefault(seed, {})[layer] = _SlotValues(
             math.sqrt(sums.sums[i] / steps) if measured else None,
             math.sqrt(sums.maxima[i]) if measured else None,
+            _step(sums, i, step_of) if measured else None,
             sums.nonfinite[i],
             sums.numel[i],
             sums.tensors[i] if sums.tensors else None,
@@ -76,6 +79,13 @@ def _slot_values(sums: EpochSums) -> dict[str, dict[str, _SlotValues]]:
             sums.exploding[i] if sums.exploding is not None else None,
         )
     return out
+
+
+def _step(sums: EpochSums, slot: int, step_of: Callable[[int], int | None]) -> int | None:
+    """The optimizer step of a slot's largest square, from its sampled index (None when not carried)."""
+    if slot >= len(sums.max_steps) or not math.isfinite(sums.max_steps[slot]):
+        return None
+    return step_of(round(sums.max_steps[slot]))
 
 
 def _seed_summary(
@@ -93,6 +103,7 @@ def _seed_summary(
     measured = total is not None and total.rms is not None
     layers = {layer: values.rms for layer, values in slots.items()}
     layer_max = {layer: values.max for layer, values in slots.items()}
+    layer_max_step = {layer: values.max_step for layer, values in slots.items()}
     ratio = None
     if measured and host is not None and host.rms and total.numel:  # type: ignore[union-attr]
         # Esper's lifecycle gate: the seed's gradient against the host's, per parameter.
@@ -108,8 +119,10 @@ def _seed_summary(
         layer_count=len(slots),
         sampled_steps=sums.seed_steps[seed_id],
         max_norm=max_norm,
+        max_step=total.max_step if measured else None,  # type: ignore[union-attr]
         layer_norms=layers,
         layer_max=layer_max,
+        layer_max_step=layer_max_step,
         nonfinite_steps=nonfinite_steps,
         step_norm_counts=sums.counts.get(seed_id, ()) if measured else (),
         host_ratio=ratio,
