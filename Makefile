@@ -41,9 +41,10 @@ test: install backends
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-# The quick loop: every test that needs no backend, no spawned ranks and no wheel build (tests/conftest.py).
+# The quick loop: every test that needs no backend, no spawned ranks and no wheel build (tests/conftest.py),
+# one worker per core (a module's tests stay on one worker: they share its fixtures).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not backend and not distributed and not packaging"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not backend and not distributed and not packaging"
 
 # Grafana dashboards: regenerate dashboards/json/ from dashboards/*.py (commit the result).
 .PHONY: dashboards
