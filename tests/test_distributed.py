@@ -38,7 +38,7 @@ from tolaria_otel.distributed import (
 from tolaria_otel.seeded_mlp import SeededMLP, SeedRegistry
 from tolaria_otel.settings import ENV_EXPORT_RANK
 
-from .helpers import ReferenceNorms, collect, seeded_network, telemetry_for
+from .helpers import ReferenceNorms, collect, provider_readers, seeded_network, telemetry_for
 
 WORLD = 2
 DEADLINE_S = 90.0  # a rank that fails leaves its peer in a collective until gloo's 30 s timeout
@@ -323,7 +323,7 @@ def test_ddp_epoch_longer_than_the_last_is_one_all_reduce_and_no_failure(tmp_pat
 def _pull_mode_rank(rank: int) -> list[str]:
     provider = configure_meter_provider(ON)
     try:
-        return [type(reader).__name__ for reader in provider._metric_readers]
+        return [type(reader).__name__ for reader in provider_readers(provider)]
     finally:
         provider.shutdown()
 
