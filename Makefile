@@ -16,6 +16,21 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# The second venv: the package at the oldest OpenTelemetry versions pyproject.toml declares, for the tests
+# that exercise the SDK and the exporters (.venv keeps the newest). No pip of its own: .venv's installs into it.
+OLDEST := .venv-otel-oldest
+# OLDEST_TESTS: the versions and the private parts, the provider and views, the SDK's state (release,
+# histogram buckets), OTLP export, the exporters' log redaction and pull mode (about 1 minute).
+OLDEST_TESTS := tests/test_otel_versions.py tests/test_provider.py tests/test_cardinality.py tests/test_seed_churn.py \
+	tests/test_diagnostics.py tests/test_otlp_export.py tests/test_secrets.py tests/test_pull_mode.py
+
+$(OLDEST)/.installed: $(VENV)/.installed pyproject.toml constraints-otel-oldest.txt
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv --without-pip $(OLDEST)
+	$(BIN)/pip --python $(OLDEST)/bin/python install --quiet --constraint constraints-otel-oldest.txt \
+		-e '.[grpc,prometheus]' pytest pytest-timeout
+	touch $@
+
 demo: install
 	$(BIN)/tolaria-otel demo
 
@@ -34,12 +49,14 @@ stack: install backends
 
 # The suite includes tests/test_wheel.py: it builds the sdist and wheel and installs the wheel into fresh
 # venvs under pytest's tmp folder (core, each extra, the oldest declared Python), pinned by constraints.txt.
-# Lint, format and types first (seconds; configured in pyproject.toml), then the tests.
-test: install backends
+# Lint, format and types first (seconds; configured in pyproject.toml), then the whole suite on the newest
+# OpenTelemetry, then OLDEST_TESTS on the oldest.
+test: install backends $(OLDEST)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+	$(OLDEST)/bin/python -m pytest $(OLDEST_TESTS)
 
 # The quick loop: every test that needs no backend, no spawned ranks and no wheel build (tests/conftest.py),
 # one worker per core (a module's tests stay on one worker: they share its fixtures).
@@ -62,4 +79,4 @@ bench-gpu:
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(OLDEST) .cache .pytest_cache

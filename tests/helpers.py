@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -11,15 +13,30 @@ import pytest
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.view import View
 from torch import nn
 
 from tolaria_otel import SeedLayerSettings, SeedLayerTelemetry, seed_layer_views
 from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 
+#: Whether this SDK's views take a cardinality limit (1.45.2 on): an older one caps no stream.
+VIEWS_TAKE_CARDINALITY_LIMIT = "aggregation_cardinality_limit" in inspect.signature(View).parameters
+
+
+def besides_the_start_note(records: Iterable[logging.LogRecord]) -> list[logging.LogRecord]:
+    """``records`` without the note the first views of a process give on an SDK that caps no stream."""
+    return [record for record in records if "views take no cardinality limit" not in record.getMessage()]
+
 
 def metered(settings: SeedLayerSettings) -> tuple[MeterProvider, InMemoryMetricReader]:
     reader = InMemoryMetricReader()
     return MeterProvider(metric_readers=[reader], views=seed_layer_views(settings)), reader
+
+
+def provider_readers(provider: MeterProvider) -> list[Any]:
+    """The metric readers of an SDK provider (private state: SDK 1.43 moved them out of its configuration)."""
+    readers = getattr(provider, "_metric_readers", None)
+    return list(provider._sdk_config.metric_readers if readers is None else readers)  # type: ignore[attr-defined]
 
 
 def collect(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict, Any, str | None]]]:

@@ -1,5 +1,6 @@
 """A long run with a rotating top-K, seeds coming and going and stage changes: bounded SDK state, no overflow.
-Many seeds: every seed the settings allow is exported, and a cut beyond them is said once (issue 17.6)."""
+Many seeds: every seed the settings allow is exported, and a cut beyond them is said once (issue 17.6).
+An SDK whose views take no cardinality limit (before 1.45.2) caps no stream: said once (issue 25.6)."""
 
 import logging
 import random
@@ -12,7 +13,14 @@ from tolaria_otel.config.settings import ENV_MAX_SEEDS, ENV_TOP_K, SettingsError
 from tolaria_otel.export import instruments
 from tolaria_otel.export.instruments import LAYER_NORM_MAX, SEED_STEP_NORM
 
-from .helpers import collect, layer_points, sdk_attribute_sets, telemetry_for
+from .helpers import (
+    VIEWS_TAKE_CARDINALITY_LIMIT,
+    besides_the_start_note,
+    collect,
+    layer_points,
+    sdk_attribute_sets,
+    telemetry_for,
+)
 
 STAGES = ["GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY", "FOSSILIZED"]
 
@@ -40,7 +48,8 @@ def _long_run(
         telemetry.observe_step()
         summary = telemetry.end_epoch()
         exported = collect(reader)
-        assert not any("otel.metric.overflow" in attrs for points in exported.values() for attrs, _, _ in points)
+        overflowed = any("otel.metric.overflow" in attrs for points in exported.values() for attrs, _, _ in points)
+        assert not overflowed, f"epoch {epoch}: points folded into the otel.metric.overflow series"
         assert layer_points(exported[LAYER_NORM]) == {
             (seed_id, layer): pytest.approx(value)
             for seed_id, seed in summary.seeds.items()
@@ -70,11 +79,38 @@ def test_sdk_state_stays_bounded_under_churn_with_every_point_exported(caplog):
 
 
 def test_without_the_release_the_sdk_would_overflow(monkeypatch):
-    """The test above can fail: with the release switched off, streams sized for the 4 seeds present
-    (current and previous snapshot) overflow as seed ids come and go."""
+    """The tests above can fail: with the release switched off, the SDK's state grows with every seed id
+    seen and, on an SDK whose views take a cardinality limit, streams sized for the 4 seeds present (current
+    and previous snapshot) overflow as seed ids come and go."""
     monkeypatch.setattr(instruments, "release_idle_attribute_sets", lambda instruments, keep: True)
-    with pytest.raises(AssertionError):
-        _long_run(epochs=60, layers_per_seed=12, top_k=3, churn_every=1, max_seeds=4)
+    counts, _ = _long_run(epochs=60, layers_per_seed=12, top_k=3, churn_every=1)
+    assert counts[-1] > 5 * 2 * (4 * 3 * 2 + 4 * 3 + 2)  # five times the bound the release keeps
+    if VIEWS_TAKE_CARDINALITY_LIMIT:
+        with pytest.raises(AssertionError, match="points folded into the"):
+            _long_run(epochs=60, layers_per_seed=12, top_k=3, churn_every=1, max_seeds=4)
+
+
+def test_an_sdk_without_cardinality_limits_is_said_once_at_start(monkeypatch, caplog):
+    """Where the SDK's views take no cardinality limit, the views are built without one and the first
+    build in a process says once that the package's settings alone bound the series; the run exports
+    everything all the same. An SDK that takes one is said nothing of."""
+    monkeypatch.setattr(instruments, "_warned_no_limit", [])  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="tolaria_otel"):
+        for top_k in (3, 5):  # two providers in one process: said at the first only
+            exported, summary = _many_seeds(4, 6, SeedLayerSettings(enabled=True, top_k=top_k, max_seeds=10))
+            assert layer_points(exported[LAYER_NORM]) == pytest.approx(
+                {(seed_id, layer): value for seed_id, seed in summary.seeds.items() for layer, value in seed.top_layers}
+            )
+            assert exported[SERIES_BUDGET] == [({}, 4 * top_k, "")]
+    said = [record.getMessage() for record in caplog.records]
+    if VIEWS_TAKE_CARDINALITY_LIMIT:
+        assert said == []
+    else:
+        assert said == [
+            "tolaria_otel: this OpenTelemetry SDK's views take no cardinality limit: "
+            f"{ENV_MAX_SEEDS} and {ENV_TOP_K} are the only bound on the series (a per-seed stream holds at "
+            "most 20 attribute sets, a per-layer one 60) (said once)"
+        ]
 
 
 def test_long_run_with_streams_sized_for_the_seeds_present_never_overflows():
@@ -116,7 +152,7 @@ def test_a_thousand_seeds_of_five_layers_export_every_top_k_layer(caplog):
     assert len(exported[SEED_STEP_NORM]) == 1000
     assert exported[SERIES_BUDGET] == [({}, 3000, "")]
     assert not any("otel.metric.overflow" in attrs for points in exported.values() for attrs, _, _ in points)
-    assert not caplog.records, caplog.text
+    assert not besides_the_start_note(caplog.records), caplog.text
 
 
 def test_seeds_beyond_max_seeds_are_cut_whole_and_said_once(caplog):

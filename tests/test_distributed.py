@@ -33,7 +33,7 @@ from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 from tolaria_otel.export.resource import RANK_ATTRIBUTE, WORLD_SIZE_ATTRIBUTE, distributed_resource, process_group
 from tolaria_otel.reduce.ranks import SlotLayout
 
-from .helpers import ReferenceNorms, collect, seeded_network, telemetry_for
+from .helpers import ReferenceNorms, collect, provider_readers, seeded_network, telemetry_for
 
 pytestmark = pytest.mark.distributed
 
@@ -320,7 +320,7 @@ def test_ddp_epoch_longer_than_the_last_is_one_all_reduce_and_no_failure(tmp_pat
 def _pull_mode_rank(rank: int) -> list[str]:
     provider = configure_meter_provider(ON)
     try:
-        return [type(reader).__name__ for reader in provider._metric_readers]
+        return [type(reader).__name__ for reader in provider_readers(provider)]
     finally:
         provider.shutdown()
 

@@ -1,11 +1,11 @@
 """The OpenTelemetry versions: what pyproject.toml declares, what CI installs, and the private parts used.
 
 The package uses private parts of the SDK and of the Prometheus exporter (docs/otel-internals.md), so
-the declared range must be the tested one: from the oldest version the package supports to the
-versions CI pins (constraints.txt), and below the next minor release. The tests that exercise those
-parts (test_cardinality.py, test_diagnostics.py, test_pull_mode.py, test_provider.py, ...) run in this
-suite on the pinned versions; ``test_pins_are_the_oldest_declared_versions`` keeps the pins equal to
-the declared minimum, so that run is on the oldest supported versions too.
+the declared range must be the tested one: from the oldest version, which constraints-otel-oldest.txt
+pins, to the newest, which constraints.txt pins, and below the next minor release after it. ``make test``
+runs the whole suite on the newest and the tests that exercise those parts (``OLDEST_TESTS`` in the
+Makefile, this module among them) on the oldest, in .venv-otel-oldest. This module checks whichever
+venv it runs in.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
+from tolaria_otel.export import sdk_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "tolaria_otel"
@@ -46,14 +48,19 @@ def _requirements() -> list[Requirement]:
     return [Requirement(r) for r in raw if Requirement(r).name.startswith("opentelemetry")]
 
 
-def _pins() -> dict[str, str]:
+def _pins(file: str = "constraints.txt") -> dict[str, str]:
     pins: dict[str, str] = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / file).read_text().splitlines():
         requirement = line.split("#", 1)[0].strip()
         if requirement:
             name, _, pinned = requirement.partition("==")
             pins[canonicalize_name(name)] = pinned
     return pins
+
+
+OLDEST = "constraints-otel-oldest.txt"
+#: Pins of the oldest venv that differ from constraints.txt's, and why.
+OLDEST_DIFFER = {"protobuf": "opentelemetry-proto 1.35.0 needs protobuf<7"}
 
 
 def _bounds(specifier: SpecifierSet) -> tuple[Version | None, Version | None]:
@@ -63,7 +70,9 @@ def _bounds(specifier: SpecifierSet) -> tuple[Version | None, Version | None]:
 
 
 def test_every_opentelemetry_dependency_has_a_tested_range_and_ci_installs_the_pins() -> None:
-    pins = _pins()
+    """Floor: the oldest venv's pin; upper bound: the minor after the newest pin. The versions installed
+    here are one venv's pins, all of them: the newest (.venv) or the oldest (.venv-otel-oldest)."""
+    newest, oldest = _pins(), _pins(OLDEST)
     requirements = _requirements()
     assert {canonicalize_name(r.name) for r in requirements} == {
         "opentelemetry-api",
@@ -72,25 +81,80 @@ def test_every_opentelemetry_dependency_has_a_tested_range_and_ci_installs_the_p
         "opentelemetry-exporter-otlp-proto-grpc",
         "opentelemetry-exporter-prometheus",
     }
+    installed = {}
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
         lower, upper = _bounds(requirement.specifier)
         assert lower is not None and upper is not None, f"{requirement}: needs a lower and an upper bound"
-        assert upper == Version(f"{lower.major}.{lower.minor + 1}"), (
-            f"{requirement}: the upper bound is not the next minor release after the tested one"
+        assert name in newest and name in oldest, f"{name} is not pinned in constraints.txt and {OLDEST}"
+        assert Version(oldest[name]) == lower, f"{requirement}: the floor is not {OLDEST}'s {oldest[name]}"
+        assert requirement.specifier.contains(newest[name], prereleases=True), f"{newest[name]} outside {requirement}"
+        pinned = Version(newest[name])
+        assert upper == Version(f"{pinned.major}.{pinned.minor + 1}"), (
+            f"{requirement}: the upper bound is not the next minor release after the newest tested, {pinned}"
         )
-        assert name in pins, f"{name} is not pinned in constraints.txt"
-        assert requirement.specifier.contains(pins[name], prereleases=True), f"pin {pins[name]} outside {requirement}"
-        assert version(name) == pins[name], f"{name} {version(name)} installed, constraints.txt pins {pins[name]}"
+        installed[name] = version(name)
+    assert installed in ({n: newest[n] for n in installed}, {n: oldest[n] for n in installed}), (
+        f"installed {installed}: neither constraints.txt's pins nor {OLDEST}'s"
+    )
 
 
-def test_pins_are_the_oldest_declared_versions() -> None:
-    """The suite's run on the pins is the run on the oldest supported versions: move both together, or
-    add a run of the internals' tests on the oldest versions before raising a pin above the minimum."""
-    pins = _pins()
-    for requirement in _requirements():
-        lower, _ = _bounds(requirement.specifier)
-        assert Version(pins[canonicalize_name(requirement.name)]) == lower, requirement
+def test_the_oldest_venv_shares_every_other_pin() -> None:
+    """The oldest venv differs from .venv in OpenTelemetry and in what its floor needs older only: a pin
+    moved in constraints.txt moves there too."""
+    newest, oldest = _pins(), _pins(OLDEST)
+    differ = {
+        name: (oldest[name], newest[name])
+        for name in oldest
+        if name in newest and oldest[name] != newest[name] and not name.startswith("opentelemetry")
+    }
+    assert set(differ) == set(OLDEST_DIFFER), differ
+
+
+def test_the_sdk_internals_the_package_reaches_are_this_sdks() -> None:
+    """Where the SDK's internals are not the known ones, sdk_state falls back quietly (the attribute sets
+    are kept; a histogram records value by value), which the exported points would not show: on this SDK
+    each private part it reads is there, in every reader."""
+    from opentelemetry.metrics import Observation
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+
+    readers = [InMemoryMetricReader(), InMemoryMetricReader()]
+    meter = MeterProvider(metric_readers=readers).get_meter("t")
+    gauge = meter.create_observable_gauge(
+        "g", callbacks=[lambda options: [Observation(1.0, {"seed_id": seed}) for seed in "abc"]]
+    )
+    for reader in readers:
+        reader.get_metrics_data()
+    assert sdk_state.release_idle_attribute_sets([gauge], lambda attributes: attributes["seed_id"] == "a")
+    storages = gauge._measurement_consumer._reader_storages.values()  # type: ignore[attr-defined]
+    held = [
+        [aggregation._attributes for aggregation in match._attributes_aggregation.values()]
+        for storage in storages
+        for match in storage._instrument_view_instrument_matches[gauge]
+    ]
+    assert held == [[{"seed_id": "a"}]] * 2
+
+    histogram = meter.create_histogram("h", explicit_bucket_boundaries_advisory=[1.0, 10.0])
+    histogram.record(5.0, {"seed_id": "a"})
+    index = sdk_state._index(histogram)
+    assert index is not None
+    aggregations = sdk_state._lookup(index, {"seed_id": "a"})
+    assert aggregations is not None and len(aggregations) == 2
+    assert sdk_state._add_to_buckets(aggregations, [(0.5, 3), (20.0, 1)])
+    for reader in readers:
+        data = reader.get_metrics_data()
+        assert data is not None
+        (metric,) = [m for m in data.resource_metrics[0].scope_metrics[0].metrics if m.name == "h"]
+        (point,) = metric.data.data_points
+        assert isinstance(point, HistogramDataPoint)
+        assert (point.count, point.sum, list(point.bucket_counts), point.min, point.max) == (
+            5,
+            26.5,
+            [3, 1, 1],
+            0.5,
+            20,
+        )
 
 
 def _listed() -> dict[str, set[str]]:

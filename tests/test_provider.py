@@ -13,11 +13,9 @@ from tolaria_otel import ConfigurationError, SeedLayerSettings, SeedLayerTelemet
 from tolaria_otel.config.otel_env import exporter_names, otlp_protocol
 from tolaria_otel.export.prometheus_reader import ServingPrometheusReader
 
+from .helpers import provider_readers as _readers
+
 ON = SeedLayerSettings(enabled=True)
-
-
-def _readers(provider):
-    return list(provider._metric_readers)
 
 
 @pytest.mark.parametrize(

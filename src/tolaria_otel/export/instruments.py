@@ -28,6 +28,7 @@ count is exact). ``volume.trainer_series`` counts what all this costs in a store
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import math
@@ -40,12 +41,12 @@ from opentelemetry.metrics import Asynchronous, CallbackOptions, Histogram, Mete
 
 from .._version import __version__
 from ..config.histogram import BUCKET_VALUES, STEP_NORM_BOUNDARIES
-from ..config.settings import ENV_MAX_SEEDS, SeedLayerSettings
+from ..config.settings import ENV_MAX_SEEDS, ENV_TOP_K, SeedLayerSettings
 from ..summary.epoch_summary import EpochSummary
 from .sdk_state import record_counts, release_idle_attribute_sets
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.metrics.view import View
+    from opentelemetry.sdk.metrics.view import Aggregation, View
 
 LAYER_NORM = "tolaria.grad_agg.seed.layer_norm"
 LAYER_NORM_MAX = "tolaria.grad_agg.seed.layer_norm_max"
@@ -149,33 +150,60 @@ def seed_layer_views(settings: SeedLayerSettings | None = None) -> list[View]:
     keep every attribute the package gives (the contract's, plus a trainer's identity). Build them from
     the settings the trainers use: streams sized for fewer seeds or a smaller top_k than a trainer
     exports would fold its points into the SDK's overflow series.
+
+    An SDK whose views take no cardinality limit (before 1.45.2) has none at all: the views set none,
+    and the first call in a process says once that ``max_seeds`` and ``top_k`` are then the only bound.
     """
     # The SDK, imported here only: a trainer that takes its provider from elsewhere needs just the API.
     from opentelemetry.sdk.metrics.view import DropAggregation, ExplicitBucketHistogramAggregation, View
 
     settings = SeedLayerSettings.from_env() if settings is None else settings
+    seed_limit: int | None
+    layer_limit: int | None
     seed_limit, layer_limit = stream_limits(settings)
-    views = [
-        View(instrument_name=name, aggregation_cardinality_limit=seed_limit)
-        for name in (*_SEED_GAUGES, SETTINGS_INFO, SERIES_BUDGET)
-    ]
+    if not _views_take_cardinality_limit(View):
+        _warn_no_cardinality_limit(seed_limit, layer_limit)
+        seed_limit = layer_limit = None
+
+    def view(name: str, limit: int | None, aggregation: Aggregation | None = None) -> View:
+        if limit is None:
+            return View(instrument_name=name, aggregation=aggregation)
+        return View(instrument_name=name, aggregation=aggregation, aggregation_cardinality_limit=limit)
+
+    views = [view(name, seed_limit) for name in (*_SEED_GAUGES, SETTINGS_INFO, SERIES_BUDGET)]
     boundaries = STEP_NORM_BOUNDARIES.get(settings.step_norm_histogram)
     if boundaries is None:
-        views.append(View(instrument_name=SEED_STEP_NORM, aggregation=DropAggregation()))
+        views.append(view(SEED_STEP_NORM, None, DropAggregation()))
     else:
-        views.append(
-            View(
-                instrument_name=SEED_STEP_NORM,
-                aggregation_cardinality_limit=seed_limit,
-                aggregation=ExplicitBucketHistogramAggregation(boundaries),
-            )
-        )
-    for name in _LAYER_INSTRUMENTS:
-        if settings.compact:
-            views.append(View(instrument_name=name, aggregation=DropAggregation()))
-        else:
-            views.append(View(instrument_name=name, aggregation_cardinality_limit=layer_limit))
+        views.append(view(SEED_STEP_NORM, seed_limit, ExplicitBucketHistogramAggregation(boundaries)))
+    views.extend(
+        view(name, None, DropAggregation()) if settings.compact else view(name, layer_limit)
+        for name in _LAYER_INSTRUMENTS
+    )
     return views
+
+
+def _views_take_cardinality_limit(view: type[View]) -> bool:
+    """Whether the SDK's ``View`` takes ``aggregation_cardinality_limit`` (1.45.2 on; older SDKs limit nothing)."""
+    return "aggregation_cardinality_limit" in inspect.signature(view).parameters
+
+
+#: Holds True once the process said that its SDK's views take no cardinality limit.
+_warned_no_limit: list[bool] = []
+
+
+def _warn_no_cardinality_limit(seed_limit: int, layer_limit: int) -> None:
+    if _warned_no_limit:
+        return
+    _warned_no_limit.append(True)
+    _logger.warning(
+        "tolaria_otel: this OpenTelemetry SDK's views take no cardinality limit: %s and %s are the only bound "
+        "on the series (a per-seed stream holds at most %d attribute sets, a per-layer one %d) (said once)",
+        ENV_MAX_SEEDS,
+        ENV_TOP_K,
+        seed_limit,
+        layer_limit,
+    )
 
 
 def stream_limits(settings: SeedLayerSettings) -> tuple[int, int]:

@@ -13,14 +13,18 @@ Two things differ from the upstream ``PrometheusMetricReader`` and its auto-conf
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 from collections.abc import Iterable
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader, _CustomCollector
 from opentelemetry.sdk.metrics.export import Metric, MetricsData
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import Metric as PrometheusFamily
+
+#: Whether the exporter's reader takes a registry (0.63b0 on); an older one registers in prometheus_client's global one.
+_READER_TAKES_REGISTRY = "registry" in inspect.signature(PrometheusMetricReader.__init__).parameters
 
 
 class ServingPrometheusReader(PrometheusMetricReader):
@@ -32,8 +36,13 @@ class ServingPrometheusReader(PrometheusMetricReader):
 
     def __init__(self, host: str, port: int) -> None:
         registry = CollectorRegistry()
-        super().__init__(registry=registry)
-        registry.unregister(self._collector)
+        if _READER_TAKES_REGISTRY:
+            super().__init__(registry=registry)
+            registry.unregister(self._collector)
+        else:
+            super().__init__()
+            REGISTRY.unregister(self._collector)
+        self._own_registry = registry
         self._collector = _LatestSnapshotCollector()
         registry.register(self._collector)
         self._collector._callback = self.collect  # type: ignore[assignment]  # as upstream does, once registered
@@ -50,7 +59,10 @@ class ServingPrometheusReader(PrometheusMetricReader):
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         self._server.shutdown()
         self._server.server_close()
-        super().shutdown(timeout_millis, **kwargs)
+        if _READER_TAKES_REGISTRY:
+            super().shutdown(timeout_millis, **kwargs)
+        else:  # the older reader's shutdown would unregister its collector from the global registry
+            self._own_registry.unregister(self._collector)
 
 
 class _LatestSnapshotCollector(_CustomCollector):

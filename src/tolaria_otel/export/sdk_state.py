@@ -1,8 +1,9 @@
 """The two places the package reaches into the OpenTelemetry SDK: releasing the state of attribute
 sets it no longer observes, and recording many equal histogram values at once.
 
-The SDK (1.30 to at least 1.45) keeps one aggregation per attribute set an asynchronous instrument
-ever observed, for the life of the process, and counts them against the stream's cardinality limit.
+The SDK (1.30 to at least 1.45; CI tests 1.35.0 and 1.45.2) keeps one aggregation per attribute set an
+asynchronous instrument ever observed, for the life of the process, and (1.45.2 on) counts them against
+the stream's cardinality limit.
 A gauge's aggregation holds nothing once its value is collected, so dropping the idle ones loses
 nothing and keeps memory and cardinality bounded by what is observed now. There is no public API
 for it; this module is the one place that reaches into the SDK, and it says so (returns False)
