@@ -117,9 +117,12 @@ class SeedLayerTelemetry:
     def observe_step(self, *, step: int | None = None) -> None:
         """Queue this optimizer step's gradient norms on the device. No host sync.
 
-        Call it after the optimizer step (or before it, when nothing clips). Norms a clip took
-        before it scaled (:meth:`clip_grad_norm_`, or ``torch.nn.utils.clip_grad_norm_`` while
-        attached) are this step's values: the gradients are measured before clipping.
+        Call it once per optimizer step, after the backward (and the AMP unscale) and before any clip
+        the package does not see. A clip it sees (:meth:`clip_grad_norm_`, or torch's
+        ``clip_grad_norm_`` / ``clip_grad_value_`` while attached) hands over the norms it took before
+        it scaled, so that clip and the optimizer step may come first; a clip it does not see (your own,
+        or torch's while not attached) must come after, or be preceded by :meth:`measure_before_clip`.
+        Either way the values are the gradients before clipping.
         ``step`` (an int >= 0) is this optimizer step's number in your own count, reported as
         ``SeedSummary.max_step``; without it steps are counted from 0 at the first observed one. A bad
         value is logged (``failures``) and the count goes on.
@@ -227,10 +230,19 @@ class SeedLayerTelemetry:
         """Take the clips of the model's parameters until close (``attach()``, the framework callbacks)."""
         self._pre_clip.attach(deepspeed=deepspeed)
 
-    def _measure_before_clip(self) -> None:
-        """The gradients are final and not clipped yet (Lightning's ``on_before_optimizer_step``)."""
+    def measure_before_clip(self) -> None:
+        """Measure this step now: the gradients are final (after the backward and the AMP unscale) and a
+        clip the package does not see is about to scale them. No host sync.
+
+        The next :meth:`observe_step` (or the attached optimizer's step) commits these norms as the step's
+        values, after that clip; a step that ``GradScaler`` skips never commits, and they are dropped.
+        Only at a sampled step; with the feature off it does nothing. Lightning's callback calls it in
+        ``on_before_optimizer_step``; a loop calls it right before its own clip (docs/esper.md).
+        """
         if self._enabled:
             self._pre_clip.measure_before_clip()
+
+    _measure_before_clip = measure_before_clip  # the framework callbacks' name (integrations/framework_run.py)
 
     def __enter__(self) -> Self:
         return self

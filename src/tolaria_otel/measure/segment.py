@@ -36,6 +36,8 @@ TOTAL = ""
 HOST = ""
 
 Slot = tuple[str, str]
+#: Rows of ``Segment.last_step``: the last step's squared norm, then its tensor counts (present, below, above).
+LAST_STEP_ROWS = 4
 SegmentKey = tuple[object, ...]
 
 
@@ -141,6 +143,8 @@ class Segment:
         #: The epoch step index of the first waiting step, and the one a step continuing their run has.
         self._first_waiting = 0
         self._next_step = 0
+        #: The last absorbed step's squared norms per slot (a view of its batch's rows: no op), for the epoch end.
+        self._last_row: torch.Tensor | None = None
         self.stats = SlotStats(len(self.slots), self.home)
 
     def lists_same_modules(self, mapping: Mapping[str, tuple[nn.Module, object]]) -> bool:
@@ -190,6 +194,7 @@ class Segment:
         if rows is None:
             return
         n = len(self.slots)
+        self._last_row = rows[-1, :n]
         self.stats.update(rows[:, :n].contiguous() if self.norms.sharded else rows, self._first_waiting)
         if self._sharded_columns is not None:
             columns = self._sharded_columns
@@ -197,6 +202,21 @@ class Segment:
                 (self._row_steps, torch.cat([rows.index_select(1, columns), rows.index_select(1, columns + n)], dim=1))
             )
             self._row_steps = []
+
+    @property
+    def last_index(self) -> int:
+        """The epoch's sampled index of this segment's last step (meaningful while ``steps``)."""
+        return self._next_step - 1
+
+    def last_step(self) -> torch.Tensor:
+        """float32 ``[LAST_STEP_ROWS, slots]`` on ``home``, of the segment's last step (absorbed): per slot its
+        squared norm, its plain tensors that had a gradient, and those below and above the health bounds.
+        A few ops at the epoch end; the step path adds none (the row and the norms are views it kept)."""
+        counts = self.norms.last_counts(len(self.slots), self.home)
+        row = self._last_row
+        if row is None:
+            row = torch.zeros(len(self.slots), dtype=torch.float32, device=self.home)
+        return torch.cat([row.unsqueeze(0), counts])
 
     def reset(self) -> None:
         self.norms.reset()

@@ -117,12 +117,16 @@ class DeviceRows:
         plain = [(c, t) for c, t, w in entries if w is None]
         self.count_source = torch.tensor([c for c, _ in plain], dtype=torch.long, device=device)
         self.count_target = torch.tensor([t for _, t in plain], dtype=torch.long, device=home)
+        #: The last taken step's per-tensor norms (a view of the batch's norms: no op), for
+        #: :meth:`last_counts` at the epoch end; valid until the next :meth:`take`.
+        self.last_norms: torch.Tensor | None = None
 
     def take(self, steps: int, missing: bool, tensor_counts: torch.Tensor | None) -> torch.Tensor:
         """The waiting steps' ``[steps, width]`` squared norms on ``home``, and their health counts added into
         ``tensor_counts`` when given; ``missing``: some step lacked a gradient, whose placeholder must add 0."""
         columns = [queue.take(steps) for queue in self.queues]
         norms = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
+        self.last_norms = norms[-1]
         if tensor_counts is not None:
             self._count(norms, missing, tensor_counts)
         if missing:
@@ -134,6 +138,19 @@ class DeviceRows:
         rows = torch.zeros(steps, self.width, dtype=torch.float32, device=self.source.device)
         rows.index_add_(1, self.target, picked)
         return rows.to(self.home)
+
+    def last_counts(self, into: torch.Tensor) -> None:
+        """Add per slot the last taken step's tensors that had a gradient, and those below and above the
+        bounds (``[3, slots]`` on ``home``): the epoch end's, a few ops once per epoch."""
+        norms = self.last_norms
+        if norms is None:
+            return
+        lower, upper = self.tensor_bounds
+        present = (norms < 0).logical_not_()  # the placeholder of a missing gradient is -1; NaN is present
+        below = (norms < lower) & present
+        above = (norms <= upper).logical_not_()
+        counts = torch.stack([present, below, above]).float()  # [3, params]
+        into.index_add_(1, self.count_target, counts.index_select(1, self.count_source).to(into.device))
 
     def _count(self, norms: torch.Tensor, missing: bool, into: torch.Tensor) -> None:
         """Add per slot the tensor-steps below the lower bound and above the upper one (or NaN or Inf): eight
@@ -255,6 +272,15 @@ class StepNorms:
             device_rows = batch.take(steps, missing, tensor_counts)
             rows = device_rows if rows is None else rows + device_rows
         return rows
+
+    @torch.no_grad()
+    def last_counts(self, slot_count: int, home: torch.device) -> torch.Tensor:
+        """float32 ``[3, slot_count]`` on ``home``: per slot, of the last taken step (``take_rows``), the plain
+        tensors that had a gradient, and those below and above ``tensor_bounds`` (Esper's ``n``, ``v``, ``e``)."""
+        counts = torch.zeros(3, slot_count, dtype=torch.float32, device=home)
+        for batch in self._batches:
+            batch.last_counts(counts)
+        return counts
 
     def had_gradient(self) -> list[bool]:
         """Per parameter, whether it had a gradient at some step so far."""

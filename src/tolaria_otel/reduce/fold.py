@@ -6,6 +6,7 @@ slots without reading the device (:class:`HostFacts`), and the vector read back 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..measure.clip_facts import ClipTotals
-from ..measure.segment import TOTAL, Segment, Slot
+from ..measure.segment import LAST_STEP_ROWS, TOTAL, Segment, Slot
 from ..measure.statistics import BUCKETS, COLUMNS, StatisticsLayout
 
 
@@ -40,6 +41,10 @@ class EpochSums:
     )  # the trainer's clip facts (each rank's own: every rank clips alike)
     #: The epoch's sampled index of the largest per-step square (the first on ties, non-finite first).
     max_steps: Sequence[float] = ()
+    #: Per slot, of the last sampled step it was measured at: ``LAST_STEP_ROWS`` rows of ``slots`` values (the
+    #: squared norm, the tensors that had a gradient, those below and above the health bounds); empty: not
+    #: known (under torch.distributed).
+    last_step: Sequence[float] = ()
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,24 @@ def fold(segments: Sequence[Segment], home: torch.device, steps: int, clips: Cli
     for segment in segments:
         segment.absorb()
     facts = host_facts(segments)
-    return epoch_sums(facts, fold_statistics(segments, facts, home).tolist(), steps, clips)  # the one host sync
+    statistics = fold_statistics(segments, facts, home)
+    values = torch.cat([statistics, last_steps(segments, facts, home).flatten()]).tolist()  # the one host sync
+    length = len(statistics)
+    return dataclasses.replace(epoch_sums(facts, values[:length], steps, clips), last_step=values[length:])
+
+
+def last_steps(segments: Sequence[Segment], facts: HostFacts, home: torch.device) -> torch.Tensor:
+    """``[LAST_STEP_ROWS, slots]`` (``facts.slots`` order): each slot's values at the last sampled step of the
+    epoch that measured it (``Segment.last_step``), the segments placed in the order of their last steps."""
+    active = sorted((segment for segment in segments if segment.steps), key=lambda segment: segment.last_index)
+    if len(active) == 1 and tuple(active[0].slots) == facts.slots:
+        return active[0].last_step()
+    index = {slot: i for i, slot in enumerate(facts.slots)}
+    last = torch.zeros(LAST_STEP_ROWS, len(facts.slots), dtype=torch.float32, device=home)
+    for segment in active:
+        target = torch.tensor([index[slot] for slot in segment.slots], dtype=torch.long, device=home)
+        last.index_copy_(1, target, segment.last_step().to(home))
+    return last
 
 
 def fold_statistics(segments: Sequence[Segment], facts: HostFacts, home: torch.device) -> torch.Tensor:

@@ -62,6 +62,15 @@ class SeedSummary:
     gradient_tensors: int | None = None
     vanishing_tensor_steps: int | None = None
     exploding_tensor_steps: int | None = None
+    #: Elements of the seed's parameters that had a gradient (Esper's ``seed_param_count``); None: not measured.
+    gradient_numel: int | None = None
+    #: The last sampled step at which the seed was listed, as Esper keeps it: the seed's gradient norm there,
+    #: its gradient tensors that had a gradient, and how many of them were below or above the health bounds
+    #: (``integrations.esper.gradient_fields``); None: not measured, or not known (under torch.distributed).
+    last_step_norm: float | None = None
+    last_step_tensors: int | None = None
+    last_step_vanishing_tensors: int | None = None
+    last_step_exploding_tensors: int | None = None
 
     @property
     def measured(self) -> bool:
@@ -91,6 +100,10 @@ class EpochSummary:
     clip_steps: int = 0
     clipped_steps: int = 0
     min_clip_factor: float | None = None
+    #: With ``TOLARIA_SEED_HOST_NORM``: the host's norm at the epoch's last sampled step and its elements
+    #: that had a gradient (Esper's ratio, ``integrations.esper.gradient_fields``); else None.
+    host_last_step_norm: float | None = None
+    host_numel: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, every field under its name (``layer_norms`` as ``layers``, ``top_layers`` as

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from ..measure.segment import HOST, TOTAL
+from ..measure.segment import HOST, LAST_STEP_ROWS, TOTAL
 from ..reduce.fold import EpochSums
 from .epoch_summary import EpochSummary, SeedSummary
 from .health import classify
@@ -47,6 +47,8 @@ def summarise(
         clip_steps=clips.steps,
         clipped_steps=clips.clipped,
         min_clip_factor=clips.smallest,
+        host_last_step_norm=host.last_norm if host is not None else None,
+        host_numel=host.numel if host is not None else None,
     )
 
 
@@ -60,14 +62,22 @@ class _SlotValues:
     tensors: int | None  # None: not known (the reduction did not carry it)
     vanishing: int | None  # None: not counted
     exploding: int | None
+    #: At the last sampled step that measured the slot: its norm and tensor counts (None: not known).
+    last_norm: float | None = None
+    last_tensors: int | None = None
+    last_vanishing: int | None = None
+    last_exploding: int | None = None
 
 
 def _slot_values(sums: EpochSums, step_of: Callable[[int], int | None]) -> dict[str, dict[str, _SlotValues]]:
     """Per seed, its slots by layer (``TOTAL`` for the seed's total): RMS and largest step over its steps."""
     out: dict[str, dict[str, _SlotValues]] = {}
+    n = len(sums.slots)
+    last = sums.last_step
     for i, (seed, layer) in enumerate(sums.slots):
         steps = sums.seed_steps.get(seed, 0)
         measured = sums.measured[i] and steps > 0
+        known = measured and len(last) >= LAST_STEP_ROWS * n
         out.setdefault(seed, {})[layer] = _SlotValues(
             math.sqrt(sums.sums[i] / steps) if measured else None,
             math.sqrt(sums.maxima[i]) if measured else None,
@@ -77,6 +87,8 @@ def _slot_values(sums: EpochSums, step_of: Callable[[int], int | None]) -> dict[
             sums.tensors[i] if sums.tensors else None,
             sums.vanishing[i] if sums.vanishing is not None else None,
             sums.exploding[i] if sums.exploding is not None else None,
+            math.sqrt(last[i]) if known else None,
+            *((int(last[row * n + i]) for row in (1, 2, 3)) if known else (None, None, None)),
         )
     return out
 
@@ -132,4 +144,9 @@ def _seed_summary(
         gradient_tensors=total.tensors if total is not None else 0,
         vanishing_tensor_steps=total.vanishing if total is not None else 0,
         exploding_tensor_steps=total.exploding if total is not None else 0,
+        gradient_numel=total.numel if measured else None,  # type: ignore[union-attr]
+        last_step_norm=total.last_norm if measured else None,  # type: ignore[union-attr]
+        last_step_tensors=total.last_tensors if measured else None,  # type: ignore[union-attr]
+        last_step_vanishing_tensors=total.last_vanishing if measured else None,  # type: ignore[union-attr]
+        last_step_exploding_tensors=total.last_exploding if measured else None,  # type: ignore[union-attr]
     )
