@@ -98,6 +98,7 @@ def _seed_summary(
     left: bool,
     partial: bool,
 ) -> SeedSummary:
+    clips = sums.clips.seeds.get(seed_id)
     slots = dict(seed_slots)
     total = slots.pop(TOTAL, None)
     measured = total is not None and total.rms is not None
@@ -132,4 +133,7 @@ def _seed_summary(
         gradient_tensors=total.tensors if total is not None else 0,
         vanishing_tensor_steps=total.vanishing if total is not None else 0,
         exploding_tensor_steps=total.exploding if total is not None else 0,
+        clip_steps=clips.steps if clips is not None else 0,
+        clipped_steps=clips.clipped if clips is not None else 0,
+        min_clip_factor=clips.smallest if clips is not None else None,
     )
