@@ -246,9 +246,15 @@ def test_seed_clip_facts_are_exported_per_seed() -> None:
     assert exported[SEED_CLIPPED_STEPS] == [({"env_id": "7", "seed_id": "seed-1", "stage": stage}, 2, "")]
     ((attributes, value, _),) = exported[SEED_MIN_CLIP_FACTOR]
     assert attributes == {"env_id": "7", "seed_id": "seed-1", "stage": stage}
-    assert value == pytest.approx(summary.seeds["seed-1"].min_clip_factor) and value < 0.1
+    assert value == pytest.approx(summary.seeds["seed-1"].min_clip_factor) and value < 1.0
     ((attributes, value, _),) = exported[MIN_CLIP_FACTOR]
     assert attributes == {"env_id": "7"} and value == pytest.approx(summary.min_clip_factor)
+    from tolaria_otel.export.volume import trainer_series
+
+    series = trainer_series(ON, 2, 3, clip=True, seed_clips=1)  # what the store holds: volume's count
+    assert series["tolaria_grad_agg_seed_clip_clipped_steps"] == len(exported[SEED_CLIPPED_STEPS]) == 1
+    assert series["tolaria_grad_agg_seed_clip_min_factor"] == len(exported[SEED_MIN_CLIP_FACTOR]) == 1
+    assert series["tolaria_grad_agg_clip_min_factor"] == len(exported[MIN_CLIP_FACTOR]) == 1
 
 
 def test_a_germinated_seed_without_gradient_has_no_clip_facts() -> None:
