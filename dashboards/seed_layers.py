@@ -44,7 +44,7 @@ DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 #   TolariaSeedGradientVanishing:      a seed's largest layer norm < VANISHING_BELOW, outside the stages
 #       VANISHING_EXEMPT_STAGES (with or without the SEED_STAGE_ prefix)
 #   TolariaSeedNotMeasured:            tolaria_grad_agg_seed_not_measured == 1 for NOT_MEASURED_FOR, outside the
-#       same stages
+#       stages NOT_MEASURED_EXEMPT_STAGES (the same, and GERMINATED: Esper keeps a germinated seed out of the graph)
 #   TolariaSeedGradientSpike:          a seed's norm_max / norm > SPIKE_ABOVE (summary.health's, the in-process
 #       health state "exploding"), the step > EXPLODING_RELATIVE_FLOOR, for SPIKE_FOR
 #   TolariaSeedGradientNoisy:          p99 of a seed's per-step norm over NOISY_WINDOW at least NOISY_DECADES decade
@@ -56,7 +56,8 @@ EXPLODING_BASELINE = "1h"
 EXPLODING_RELATIVE_FLOOR = 1e-3
 NONFINITE_VALUE = 1
 VANISHING_BELOW = 1e-6
-VANISHING_EXEMPT_STAGES = ("DORMANT", "CULLED", "EMBARGOED", "RESETTING", "TERMINATED")
+VANISHING_EXEMPT_STAGES = ("DORMANT", "CULLED", "PRUNED", "EMBARGOED", "RESETTING", "TERMINATED")
+NOT_MEASURED_EXEMPT_STAGES = ("GERMINATED", *VANISHING_EXEMPT_STAGES)
 NOT_MEASURED_FOR = "15m"
 SPIKE_FOR = "15m"
 NOISY_WINDOW = "15m"
@@ -88,15 +89,19 @@ SERIES_BUDGET = "tolaria_grad_agg_seed_layer_series_budget"
 CLIP_STEPS = "tolaria_grad_agg_clip_steps"
 CLIPPED_STEPS = "tolaria_grad_agg_clip_clipped_steps"
 MIN_CLIP_FACTOR = "tolaria_grad_agg_clip_min_factor"
+#: Per seed clipped on its own (a clip of its parameters only, as Esper clips each seed): its own clip's facts.
+SEED_CLIPPED_STEPS = "tolaria_grad_agg_seed_clip_clipped_steps"
+SEED_MIN_CLIP_FACTOR = "tolaria_grad_agg_seed_clip_min_factor"
 #: Every series that names a seed: a seed whose total is non-finite has no ``seed_norm`` point, a seed
 #: not measured has only its ``not_measured`` point, and compact mode has no layer points, so no
 #: single metric lists every seed.
 SEED_FAMILY_NAMES = (SEED_NORM, LAYER_NORM, LAYER_NONFINITE, SEED_NOT_MEASURED)
 SEED_FAMILY = f'__name__=~"{"|".join(SEED_FAMILY_NAMES)}"'
 
-#: Kasmina's lifecycle stages (DESIGN.md), in lifecycle order. The canonical stage value is Kasmina's
-#: protobuf name, prefixed (``SEED_STAGE_TRAINING``); the queries accept the unprefixed form too. The
-#: stage timeline shows them as numbers 1..n mapped back to names. Any other stage string shows as
+#: Kasmina's lifecycle stages (DESIGN.md), in lifecycle order, and Esper's today (``leyline.stages.SeedStage``:
+#: HOLDING, PRUNED). Stages come in two spellings: Kasmina's protobuf names at the design commit, prefixed
+#: (``SEED_STAGE_TRAINING``), and Esper's IntEnum names, unprefixed (``TRAINING``); every query accepts both.
+#: The stage timeline shows them as numbers 1..n mapped back to names. Any other stage string shows as
 #: ``OTHER_STAGE``.
 STAGES = (
     "DORMANT",
@@ -105,8 +110,10 @@ STAGES = (
     "BLENDING",
     "SHADOWING",
     "PROBATIONARY",
+    "HOLDING",
     "FOSSILIZED",
     "CULLED",
+    "PRUNED",
     "EMBARGOED",
     "RESETTING",
     "TERMINATED",
@@ -119,8 +126,10 @@ STAGE_COLORS = {
     "BLENDING": "#b877d9",
     "SHADOWING": "#a352cc",
     "PROBATIONARY": "#ff9830",
+    "HOLDING": "#ffb357",
     "FOSSILIZED": "#56a64b",
     "CULLED": "#e02f44",
+    "PRUNED": "#f2495c",
     "EMBARGOED": "#c4162a",
     "RESETTING": "#fade2a",
     "TERMINATED": "#5a5a5a",
@@ -378,7 +387,8 @@ def not_measured_panel() -> statetimeline.Panel:
             "Seeds whose parameters got no gradient at any sampled step of the epoch (out of the autograd "
             "graph, embargoed, frozen): there is no norm to report, so the seed exports "
             f"{SEED_NOT_MEASURED} = 1 and no layer or total point. Not the same as Vanishing seeds, whose "
-            f"gradients exist but are tiny. Expected in the stages {', '.join(VANISHING_EXEMPT_STAGES)}; in "
+            f"gradients exist but are tiny. Expected in the stages {', '.join(NOT_MEASURED_EXEMPT_STAGES)} (a "
+            "germinated seed is outside the graph for its first epochs); in "
             f"any other the alert TolariaSeedNotMeasured fires after {NOT_MEASURED_FOR}. Empty while every "
             "seed is measured."
         )
@@ -690,22 +700,26 @@ def host_ratio_panel() -> timeseries.Panel:
 def clipping_panel() -> timeseries.Panel:
     clipped = f"max by ({TRAINER}) ({CLIPPED_STEPS}{{{TRAINERS}}}) / max by ({TRAINER}) ({CLIP_STEPS}{{{TRAINERS}}})"
     factor = f"min by ({TRAINER}) ({MIN_CLIP_FACTOR}{{{TRAINERS}}})"
+    own = f"min by ({TRAINER}, seed_id) ({SEED_MIN_CLIP_FACTOR}{{{SEEDS}}})"
     return (
         timeseries.Panel()
         .id(14)
         .title("Gradient clipping")
         .grid_pos(grid(0, 32, 24, 6))
         .description(
-            "Per trainer and epoch, the global gradient clip as its own fact: the share of sampled steps "
-            "it scaled down (A) and its smallest factor min(max_norm / (total + 1e-6), 1) (B). Every norm "
-            "on this dashboard is measured before the clip: a seed exploding here while the clip scales "
-            "steps by a tiny factor is hidden from the loss curve (alert TolariaSeedExplodingUnderClipping), "
-            "and every other seed then trains at that fraction of its step. Empty for a trainer that "
-            "does not clip, or whose clip the package cannot reach (docs/operations.md)."
+            "Per trainer and epoch, the trainer-level gradient clip as its own fact (a global clip, or the "
+            "host's own clip when each seed is clipped apart, as Esper does): the share of sampled steps it "
+            "scaled down (A) and its smallest factor min(max_norm / (total + 1e-6), 1) (B); per seed clipped "
+            "on its own, its own clip's smallest factor (C). Every norm on this dashboard is measured before "
+            "the clip: a seed exploding here while the clip that covers it scales steps by a tiny factor is "
+            "hidden from the loss curve (alert TolariaSeedExplodingUnderClipping), and under a global clip "
+            "every other seed then trains at that fraction of its step. Empty for a trainer that does not "
+            "clip, or whose clip the package cannot reach (docs/operations.md)."
         )
         .datasource(DATASOURCE)
         .with_target(query(clipped, per_trainer("share of steps clipped")))
         .with_target(query(factor, per_trainer("smallest clip factor"), "B"))
+        .with_target(query(own, per_trainer("{{seed_id}}: smallest factor of its own clip"), "C"))
         .with_transformation(NO_TRAINER_RENAME)
         .unit("none")
         .max(1)

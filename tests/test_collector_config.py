@@ -17,7 +17,14 @@ import yaml
 
 from devtools.stack import REPO_ROOT, Collector, backend_binaries, collector_binary
 from tolaria_otel import LAYER_NONFINITE, LAYER_NORM, SEED_NORM, SEED_NOT_MEASURED, SERIES_BUDGET, SETTINGS_INFO
-from tolaria_otel.export.instruments import CLIPPED_STEPS, MIN_CLIP_FACTOR, SEED_NORM_MAX, SEED_STEP_NORM
+from tolaria_otel.export.instruments import (
+    CLIPPED_STEPS,
+    MIN_CLIP_FACTOR,
+    SEED_CLIPPED_STEPS,
+    SEED_MIN_CLIP_FACTOR,
+    SEED_NORM_MAX,
+    SEED_STEP_NORM,
+)
 
 pytestmark = pytest.mark.backend
 
@@ -180,6 +187,8 @@ def test_rules_use_the_names_the_exporters_produce() -> None:
             SERIES_BUDGET,
             CLIPPED_STEPS,
             MIN_CLIP_FACTOR,
+            SEED_CLIPPED_STEPS,
+            SEED_MIN_CLIP_FACTOR,
         )
     }
     names |= {prometheus_name(SEED_STEP_NORM) + suffix for suffix in ("_bucket", "_count")}  # every histogram's
@@ -195,6 +204,8 @@ def test_rules_use_the_names_the_exporters_produce() -> None:
         "tolaria_grad_agg_seed_step_norm_count",
         "tolaria_grad_agg_clip_clipped_steps",
         "tolaria_grad_agg_clip_min_factor",
+        "tolaria_grad_agg_seed_clip_clipped_steps",
+        "tolaria_grad_agg_seed_clip_min_factor",
     }
     used = set(re.findall(r"tolaria_grad_agg_[a-z_]+", RULES_TEXT))
     assert used == names, used ^ names  # every name plainly, and no suffixed spelling

@@ -456,6 +456,7 @@ EXPECTED: dict[tuple[int, str], tuple[set[str], bool, bool]] = {
     (13, "A"): ({"seed_id"}, True, True),  # seed-to-host ratio
     (14, "A"): (set(), False, False),  # share of steps clipped: neither run clips (tests/test_clipping.py does)
     (14, "B"): (set(), False, False),  # smallest clip factor
+    (14, "C"): ({"seed_id"}, False, False),  # per seed clipped on its own: its smallest factor
 }
 
 
@@ -817,7 +818,8 @@ def test_thresholds_agree_with_the_alert_rules() -> None:
     assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in vanishing
     not_measured = rules["TolariaSeedNotMeasured"]
     assert seed_layers.SEED_NOT_MEASURED in not_measured
-    assert "|".join(seed_layers.VANISHING_EXEMPT_STAGES) in not_measured
+    assert f'stage!~"(SEED_STAGE_)?({"|".join(seed_layers.NOT_MEASURED_EXEMPT_STAGES)})"' in not_measured
+    assert f'stage!~"(SEED_STAGE_)?({"|".join(seed_layers.VANISHING_EXEMPT_STAGES)})"' in vanishing
     assert durations["TolariaSeedNotMeasured"] == seed_layers.NOT_MEASURED_FOR
     numbers = numbers_and_ranges(rules["TolariaSeedGradientSpike"])[0]
     assert {health.SPIKE_ABOVE, seed_layers.EXPLODING_RELATIVE_FLOOR} <= numbers

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import torch
 
 from .capture.sampling import Sampling
+from .capture.staged_step import StagedClip
 from .failures import FailureLog
 from .measure.clip_facts import ClipFacts
 from .measure.seed_tracker import SeedTracker
@@ -94,7 +95,7 @@ class StepPath:
     def observe(
         self,
         staged: Mapping[int, torch.Tensor] | None,
-        clip_factors: Sequence[torch.Tensor] = (),
+        clip_factors: Sequence[StagedClip] = (),
         step: int | None = None,
     ) -> None:
         """A step, measured here or from the norms a clip took before it scaled (``Segment.add_step``);
@@ -113,8 +114,8 @@ class StepPath:
                     segment.absorb()  # what it measured so far, while its device is there
                     segment = seeds.reread()
                     segment.add_step(self.sampled_steps, staged)
-                if clip_factors:
-                    self.clip_facts.add(clip_factors)
+                if clip_factors:  # each clip to its owner: a seed (its own parameters only) or the trainer
+                    self.clip_facts.add(clip_factors, segment.clip_owner)
                 self._numbers.add(number)  # a host list at most: the index is mapped at the epoch end
                 self.sampled_steps += 1
                 seeds.follow_replaced_parameters(self.sampled_steps)

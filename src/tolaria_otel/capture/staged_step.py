@@ -5,20 +5,29 @@ measures just before it), and the step that commits them (the optimizer's step p
 ``observe_step()``) queues them as that step's values; a step ``GradScaler`` skips never commits, and
 its norms are dropped. The norms and the clip's factors go on to the step path as they are
 (``measure.segment``, ``measure.clip_facts``).
+
+Each factor travels with the clip's parameters, as the clip handed them over: the ids of those that had a
+gradient (the keys of its norms; no copy), so that the commit can tell a clip of one seed's parameters from
+a clip of the host's or of several seeds' (``Segment.clip_owner``). A clip whose norms were not shared (a
+norm other than L2, DTensor gradients) comes with its factor only: its parameters are not known here.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypeAlias
 
 import torch
 from torch import nn
 
 from ..failures import FailureLog
 from .torch_clip import attach_clip_patch, l2_norms, warn_unreachable_clip
+
+#: One clip of a step: its factor (a 0-d tensor on the device) and its parameters that had a gradient, by id
+#: (the clip's own norms mapping, in the clip's order; None: not known).
+StagedClip: TypeAlias = tuple[torch.Tensor, Mapping[int, torch.Tensor] | None]
 
 
 class HasGradient(Protocol):
@@ -66,8 +75,8 @@ class PreClipListener:
             self._remove_patch()
             self._remove_patch = None
 
-    def take(self) -> tuple[dict[int, torch.Tensor] | None, Sequence[torch.Tensor]]:
-        """What the committing step measured before its clip: (norms or None, clip factors)."""
+    def take(self) -> tuple[dict[int, torch.Tensor] | None, Sequence[StagedClip]]:
+        """What the committing step measured before its clip: (norms or None, its clips)."""
         if not self._staged.waiting:
             return None, ()
         return self._staged.take()
@@ -82,7 +91,7 @@ class PreClipListener:
 
     def stage_clip(self, norms: dict[int, torch.Tensor], factor: torch.Tensor) -> None:
         with self._lock:
-            self._staged.stage(norms, factor)
+            self._staged.stage(norms, factor, norms)
 
     def clip_applied(self, factor: torch.Tensor | None, parameter: torch.Tensor | None) -> None:
         with self._lock:
@@ -118,16 +127,19 @@ class PreClipStep:
     (the tensor and its version counter, bumped by the clip's in-place scaling), and a mark that no
     longer matches (``zero_grad``, the next backward) means the step they belong to never reached the
     optimizer: they are dropped, not carried into the next step.
+
+    Each clip's norms are kept as the clip handed them over (its parameter set travels with its factor)
+    and merged once, at :meth:`take`.
     """
 
     def __init__(self) -> None:
-        self.norms: dict[int, torch.Tensor] | None = None
-        self.factors: list[torch.Tensor] = []
+        self._norms: list[dict[int, torch.Tensor]] = []  # as staged, first first
+        self.clips: list[StagedClip] = []
         self._mark: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int] | None = None
 
     @property
     def waiting(self) -> bool:
-        return self.norms is not None or bool(self.factors)
+        return bool(self._norms) or bool(self.clips)
 
     def fresh(self) -> bool:
         """The marked gradient is still the one the stage was taken from (or was since clipped here)."""
@@ -138,33 +150,46 @@ class PreClipStep:
         grad = None if param is None else param.grad
         return grad is not None and grad is grad_ref() and grad._version == version
 
-    def stage(self, norms: dict[int, torch.Tensor] | None, factor: torch.Tensor | None) -> None:
+    def stage(
+        self,
+        norms: dict[int, torch.Tensor] | None,
+        factor: torch.Tensor | None,
+        parameters: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
+        """Norms (the caller's fresh dict: no copy on the step path) and a clip's factor, with the clip's
+        parameters that had a gradient (``parameters``, by id; None: not known)."""
         if self.waiting and not self.fresh():
             self.clear()
         if norms:
-            if self.norms is not None:
-                # A gradient keeps the norm first staged for it: a later measurement of the same step (a value
-                # clip's, after another group's clip scaled) may be after a clip.
-                norms.update(self.norms)
-            self.norms = norms  # the caller's fresh dict: no copy on the step path
+            self._norms.append(norms)
         if factor is not None:
-            self.factors.append(factor)
+            self.clips.append((factor, parameters))
 
     def mark(self, parameter: torch.Tensor | None) -> None:
         """Tie the stage to ``parameter``'s gradient as it is now (after the clip that just ran)."""
         grad = None if parameter is None else parameter.grad
         self._mark = None if grad is None else (weakref.ref(parameter), weakref.ref(grad), grad._version)  # type: ignore[arg-type]
 
-    def take(self) -> tuple[dict[int, torch.Tensor] | None, list[torch.Tensor]]:
-        """What the committing step measured before its clip: (norms or None, clip factors); then empty."""
+    def take(self) -> tuple[dict[int, torch.Tensor] | None, list[StagedClip]]:
+        """What the committing step measured before its clip: (norms or None, its clips); then empty.
+
+        A gradient keeps the norm first staged for it: a later measurement of the same step (a value
+        clip's, after another group's clip scaled) may be after a clip."""
         if not self.fresh():
             self.clear()
             return None, []
-        norms, factors = self.norms, self.factors
+        staged, clips = self._norms, self.clips
         self.clear()
-        return norms, factors
+        if not staged:
+            return None, clips
+        if len(staged) == 1:
+            return staged[0], clips
+        norms: dict[int, torch.Tensor] = {}
+        for part in reversed(staged):  # the first staged last: its norms win
+            norms.update(part)
+        return norms, clips
 
     def clear(self) -> None:
-        self.norms = None
-        self.factors = []
+        self._norms = []
+        self.clips = []
         self._mark = None

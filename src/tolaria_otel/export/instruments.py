@@ -62,6 +62,8 @@ SERIES_BUDGET = "tolaria.grad_agg.seed_layer.series_budget"
 CLIPPED_STEPS = "tolaria.grad_agg.clip.clipped_steps"
 CLIP_STEPS = "tolaria.grad_agg.clip.steps"
 MIN_CLIP_FACTOR = "tolaria.grad_agg.clip.min_factor"
+SEED_CLIPPED_STEPS = "tolaria.grad_agg.seed.clip.clipped_steps"
+SEED_MIN_CLIP_FACTOR = "tolaria.grad_agg.seed.clip.min_factor"
 UNIT = "grad"
 METER_NAME = "tolaria_otel"
 TRAINER_SCOPE_ATTRIBUTE = "tolaria.otel.trainer"
@@ -74,7 +76,15 @@ RESERVED_ATTRIBUTES = LAYER_ATTRIBUTES | SETTINGS_ATTRIBUTES
 
 _logger = logging.getLogger(__name__)
 _LAYER_INSTRUMENTS = (LAYER_NORM, LAYER_NORM_MAX, LAYER_NONFINITE)
-_SEED_GAUGES = (SEED_NORM, SEED_NORM_MAX, SEED_HOST_RATIO, SEED_NOT_MEASURED, HOST_NORM)
+_SEED_GAUGES = (
+    SEED_NORM,
+    SEED_NORM_MAX,
+    SEED_HOST_RATIO,
+    SEED_NOT_MEASURED,
+    HOST_NORM,
+    SEED_CLIPPED_STEPS,
+    SEED_MIN_CLIP_FACTOR,
+)
 _PointKey = frozenset[tuple[str, object]]
 
 #: Every gauge of a trainer: name, unit, description. The unit-less ones have unit "" ("1" would add a
@@ -138,6 +148,18 @@ _GAUGES = (
         "",
         "The smallest factor the gradient clip applied in the epoch's sampled steps, "
         "min(max_norm / (total + 1e-6), 1); 1 when it never scaled.",
+    ),
+    (
+        SEED_CLIPPED_STEPS,
+        "",
+        "Per seed with a clip of its own parameters only (one clip_grad_norm_ per seed): sampled optimizer "
+        "steps of the epoch that clip scaled down (exported only in epochs with one).",
+    ),
+    (
+        SEED_MIN_CLIP_FACTOR,
+        "",
+        "Per seed with a clip of its own parameters only: the smallest factor that clip applied in the "
+        "epoch's sampled steps, min(max_norm / (total + 1e-6), 1); 1 when it never scaled.",
     ),
 )
 
@@ -241,6 +263,9 @@ def snapshot_points(
         add(MIN_CLIP_FACTOR, summary.min_clip_factor, dict(identity))
     for seed in summary.seeds.values():
         seed_attributes = {**identity, "seed_id": seed.seed_id, "stage": seed.stage}
+        if seed.min_clip_factor is not None:  # a clip of the seed's own parameters was seen: its own facts
+            add(SEED_CLIPPED_STEPS, seed.clipped_steps, seed_attributes)
+            add(SEED_MIN_CLIP_FACTOR, seed.min_clip_factor, seed_attributes)
         if seed.total_norm is None:
             points[SEED_NOT_MEASURED].append(Observation(1, seed_attributes))
             continue

@@ -25,11 +25,16 @@ def step_norm_buckets(settings: SeedLayerSettings) -> int:
     return exported_buckets(settings.step_norm_histogram)
 
 
-def trainer_series(settings: SeedLayerSettings, seeds: int, layers: int) -> dict[str, int]:
+def trainer_series(
+    settings: SeedLayerSettings, seeds: int, layers: int, *, clip: bool = False, seed_clips: int = 0
+) -> dict[str, int]:
     """Series per Prometheus name that one trainer with ``seeds`` seeds of ``layers`` layers each
     exports at once under ``settings`` (names with no series left out).
 
     Seeds beyond ``settings.max_seeds`` are not exported; a seed exports ``min(top_k, layers)`` layers.
+    The clip gauges exist only in epochs in which a clip was seen: ``clip``, a trainer-level clip (the
+    host's, a global one: three series), and ``seed_clips`` of the exported seeds clipped on their own
+    (Esper's per-seed clips: two series each, with ``seed_id`` and ``stage``).
     """
     if not settings.enabled:
         return {}
@@ -48,6 +53,11 @@ def trainer_series(settings: SeedLayerSettings, seeds: int, layers: int) -> dict
         "seed_step_norm_bucket": exported * buckets,
         "seed_step_norm_sum": exported if buckets else 0,
         "seed_step_norm_count": exported if buckets else 0,
+        "clip_steps": int(clip),
+        "clip_clipped_steps": int(clip),
+        "clip_min_factor": int(clip),
+        "seed_clip_clipped_steps": min(seed_clips, exported),
+        "seed_clip_min_factor": min(seed_clips, exported),
     }
     return {PREFIX + name: count for name, count in series.items() if count}
 

@@ -146,6 +146,34 @@ class Segment:
         #: The last absorbed step's squared norms per slot (a view of its batch's rows: no op), for the epoch end.
         self._last_row: torch.Tensor | None = None
         self.stats = SlotStats(len(self.slots), self.home)
+        #: The owner of each distinct clip parameter set seen (``clip_owner``), and parameter id -> seed.
+        self._clip_owners: dict[tuple[int, int, int], str | None] = {}
+        self._seed_of: dict[int, str] | None = None
+
+    def clip_owner(self, parameters: Mapping[int, object] | None) -> str | None:
+        """The seed a clip belongs to: the one that holds all of its parameters (those that had a gradient,
+        by id); None, the trainer's, for any other clip (the host's, several seeds', the whole model's, or
+        parameters not known). O(1) per clip: cached per parameter set, keyed by its first and last id and
+        its size (ids are not reused while this segment holds its parameters)."""
+        if not parameters:
+            return None
+        ids = parameters.keys()
+        key = (next(iter(ids)), next(reversed(ids)), len(ids))  # type: ignore[call-overload]  # a dict's keys
+        try:
+            return self._clip_owners[key]
+        except KeyError:
+            pass
+        if self._seed_of is None:
+            self._seed_of = {
+                self._parameter_ids[i]: seed
+                for (seed, layer), indices in zip(self.slots, self.slot_params)
+                if layer == TOTAL and seed != HOST
+                for i in indices
+            }
+        owners = {self._seed_of.get(i) for i in ids}
+        owner = owners.pop() if len(owners) == 1 else None
+        self._clip_owners[key] = owner
+        return owner
 
     def lists_same_modules(self, mapping: Mapping[str, tuple[nn.Module, object]]) -> bool:
         """The step path's check: the same seed ids with the same module objects (no walk over modules)."""

@@ -36,9 +36,9 @@ class EpochSums:
     #: sharded gradient's under torch.distributed).
     vanishing: Sequence[int | None] | None = None
     exploding: Sequence[int | None] | None = None  # tensor-steps above the upper one, or non-finite
-    clips: ClipTotals = field(
-        default_factory=ClipTotals
-    )  # the trainer's clip facts (each rank's own: every rank clips alike)
+    #: The trainer's clip facts, and per seed those of its own clips (``clips.seeds``): each rank's own under
+    #: torch.distributed (every rank clips alike; the factors are not reduced).
+    clips: ClipTotals = field(default_factory=ClipTotals)
     #: The epoch's sampled index of the largest per-step square (the first on ties, non-finite first).
     max_steps: Sequence[float] = ()
     #: Per slot, of the last sampled step it was measured at: ``LAST_STEP_ROWS`` rows of ``slots`` values (the

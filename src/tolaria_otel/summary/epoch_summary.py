@@ -71,6 +71,12 @@ class SeedSummary:
     last_step_tensors: int | None = None
     last_step_vanishing_tensors: int | None = None
     last_step_exploding_tensors: int | None = None
+    #: The seed's own clip facts: over its sampled steps, those at which a clip of its own parameters only was
+    #: seen (Esper clips each seed apart), those it scaled down, and its smallest factor (None: no clip of its
+    #: own; a clip spanning the host or several seeds, a global one included, is the EpochSummary's instead).
+    clip_steps: int = 0
+    clipped_steps: int = 0
+    min_clip_factor: float | None = None
 
     @property
     def measured(self) -> bool:
@@ -86,10 +92,12 @@ class EpochSummary:
     """All active seeds at the end of one epoch, ordered by seed id; ``host_norm`` when measured.
 
     The values are the gradients before clipping; the clip is its own fact, over the sampled steps:
-    ``clip_steps`` at which a clip was seen (``telemetry.clip_grad_norm_``, or torch's clip functions
-    while attached), ``clipped_steps`` of them that it scaled down, and ``min_clip_factor``, its
-    smallest factor ``min(max_norm / (total + 1e-6), 1)`` (None when no clip was seen; 1.0 when it
-    never scaled).
+    ``clip_steps`` at which a trainer-level clip was seen (``telemetry.clip_grad_norm_``, or torch's clip
+    functions while attached), ``clipped_steps`` of them that it scaled down, and ``min_clip_factor``, its
+    smallest factor ``min(max_norm / (total + 1e-6), 1)`` (None when no such clip was seen; 1.0 when it
+    never scaled). A trainer-level clip is any clip whose parameters are not all one seed's: the host's
+    own, one over several seeds, a global clip over the whole model (which scales every seed too). A clip
+    of one seed's parameters only is that seed's fact (``SeedSummary.clip_steps`` ...), not the trainer's.
     """
 
     epoch: int
@@ -132,7 +140,12 @@ class EpochSummary:
         for seed in self.seeds.values():
             layers = ", ".join(f"{layer}={value:.4g}" for layer, value in seed.top_layers) or "no layers"
             total = "not measured" if seed.total_norm is None else f"{seed.total_norm:.4g}"
-            lines.append(f"  {seed.seed_id} [{seed.stage}] {seed.health} total={total}: {layers}")
+            own = (
+                ""
+                if seed.min_clip_factor is None
+                else f" (clipped {seed.clipped_steps}/{seed.clip_steps}, smallest factor {seed.min_clip_factor:.3g})"
+            )
+            lines.append(f"  {seed.seed_id} [{seed.stage}] {seed.health} total={total}{own}: {layers}")
         return "\n".join(lines)
 
 

@@ -110,6 +110,7 @@ def _seed_summary(
     left: bool,
     partial: bool,
 ) -> SeedSummary:
+    clips = sums.clips.seeds.get(seed_id)
     slots = dict(seed_slots)
     total = slots.pop(TOTAL, None)
     measured = total is not None and total.rms is not None
@@ -149,4 +150,7 @@ def _seed_summary(
         last_step_tensors=total.last_tensors if measured else None,  # type: ignore[union-attr]
         last_step_vanishing_tensors=total.last_vanishing if measured else None,  # type: ignore[union-attr]
         last_step_exploding_tensors=total.last_exploding if measured else None,  # type: ignore[union-attr]
+        clip_steps=clips.steps if clips is not None else 0,
+        clipped_steps=clips.clipped if clips is not None else 0,
+        min_clip_factor=clips.smallest if clips is not None else None,
     )
