@@ -24,11 +24,29 @@ Patching, the way OpenTelemetry instrumentations patch a library: while a teleme
 ``torch.nn.utils.clip_grad_value_`` are replaced by wrappers (``functools.wraps`` of the originals,
 so ``__wrapped__`` is torch's function). One patch serves every telemetry of the process; a clip is
 taken by the telemetries whose model holds its first parameter, and a clip no telemetry takes runs
-torch's own function untouched. The last telemetry to detach restores torch's functions, unless
-someone patched over ours since (then ours stays, as a pass-through). Code that bound the function
-before the patch (``from torch.nn.utils import clip_grad_norm_`` at import) is not seen: clip with
-``telemetry.clip_grad_norm_`` there. A clip the package cannot reach at all (FSDP1's
-``model.clip_grad_norm_``, DeepSpeed's engine) is named in a warning at attach, with the way out.
+torch's own function untouched. The last telemetry to detach restores the functions that were there,
+unless someone patched over ours since (then ours stays, as a pass-through). A clip the package cannot
+reach at all (FSDP1's ``model.clip_grad_norm_``, DeepSpeed's engine) is named in a warning at attach,
+with the way out.
+
+A wrapper someone installed at ``torch.nn.utils.clip_grad_norm_`` before the telemetry attached (a
+library's, the user's) is wrapped in turn, and keeps being called: the telemetries measure just before
+it (one more foreach norm, as for a value clip), it clips, and the factor comes from the total it
+returns; detach puts it back. Only over torch's own function is the clip done here, in one pass.
+
+Clips bound at import: code that bound torch's function under its own name before the patch (``from
+torch.nn.utils import clip_grad_norm_`` at the top of a training script, so in ``__main__``; ``from
+torch.nn.utils.clip_grad import clip_grad_norm_ as clip``) would call torch's function, unseen, and its
+step would be measured after the clip. At each attach the globals of every module in ``sys.modules``
+(torch's and the package's left out) are scanned for torch's own function objects (by identity), and each
+one found is rebound to the patch's wrapper of it, the one ``torch.nn.utils`` holds, until the last detach
+restores it (unless the module set that name since: then its own choice stays). That is measured exactly
+rather than only warned about because the wrapper is a pass-through for every clip no telemetry takes
+(torch's function, same arguments, same result), and for the ones it takes it does what the patched
+attribute does; a name is only ever changed from torch's function to the wrapper of that same function and
+back. Said once per module at INFO; a module whose name cannot be set is named in a warning with the way
+out. Not seen: a name bound after attach from ``torch.nn.utils.clip_grad`` (the module itself is not
+patched), a local or class attribute holding torch's function, a name bound to someone else's wrapper.
 """
 
 from __future__ import annotations
