@@ -51,12 +51,24 @@ def validate_seeds(mapping: object, stage_names: StageNames | None = None) -> di
     """Validate what a seed source returned; the result is ordered by seed id."""
     if not isinstance(mapping, Mapping):
         raise TypeError(f"seed source returned {type(mapping).__name__}: expected a mapping seed_id -> (module, stage)")
+
+    def named(value: object) -> str:
+        """A plain value as its repr, anything else (a module's repr runs to pages) as its type's name."""
+        plain = value is None or isinstance(value, str | int | float)
+        return repr(value) if plain and len(repr(value)) <= 80 else type(value).__name__
+
     views: dict[str, SeedView] = {}
     for seed_id, entry in mapping.items():
         if not isinstance(seed_id, str) or not seed_id:
-            raise TypeError(f"seed id {seed_id!r} is not valid: expected a non-empty str")
+            raise TypeError(f"seed id {named(seed_id)} is not valid: expected a non-empty str")
         if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], nn.Module)):
-            raise TypeError(f"seed {seed_id!r}: expected a (torch.nn.Module, stage) pair, got {entry!r}")
+            given = (
+                f"a tuple of {len(entry)} ({', '.join(type(item).__name__ for item in entry[:4])}"
+                f"{', ...' if len(entry) > 4 else ''})"
+                if isinstance(entry, tuple)
+                else type(entry).__name__
+            )
+            raise TypeError(f"seed {seed_id!r}: expected a (torch.nn.Module, stage) pair, got {given}")
         module, stage = entry
         views[seed_id] = SeedView(seed_id, module, stage_name(seed_id, stage, stage_names))
     return dict(sorted(views.items()))
