@@ -152,11 +152,12 @@ class PreClipGradients:
 
 def first_largest(steps: list[tuple[int, float]], margin: float = 1e-3) -> int:
     """The step number of the largest square (a non-finite one ranks largest, the first on ties), asserting
-    that every other finite step is smaller by ``margin`` (relative): an argmax float32 rounding cannot move."""
+    that every other finite step is equal (a tie: the same gradient, zero say) or smaller by ``margin``
+    (relative): an argmax float32 rounding cannot move."""
     keyed = [(math.inf if not math.isfinite(v) else v, -i, number) for i, (number, v) in enumerate(steps)]
     largest = max(keyed)
     if math.isfinite(largest[0]):
-        assert all(v < largest[0] * (1 - margin) for v, i, _ in keyed if i != largest[1]), (
+        assert all(v == largest[0] or v < largest[0] * (1 - margin) for v, _, _ in keyed), (
             f"no clear largest step: {steps}"
         )
     return largest[2]
