@@ -20,6 +20,8 @@ from torch import nn
 
 from tolaria_otel import EpochSummary
 
+TOTAL = ""  # a seed's total among its per-step layer squares (no layer is named "")
+
 
 class AppliedGradients:
     def __init__(self, optimizer: torch.optim.Optimizer, seeds: Callable[[], Mapping[str, tuple[nn.Module, object]]]):
@@ -78,8 +80,11 @@ class PreClipGradients:
     before a step is the accumulated gradient; the optimizer's step post-hook (after any clip, and after a
     closure's backward: Lightning runs the last one inside ``step``) reads the copies, never ``.grad``. Per step
     it also keeps the clip factor torch's clip would apply,
-    ``min(max_norm / (total + 1e-6), 1)`` over all the optimizer's parameters. Gradients must be float32
-    or wider with no loss scaling (an unscale would come after the copy).
+    ``min(max_norm / (total + 1e-6), 1)`` over all the optimizer's parameters, and every seed's and layer's
+    square under the step's number: the count of optimizer steps this reference saw before it, from 0 (with
+    the reference created before the run's first step, the framework's 0-based global step, counted here and
+    not read from the framework). Gradients must be float32 or wider with no loss scaling (an unscale would
+    come after the copy).
     """
 
     def __init__(
@@ -93,6 +98,9 @@ class PreClipGradients:
         self.max_norm = max_norm
         self._grads: dict[int, torch.Tensor] = {}
         self.factors: list[float] = []  # the clip factor of every step
+        self.step_number = 0  # the next step's number: the steps seen so far
+        #: Per epoch ended by :meth:`epoch`: seed -> layer (``TOTAL`` the seed's total) -> [(step number, square)].
+        self.epoch_step_squares: list[dict[str, dict[str, list[tuple[int, float]]]]] = []
         self.handles = [p.register_post_accumulate_grad_hook(self._copy) for p in model.parameters() if p.requires_grad]
         self.reset()
         optimizer.register_step_post_hook(self._post)
@@ -106,6 +114,7 @@ class PreClipGradients:
         self.maxima: dict[str, float] = defaultdict(float)
         self.steps: dict[str, int] = defaultdict(int)
         self.epoch_factors: list[float] = []
+        self.step_squares: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
 
     def _square(self, params: Iterable[torch.Tensor]) -> float:
         return sum(float(self._grads[id(p)].square().sum()) for p in params if id(p) in self._grads)
@@ -120,10 +129,14 @@ class PreClipGradients:
             for name, sub in module.named_modules():
                 params = [p for p in sub.parameters(recurse=False) if p.requires_grad]
                 if params:
-                    self.squares[seed_id][name or "(root)"] += self._square(params)
+                    layer_square = self._square(params)
+                    self.squares[seed_id][name or "(root)"] += layer_square
+                    self.step_squares[seed_id][name or "(root)"].append((self.step_number, layer_square))
             square = self._square(module.parameters())
             self.totals[seed_id] += square
             self.maxima[seed_id] = max(self.maxima[seed_id], square)
+            self.step_squares[seed_id][TOTAL].append((self.step_number, square))
+        self.step_number += 1
         self._grads = {}
 
     def epoch(self) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, int], list[float]]:
@@ -132,8 +145,43 @@ class PreClipGradients:
         totals = {s: math.sqrt(v / self.steps[s]) for s, v in self.totals.items()}
         steps = dict(self.steps)
         factors = list(self.epoch_factors)
+        self.epoch_step_squares.append({s: dict(d) for s, d in self.step_squares.items()})
         self.reset()
         return layers, totals, steps, factors
+
+
+def first_largest(steps: list[tuple[int, float]], margin: float = 1e-3) -> int:
+    """The step number of the largest square (a non-finite one ranks largest, the first on ties), asserting
+    that every other finite step is equal (a tie: the same gradient, zero say) or smaller by ``margin``
+    (relative): an argmax float32 rounding cannot move."""
+    keyed = [(math.inf if not math.isfinite(v) else v, -i, number) for i, (number, v) in enumerate(steps)]
+    largest = max(keyed)
+    if math.isfinite(largest[0]):
+        assert all(v == largest[0] or v < largest[0] * (1 - margin) for v, _, _ in keyed), (
+            f"no clear largest step: {steps}"
+        )
+    return largest[2]
+
+
+def reference_max_steps(
+    step_squares: Mapping[str, Mapping[str, list[tuple[int, float]]]],
+) -> dict[str, tuple[int, dict[str, int]]]:
+    """seed -> (its ``max_step``, layer -> ``layer_max_step``), from one epoch of per-step squares."""
+    return {
+        seed_id: (
+            first_largest(list(layers[TOTAL])),
+            {layer: first_largest(list(v)) for layer, v in layers.items() if layer != TOTAL},
+        )
+        for seed_id, layers in step_squares.items()
+    }
+
+
+def assert_max_steps(summary: EpochSummary, step_squares: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> None:
+    """Every seed's ``max_step`` and ``layer_max_step`` (all its layers) are the reference's."""
+    want = reference_max_steps(step_squares)
+    assert set(summary.seeds) == set(want)
+    got = {seed_id: (seed.max_step, dict(seed.layer_max_step)) for seed_id, seed in summary.seeds.items()}
+    assert got == want
 
 
 def assert_exploding_seed_epoch(

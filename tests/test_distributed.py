@@ -27,12 +27,20 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tolaria_otel import LAYER_NORM, SeedLayerSettings, SeedLayerTelemetry, SettingsError, configure_meter_provider
+from tolaria_otel import (
+    LAYER_NORM,
+    EpochSummary,
+    SeedLayerSettings,
+    SeedLayerTelemetry,
+    SettingsError,
+    configure_meter_provider,
+)
 from tolaria_otel.config.settings import ENV_EXPORT_RANK
 from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 from tolaria_otel.export.resource import RANK_ATTRIBUTE, WORLD_SIZE_ATTRIBUTE, distributed_resource, process_group
 from tolaria_otel.reduce.ranks import SlotLayout
 
+from .framework_reference import TOTAL, assert_max_steps, first_largest
 from .helpers import ReferenceNorms, collect, provider_readers, seeded_network, telemetry_for
 
 pytestmark = pytest.mark.distributed
@@ -155,14 +163,18 @@ def train(
     part: slice,
     batches: Callable[[int], list] = global_batches,
     epochs: int = EPOCHS,
+    before_step: Callable[[], None] = lambda: None,
+    after_epoch: Callable[[EpochSummary | None], None] = lambda summary: None,
 ) -> list:
     """``epochs`` epochs of SGD on the ``part`` of each global batch; the summaries, and the collectives
-    the telemetry ran at each step and epoch end."""
+    the telemetry ran at each step and epoch end. ``before_step`` sees each step's gradients first,
+    ``after_epoch`` each summary."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     summaries, step_ops, epoch_ops = [], [], []
     for epoch in range(epochs):
         for x, y in batches(epoch):
             nn.functional.mse_loss(model(x[part]), y[part]).backward()
+            before_step()
             with Collectives() as step:
                 telemetry.observe_step()
             step_ops += step.ops
@@ -171,6 +183,7 @@ def train(
         with Collectives() as end:
             summary = telemetry.end_epoch()
         epoch_ops.append(end.ops)
+        after_epoch(summary)
         summaries.append(summary.to_dict())
     return [summaries, step_ops, epoch_ops]
 
@@ -180,10 +193,32 @@ def single_process_reference(
     batches: Callable[[int], list] = global_batches,
     epochs: int = EPOCHS,
 ) -> list[dict]:
-    """The same epochs, unsharded, in this process, over the whole global batches."""
+    """The same epochs, unsharded, in this process, over the whole global batches; its largest steps checked
+    against float64 per-step squares numbered from 0 at the run's first step (not per epoch)."""
     model, registry = network()
     telemetry, _ = telemetry_for(model, registry, ON)
-    return train(model, telemetry, slice(None), batches, epochs)[0]
+    squares: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    steps = [0]
+
+    def record() -> None:  # each seed's and layer's square of this step
+        for seed_id, module in registry.modules.items():
+            layers = squares.setdefault(seed_id, {})
+            for name, sub in module.named_modules():
+                if params := list(sub.parameters(recurse=False)):
+                    value = sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None)
+                    layers.setdefault(name, []).append((steps[0], value))
+            total = sum(float(p.grad.double().square().sum()) for p in module.parameters() if p.grad is not None)
+            layers.setdefault(TOTAL, []).append((steps[0], total))
+        steps[0] += 1
+
+    def epoch_end(summary: EpochSummary | None) -> None:
+        assert summary is not None
+        assert_max_steps(summary, squares)
+        squares.clear()
+
+    summaries = train(model, telemetry, slice(None), batches, epochs, record, epoch_end)[0]
+    assert steps[0] == sum(len(batches(epoch)) for epoch in range(epochs))
+    return summaries
 
 
 def assert_same_summaries(got: list[dict], want: list[dict], *, sharded: bool = False) -> None:
@@ -206,6 +241,11 @@ def assert_same_summaries(got: list[dict], want: list[dict], *, sharded: bool = 
                 [p["max"] for p in want_seed["top_layers"]], rel=1e-4
             )
             assert got_seed["layers"] == pytest.approx(want_seed["layers"], rel=1e-4)
+            # Each seed's and layer's largest step, numbered over the run (the reference's own checked in float64).
+            assert (got_seed["max_step"], got_seed["layer_max_step"]) == (
+                want_seed["max_step"],
+                want_seed["layer_max_step"],
+            )
             assert got_seed["host_ratio"] == pytest.approx(want_seed["host_ratio"], rel=1e-4)
             assert (got_seed["step_norm_counts"], got_seed["nonfinite_steps"], got_seed["health"]) == (
                 want_seed["step_norm_counts"],
@@ -598,8 +638,9 @@ def _scale_rank(rank: int, world: int, kinds: list[str]) -> dict[str, Any]:
     return results
 
 
-def assert_equals_reference(summary: dict, squares: dict[str, dict[str, list[float]]]) -> None:
-    """The epoch's summary against float64 per-step squares of the global gradients."""
+def assert_equals_reference(summary: dict, squares: dict[str, dict[str, list[float]]], first_step: int) -> None:
+    """The epoch's summary against float64 per-step squares of the global gradients; ``first_step``: the number
+    of the epoch's first step (steps count over the whole run)."""
     from tolaria_otel.config.histogram import HISTOGRAM_BOUNDARIES
 
     for seed in summary["seeds"]:
@@ -608,6 +649,9 @@ def assert_equals_reference(summary: dict, squares: dict[str, dict[str, list[flo
         assert seed["sampled_steps"] == len(total)
         assert seed["total_norm"] == pytest.approx(math.sqrt(sum(total) / len(total)), rel=1e-4)
         assert seed["max_norm"] == pytest.approx(math.sqrt(max(total)), rel=1e-5)
+        numbered = {layer: list(enumerate(values, first_step)) for layer, values in layers.items()}
+        assert seed["max_step"] == first_largest(numbered[""], margin=1e-5)
+        assert seed["layer_max_step"] == {layer: first_largest(numbered[layer], margin=1e-5) for layer in ("0", "2")}
         for layer in ("0", "2"):
             assert seed["layers"][layer] == pytest.approx(math.sqrt(sum(layers[layer]) / len(total)), rel=1e-4)
         for point in seed["top_layers"]:
@@ -639,9 +683,12 @@ def test_epochs_of_100_and_10000_steps_reduce_the_same_bytes_exactly(tmp_path, w
             assert result["step_bytes"] == [
                 [4 * 129 * sharded] * (steps // 64 if sharded else 0) for steps in SCALE_STEPS
             ]
-        for summary, squares, steps in zip(results[0]["summaries"], results[0]["reference"], SCALE_STEPS):
+        first_steps = [sum(SCALE_STEPS[:epoch]) for epoch in range(len(SCALE_STEPS))]  # 0, 100, 10,100
+        for summary, squares, steps, first in zip(
+            results[0]["summaries"], results[0]["reference"], SCALE_STEPS, first_steps, strict=True
+        ):
             assert summary["sampled_steps"] == steps
-            assert_equals_reference(summary, squares)
+            assert_equals_reference(summary, squares, first)
 
 
 # --- without torch.distributed, and the pieces -----------------------------------------------------

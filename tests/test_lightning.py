@@ -3,6 +3,8 @@ seeds that come and go, checked against the gradients backprop produced before t
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tolaria_otel import LAYER_NORM, EpochSummary, SeedLayerSettings, SeedLayerTelemetry
 from tolaria_otel.demo.seeded_mlp import SeededMLP, SeedRegistry
 
-from .framework_reference import AppliedGradients, PreClipGradients, assert_exploding_seed_epoch
+from .framework_reference import AppliedGradients, PreClipGradients, assert_exploding_seed_epoch, assert_max_steps
 from .helpers import collect, expected_top_k, layer_points, metered
 
 pytest.importorskip("lightning.pytorch")
@@ -35,10 +37,14 @@ class Regression(pl.LightningModule):
         self.reference: AppliedGradients | None = None
         self.pre_clip: PreClipGradients | None = None
         self.pre_clip_norms: list[float] = []
+        #: global step -> the factor one of its micro-batches' inputs is scaled by (a spike at a known step)
+        self.spikes: dict[int, float] = {}
 
     # Optional: a subclass under manual optimization steps inside training_step and returns no loss.
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
+        if batch_idx % ACCUMULATE == 2:  # the third micro-batch of the step: inside the accumulation
+            x = x * self.spikes.get(self.trainer.global_step, 1.0)
         return nn.functional.mse_loss(self.model(x), y)
 
     # A list where a subclass steps several optimizers.
@@ -105,9 +111,11 @@ def trainer(*callbacks: pl.Callback, **kwargs: object) -> pl.Trainer:
 
 
 def test_fit_measures_the_gradients_before_clipping_once_per_optimizer_step() -> None:
+    gc.collect()  # a telemetry another test left unclosed detaches when collected: not in the middle of this fit
     before = torch.nn.utils.clip_grad_norm_  # torch's, or the patch of a telemetry another test left attached
     model, registry = network()
     module = Regression(model, registry)
+    module.spikes = {1: 4.0}  # epoch 0's middle step; epoch 1 (steps 3-5) as it comes: its layers peak apart
     provider, reader = metered(ON)
     summaries: list[EpochSummary] = []
     callback = SeedLayerCallback(registry, settings=ON, meter_provider=provider, on_summary=summaries.append)
@@ -137,6 +145,16 @@ def test_fit_measures_the_gradients_before_clipping_once_per_optimizer_step() ->
         # The clip, on its own: it scaled every step down, by the factor torch's clip computes.
         assert summary.clip_steps == summary.clipped_steps == len(factors) == BATCHES // ACCUMULATE
         assert summary.min_clip_factor == pytest.approx(min(factors), rel=1e-5)
+    # Each seed's and layer's largest step is at the reference's step, numbered by the reference's own count of
+    # optimizer steps since the fit began: the spike's step 1 (seed 2 listed from step 2 only), then in epoch 1
+    # steps that go on counting (seed 0 culled after step 3), a layer's peak at another step than its seed's.
+    for summary, step_squares in zip(summaries, module.pre_clip.epoch_step_squares, strict=True):
+        assert_max_steps(summary, step_squares)
+    assert [{s: seed.max_step for s, seed in summary.seeds.items()} for summary in summaries] == [
+        {"seed-0": 1, "seed-1": 1, "seed-2": 2},
+        {"seed-0": 3, "seed-1": 4, "seed-2": 4},
+    ]
+    assert set(summaries[1].seeds["seed-1"].layer_max_step.values()) == {3, 4, 5}
     # Seed 2 germinated after step 2 and seed 0 was culled after step 4 (of 3 per epoch).
     assert summaries[0].seeds["seed-2"].sampled_steps == 1
     assert summaries[0].seeds.keys() == {"seed-0", "seed-1", "seed-2"}
@@ -227,6 +245,7 @@ def test_attach_to_the_lightning_optimizer_gives_what_the_callback_gives() -> No
             by_hand.append(attached.end_epoch())
 
     trainer(callback, ByHand()).fit(Regression(model, registry), loader())
+    attached.close()  # left open, it would restore torch's clip whenever it is collected, during another test
     assert [s.to_dict() for s in by_hand] == [s.to_dict() for s in summaries]
     assert [s.sampled_steps for s in by_hand] == [BATCHES // ACCUMULATE] * 2
 

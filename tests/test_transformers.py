@@ -4,7 +4,9 @@ mid-run; checked against the gradients backprop produced before the Trainer's cl
 
 from __future__ import annotations
 
+import gc
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks
 
 from tolaria_otel import EpochSummary, SeedLayerSettings
 
-from .framework_reference import AppliedGradients, PreClipGradients, assert_exploding_seed_epoch
+from .framework_reference import AppliedGradients, PreClipGradients, assert_exploding_seed_epoch, assert_max_steps
 from .helpers import expected_top_k, metered
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # read when transformers is imported: nothing may be fetched
@@ -75,7 +77,25 @@ def arguments(tmp_path: object, **kwargs: object) -> transformers.TrainingArgume
     return transformers.TrainingArguments(**options)
 
 
+class SpikedTrainer(transformers.Trainer):
+    """The Trainer, with the loss of the third micro-batch of each step in ``spikes`` (state.global_step -> factor)
+    scaled: a spike at a known optimizer step, inside its accumulation."""
+
+    def __init__(self, *args: Any, spikes: dict[int, float], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spikes = spikes
+        self._micro_batches: dict[int, int] = {}  # state.global_step -> compute_loss calls at it
+
+    def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+        step = self.state.global_step
+        self._micro_batches[step] = self._micro_batches.get(step, 0) + 1
+        loss = super().compute_loss(*args, **kwargs)
+        assert isinstance(loss, torch.Tensor)  # training asks for the loss alone
+        return loss * self.spikes.get(step, 1.0) if self._micro_batches[step] == 3 else loss
+
+
 def test_train_measures_the_gradients_before_clipping_once_per_optimizer_step(tmp_path: object) -> None:
+    gc.collect()  # a telemetry another test left unclosed detaches when collected: not in the middle of train()
     global_hooks = set(_global_optimizer_post_hooks)  # other tests' may be there: ours must not be added
     clip = torch.nn.utils.clip_grad_norm_  # torch's, or the patch of a telemetry another test left attached
     model = tiny_bert()
@@ -99,12 +119,13 @@ def test_train_measures_the_gradients_before_clipping_once_per_optimizer_step(tm
 
     provider, _ = metered(ON)
     callback = SeedLayerCallback(lambda: seeds, settings=ON, meter_provider=provider, on_summary=summaries.append)
-    trainer = transformers.Trainer(
+    trainer = SpikedTrainer(
         model=model,
         args=arguments(tmp_path),
         train_dataset=Sentences(),
         optimizers=(optimizer, None),
         callbacks=[callback, Lifecycle()],
+        spikes={1: 10.0},  # epoch 0's middle step; epoch 1 as it comes
     )
     trainer.train()
 
@@ -125,6 +146,16 @@ def test_train_measures_the_gradients_before_clipping_once_per_optimizer_step(tm
     # The Trainer's logged grad_norm is the norm before its clip: the reference's.
     assert logged == pytest.approx([CLIP / factor for factor in pre_clip.factors], rel=1e-5)
     assert summaries[0].seeds["pooler"].sampled_steps == 1
+    # Each seed's and layer's largest step is at the reference's step, numbered by the reference's own count of
+    # optimizer steps since train() began: the spike's step 1 (the pooler listed from step 2 only), then steps
+    # that go on counting in epoch 1 (3 to 5). The Trainer logs that step under global_step + 1.
+    for summary, step_squares in zip(summaries, pre_clip.epoch_step_squares, strict=True):
+        assert_max_steps(summary, step_squares)
+    assert {s: seed.max_step for s, seed in summaries[0].seeds.items()} == {"layer-0": 1, "layer-1": 1, "pooler": 2}
+    later = {step for seed in summaries[1].seeds.values() for step in seed.layer_max_step.values()}
+    assert later <= {3, 4, 5} and len(later) > 1  # a layer's peak at another step than another layer's
+    spike = max((entry for entry in trainer.state.log_history if "grad_norm" in entry), key=lambda e: e["grad_norm"])
+    assert spike["step"] == 1 + 1  # the Trainer's log of the planted step
     # train()'s end closed the telemetry: the reference's is the only hook left on the optimizer.
     assert callback.telemetry is None and set(_global_optimizer_post_hooks) == global_hooks
     assert len(optimizer._optimizer_step_post_hooks) == 2  # the references'
