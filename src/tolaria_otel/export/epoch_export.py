@@ -3,10 +3,13 @@
 The instruments are gauges of the latest epoch, read at each collection; at the SDK's default export
 interval (60 s) an application whose epochs are shorter would export only some of them. So, on a provider
 that pushes (an SDK ``MeterProvider`` with a ``PeriodicExportingMetricReader``), each epoch end asks for
-``provider.force_flush()`` on a daemon thread of its own: the epoch end only sets a flag (and starts the
-thread when none runs), so neither the step nor ``end_epoch()`` ever waits on the network; requests that
-come while an export is in flight are coalesced into one more export after it, which carries the latest
-epoch. ``SeedLayerTelemetry(export_each_epoch=False)`` leaves the exports to the reader's interval.
+``provider.force_flush()`` on a thread of its own: the epoch end only sets a flag (and starts the thread
+when none runs), so neither the step nor ``end_epoch()`` ever waits on the network; requests that come
+while an export is in flight are coalesced into one more export after it, which carries the latest
+epoch. The thread is not a daemon: the interpreter's exit waits for an export under way (at most one
+OTLP timeout, as the provider's shutdown would), so the last epoch is not cut off mid-request; a
+trainer closed after its epoch's export does not send that epoch again at the shutdown.
+``SeedLayerTelemetry(export_each_epoch=False)`` leaves the exports to the reader's interval.
 
 In pull mode (only Prometheus readers) nothing can be pushed: an epoch the scrape did not read is gone,
 and the instruments say so once (``ProviderStreams``). Other readers (an ``InMemoryMetricReader``, none)
@@ -23,6 +26,14 @@ from typing import Any
 from .sdk_state import provider_readers, provider_shut_down
 
 _logger = logging.getLogger("tolaria_otel.telemetry")
+
+_thread = threading.local()
+
+
+def on_export_thread() -> bool:
+    """Whether this code runs in an epoch's export (a collection the package started)."""
+    return getattr(_thread, "exporting", False) is True
+
 
 #: How a provider's points leave the process, which decides whether an epoch end starts an export.
 PUSH, PULL, MANUAL = "push", "pull", "manual"
@@ -48,7 +59,7 @@ def delivery(provider: Any) -> str:
 
 
 class EpochExport:
-    """Exports of one provider started at epoch ends, one at a time, on a daemon thread."""
+    """Exports of one provider started at epoch ends, one at a time, on a thread of their own."""
 
     def __init__(self, provider: Any) -> None:
         self._provider = weakref.ref(provider)  # the provider outlives nothing of the package's
@@ -73,13 +84,14 @@ class EpochExport:
             self._running = True
             self._pending = True
         try:
-            threading.Thread(target=self._run, name="tolaria-otel-epoch-export", daemon=True).start()
+            threading.Thread(target=self._run, name="tolaria-otel-epoch-export", daemon=False).start()
         except RuntimeError:  # no new thread (the interpreter is shutting down): the interval's export remains
             with self._lock:
                 self._running = False
             self._warn_once("tolaria_otel: could not start the epoch's export thread; the reader's interval exports")
 
     def _run(self) -> None:
+        _thread.exporting = True
         while True:
             with self._lock:
                 if not self._pending:

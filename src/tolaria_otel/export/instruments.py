@@ -48,7 +48,7 @@ from .._version import __version__
 from ..config.histogram import BUCKET_VALUES, STEP_NORM_BOUNDARIES
 from ..config.settings import ENV_MAX_SEEDS, SeedLayerSettings
 from ..summary.epoch_summary import EpochSummary
-from .epoch_export import MANUAL, PULL, PUSH, EpochExport, delivery
+from .epoch_export import MANUAL, PULL, PUSH, EpochExport, delivery, on_export_thread
 from .sdk_state import raise_cardinality_limits, record_counts, release_idle_attribute_sets
 
 if TYPE_CHECKING:
@@ -453,6 +453,7 @@ class SeedLayerInstruments:
         self._previous_keys: set[_PointKey] = set()
         self._epoch: int | None = None  # the epoch of the snapshot, None before the first
         self._collected = False  # whether some collection read the snapshot
+        self._exported = False  # whether an epoch's export (the package's own) read it
         self._final_collections = -1  # collections that still export after close(); -1 while open
         self._finished = False
         #: The instruments this trainer's points go to (shared with the provider's other trainers).
@@ -482,7 +483,7 @@ class SeedLayerInstruments:
         with self._lock:
             lost = self._epoch if self._epoch is not None and not self._collected else None
             self._points = points
-            self._epoch, self._collected = summary.epoch, False
+            self._epoch, self._collected, self._exported = summary.epoch, False, False
             keep = keys | self._previous_keys  # a collection running now may still observe the previous snapshot
             steady = keys == self._previous_keys  # nothing became idle: the usual epoch, nothing to release
             self._previous_keys = keys
@@ -530,11 +531,12 @@ class SeedLayerInstruments:
 
     def close(self) -> None:
         """Export the latest snapshot at one more collection (the next export, a flush, or the
-        provider's shutdown), then nothing: no I/O here, so the training thread never waits. The
-        identity is free for another trainer from now on."""
+        provider's shutdown), then nothing: no I/O here, so the training thread never waits. An epoch
+        the epoch's export already sent is not sent again (a shutdown against a hung collector would wait
+        for a second export). The identity is free for another trainer from now on."""
         with self._lock:
             if self._is_open:
-                self._final_collections = 1
+                self._final_collections = 0 if self._exported else 1
                 self._is_open = False
 
     def close_owner(self) -> None:
@@ -551,6 +553,7 @@ class SeedLayerInstruments:
         with self._lock:
             if name == SEED_NORM:  # the first callback of a collection
                 self._collected = True
+                self._exported = self._exported or on_export_thread()
                 if self._final_collections == 0 and not self._finished:
                     self._points = {}
                     self._finished = release = True
