@@ -19,10 +19,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-CASES = [("refused", None), ("refused", "2"), ("hung", None), ("hung", "2")]
+#: (collector, OTEL_EXPORTER_OTLP_TIMEOUT, export_each_epoch): the first four time shutdown's own final export
+#: (the epoch's export off, so that it is the only one); the last two the default, whose epoch export is
+#: already under way when the provider shuts down.
+CASES = [
+    ("refused", None, False),
+    ("refused", "2", False),
+    ("hung", None, False),
+    ("hung", "2", False),
+    ("refused", None, True),
+    ("hung", None, True),
+]
 
 
-def teardown_times(mode: str, timeout: str | None) -> dict[str, float]:
+def teardown_times(mode: str, timeout: str | None, each_epoch: bool = False) -> dict[str, float]:
     """In this process: train one epoch, then time close() and provider.shutdown()."""
     import torch
 
@@ -48,7 +58,11 @@ def teardown_times(mode: str, timeout: str | None) -> dict[str, float]:
     provider = configure_meter_provider(settings)
     seed = torch.nn.Linear(4, 4)
     telemetry = SeedLayerTelemetry(
-        seed, {"s": (seed, "SEED_STAGE_TRAINING")}, settings=settings, meter_provider=provider
+        seed,
+        {"s": (seed, "SEED_STAGE_TRAINING")},
+        settings=settings,
+        meter_provider=provider,
+        export_each_epoch=each_epoch,
     )
     seed(torch.ones(1, 4)).sum().backward()
     telemetry.observe_step()
@@ -62,11 +76,11 @@ def teardown_times(mode: str, timeout: str | None) -> dict[str, float]:
     return {"close_s": closed - start, "shutdown_s": shut - closed}
 
 
-def measure(mode: str, timeout: str | None) -> dict[str, float]:
+def measure(mode: str, timeout: str | None, each_epoch: bool = False) -> dict[str, float]:
     """One case in a fresh interpreter (the SDK's exporters keep process-wide state)."""
     code = (
         "import json; from benchmarks.teardown import teardown_times; "
-        f"print(json.dumps(teardown_times({mode!r}, {timeout!r})))"
+        f"print(json.dumps(teardown_times({mode!r}, {timeout!r}, {each_epoch!r})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -84,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="python -m benchmarks.teardown", description=__doc__.split("\n\n")[0]).parse_args(argv)
     with ThreadPoolExecutor(len(CASES)) as pool:
         results = list(pool.map(lambda case: measure(*case), CASES))
-    print("| collector | OTEL_EXPORTER_OTLP_TIMEOUT | close() s | provider.shutdown() s |\n| --- | --- | ---: | ---: |")
-    for (mode, timeout), result in zip(CASES, results):
-        print(f"| {mode} | {timeout or 'unset (10)'} | {result['close_s']:.3f} | {result['shutdown_s']:.2f} |")
+    print(
+        "| collector | OTEL_EXPORTER_OTLP_TIMEOUT | export_each_epoch | close() s | provider.shutdown() s |\n"
+        "| --- | --- | --- | ---: | ---: |"
+    )
+    for (mode, timeout, each), result in zip(CASES, results):
+        print(f"| {mode} | {timeout or 'unset (10)'} | {each} | {result['close_s']:.3f} | {result['shutdown_s']:.2f} |")
     return 0
 
 

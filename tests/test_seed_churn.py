@@ -421,7 +421,7 @@ def test_trainer_identity_collisions_are_refused_at_construction():
     provider, reader = metered(ON)
     seed = nn.Linear(2, 2)
     first = SeedLayerTelemetry(seed, {}, settings=ON, meter_provider=provider, attributes={"env_id": "0"})
-    with pytest.raises(ValueError, match="attributes \\{'env_id': '0'\\} already exports on this meter provider"):
+    with pytest.raises(ValueError, match="attributes \\{'env_id': '0'\\} is open on this meter provider"):
         SeedLayerTelemetry(seed, {}, settings=ON, meter_provider=provider, attributes={"env_id": "0"})
     with pytest.raises(ValueError, match="'seed_id' is one of the package's own attributes"):
         SeedLayerTelemetry(seed, {}, settings=ON, meter_provider=provider, attributes={"seed_id": "x"})

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,8 +53,13 @@ class SeedLayerTelemetry:
     are raised at once. Safe to call from several threads (one lock; uncontended on the step path).
 
     ``attributes`` identify the trainer when several share one process and one meter provider
-    (``{"env_id": "3"}``): they go on every point. ``stage_names`` names ``int`` stages (a protobuf
-    enum's ``Name``, or a mapping).
+    (``{"env_id": "3"}``): they go on every point. One identity is one open telemetry per provider: it
+    is free again once the telemetry is closed or garbage-collected unclosed (which closes it), and
+    ``replace=True`` closes an open one with the same identity and takes it over (Esper recreating its
+    environments). ``stage_names`` names ``int`` stages (a protobuf enum's ``Name``, or a mapping).
+    ``export_each_epoch`` (on by default): each epoch end starts an export of a pushing provider off the
+    training thread, so that every epoch reaches the store whatever the export interval; off, only the
+    reader's interval exports (docs/reference.md, "When epochs are exported").
     """
 
     def __init__(
@@ -65,8 +71,13 @@ class SeedLayerTelemetry:
         meter_provider: MeterProvider | None = None,
         attributes: Mapping[str, str] | None = None,
         stage_names: StageNames | None = None,
+        replace: bool = False,
+        export_each_epoch: bool = True,
     ) -> None:
         identity = _checked_arguments(model, settings, meter_provider, attributes, stage_names)
+        for name, flag in (("replace", replace), ("export_each_epoch", export_each_epoch)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} is {type(flag).__name__}: expected True or False")
         self.settings = SeedLayerSettings.from_env() if settings is None else settings
         self.model = model
         self.attributes = identity
@@ -98,7 +109,14 @@ class SeedLayerTelemetry:
         self._instruments: SeedLayerInstruments | None = None
         if self._ranks is None or self._ranks.rank == self.settings.export_rank:
             provider = metrics.get_meter_provider() if meter_provider is None else meter_provider
-            self._instruments = trainer_instruments(provider, self.settings, identity)
+            self._instruments = trainer_instruments(
+                provider, self.settings, identity, replace=replace, export_each_epoch=export_each_epoch, owner=self
+            )
+        # Dropped without close(), the telemetry is closed when it is collected: its hooks removed, its identity
+        # free (its clip listener, held weakly by the clip patch, detaches as it goes). The finalizer holds
+        # neither the telemetry nor anything that may lead back to it (the model may).
+        self._finalizer = weakref.finalize(self, _release, self._hooks, self._instruments)
+        self._finalizer.atexit = False
 
     @property
     def enabled(self) -> bool:
@@ -181,10 +199,11 @@ class SeedLayerTelemetry:
                 "(handle.remove()) before attaching again"
             )
         self._attach_clip()
+        observe = _weakly(self.observe_step)  # a hook does not keep a telemetry dropped unclosed alive
         if optimizer is None:
-            handle = EveryOptimizer(self.model, self.observe_step).handle
+            handle = EveryOptimizer(self.model, observe).handle
         else:
-            handle = OptimizerSteps(unwrap_optimizer(optimizer), self.observe_step).handle
+            handle = OptimizerSteps(unwrap_optimizer(optimizer), observe).handle
         self._hooks.append(handle)
         self._seeds.warn_outside_model(self._seeds.current.modules)
         return handle
@@ -219,12 +238,9 @@ class SeedLayerTelemetry:
         caller's to shut down."""
         if not self._enabled:
             return
-        for hook in self._hooks:
-            hook.remove()
-        self._pre_clip.detach()
-        if self._instruments is not None:
-            self._instruments.close()
         self._enabled = False
+        self._pre_clip.detach()
+        self._finalizer()  # once: the same release as a telemetry collected unclosed
 
     def _attach_clip(self, *, deepspeed: bool = False) -> None:
         """Take the clips of the model's parameters until close (``attach()``, the framework callbacks)."""
@@ -242,13 +258,31 @@ class SeedLayerTelemetry:
         if self._enabled:
             self._pre_clip.measure_before_clip()
 
-    _measure_before_clip = measure_before_clip  # the framework callbacks' name (integrations/framework_run.py)
-
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _release(hooks: list[RemovableHandle], instruments: SeedLayerInstruments | None) -> None:
+    """What closing a telemetry releases: its hooks and its identity (then no more exports)."""
+    for hook in hooks:
+        hook.remove()
+    if instruments is not None:
+        instruments.close()
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """``method`` called through a weak reference to its object: nothing once the object is collected."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        target = ref()
+        if target is not None:
+            target()
+
+    return call
 
 
 def _any_active(handles: Sequence[RemovableHandle]) -> bool:

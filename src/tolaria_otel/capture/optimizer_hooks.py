@@ -103,7 +103,8 @@ class EveryOptimizer:
     """
 
     def __init__(self, model: nn.Module, observe: Callable[[], None]) -> None:
-        self._model = model
+        # Weakly: the process-wide hook must not keep a model (and a telemetry it may lead to) alive.
+        self._model = weakref.ref(model)
         self._observe = observe
         # optimizer -> (parameter count when checked, holds a model parameter)
         self._holds: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = weakref.WeakKeyDictionary()
@@ -113,20 +114,21 @@ class EveryOptimizer:
         self.handle: RemovableHandle = register_optimizer_step_post_hook(_StepHook(self._count_step))
 
     def _count_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._holds_model_parameter(optimizer):
+        model = self._model()
+        if model is None or not self._holds_model_parameter(optimizer, model):
             return
-        grad = next((param.grad for param in self._model.parameters() if param.grad is not None), None)
+        grad = next((param.grad for param in model.parameters() if param.grad is not None), None)
         if grad is not None:
             if self._last_grad is not None and self._last_grad() is grad and grad._version == self._last_version:
                 return  # another optimizer of the same training step
             self._last_grad, self._last_version = weakref.ref(grad), grad._version
         self._observe()
 
-    def _holds_model_parameter(self, optimizer: torch.optim.Optimizer) -> bool:
+    def _holds_model_parameter(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
         count = sum(len(group["params"]) for group in optimizer.param_groups)
         cached = self._holds.get(optimizer)
         if cached is None or cached[0] != count:
-            model_params = {id(p) for p in self._model.parameters()}
+            model_params = {id(p) for p in model.parameters()}
             holds = any(id(p) in model_params for group in optimizer.param_groups for p in group["params"])
             self._holds[optimizer] = cached = (count, holds)
         return cached[1]

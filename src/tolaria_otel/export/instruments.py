@@ -5,11 +5,16 @@ An observable gauge exports exactly the attribute sets its callback observed in 
 a layer that left the top-K stops being exported at once. (A synchronous gauge, under the default
 cumulative temporality, would keep exporting every attribute set it was ever given.)
 
-Each trainer has its own meter: several trainers may share one ``MeterProvider`` (Esper runs
-several environments per process), each with its own streams, its own cardinality limit, and its
-identity attributes (for example ``env_id``) on every point so their series stay apart in any
-backend. The scope attribute ``tolaria.otel.trainer`` (the identity as ``key=value,...``) is what
-makes the meters distinct inside the SDK.
+Several trainers may share one ``MeterProvider`` (Esper runs several environments per process): the
+provider has one meter and one set of instruments (``ProviderStreams``), and each trainer
+(``SeedLayerInstruments``) its own snapshot, its identity attributes (for example ``env_id``) on every
+point so that its series stay apart in any backend, and its own share of the streams' cardinality
+limits. (A meter per trainer would make the SDK warn, for every instrument, that the views cause
+conflicting metric identities.) An identity is free again once its trainer is closed, or collected
+unclosed (``SeedLayerTelemetry`` closes it then), or replaced (``replace=True``).
+
+Each epoch end starts an export of the provider off the training thread (``epoch_export``), so that
+every epoch reaches the exporter whatever the export interval.
 
 The SDK keeps every attribute set an asynchronous instrument has ever observed, and its cardinality
 limit counts them over the life of the stream; a long run with seeds coming and going would pass it
@@ -28,6 +33,7 @@ count is exact). ``volume.trainer_series`` counts what all this costs in a store
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import itertools
 import logging
@@ -43,7 +49,8 @@ from .._version import __version__
 from ..config.histogram import BUCKET_VALUES, STEP_NORM_BOUNDARIES
 from ..config.settings import ENV_MAX_SEEDS, ENV_TOP_K, SeedLayerSettings
 from ..summary.epoch_summary import EpochSummary
-from .sdk_state import record_counts, release_idle_attribute_sets
+from .epoch_export import MANUAL, PULL, PUSH, EpochExport, delivery, on_export_thread
+from .sdk_state import raise_cardinality_limits, record_counts, release_idle_attribute_sets
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.view import Aggregation, View
@@ -66,7 +73,6 @@ SEED_CLIPPED_STEPS = "tolaria.grad_agg.seed.clip.clipped_steps"
 SEED_MIN_CLIP_FACTOR = "tolaria.grad_agg.seed.clip.min_factor"
 UNIT = "grad"
 METER_NAME = "tolaria_otel"
-TRAINER_SCOPE_ATTRIBUTE = "tolaria.otel.trainer"
 
 LAYER_ATTRIBUTES = frozenset({"seed_id", "stage", "layer"})
 SEED_ATTRIBUTES = frozenset({"seed_id", "stage"})
@@ -284,129 +290,262 @@ def snapshot_points(
     return points
 
 
-def trainer_scope(identity: Mapping[str, str]) -> str:
-    """The identity as one scope attribute value: ``env_id=3,host=a`` (keys sorted)."""
-    return ",".join(f"{key}={value}" for key, value in sorted(identity.items()))
-
-
-#: Per meter provider, each trainer identity's instruments: created once, reused by a trainer that
-#: takes over an identity after close() (the SDK would ignore a second instrument of the same name).
-_trainers: weakref.WeakKeyDictionary[Any, dict[str, SeedLayerInstruments]] = weakref.WeakKeyDictionary()
+#: Per meter provider, its one meter and set of instruments, shared by the trainers on it.
+_providers: weakref.WeakKeyDictionary[Any, ProviderStreams] = weakref.WeakKeyDictionary()
 
 
 def trainer_instruments(
-    meter_provider: MeterProvider, settings: SeedLayerSettings, identity: Mapping[str, str]
+    meter_provider: MeterProvider,
+    settings: SeedLayerSettings,
+    identity: Mapping[str, str],
+    *,
+    replace: bool = False,
+    export_each_epoch: bool = True,
+    owner: object | None = None,
 ) -> SeedLayerInstruments:
     """The instruments of the trainer ``identity`` on ``meter_provider``, opened for ``settings``.
 
-    Raises ValueError when a trainer with the same identity exports there and is not closed.
+    ``owner`` (held weakly) is what ``replace=True`` closes: its ``close()`` is called. Raises ValueError when
+    a trainer with the same identity is open there and ``replace`` is false.
     """
-    scope = trainer_scope(identity)
     try:
-        known = _trainers.setdefault(meter_provider, {})
+        streams = _providers.get(meter_provider)
+        if streams is None:
+            streams = _providers[meter_provider] = ProviderStreams(meter_provider, settings)
     except TypeError:  # a provider that cannot be weakly referenced: nothing to share or compare with
-        known = {}
-    instruments = known.get(scope)
-    if instruments is None:
-        instruments = known[scope] = SeedLayerInstruments(meter_provider, identity, settings)
-    instruments.open(settings)
-    return instruments
+        streams = ProviderStreams(meter_provider, settings)
+    return streams.open(settings, identity, replace=replace, export_each_epoch=export_each_epoch, owner=owner)
 
 
-class SeedLayerInstruments:
-    """Publishes one trainer's epoch summaries to observable gauges on its own meter."""
+def _owner_of(identity: Mapping[str, str]) -> Callable[[Mapping[str, object]], bool]:
+    """Whether an attribute set is one of the trainer ``identity``'s: its keys other than the points' own are
+    exactly the identity."""
+    wanted = dict(identity)
 
-    def __init__(
-        self,
-        meter_provider: MeterProvider,
-        identity: Mapping[str, str] | None = None,
-        settings: SeedLayerSettings | None = None,
-    ) -> None:
-        self._identity = dict(identity or {})
+    def owns(attributes: Mapping[str, object]) -> bool:
+        return {k: v for k, v in attributes.items() if k not in RESERVED_ATTRIBUTES} == wanted
+
+    return owns
+
+
+class ProviderStreams:
+    """One meter and one set of instruments on a meter provider, shared by every trainer on it.
+
+    One set, because the SDK compares every new stream with all the others of the provider and warns
+    ("Views ... will cause conflicting metrics identities") for each instrument a second meter creates under
+    the same name. Each trainer still has its own series (its identity on every point), its own snapshot,
+    its own budget (with several trainers the streams' cardinality limits are raised to the sum of theirs)
+    and its own release of idle attribute sets (only its own).
+    """
+
+    def __init__(self, meter_provider: MeterProvider, settings: SeedLayerSettings) -> None:
         self._lock = threading.Lock()
-        self._is_open = False
-        self._emit_layers = True
-        self._max_seeds = 0
-        self._record_steps = True
-        self._warned_max_seeds = False
-        self._points: dict[str, list[Observation]] = {}
-        self._settings_info: list[Observation] = []
-        self._previous_keys: set[_PointKey] = set()
-        self._final_collections = -1  # collections that still export after close(); -1 while open
-        scope = {TRAINER_SCOPE_ATTRIBUTE: trainer_scope(self._identity)} if self._identity else None
-        meter = meter_provider.get_meter(METER_NAME, __version__, attributes=scope)
+        self._trainers: list[SeedLayerInstruments] = []  # open ones, and closed ones not yet fully collected
+        self.delivery = delivery(meter_provider)
+        self.epoch_export = EpochExport(meter_provider)
+        self._warned_lost = False
+        self._can_size = True
+        meter = meter_provider.get_meter(METER_NAME, __version__)
         gauges: list[ObservableGauge] = [
             meter.create_observable_gauge(name, [self._reader(name)], unit=unit, description=description)
             for name, unit, description in _GAUGES
         ]
         # The advisory serves a provider without the package's views (with them, the view's buckets win):
-        # the resolution of the settings this identity was first opened with.
-        resolution = (settings or SeedLayerSettings()).step_norm_histogram
-        self._step_norm: Histogram = meter.create_histogram(
+        # the resolution of the settings of the provider's first trainer.
+        resolution = settings.step_norm_histogram
+        self.step_norm: Histogram = meter.create_histogram(
             SEED_STEP_NORM,
             unit=UNIT,
             explicit_bucket_boundaries_advisory=STEP_NORM_BOUNDARIES.get(resolution, STEP_NORM_BOUNDARIES["coarse"]),
             description="Per seed, the distribution of its per-step gradient L2 norm over the epoch's sampled "
             "optimizer steps; recorded at each epoch end (a value per step, at its bucket's upper bound).",
         )
-        #: Every instrument of this trainer (the SDK state of each is released as seeds come and go).
-        self.streams: list[Asynchronous | Histogram] = [*gauges, self._step_norm]
-        self._can_release = True
+        #: Every instrument (the SDK state of each is released as seeds come and go).
+        self.streams: list[Asynchronous | Histogram] = [*gauges, self.step_norm]
+        names = [name for name, _, _ in _GAUGES]
+        self._layer_streams: list[Asynchronous | Histogram] = [
+            gauge for name, gauge in zip(names, gauges) if name in _LAYER_INSTRUMENTS
+        ]
+        self._seed_streams: list[Asynchronous | Histogram] = [
+            gauge for name, gauge in zip(names, gauges) if name not in _LAYER_INSTRUMENTS
+        ]
+        self._seed_streams.append(self.step_norm)
 
-    def open(self, settings: SeedLayerSettings) -> None:
+    def open(
+        self,
+        settings: SeedLayerSettings,
+        identity: Mapping[str, str],
+        *,
+        replace: bool,
+        export_each_epoch: bool,
+        owner: object | None,
+    ) -> SeedLayerInstruments:
+        identity = dict(identity)
+        for attempt in range(3):
+            with self._lock:
+                current = next((t for t in self._trainers if t.is_open and t.identity == identity), None)
+                if current is None:
+                    trainer = SeedLayerInstruments(self, identity, settings, export_each_epoch, owner)
+                    self._trainers.append(trainer)
+                    self._size_streams()
+                    return trainer
+            if replace:
+                _logger.info(
+                    "tolaria_otel: a SeedLayerTelemetry with %s replaces the open one on this meter provider "
+                    "(replace=True), which is closed",
+                    _who(identity),
+                )
+                current.close_owner()
+            elif attempt == 0:
+                gc.collect()  # one dropped unclosed but held in a reference cycle releases its identity here
+            else:
+                break
+        raise ValueError(
+            f"a SeedLayerTelemetry with {_who(identity)} is open on this meter provider, so this one cannot take "
+            "that identity: close() the open one first, pass replace=True to close it and take its identity "
+            "over, or give each trainer distinct attributes=, for example {'env_id': '1'}"
+        )
+
+    def _size_streams(self) -> None:
+        """With several trainers, each stream's limit is the sum of the trainers' own (call with the lock)."""
+        if len(self._trainers) < 2 or not self._can_size:
+            return
+        limits = [stream_limits(trainer.settings) for trainer in self._trainers]
+        seed_limit, layer_limit = sum(limit[0] for limit in limits), sum(limit[1] for limit in limits)
+        if not (
+            raise_cardinality_limits(self._seed_streams, seed_limit)
+            and raise_cardinality_limits(self._layer_streams, layer_limit)
+        ):
+            self._can_size = False
+            _logger.warning(
+                "tolaria_otel: this OpenTelemetry SDK does not let the package size the streams several "
+                "trainers share; size the views for all of them (seed_layer_views with max_seeds x trainers)"
+            )
+
+    def published(self, trainer: SeedLayerInstruments, lost_epoch: int | None) -> None:
+        """After a trainer's epoch end: start its export, and say once that an epoch was never collected."""
+        if lost_epoch is not None and self.delivery != MANUAL and not self._warned_lost:
+            self._warned_lost = True
+            if self.delivery == PULL:
+                why = (
+                    "in pull mode an epoch the scrape did not read cannot be pushed: epochs are shorter than the "
+                    "scrape interval; scrape more often, or export over OTLP (OTEL_METRICS_EXPORTER=otlp)"
+                )
+            elif trainer.export_each_epoch:
+                why = "epochs are shorter than one export takes"
+            else:
+                why = (
+                    "epochs are shorter than the export interval (OTEL_METRIC_EXPORT_INTERVAL) and "
+                    "export_each_epoch=False leaves the exports to it"
+                )
+            _logger.warning(
+                "tolaria_otel: epoch %d of the trainer with %s was replaced by the next before any collection "
+                "read it, so it is not in the store: %s (said once)",
+                lost_epoch,
+                _who(trainer.identity),
+                why,
+            )
+        if trainer.export_each_epoch and self.delivery == PUSH:
+            self.epoch_export.request()
+
+    def _reader(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                trainers = list(self._trainers)
+            points: list[Observation] = []
+            done = []
+            for trainer in trainers:
+                points.extend(trainer.observe(name))
+                if trainer.finished:
+                    done.append(trainer)
+            if done:
+                with self._lock:
+                    self._trainers = [t for t in self._trainers if t not in done]
+            return points
+
+        return observe
+
+
+class SeedLayerInstruments:
+    """Publishes one trainer's epoch summaries to the gauges its provider's trainers share."""
+
+    def __init__(
+        self,
+        streams: ProviderStreams,
+        identity: Mapping[str, str],
+        settings: SeedLayerSettings,
+        export_each_epoch: bool = True,
+        owner: object | None = None,
+    ) -> None:
+        self.identity = dict(identity)
+        self.settings = settings
+        self.export_each_epoch = export_each_epoch
+        self._shared = streams
+        self._owner = None if owner is None else weakref.ref(owner)
+        self._owns = _owner_of(self.identity)
+        self._lock = threading.Lock()
+        self._is_open = True
+        self._emit_layers = settings.emits_layers
+        self._max_seeds = settings.max_seeds
+        self._record_steps = settings.step_norm_histogram != "off"
+        self._warned_max_seeds = False
+        # The signal alert rules need to tell "feature on, nothing measured" from "feature off".
+        self._settings_info = [
+            Observation(
+                1,
+                {
+                    **self.identity,
+                    "enabled": "true",
+                    "top_k": str(settings.top_k),
+                    "compact": str(settings.compact).lower(),
+                    "sample_every": str(settings.sample_every),
+                },
+            )
+        ]
+        self._points: dict[str, list[Observation]] = {SETTINGS_INFO: self._settings_info}
+        self._previous_keys: set[_PointKey] = set()
+        self._epoch: int | None = None  # the epoch of the snapshot, None before the first
+        self._collected = False  # whether some collection read the snapshot
+        self._exported = False  # whether an epoch's export (the package's own) read it
+        self._final_collections = -1  # collections that still export after close(); -1 while open
+        self._finished = False
+        #: The instruments this trainer's points go to (shared with the provider's other trainers).
+        self.streams = streams.streams
+        self._step_norm = streams.step_norm
+
+    @property
+    def is_open(self) -> bool:
         with self._lock:
-            if self._is_open:
-                who = f"attributes {self._identity}" if self._identity else "no attributes"
-                raise ValueError(
-                    f"a SeedLayerTelemetry with {who} already exports on this meter provider: give "
-                    "each trainer distinct attributes=, for example {'env_id': '1'}"
-                )
-            self._is_open = True
-            self._emit_layers = settings.emits_layers
-            self._max_seeds = settings.max_seeds
-            self._record_steps = settings.step_norm_histogram != "off"
-            # The signal alert rules need to tell "feature on, nothing measured" from "feature off".
-            self._settings_info = [
-                Observation(
-                    1,
-                    {
-                        **self._identity,
-                        "enabled": "true",
-                        "top_k": str(settings.top_k),
-                        "compact": str(settings.compact).lower(),
-                        "sample_every": str(settings.sample_every),
-                    },
-                )
-            ]
-            self._points = {SETTINGS_INFO: self._settings_info}
-            self._final_collections = -1
+            return self._is_open
+
+    @property
+    def finished(self) -> bool:
+        """Closed, and its last snapshot collected: it exports nothing any more."""
+        with self._lock:
+            return self._finished
 
     def publish(self, summary: EpochSummary) -> None:
         """Make ``summary`` (its first ``max_seeds`` seeds) the snapshot every later collection exports."""
         summary = self._exported_seeds(summary)
-        points = snapshot_points(summary, self._emit_layers, self._identity)
+        points = snapshot_points(summary, self._emit_layers, self.identity)
         points[SETTINGS_INFO] = self._settings_info
         # Exactly the per-layer series this snapshot exports (a seed with fewer layers than top_k, or not
         # measured, exports fewer), so that the store's count of them can be checked against it.
-        points[SERIES_BUDGET] = [Observation(len(points[LAYER_NORM]) + len(points[LAYER_NONFINITE]), self._identity)]
+        points[SERIES_BUDGET] = [Observation(len(points[LAYER_NORM]) + len(points[LAYER_NONFINITE]), self.identity)]
         keys = {_key(point.attributes) for observations in points.values() for point in observations}
         with self._lock:
+            lost = self._epoch if self._epoch is not None and not self._collected else None
             self._points = points
+            self._epoch, self._collected, self._exported = summary.epoch, False, False
             keep = keys | self._previous_keys  # a collection running now may still observe the previous snapshot
             steady = keys == self._previous_keys  # nothing became idle: the usual epoch, nothing to release
             self._previous_keys = keys
         if self._record_steps:
             self._record_distribution(summary)
-        if (
-            not steady
-            and self._can_release
-            and not release_idle_attribute_sets(self.streams, lambda a: _key(a) in keep)
-        ):
-            self._can_release = False
-            _logger.warning(
-                "tolaria_otel: this OpenTelemetry SDK does not let the package release idle attribute "
-                "sets; a long run with many seeds may reach the streams' cardinality limits"
-            )
+        owns = self._owns
+        if not steady and not release_idle_attribute_sets(self.streams, lambda a: not owns(a) or _key(a) in keep):
+            _warn_release_once()
+        self._shared.published(self, lost)
 
     def _exported_seeds(self, summary: EpochSummary) -> EpochSummary:
         """``summary`` with its first ``max_seeds`` seeds (by seed id), warning once when that leaves some out."""
@@ -436,7 +575,7 @@ class SeedLayerInstruments:
             self._step_norm,
             [
                 (
-                    {**self._identity, "seed_id": seed.seed_id, "stage": seed.stage},
+                    {**self.identity, "seed_id": seed.seed_id, "stage": seed.stage},
                     zip(BUCKET_VALUES, seed.step_norm_counts),
                 )
                 for seed in summary.seeds.values()
@@ -445,24 +584,55 @@ class SeedLayerInstruments:
 
     def close(self) -> None:
         """Export the latest snapshot at one more collection (the next export, a flush, or the
-        provider's shutdown), then nothing: no I/O here, so the training thread never waits."""
+        provider's shutdown), then nothing: no I/O here, so the training thread never waits. An epoch
+        the epoch's export already sent is not sent again (a shutdown against a hung collector would wait
+        for a second export). The identity is free for another trainer from now on."""
         with self._lock:
-            self._final_collections = 1
-            self._is_open = False
+            if self._is_open:
+                self._final_collections = 0 if self._exported else 1
+                self._is_open = False
 
-    def _reader(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            with self._lock:
-                if name == SEED_NORM and self._final_collections >= 0:  # the first callback of a collection
-                    if self._final_collections == 0:
-                        self._points = {}
-                        # The histogram is synchronous: its cumulative state would be exported for ever.
-                        release_idle_attribute_sets([self._step_norm], lambda attributes: False)
-                    else:
-                        self._final_collections -= 1
-                return self._points.get(name, [])
+    def close_owner(self) -> None:
+        """Close what opened these instruments (``replace=True``): its ``close()``, or these instruments."""
+        owner = None if self._owner is None else self._owner()
+        close = getattr(owner, "close", None)
+        if callable(close):
+            close()
+        self.close()
 
-        return observe
+    def observe(self, name: str) -> list[Observation]:
+        """This trainer's points of ``name`` in a collection running now."""
+        release = False
+        with self._lock:
+            if name == SEED_NORM:  # the first callback of a collection
+                self._collected = True
+                self._exported = self._exported or on_export_thread()
+                if self._final_collections == 0 and not self._finished:
+                    self._points = {}
+                    self._finished = release = True
+                elif self._final_collections > 0:
+                    self._final_collections -= 1
+            points = list(self._points.get(name, ()))
+        if release:  # the histogram is synchronous: its cumulative state would be exported for ever
+            owns = self._owns
+            release_idle_attribute_sets([self._step_norm], lambda attributes: not owns(attributes))
+        return points
+
+
+_release_warned = threading.Event()
+
+
+def _warn_release_once() -> None:
+    if not _release_warned.is_set():
+        _release_warned.set()
+        _logger.warning(
+            "tolaria_otel: this OpenTelemetry SDK does not let the package release idle attribute "
+            "sets; a long run with many seeds may reach the streams' cardinality limits"
+        )
+
+
+def _who(identity: Mapping[str, str]) -> str:
+    return f"attributes {dict(identity)}" if identity else "no attributes"
 
 
 def _key(attributes: Mapping[str, object] | None) -> _PointKey:

@@ -1,5 +1,6 @@
-"""The two places the package reaches into the OpenTelemetry SDK: releasing the state of attribute
-sets it no longer observes, and recording many equal histogram values at once.
+"""Where the package reaches into the OpenTelemetry SDK: releasing the state of attribute sets it no
+longer observes, recording many equal histogram values at once, sizing the streams several trainers
+share, and reading a provider's readers and whether it was shut down (to export each epoch).
 
 The SDK (1.30 to at least 1.45; CI tests 1.35.0 and 1.45.2) keeps one aggregation per attribute set an
 asynchronous instrument ever observed, for the life of the process, and (1.45.2 on) counts them against
@@ -145,3 +146,41 @@ def _add_to_buckets(aggregations: list[Any], counts: list[tuple[float, int]]) ->
     except AttributeError:
         return False
     return True
+
+
+def raise_cardinality_limits(instruments: Iterable[Any], limit: int) -> bool:
+    """Raise the cardinality limit of every stream of ``instruments`` to at least ``limit``, in every reader.
+
+    Several trainers share one stream per instrument on a provider (``instruments.ProviderStreams``), each with
+    its own attribute sets; the views size a stream for one trainer. The streams are created here if the SDK
+    has not made them yet (it makes them at the first measurement, with the views' limit, and would fold the
+    points beyond it into its overflow series at once). Returns False when the internals are not the known ones.
+    """
+    for instrument in instruments:
+        consumer = getattr(instrument, "_measurement_consumer", None)
+        if consumer is None:
+            if type(instrument).__module__.startswith("opentelemetry.sdk"):
+                return False
+            continue  # the API's no-op or proxy instruments hold no state
+        try:
+            for storage in list(consumer._reader_storages.values()):
+                for match in storage._get_or_init_view_instrument_match(instrument):
+                    with match._lock:
+                        match._cardinality_limit = max(match._cardinality_limit, limit)
+        except AttributeError:
+            return False
+    return True
+
+
+def provider_readers(provider: Any) -> list[Any] | None:
+    """The readers of an SDK ``MeterProvider`` (there is no public accessor): the keys of its measurement
+    consumer's per-reader storage; None when not known."""
+    try:
+        return list(provider._measurement_consumer._reader_storages)
+    except (AttributeError, TypeError):
+        return None
+
+
+def provider_shut_down(provider: Any) -> bool:
+    """Whether ``shutdown()`` was called on an SDK ``MeterProvider`` (False when not known)."""
+    return getattr(provider, "_shutdown", False) is True

@@ -92,7 +92,7 @@ class FrameworkRun:
 
     def before_clip(self) -> None:
         """The gradients are final and not clipped yet (Lightning's ``on_before_optimizer_step``)."""
-        self.telemetry._measure_before_clip()
+        self.telemetry.measure_before_clip()
 
     def epoch_end(self) -> None:
         """The framework's epoch ended: summarise, unless summaries go every N steps."""
