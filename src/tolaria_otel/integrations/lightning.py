@@ -13,13 +13,19 @@ value) and updates. The callback takes the step's norms in ``on_before_optimizer
 a step that ``16-mixed`` skips for inf or NaN never reaches the optimizer and is not counted. A clip
 by norm is reported on its own (``EpochSummary.clipped_steps``, ``min_clip_factor``). Under
 DeepSpeed, which clips inside its engine, the values are after clipping, and a warning says so.
+
+Each summary also goes to every Lightning logger (TensorBoard, W&B, CSV, MLflow, ...) through
+``pl_module.log_dict`` under the keys of :func:`~tolaria_otel.integrations.framework_run.framework_metrics`:
+at the training epoch's end (``on_epoch=True``), or, with ``every_n_steps``, at the end of the batch whose
+step made it (``on_step=True``); the steps left at a run's end (``max_steps`` mid-epoch) go straight to
+``trainer.loggers`` at ``on_train_end``. ``log_to_framework=False`` turns it off.
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from .framework_run import FrameworkCallback
+from .framework_run import FrameworkCallback, framework_metrics
 
 
 class SeedLayerCallback(FrameworkCallback, pl.Callback):
@@ -38,8 +44,23 @@ class SeedLayerCallback(FrameworkCallback, pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: object) -> None:
         self._before_clip()
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        if self._unlogged:  # a summary of every_n_steps
+            for summary in self._take_unlogged():
+                pl_module.log_dict(framework_metrics(summary), on_step=True, on_epoch=False)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_epoch()
+        for summary in self._take_unlogged():
+            pl_module.log_dict(framework_metrics(summary), on_step=False, on_epoch=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._summarise_rest()  # Lightning takes no log_dict here: the loggers get the rest directly
+        for summary in self._take_unlogged():
+            for logger in trainer.loggers:
+                logger.log_metrics(framework_metrics(summary), step=trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_run()
