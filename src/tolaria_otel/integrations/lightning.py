@@ -16,9 +16,10 @@ DeepSpeed, which clips inside its engine, the values are after clipping, and a w
 
 Each summary also goes to every Lightning logger (TensorBoard, W&B, CSV, MLflow, ...) through
 ``pl_module.log_dict`` under the keys of :func:`~tolaria_otel.integrations.framework_run.framework_metrics`:
-at the training epoch's end (``on_epoch=True``), or, with ``every_n_steps``, at the end of the batch whose
-step made it (``on_step=True``); the steps left at a run's end (``max_steps`` mid-epoch) go straight to
-``trainer.loggers`` at ``on_train_end``. ``log_to_framework=False`` turns it off.
+at the training epoch's end (``on_epoch=True``). With ``every_n_steps`` each summary goes straight to
+``trainer.loggers`` (``log_metrics`` at the global step; ``log_dict(on_step=True)`` would repeat it at
+every logging step until the next), at the end of the batch whose step made it, and so do the steps left
+at a run's end (``max_steps`` mid-epoch), at ``on_train_end``. ``log_to_framework=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ class SeedLayerCallback(FrameworkCallback, pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
-        if self._unlogged:  # a summary of every_n_steps
-            for summary in self._take_unlogged():
-                pl_module.log_dict(framework_metrics(summary), on_step=True, on_epoch=False)
+        if self._unlogged:  # a summary of every_n_steps: once, at its step (log_dict would repeat it each step)
+            self._to_loggers(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_epoch()
@@ -58,9 +58,13 @@ class SeedLayerCallback(FrameworkCallback, pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._summarise_rest()  # Lightning takes no log_dict here: the loggers get the rest directly
+        self._to_loggers(trainer)
+
+    def _to_loggers(self, trainer: pl.Trainer) -> None:
         for summary in self._take_unlogged():
-            for logger in trainer.loggers:
-                logger.log_metrics(framework_metrics(summary), step=trainer.global_step)
+            if trainer.is_global_zero:  # every rank has the same summary; Lightning's loggers log on rank 0
+                for logger in trainer.loggers:
+                    logger.log_metrics(framework_metrics(summary), step=trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_run()
