@@ -218,9 +218,7 @@ def test_lightning_csv_logger_gets_every_epoch_summary(tmp_path: Path) -> None:
     )
     logger = CSVLogger(str(tmp_path), name="run")
     lit.trainer(callback, logger=logger).fit(lit.Regression(model, registry), lit.loader())
-    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8")))
-    logged = [{k: float(v) for k, v in row.items() if k.startswith("tolaria/") and v != ""} for row in rows]
-    logged = [row for row in logged if row]
+    logged = csv_rows(Path(logger.log_dir) / "metrics.csv")
     assert len(summaries) == 2 and len(logged) == 2
     for row, summary in zip(logged, summaries):
         want = framework_metrics(summary)
@@ -238,9 +236,7 @@ def test_lightning_every_n_steps_and_the_rest_at_the_end_reach_the_logger(tmp_pa
     lit.trainer(callback, logger=logger, max_epochs=-1, max_steps=5, log_every_n_steps=1).fit(
         lit.Regression(model, registry), lit.loader()
     )
-    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8")))
-    logged = [{k: float(v) for k, v in row.items() if k.startswith("tolaria/") and v != ""} for row in rows]
-    logged = [row for row in logged if row]
+    logged = csv_rows(Path(logger.log_dir) / "metrics.csv")
     assert [s.sampled_steps for s in summaries] == [2, 2, 1]
     assert len(logged) == 3
     for row, summary in zip(logged, summaries):
@@ -255,6 +251,16 @@ def test_lightning_log_to_framework_false_logs_nothing(tmp_path: Path) -> None:
     fit.fit(lit.Regression(model, registry), lit.loader())
     assert not [key for key in fit.logged_metrics if key.startswith("tolaria/")]
     assert not any(key.startswith("tolaria/") for key in fit.callback_metrics)
+
+
+def csv_rows(path: Path) -> list[dict[str, float]]:
+    """The rows of a CSVLogger file that hold the package's keys, those keys only."""
+    with path.open(encoding="utf-8") as file:
+        rows = [
+            {k: float(v) for k, v in row.items() if k.startswith("tolaria/") and v != ""}
+            for row in csv.DictReader(file)
+        ]
+    return [row for row in rows if row]
 
 
 class Heard(transformers.TrainerCallback):
