@@ -8,8 +8,13 @@ optimizer steps) and closes at the end of ``fit``, or when it fails.
 What is measured, and when: the gradient before clipping, as ``lightning.pytorch.utilities.grad_norm``
 sees it. Lightning runs the last micro-batch's backward inside ``optimizer.step(closure)``, unscales
 (``16-mixed``), calls ``on_before_optimizer_step``, then clips (``gradient_clip_val``, by norm or by
-value) and updates. The callback takes the step's norms in ``on_before_optimizer_step``, with
-``accumulate_grad_batches`` micro-batches summed, and the optimizer's step post-hook commits them:
+value) and updates. The callback takes over torch's clip functions for the run, as ``attach()`` does:
+Lightning's clip calls ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``, which hand the step's
+norms (``accumulate_grad_batches`` micro-batches summed) over before they scale; with no clip the
+optimizer's step post-hook measures the gradient as it is. So a step costs what ``attach()`` costs a plain
+loop (measuring again in ``on_before_optimizer_step``, as before, cost a second norm pass and a staged copy
+per step, and bought nothing: a clip the patch does not see invalidates staged norms anyway, and the step
+is then measured after it, as with ``attach()``). The optimizer's step post-hook commits the step:
 a step that ``16-mixed`` skips for inf or NaN never reaches the optimizer and is not counted. A clip
 by norm is reported on its own (``EpochSummary.clipped_steps``, ``min_clip_factor``). Under
 DeepSpeed, which clips inside its engine, the values are after clipping, and a warning says so.
@@ -41,9 +46,6 @@ class SeedLayerCallback(FrameworkCallback, pl.Callback):
         self._start_run(
             pl_module, trainer.optimizers, deepspeed=deepspeed, global_step=lambda: int(trainer.global_step)
         )
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: object) -> None:
-        self._before_clip()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
