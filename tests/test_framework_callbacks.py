@@ -223,7 +223,7 @@ def test_lightning_csv_logger_gets_every_epoch_summary(tmp_path: Path) -> None:
     for row, summary in zip(logged, summaries):
         want = framework_metrics(summary)
         assert any(key.endswith("/norm_max") for key in want) and any("/layer/" in key for key in want)
-        assert row == pytest.approx(want, rel=1e-6)  # the CSV writes what log_dict got (float32 in Lightning)
+        assert row == pytest.approx(want, rel=1e-6)  # the CSV writes the floats as given
 
 
 def test_lightning_every_n_steps_and_the_rest_at_the_end_reach_the_logger(tmp_path: Path) -> None:
