@@ -293,6 +293,9 @@ class FrameworkCallback:
             )
         return None
 
+    def _has_unlogged(self) -> bool:
+        return bool(self._unlogged)
+
     def _take_unlogged(self) -> list[EpochSummary]:
         """The summaries for the framework's logs since the last call."""
         taken, self._unlogged[:] = list(self._unlogged), []

@@ -34,7 +34,7 @@ telemetry attached until the next ``train()`` starts (which closes it) or ``clos
 
 from __future__ import annotations
 
-import sys
+import inspect
 import warnings
 from types import FrameType
 from typing import Any
@@ -48,7 +48,8 @@ from .framework_run import FrameworkCallback, framework_metrics
 
 def _calling_handler() -> CallbackHandler | None:
     """The ``CallbackHandler`` whose ``call_event`` is calling the hook that calls this, or None."""
-    frame: FrameType | None = sys._getframe(2)
+    here = inspect.currentframe()
+    frame: FrameType | None = None if here is None or here.f_back is None else here.f_back.f_back
     for _ in range(3):  # the hook's caller: call_event (then on_train_begin, then the Trainer)
         if frame is None:
             return None
@@ -98,7 +99,7 @@ class SeedLayerCallback(FrameworkCallback, transformers.TrainerCallback):
         )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._unlogged:  # a summary of every_n_steps
+        if self._has_unlogged():  # a summary of every_n_steps
             self._log(args, state, control)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

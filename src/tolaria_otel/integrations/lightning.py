@@ -53,7 +53,7 @@ class SeedLayerCallback(FrameworkCallback, pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
-        if self._unlogged:  # a summary of every_n_steps: once, at its step (log_dict would repeat it each step)
+        if self._has_unlogged():  # a summary of every_n_steps: once, at its step (log_dict would repeat it each step)
             self._to_loggers(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
