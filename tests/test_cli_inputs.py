@@ -222,10 +222,15 @@ def test_the_demo_in_pull_mode_prints_its_metrics_url(capsys: Capsys, tmp_path: 
 
 
 # ------------------------------------------------------------------ what matters for the settings in force
-def test_feature_off_on_a_fresh_machine_is_all_well(capsys: Capsys) -> None:
+def test_feature_off_on_a_fresh_machine_says_nothing_will_be_measured(capsys: Capsys) -> None:
     # Whatever listens on localhost:4318 here (nothing, or another test's collector) does not matter.
     code, out, problems = doctor(capsys)
-    assert code == 0 and problems == [], problems
+    assert code == 0 and problems == [], problems  # off is no problem ...
+    assert "all is well" not in out  # ... but not all is well: nothing will be measured
+    assert out.rstrip().splitlines()[-1] == (
+        "nothing will be measured: TOLARIA_SEED_LAYER_SUMMARIES_ENABLED is off "
+        "(set TOLARIA_SEED_LAYER_SUMMARIES_ENABLED=true to measure)"
+    )
     assert (
         "OTLP endpoint: http://localhost:4318/v1/metrics (http/protobuf): not checked: "
         "TOLARIA_SEED_LAYER_SUMMARIES_ENABLED is off, nothing is exported" in out

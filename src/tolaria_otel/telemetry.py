@@ -11,6 +11,7 @@ folded epoch into its ``EpochSummary``, and ``instruments.SeedLayerInstruments``
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -27,7 +28,7 @@ from .capture.optimizer_hooks import EveryOptimizer, OptimizerSteps, unwrap_opti
 from .capture.sampling import Sampling
 from .capture.staged_step import PreClipListener
 from .capture.torch_clip import clip_and_stage
-from .config.settings import SeedLayerSettings
+from .config.settings import ENV_ENABLED, SeedLayerSettings
 from .export.instruments import RESERVED_ATTRIBUTES, SeedLayerInstruments, trainer_instruments
 from .failures import FailureLog
 from .measure.seed_tracker import SeedTracker
@@ -85,6 +86,11 @@ class SeedLayerTelemetry:
         self._failures = FailureLog()
         self._enabled = self.settings.enabled
         if not self._enabled:
+            logging.getLogger(__name__).info(
+                "tolaria_otel: %s is off: nothing is measured or exported (set %s=true to measure)",
+                ENV_ENABLED,
+                ENV_ENABLED,
+            )
             return
         self._lock = threading.Lock()
         self._hooks: list[RemovableHandle] = []

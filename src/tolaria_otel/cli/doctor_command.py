@@ -15,13 +15,15 @@ from ..config import otel_env as otel
 from ..config.environment import ENDPOINT_VARIABLES
 from ..config.environment import value as env_value
 from ..config.redaction import HEADER_VARIABLES, MASK, redact, redacted_url, secrets_in
-from ..config.settings import VARIABLE_FIELDS, SeedLayerSettings, SettingsError
+from ..config.settings import ENV_ENABLED, VARIABLE_FIELDS, SeedLayerSettings, SettingsError
 from .common import PROG, or_none
 from .doctor_checks import check_otlp, check_pull_mode, volume_estimate, volume_problems
 from .doctor_variables import OTEL_DEFAULTS, InForce
 
 #: Characters of a value ``doctor`` shows; a longer one is cut.
 SHOWN_MAX = 60
+#: ``doctor``'s last line when the feature is off: not a problem (exit 0), but not "all is well" either.
+FEATURE_OFF = f"nothing will be measured: {ENV_ENABLED} is off (set {ENV_ENABLED}=true to measure)"
 
 
 def run_doctor_command(args: argparse.Namespace) -> int:
@@ -68,7 +70,10 @@ def run_doctor_command(args: argparse.Namespace) -> int:
     secrets = secrets_in(env, fragments=False)
     for problem in problems:
         print(f"{PROG} doctor: {redact(problem, secrets)}", file=sys.stderr)
-    print(f"{len(problems)} problem(s)" if problems else "all is well")
+    if not settings.enabled:
+        print(FEATURE_OFF if not problems else f"{len(problems)} problem(s); {FEATURE_OFF}")
+    else:
+        print(f"{len(problems)} problem(s)" if problems else "all is well")
     return 1 if problems else 0
 
 
