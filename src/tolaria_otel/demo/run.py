@@ -184,20 +184,20 @@ class RichDisplay:
         table = Table(
             title=f"epoch {record['epoch']}  loss {record['loss']:.4f}", title_justify="left", box=None, padding=(0, 1)
         )
-        for column in ("seed", "stage", "total norm", "max @step"):
-            table.add_column(column, justify="left" if column in ("seed", "stage") else "right", no_wrap=True)
-        table.add_column(f"top {record.get('top_k', '-')} layers", no_wrap=True)
+        rows = []
         for seed in record["seeds"]:
             layers = "  ".join(f"{layer['layer']}={_number(layer['value'])}" for layer in seed["top_layers"])
-            # Kasmina's prefix left out here only, to fit a terminal; the file and the metrics keep it.
             largest = "-" if seed["max_norm"] is None else f"{_number(seed['max_norm'])} @{seed['max_step']}"
-            table.add_row(
-                seed["seed_id"],
-                seed["stage"].removeprefix("SEED_STAGE_"),
-                _number(seed["total_norm"]),
-                largest,
-                layers,
-            )
+            # Kasmina's prefix left out here only, to fit a terminal; the file and the metrics keep it.
+            stage = seed["stage"].removeprefix("SEED_STAGE_")
+            rows.append((seed["seed_id"], stage, _number(seed["total_norm"]), largest, layers))
+        # The short columns keep their width (a seed id or a stage cut short reads as another); the layers wrap.
+        for index, column in enumerate(("seed", "stage", "total norm", "max @step")):
+            width = max([len(column), *(len(row[index]) for row in rows)])
+            table.add_column(column, justify="left" if index < 2 else "right", no_wrap=True, min_width=width)
+        table.add_column(f"top {record.get('top_k', '-')} layers", overflow="fold")
+        for row in rows:
+            table.add_row(*row)
         self.progress.console.print(table)
         self.progress.advance(self._epochs)
 
