@@ -333,3 +333,37 @@ def test_a_clip_of_parameters_without_gradient_leaves_the_step_as_measured(where
     assert summary.host_norm == pytest.approx(host_reference.epoch()[1]["host"], rel=1e-5)
     if kind == "norm":  # the groups with a gradient were scaled (a value clip has no factor)
         assert summary.clip_steps == summary.clipped_steps == STEPS
+
+
+def test_a_seed_germinated_after_the_epochs_first_clip_is_measured_before_its_own_clip() -> None:
+    """Its first parameter is new to the clip patch mid-epoch: the patch looks once more and takes its clip."""
+    model, registry = seeded_network(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
+    reference = PreClipGradients(model, optimizer, registry, CLIP)
+    telemetry = SeedLayerTelemetry(model, registry, settings=ON, meter_provider=metered(ON)[0])
+    telemetry.attach(optimizer)
+    grafted: list[nn.Module] = []
+
+    def clip_each_group(params: object, max_norm: float) -> None:
+        if len(grafted) == 0 and len(reference.factors) == 2:  # after two steps: germinate, exploding
+            seed = model.graft("seed_2")
+            seed.alpha = EXPLODING
+            optimizer.add_param_group({"params": list(seed.parameters())})
+            reference.handles.extend(p.register_post_accumulate_grad_hook(reference._copy) for p in seed.parameters())
+            registry.add("seed-2", seed, "GERMINATED")
+            grafted.append(seed)
+        host = [param for name, param in model.named_parameters() if not name.startswith("seeds.")]
+        for group in [host, *(list(seed.parameters()) for seed in model.seeds.values())]:
+            torch.nn.utils.clip_grad_norm_(group, max_norm)
+
+    try:
+        train(model, optimizer, clip_each_group)
+        summary = telemetry.end_epoch()
+    finally:
+        telemetry.close()
+    assert summary is not None
+    _, totals, steps, _ = reference.epoch()
+    assert summary.seeds["seed-2"].sampled_steps == steps["seed-2"] == STEPS - 2
+    for seed_id, seed in summary.seeds.items():
+        assert seed.total_norm == pytest.approx(totals[seed_id], rel=1e-5), seed_id
+    assert summary.seeds["seed-2"].total_norm > 10 * CLIP  # before its clip, which scales it to 1

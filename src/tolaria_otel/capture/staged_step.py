@@ -63,6 +63,7 @@ class PreClipListener:
         self._staged = PreClipStep()
         self._remove_patch: Callable[[], None] | None = None  # set while attached
         self._model_ids: frozenset[int] | None = None
+        self._not_ours: set[int] = set()  # first parameters of clips found to be another model's
 
     def attach(self, *, deepspeed: bool = False) -> None:
         """Take the clips of the model's parameters until :meth:`detach` (once, however often attached)."""
@@ -85,8 +86,13 @@ class PreClipListener:
         """A clip of the model's parameters, before a sampled step, while attached."""
         if self._remove_patch is None or not self._next_is_sampled():
             return False
-        if self._model_ids is None:
+        if self._model_ids is None or (
+            first_parameter not in self._model_ids and first_parameter not in self._not_ours
+        ):
+            # A parameter not seen yet: grafted since (a seed germinated mid-epoch), or another model's, once.
             self._model_ids = frozenset(id(param) for param in self._model.parameters())
+            if first_parameter not in self._model_ids:
+                self._not_ours.add(first_parameter)
         return first_parameter in self._model_ids
 
     def stage_clip(self, norms: dict[int, torch.Tensor], factor: torch.Tensor) -> None:
@@ -117,7 +123,8 @@ class PreClipListener:
         self._failures(where)
 
     def start_epoch(self) -> None:
-        self._model_ids = None  # parameters grafted in this epoch take part in the next one's clips
+        self._model_ids = None
+        self._not_ours.clear()
 
 
 class PreClipStep:
