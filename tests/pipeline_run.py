@@ -63,6 +63,7 @@ class Run:
     settings: SeedLayerSettings = field(default_factory=lambda: SeedLayerSettings(enabled=True, top_k=2))
     summaries: list[EpochSummary] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
+    export_each_epoch: bool = True
 
     def __post_init__(self) -> None:
         self.model, self.kasmina = seeded_network(self.seed_count)
@@ -71,7 +72,11 @@ class Run:
         self.tamper = GradientTamper()
         self.optimizer.register_step_post_hook(self.tamper.poison)  # before the telemetry's hook
         self.telemetry = SeedLayerTelemetry(
-            self.model, self.kasmina, settings=self.settings, meter_provider=self.provider
+            self.model,
+            self.kasmina,
+            settings=self.settings,
+            meter_provider=self.provider,
+            export_each_epoch=self.export_each_epoch,
         )
         self.telemetry.attach(self.optimizer)
         self.generator = torch.Generator().manual_seed(7)
