@@ -48,6 +48,12 @@ def number(raw: str) -> float:
         return math.nan
 
 
+def positive_number(raw: str) -> float | None:
+    """``raw`` as a finite number above 0, or None when it is not one (``inf`` would mean never, ``0`` nothing)."""
+    value = number(raw)
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def echoed(shown: object) -> str:
     """``repr(shown)`` for an error message, cut to :data:`ECHO_MAX` characters of the value."""
     if not isinstance(shown, str):

@@ -21,7 +21,6 @@ file, and mixes no metrics-specific variable with a general one).
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import re
 import urllib.parse
@@ -29,8 +28,7 @@ from collections.abc import Callable
 
 from opentelemetry.util.re import parse_env_headers
 
-from .environment import HEADER_DELIMITER, Environ, echoed
-from .environment import number as _number
+from .environment import HEADER_DELIMITER, Environ, echoed, positive_number
 from .environment import value as env_value
 from .redaction import redacted_url
 
@@ -239,8 +237,8 @@ def otlp_timeout_s(environ: Environ | None = None) -> float:
     if found is None:
         return DEFAULT_OTLP_TIMEOUT_S
     variable, raw = found
-    value = _number(raw)
-    if not (math.isfinite(value) and value > 0):
+    value = positive_number(raw)
+    if value is None:
         raise ConfigurationError(
             f"{variable}={echoed(raw)} is not valid: expected a positive number of seconds "
             "(the Python SDK reads seconds), e.g. 2"
@@ -418,8 +416,8 @@ def _milliseconds(env: Environ, variable: str, default: float) -> float:
     raw = env_value(env, variable)
     if raw is None:
         return default
-    value = _number(raw)
-    if not (math.isfinite(value) and value > 0):
+    value = positive_number(raw)
+    if value is None:
         raise ConfigurationError(f"{variable}={echoed(raw)} is not valid: expected a positive number of milliseconds")
     return value
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .environment import echoed, integer, number
+from .environment import echoed, integer, positive_number
 from .environment import value as env_value
 from .histogram import STEP_NORM_HISTOGRAMS
 
@@ -179,8 +179,8 @@ def _parse_positive(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env_value(env, name)
     if raw is None:
         return default
-    value = number(raw)
-    if not (math.isfinite(value) and value > 0):
+    value = positive_number(raw)
+    if value is None:
         raise SettingsError(f"{name}={echoed(raw)} is not valid: expected {_POSITIVE}")
     return value
 
