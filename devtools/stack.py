@@ -601,7 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"Prometheus:              {prom.url}   (rules and alerts: {prom.url}/alerts, log: {prom.log_path})"
                 )
-                print("Point a trainer at the Collector with:")
+                print("Point a trainer at the Collector with (a plain loop also calls configure_meter_provider()):")
+                print("  export TOLARIA_SEED_LAYER_SUMMARIES_ENABLED=true")
                 print(f"  export OTEL_EXPORTER_OTLP_ENDPOINT={collector.otlp_endpoints['http/protobuf']}")
                 print(f"or try it: tolaria-otel demo --otlp-endpoint {collector.otlp_endpoints['http/protobuf']}")
                 print("Ctrl-C to stop.", flush=True)
