@@ -28,7 +28,9 @@ CASES = [
     ("hung", None, False),
     ("hung", "2", False),
     ("refused", None, True),
+    ("refused", "2", True),
     ("hung", None, True),
+    ("hung", "2", True),
 ]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .sdk_state import provider_readers, provider_shut_down
@@ -61,8 +62,9 @@ def delivery(provider: Any) -> str:
 class EpochExport:
     """Exports of one provider started at epoch ends, one at a time, on a thread of their own."""
 
-    def __init__(self, provider: Any) -> None:
+    def __init__(self, provider: Any, done: Callable[[], None]) -> None:
         self._provider = weakref.ref(provider)  # the provider outlives nothing of the package's
+        self._done = done  # called after each export returns
         self._lock = threading.Lock()
         self._running = False
         self._pending = False
@@ -104,6 +106,7 @@ class EpochExport:
             try:
                 provider.force_flush()
                 self.exports += 1
+                self._done()
             except Exception:  # noqa: BLE001  # never raised into anything: the interval's export remains
                 self._warn_once("tolaria_otel: an epoch's export failed; the reader's interval exports", True)
             del provider

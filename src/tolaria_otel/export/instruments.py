@@ -342,7 +342,7 @@ class ProviderStreams:
         self._lock = threading.Lock()
         self._trainers: list[SeedLayerInstruments] = []  # open ones, and closed ones not yet fully collected
         self.delivery = delivery(meter_provider)
-        self.epoch_export = EpochExport(meter_provider)
+        self.epoch_export = EpochExport(meter_provider, self._exports_done)
         self._warned_lost = False
         self._can_size = True
         meter = meter_provider.get_meter(METER_NAME, __version__)
@@ -421,6 +421,13 @@ class ProviderStreams:
                 "tolaria_otel: this OpenTelemetry SDK does not let the package size the streams several "
                 "trainers share; size the views for all of them (seed_layer_views with max_seeds x trainers)"
             )
+
+    def _exports_done(self) -> None:
+        """An epoch's export returned: the snapshots it collected are sent (or failed with the exporter's log)."""
+        with self._lock:
+            trainers = list(self._trainers)
+        for trainer in trainers:
+            trainer.export_done()
 
     def published(self, trainer: SeedLayerInstruments, lost_epoch: int | None) -> None:
         """After a trainer's epoch end: start its export, and say once that an epoch was never collected."""
@@ -506,7 +513,8 @@ class SeedLayerInstruments:
         self._previous_keys: set[_PointKey] = set()
         self._epoch: int | None = None  # the epoch of the snapshot, None before the first
         self._collected = False  # whether some collection read the snapshot
-        self._exported = False  # whether an epoch's export (the package's own) read it
+        self._exported = False  # whether an epoch's export (the package's own) read it and returned
+        self._export_read: int | None = None  # the epoch an epoch's export under way read
         self._final_collections = -1  # collections that still export after close(); -1 while open
         self._finished = False
         #: The instruments this trainer's points go to (shared with the provider's other trainers).
@@ -536,7 +544,7 @@ class SeedLayerInstruments:
         with self._lock:
             lost = self._epoch if self._epoch is not None and not self._collected else None
             self._points = points
-            self._epoch, self._collected, self._exported = summary.epoch, False, False
+            self._epoch, self._collected, self._exported, self._export_read = summary.epoch, False, False, None
             keep = keys | self._previous_keys  # a collection running now may still observe the previous snapshot
             steady = keys == self._previous_keys  # nothing became idle: the usual epoch, nothing to release
             self._previous_keys = keys
@@ -600,13 +608,21 @@ class SeedLayerInstruments:
             close()
         self.close()
 
+    def export_done(self) -> None:
+        """The epoch's export that read this snapshot returned: shutdown need not send it again. (Until then a
+        close() leaves it to the final collection: a shutdown racing the export must not lose the last epoch.)"""
+        with self._lock:
+            if self._export_read is not None and self._export_read == self._epoch:
+                self._exported = True
+
     def observe(self, name: str) -> list[Observation]:
         """This trainer's points of ``name`` in a collection running now."""
         release = False
         with self._lock:
             if name == SEED_NORM:  # the first callback of a collection
                 self._collected = True
-                self._exported = self._exported or on_export_thread()
+                if on_export_thread():
+                    self._export_read = self._epoch
                 if self._final_collections == 0 and not self._finished:
                     self._points = {}
                     self._finished = release = True
