@@ -57,7 +57,7 @@ WORDS = [
 
 
 @pytest.mark.parametrize("name", [ENV_ENABLED, ENV_COMPACT])
-@pytest.mark.parametrize("word", [w for word in WORDS for w in {word, word.upper(), word.capitalize()}])
+@pytest.mark.parametrize("word", [w for word in WORDS for w in dict.fromkeys([word, word.upper(), word.capitalize()])])
 def test_bool_grammar_is_esper_settings_own(name, word):
     """Esper's settings read these flags as pydantic booleans: whatever pydantic takes, the package takes the
     same way, and whatever it refuses, the package refuses (a blank value is unset in both)."""
