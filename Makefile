@@ -58,10 +58,10 @@ test: install backends $(OLDEST)/.installed
 	$(BIN)/python -m pytest
 	$(OLDEST)/bin/python -m pytest $(OLDEST_TESTS)
 
-# The quick loop: every test that needs no backend, no spawned ranks and no wheel build (tests/conftest.py),
-# one worker per core (a module's tests stay on one worker: they share its fixtures).
+# The quick loop: every test that needs no backend, no spawned ranks and no wheel build and is not marked slow
+# (tests/conftest.py), one worker per core (a module's tests stay on one worker: they share its fixtures).
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not backend and not distributed and not packaging"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not backend and not distributed and not packaging and not slow"
 
 # Grafana dashboards: regenerate dashboards/json/ from dashboards/*.py (commit the result).
 .PHONY: dashboards

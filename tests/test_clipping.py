@@ -279,6 +279,7 @@ def test_clip_facts_are_exported_as_the_trainers_gauges() -> None:
     telemetry.close()
 
 
+@pytest.mark.slow
 def test_the_clip_benchmark_runs_every_variant() -> None:
     from benchmarks.clipping import report, variants
     from benchmarks.overhead import seeded_mlp_workload

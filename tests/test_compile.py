@@ -19,6 +19,8 @@ from tolaria_otel import SeedLayerSettings
 
 from .helpers import seeded_network, telemetry_for
 
+pytestmark = pytest.mark.slow
+
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
 

@@ -1,7 +1,11 @@
 """The command-line fuzz run of docs/operations.md ("Configuration checks and doctor"), smaller: every
 hand-picked value and a few random ones per variable; no crash and no silent wrong result."""
 
+import pytest
+
 from devtools import fuzz_cli
+
+pytestmark = pytest.mark.slow
 
 
 def test_fuzzed_cli_inputs_are_all_clear(capsys):

@@ -201,6 +201,7 @@ def test_step_path_has_no_host_sync_and_a_fixed_op_count():
     assert four_seeds.ops.count("aten::_foreach_norm") == STEPS
 
 
+@pytest.mark.slow
 def test_above_list_tensors_max_a_step_is_two_ops_and_still_no_host_sync():
     """Many gradient tensors: a step's norms are copied into a preallocated buffer (one op more per step)
     rather than waiting as 0-d tensors; still no host sync, and the batch every FLUSH_EVERY steps."""

@@ -32,6 +32,8 @@ from tolaria_otel import ConfigurationError, SeedLayerSettings
 
 from .pipeline_run import Run
 
+pytestmark = pytest.mark.slow
+
 # Each secret is made of 5-character chunks found nowhere else, joined by the characters that break URLs and
 # header lists, so that a cut or re-encoded copy still shows one of the chunks.
 PASSWORD = "Pw4xq/Kz8Rb#Tn3Vy?Hm6Lc@Gd2Fs:Jq9Np"

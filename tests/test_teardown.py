@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from benchmarks.teardown import CASES, measure
+
+pytestmark = pytest.mark.slow
 
 #: The Python SDK's OTLP timeout when OTEL_EXPORTER_OTLP_TIMEOUT is unset, in seconds.
 DEFAULT_TIMEOUT_S = 10.0
