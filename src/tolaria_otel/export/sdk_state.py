@@ -17,6 +17,17 @@ import bisect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+#: What :func:`_consumer` returns for an SDK instrument whose internals are not the known ones.
+_UNKNOWN = object()
+
+
+def _consumer(instrument: Any) -> Any:
+    """The SDK instrument's measurement consumer; None for the API's instruments (no state), or ``_UNKNOWN``."""
+    consumer = getattr(instrument, "_measurement_consumer", None)
+    if consumer is None and type(instrument).__module__.startswith("opentelemetry.sdk"):
+        return _UNKNOWN
+    return consumer
+
 
 def release_idle_attribute_sets(instruments: Iterable[Any], keep: Callable[[Mapping[str, Any]], bool]) -> bool:
     """Drop every aggregation of ``instruments`` whose attributes ``keep`` rejects, in every reader.
@@ -25,10 +36,10 @@ def release_idle_attribute_sets(instruments: Iterable[Any], keep: Callable[[Mapp
     otherwise (an API no-op instrument has no state to release).
     """
     for instrument in instruments:
-        consumer = getattr(instrument, "_measurement_consumer", None)
+        consumer = _consumer(instrument)
+        if consumer is _UNKNOWN:
+            return False
         if consumer is None:
-            if type(instrument).__module__.startswith("opentelemetry.sdk"):
-                return False
             continue  # the API's no-op or proxy instruments hold no state
         try:
             storages = list(consumer._reader_storages.values())
@@ -157,10 +168,10 @@ def raise_cardinality_limits(instruments: Iterable[Any], limit: int) -> bool:
     points beyond it into its overflow series at once). Returns False when the internals are not the known ones.
     """
     for instrument in instruments:
-        consumer = getattr(instrument, "_measurement_consumer", None)
+        consumer = _consumer(instrument)
+        if consumer is _UNKNOWN:
+            return False
         if consumer is None:
-            if type(instrument).__module__.startswith("opentelemetry.sdk"):
-                return False
             continue  # the API's no-op or proxy instruments hold no state
         try:
             for storage in list(consumer._reader_storages.values()):
